@@ -1,0 +1,1 @@
+"""Batching: text normalization, tokenization, length buckets and batch formation."""

@@ -1,0 +1,46 @@
+"""Text normalization that is part of the model's input contract.
+
+The model was trained on normalized text, so serving must normalize the same
+way; the engine manifest names the scheme (``text_normalization``) and the
+tokenization stage looks it up here.
+
+``twitter-v1`` replaces user handles and links with fixed placeholders (the
+convention of the TweetEval models). Without it the classifier learns brand
+cues instead of sentiment: in the training tweets ``@united`` or
+``@AmericanAir`` mostly open complaints, and the model then scores any post
+that mentions an airline as negative.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Callable
+
+_URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
+_MENTION = re.compile(r"(?<!\w)@\w+")
+_WHITESPACE = re.compile(r"\s+")
+
+
+def normalize_twitter_v1(text: str) -> str:
+    text = html.unescape(text)
+    text = _URL.sub("http", text)
+    text = _MENTION.sub("@user", text)
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+def identity(text: str) -> str:
+    return text
+
+
+NORMALIZERS: dict[str, Callable[[str], str]] = {
+    "none": identity,
+    "twitter-v1": normalize_twitter_v1,
+}
+
+
+def get_normalizer(name: str) -> Callable[[str], str]:
+    try:
+        return NORMALIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown text normalization {name!r}; known: {sorted(NORMALIZERS)}") from None

