@@ -22,10 +22,18 @@ class OnnxRuntimeEngine(Engine):
     backend = "onnxruntime"
 
     def __init__(
-        self, version: EngineVersion, streams: int = 1, threads_per_stream: int | None = None
+        self,
+        version: EngineVersion,
+        streams: int = 1,
+        threads_per_stream: int | None = None,
+        allow_spinning: bool = False,
     ) -> None:
         super().__init__(version, streams)
         self.threads_per_stream = threads_per_stream or max(1, (os.cpu_count() or 1) // streams)
+        # ORT's pool threads busy-wait after each run by default. With several
+        # sessions (streams) sharing a few cores, the idle ones' spinning steals
+        # the cores the busy one needs, so spinning is off unless asked for.
+        self.allow_spinning = allow_spinning
         self._sessions: list[object | None] = []
         self._model: bytes | str = ""
 
@@ -44,6 +52,7 @@ class OnnxRuntimeEngine(Engine):
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # warnings about folded initializers are noise
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
         return ort.InferenceSession(self._model, sess_options=options, providers=["CPUExecutionProvider"])
 
     def _activate_impl(self) -> None:

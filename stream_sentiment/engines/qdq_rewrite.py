@@ -97,10 +97,11 @@ def strip_quantization(model_path: Path) -> bytes:
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
-    rename: dict[str, str] = {}
-    dropped = []
+    replacements: list[tuple[Any, Any]] = []
     for node in graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
+        if node.op_type != "DequantizeLinear":
+            continue
+        if node.input[0] in initializers:
             quantized = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32)
             scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
             if np.ndim(scale) == 1:
@@ -109,18 +110,20 @@ def strip_quantization(model_path: Path) -> bytes:
                 shape[axis] = -1
                 scale = scale.reshape(shape)
             graph.initializer.append(numpy_helper.from_array(quantized * scale, node.output[0]))
-            dropped.append(node)
-        elif node.op_type == "DequantizeLinear":
-            source = producers.get(node.input[0])
-            if source is not None and source.op_type == "QuantizeLinear":
-                rename[node.output[0]] = source.input[0]
-                dropped.extend([node, source])
-    for node in {id(n): n for n in dropped}.values():
+            replacements.append((node, None))
+            continue
+        source = producers.get(node.input[0])
+        if source is not None and source.op_type == "QuantizeLinear":
+            # Identity keeps the tensor names (a graph output may be one); ORT drops it.
+            replacements.append((node, onnx.helper.make_node("Identity", [source.input[0]], [node.output[0]])))
+    for dequantize, identity in replacements:
+        position = list(graph.node).index(dequantize)
+        graph.node.remove(dequantize)
+        if identity is not None:
+            graph.node.insert(position, identity)
+    consumed = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for node in [n for n in graph.node if n.op_type == "QuantizeLinear" and n.output[0] not in consumed]:
         graph.node.remove(node)
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            if name in rename:
-                node.input[index] = rename[name]
     used = {name for node in graph.node for name in node.input}
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
