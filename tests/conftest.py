@@ -9,6 +9,9 @@ import pytest
 
 from stream_sentiment.engines.manifest import EngineVersion, load_engine_version
 
+# Real services (Tansu broker, valkey-server) started once per session on free ports.
+pytest_plugins = ["tests.services"]
+
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED_ENGINE = REPO / "engines" / "minilm-sentiment" / "v1"
 

@@ -1,0 +1,189 @@
+"""Length-bucketed batch formation: which posts run together, and when.
+
+Pure and clock-free: every method takes ``now`` (seconds on a monotonic clock)
+and returns plain data, so the policy is tested deterministically without a
+broker, an engine or real time; the async driver asks ``next_deadline()`` how
+long it may sleep.
+
+Posts wait in one FIFO queue per length bucket. A bucket flushes
+
+* **full** - it holds as many posts as one batch may take (``max_rows``, or
+  fewer when ``rows x bucket`` would exceed the token budget);
+* **window** - its oldest post has waited ``window`` seconds;
+* **timeout** - an engine stream is idle and its oldest post has waited
+  ``timeout`` seconds (the fallback that keeps sparse traffic from waiting the
+  whole window while the engine has nothing to do).
+
+Batch formation follows TEI's queue: take posts in arrival order, stop before
+the padded cost ``bucket x rows`` exceeds the token budget.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+
+
+class FlushReason(StrEnum):
+    FULL = "full"
+    WINDOW = "window"
+    TIMEOUT = "timeout"
+    DRAIN = "drain"
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    """How batches are formed. Seconds for times.
+
+    Attributes:
+        buckets: padded lengths, increasing; a post goes to the smallest that fits.
+        max_rows: most posts in one batch.
+        max_tokens: most padded tokens (``rows x bucket``) in one batch; at
+            least the largest bucket, so any admitted post fits alone.
+        window: the longest a post waits for its batch to fill.
+        timeout: with an idle engine stream, the longest a post waits.
+    """
+
+    buckets: tuple[int, ...] = (32, 64, 128, 256)
+    max_rows: int = 64
+    max_tokens: int = 8192
+    window: float = 0.050
+    timeout: float = 0.020
+
+    def __post_init__(self) -> None:
+        if not self.buckets or list(self.buckets) != sorted(set(self.buckets)):
+            raise ValueError(f"buckets must be increasing and unique, got {self.buckets}")
+        if self.max_rows < 1:
+            raise ValueError("max_rows must be at least 1")
+        if self.max_tokens < self.buckets[-1]:
+            raise ValueError(f"max_tokens {self.max_tokens} cannot hold one post of the largest bucket")
+        if not 0 <= self.timeout <= self.window:
+            raise ValueError("need 0 <= timeout <= window")
+
+    def capacity(self, bucket: int) -> int:
+        """Posts that fill one batch of ``bucket``."""
+        return max(1, min(self.max_rows, self.max_tokens // bucket))
+
+    def bucket_for(self, length: int) -> int:
+        index = bisect.bisect_left(self.buckets, length)
+        if index == len(self.buckets):
+            raise ValueError(f"{length} tokens exceed the largest bucket {self.buckets[-1]}")
+        return self.buckets[index]
+
+
+@dataclass(frozen=True)
+class Pending(Generic[Item]):
+    item: Item
+    token_ids: Sequence[int]
+    arrived: float
+
+
+@dataclass(frozen=True)
+class FormedBatch(Generic[Item]):
+    """What the batcher hands to an engine stream: posts of one bucket, in arrival order."""
+
+    bucket: int
+    entries: tuple[Pending[Item], ...]
+    reason: FlushReason
+    formed: float
+
+    @property
+    def rows(self) -> int:
+        return len(self.entries)
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(len(e.token_ids) for e in self.entries)
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.rows * self.bucket
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.real_tokens / self.padded_tokens
+
+    def waits(self) -> list[float]:
+        return [self.formed - e.arrived for e in self.entries]
+
+
+def take_batch(queue: deque[Pending[Item]], bucket: int, policy: BatchingPolicy) -> tuple[Pending[Item], ...]:
+    """Pop the next batch from a bucket's queue: arrival order, within rows and token budget."""
+    limit = policy.capacity(bucket)
+    taken: list[Pending[Item]] = []
+    while queue and len(taken) < limit:
+        taken.append(queue.popleft())
+    return tuple(taken)
+
+
+@dataclass
+class Batcher(Generic[Item]):
+    """Per-bucket FIFO queues plus the flush policy."""
+
+    policy: BatchingPolicy
+    _queues: dict[int, deque[Pending[Item]]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._queues = {bucket: deque() for bucket in self.policy.buckets}
+
+    def add(self, item: Item, token_ids: Sequence[int], now: float) -> int:
+        """Queue a post; returns its bucket. Raises ValueError if it fits no bucket."""
+        bucket = self.policy.bucket_for(max(1, len(token_ids)))
+        self._queues[bucket].append(Pending(item, token_ids, now))
+        return bucket
+
+    @property
+    def pending(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def pending_by_bucket(self) -> dict[int, int]:
+        return {bucket: len(queue) for bucket, queue in self._queues.items()}
+
+    def _due(self, now: float, engine_idle: bool) -> tuple[int, FlushReason] | None:
+        full = [b for b, q in self._queues.items() if len(q) >= self.policy.capacity(b)]
+        if full:
+            # Of several full buckets, the one whose head has waited longest.
+            return min(full, key=lambda b: self._queues[b][0].arrived), FlushReason.FULL
+        waiting = [b for b, q in self._queues.items() if q]
+        if not waiting:
+            return None
+        oldest = min(waiting, key=lambda b: self._queues[b][0].arrived)
+        arrived = self._queues[oldest][0].arrived
+        # Compared as "now >= arrived + wait", the same sum next_deadline()
+        # returns: "now - arrived >= wait" can round false at that very
+        # deadline, and a driver woken there would find nothing due, forever.
+        if now >= arrived + self.policy.window:
+            return oldest, FlushReason.WINDOW
+        if engine_idle and now >= arrived + self.policy.timeout:
+            return oldest, FlushReason.TIMEOUT
+        return None
+
+    def poll(self, now: float, engine_idle: bool) -> FormedBatch[Item] | None:
+        """The batch that is due at ``now``, if any."""
+        due = self._due(now, engine_idle)
+        if due is None:
+            return None
+        bucket, reason = due
+        return FormedBatch(bucket, take_batch(self._queues[bucket], bucket, self.policy), reason, now)
+
+    def drain(self, now: float) -> list[FormedBatch[Item]]:
+        """Everything still queued, as batches (shutdown, hot swap, partition revoke)."""
+        batches = []
+        for bucket, queue in self._queues.items():
+            while queue:
+                batches.append(FormedBatch(bucket, take_batch(queue, bucket, self.policy), FlushReason.DRAIN, now))
+        return batches
+
+    def next_deadline(self, engine_idle: bool) -> float | None:
+        """The earliest time a flush can become due with no new posts; None when empty."""
+        heads = [q[0].arrived for q in self._queues.values() if q]
+        if not heads:
+            return None
+        wait = self.policy.timeout if engine_idle else self.policy.window
+        return min(heads) + wait

@@ -1,0 +1,137 @@
+"""The batcher's flush policy and batch formation, on an injected clock (no real time)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream_sentiment.batching.batcher import Batcher, BatchingPolicy, FlushReason
+
+POLICY = BatchingPolicy(buckets=(32, 64, 128, 256), max_rows=8, max_tokens=512, window=0.050, timeout=0.020)
+
+
+def tokens(n: int) -> list[int]:
+    return list(range(1, n + 1))
+
+
+def test_window_flush_happens_exactly_when_the_oldest_post_has_waited_the_window():
+    batcher: Batcher[str] = Batcher(POLICY)
+    batcher.add("a", tokens(10), now=1.000)
+    batcher.add("b", tokens(12), now=1.030)
+    assert batcher.poll(now=1.0499, engine_idle=False) is None
+    assert batcher.next_deadline(engine_idle=False) == pytest.approx(1.050)
+    batch = batcher.poll(now=1.050, engine_idle=False)
+    assert batch is not None
+    assert batch.reason is FlushReason.WINDOW
+    assert [e.item for e in batch.entries] == ["a", "b"]
+    assert batch.waits() == pytest.approx([0.050, 0.020])
+
+
+def test_timeout_fallback_flushes_early_only_when_an_engine_stream_is_idle():
+    batcher: Batcher[str] = Batcher(POLICY)
+    batcher.add("a", tokens(5), now=0.0)
+    assert batcher.poll(now=0.025, engine_idle=False) is None  # engine busy: keep filling
+    assert batcher.next_deadline(engine_idle=True) == pytest.approx(0.020)
+    assert batcher.poll(now=0.019, engine_idle=True) is None
+    batch = batcher.poll(now=0.020, engine_idle=True)
+    assert batch is not None and batch.reason is FlushReason.TIMEOUT and batch.rows == 1
+
+
+def test_full_bucket_flushes_at_once_by_rows():
+    batcher: Batcher[int] = Batcher(POLICY)
+    for i in range(POLICY.max_rows):
+        batcher.add(i, tokens(20), now=0.0)
+    batch = batcher.poll(now=0.0, engine_idle=False)
+    assert batch is not None and batch.reason is FlushReason.FULL
+    assert batch.bucket == 32 and batch.rows == 8
+
+
+def test_full_bucket_flushes_by_token_budget_before_rows():
+    batcher: Batcher[int] = Batcher(POLICY)
+    for i in range(3):
+        batcher.add(i, tokens(200), now=0.0)  # bucket 256: 512 // 256 = 2 rows fill the budget
+    batch = batcher.poll(now=0.0, engine_idle=False)
+    assert batch is not None and batch.reason is FlushReason.FULL
+    assert batch.rows == 2 and batch.padded_tokens == 512
+    assert batcher.pending == 1
+
+
+def test_oldest_bucket_flushes_first_and_buckets_never_mix():
+    batcher: Batcher[str] = Batcher(POLICY)
+    batcher.add("long", tokens(100), now=0.0)
+    batcher.add("short", tokens(3), now=0.01)
+    first = batcher.poll(now=0.07, engine_idle=False)
+    second = batcher.poll(now=0.07, engine_idle=False)
+    assert first is not None and second is not None
+    assert (first.bucket, [e.item for e in first.entries]) == (128, ["long"])
+    assert (second.bucket, [e.item for e in second.entries]) == (32, ["short"])
+    assert batcher.poll(now=10.0, engine_idle=True) is None
+
+
+def test_drain_returns_everything_in_order():
+    batcher: Batcher[int] = Batcher(POLICY)
+    for i in range(20):
+        batcher.add(i, tokens(4), now=i * 0.001)
+    drained = batcher.drain(now=1.0)
+    assert [e.item for b in drained for e in b.entries] == list(range(20))
+    assert all(b.reason is FlushReason.DRAIN and b.rows <= 8 for b in drained)
+    assert batcher.pending == 0
+
+
+def test_posts_longer_than_the_largest_bucket_are_refused():
+    with pytest.raises(ValueError, match="largest bucket"):
+        Batcher(POLICY).add("x", tokens(257), now=0.0)
+
+
+def test_policy_rejects_a_budget_that_cannot_hold_the_largest_bucket():
+    with pytest.raises(ValueError, match="max_tokens"):
+        BatchingPolicy(buckets=(32, 256), max_tokens=200)
+
+
+arrivals = st.lists(
+    st.tuples(st.integers(min_value=1, max_value=256), st.floats(min_value=0, max_value=0.03), st.booleans()),
+    min_size=1,
+    max_size=200,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrivals=arrivals, max_rows=st.integers(1, 16), max_tokens=st.integers(256, 2048))
+def test_property_budget_order_and_completeness(arrivals, max_rows, max_tokens):
+    policy = BatchingPolicy(max_rows=max_rows, max_tokens=max_tokens, window=0.05, timeout=0.02)
+    batcher: Batcher[int] = Batcher(policy)
+    now, batches = 0.0, []
+    for index, (length, gap, idle) in enumerate(arrivals):
+        now += gap
+        batcher.add(index, tokens(length), now)
+        while (batch := batcher.poll(now, engine_idle=idle)) is not None:
+            batches.append(batch)
+    batches.extend(batcher.drain(now + 1))
+
+    seen = [e.item for b in batches for e in b.entries]
+    assert sorted(seen) == list(range(len(arrivals)))  # nothing dropped, nothing twice
+    for batch in batches:
+        assert 1 <= batch.rows <= max_rows
+        assert batch.padded_tokens <= max_tokens  # never over the token budget
+        assert all(len(e.token_ids) <= batch.bucket for e in batch.entries)
+        # each post sits in the smallest bucket that holds it
+        assert all(policy.bucket_for(len(e.token_ids)) == batch.bucket for e in batch.entries)
+    for bucket in policy.buckets:  # arrival order kept within each bucket
+        order = [e.item for b in batches if b.bucket == bucket for e in b.entries]
+        assert order == sorted(order)
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrivals=arrivals)
+def test_property_no_post_waits_past_the_window_when_polled_on_time(arrivals):
+    batcher: Batcher[int] = Batcher(POLICY)
+    now = 0.0
+    for index, (length, gap, _) in enumerate(arrivals):
+        # The driver wakes at every deadline before the next arrival.
+        while (deadline := batcher.next_deadline(engine_idle=False)) is not None and deadline <= now + gap:
+            batch = batcher.poll(deadline, engine_idle=False)
+            assert batch is not None, "woken at a deadline with nothing due"
+            assert max(batch.waits()) <= POLICY.window + 1e-9
+        now += gap
+        batcher.add(index, tokens(length), now)
