@@ -1,0 +1,1 @@
+"""Source: Kafka in, message validation, dead-lettering."""

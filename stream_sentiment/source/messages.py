@@ -1,0 +1,144 @@
+"""The post message contract: decode one Kafka record value into a :class:`Post` or a named rejection.
+
+A valid message is UTF-8 JSON ``{"id": str, "text": str, "ts"?: epoch seconds
+or ISO-8601, "topic"?: str, "region"?: str, "lang"?: str}`` (the JSON Schema is
+``docs/message-schema.json``). Anything else is rejected with one reason from
+:class:`RejectReason`, which names the dead-letter header and the counter label,
+so bad input is never silently dropped and never crashes the consumer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+OPTIONAL_STRING_FIELDS = ("topic", "region", "lang")
+KNOWN_FIELDS = frozenset({"id", "text", "ts", *OPTIONAL_STRING_FIELDS})
+# Epoch seconds beyond year 5138 are a unit mistake (milliseconds), not a date.
+MAX_EPOCH_SECONDS = 1e11
+
+
+class RejectReason(StrEnum):
+    EMPTY_MESSAGE = "empty_message"
+    MESSAGE_TOO_LARGE = "message_too_large"
+    NOT_UTF8 = "not_utf8"
+    NOT_JSON = "not_json"
+    NOT_AN_OBJECT = "not_an_object"
+    UNKNOWN_FIELD = "unknown_field"
+    MISSING_ID = "missing_id"
+    BAD_ID = "bad_id"
+    MISSING_TEXT = "missing_text"
+    BAD_TEXT = "bad_text"
+    EMPTY_TEXT = "empty_text"
+    TEXT_TOO_LONG = "text_too_long"
+    BAD_TIMESTAMP = "bad_timestamp"
+    BAD_FIELD = "bad_field"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: RejectReason
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Post:
+    """A validated post. ``ts`` is epoch seconds, or None when the message had none."""
+
+    id: str
+    text: str
+    ts: float | None = None
+    topic: str | None = None
+    region: str | None = None
+    lang: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageLimits:
+    """Admission limits; each bounds memory or work per message."""
+
+    max_message_bytes: int = 65536
+    max_text_chars: int = 5000
+    max_id_chars: int = 256
+    max_field_chars: int = 128
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_timestamp(value: object) -> float | None:
+    """Epoch seconds from a number or an ISO-8601 string (naive means UTC); None if invalid."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.strip())
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        seconds = parsed.timestamp()
+    else:
+        return None
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_EPOCH_SECONDS:
+        return None
+    return seconds
+
+
+def decode_post(raw: bytes | None, limits: MessageLimits = MessageLimits()) -> Post | Rejection:
+    """Validate one record value. Never raises on any input."""
+    if not raw:
+        return Rejection(RejectReason.EMPTY_MESSAGE, "record has no value")
+    if len(raw) > limits.max_message_bytes:
+        return Rejection(RejectReason.MESSAGE_TOO_LARGE, f"{len(raw)} bytes > {limits.max_message_bytes}")
+    try:
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return Rejection(RejectReason.NOT_UTF8, f"invalid UTF-8 at byte {error.start}")
+    try:
+        document = json.loads(decoded, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as error:
+        return Rejection(RejectReason.NOT_JSON, str(error)[:200])
+    if not isinstance(document, dict):
+        return Rejection(RejectReason.NOT_AN_OBJECT, f"top level is {type(document).__name__}")
+    unknown = sorted(set(document) - KNOWN_FIELDS)
+    if unknown:
+        return Rejection(RejectReason.UNKNOWN_FIELD, f"unknown field(s): {', '.join(unknown)[:200]}")
+
+    if "id" not in document:
+        return Rejection(RejectReason.MISSING_ID, "no 'id'")
+    post_id = document["id"]
+    if not isinstance(post_id, str) or not post_id.strip() or len(post_id) > limits.max_id_chars:
+        return Rejection(RejectReason.BAD_ID, f"'id' must be a non-empty string of at most {limits.max_id_chars}")
+
+    if "text" not in document:
+        return Rejection(RejectReason.MISSING_TEXT, "no 'text'")
+    text = document["text"]
+    if not isinstance(text, str):
+        return Rejection(RejectReason.BAD_TEXT, f"'text' is {type(text).__name__}, not a string")
+    if not text.strip():
+        return Rejection(RejectReason.EMPTY_TEXT, "'text' is empty")
+    if len(text) > limits.max_text_chars:
+        return Rejection(RejectReason.TEXT_TOO_LONG, f"{len(text)} characters > {limits.max_text_chars}")
+
+    ts = None
+    if document.get("ts") is not None:
+        ts = parse_timestamp(document["ts"])
+        if ts is None:
+            shown = str(document["ts"])[:64]
+            return Rejection(RejectReason.BAD_TIMESTAMP, f"'ts' {shown!r} is not epoch seconds or ISO-8601")
+
+    optional: dict[str, str | None] = {}
+    for name in OPTIONAL_STRING_FIELDS:
+        value = document.get(name)
+        if value is not None and (not isinstance(value, str) or len(value) > limits.max_field_chars):
+            return Rejection(RejectReason.BAD_FIELD, f"'{name}' must be a string of at most {limits.max_field_chars}")
+        optional[name] = value or None
+    return Post(id=post_id, text=text, ts=ts, **optional)

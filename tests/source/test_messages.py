@@ -1,0 +1,107 @@
+"""The message contract: every malformed input gets a named reason, and the JSON Schema agrees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream_sentiment.source.messages import MessageLimits, Post, Rejection, RejectReason, decode_post
+
+SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "docs" / "message-schema.json").read_text())
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA, format_checker=jsonschema.FormatChecker())
+
+VALID = [
+    {"id": "1", "text": "hello"},
+    {"id": "2", "text": "late again", "ts": 1732262400, "topic": "airline", "region": "us", "lang": "en"},
+    {"id": "3", "text": "ok", "ts": "2026-11-22T09:30:00Z"},
+    {"id": "4", "text": "ok", "ts": "2026-11-22T09:30:00+01:00", "topic": None},
+    {"id": "5", "text": "emoji 😡 and ünïcode", "ts": 1732262400.25},
+]
+
+INVALID_JSON_OBJECTS = [
+    ({"text": "x"}, RejectReason.MISSING_ID),
+    ({"id": 7, "text": "x"}, RejectReason.BAD_ID),
+    ({"id": "  ", "text": "x"}, RejectReason.BAD_ID),
+    ({"id": "1"}, RejectReason.MISSING_TEXT),
+    ({"id": "1", "text": ["x"]}, RejectReason.BAD_TEXT),
+    ({"id": "1", "text": "   "}, RejectReason.EMPTY_TEXT),
+    ({"id": "1", "text": "x" * 5001}, RejectReason.TEXT_TOO_LONG),
+    ({"id": "1", "text": "x", "ts": "yesterday"}, RejectReason.BAD_TIMESTAMP),
+    ({"id": "1", "text": "x", "ts": -5}, RejectReason.BAD_TIMESTAMP),
+    ({"id": "1", "text": "x", "ts": 1732262400000}, RejectReason.BAD_TIMESTAMP),  # milliseconds
+    ({"id": "1", "text": "x", "ts": True}, RejectReason.BAD_TIMESTAMP),
+    ({"id": "1", "text": "x", "region": 44}, RejectReason.BAD_FIELD),
+    ({"id": "1", "text": "x", "topic": "t" * 129}, RejectReason.BAD_FIELD),
+    ({"id": "1", "text": "x", "user": "bob"}, RejectReason.UNKNOWN_FIELD),
+]
+
+
+@pytest.mark.parametrize("document", VALID)
+def test_valid_messages_decode_and_match_the_schema(document):
+    post = decode_post(json.dumps(document).encode())
+    assert isinstance(post, Post)
+    assert post.id == document["id"] and post.text == document["text"]
+    VALIDATOR.validate(document)
+
+
+def test_iso_and_epoch_timestamps_agree():
+    iso = decode_post(b'{"id":"a","text":"x","ts":"2026-11-22T09:30:00Z"}')
+    epoch = decode_post(b'{"id":"a","text":"x","ts":1795339800}')
+    assert isinstance(iso, Post) and isinstance(epoch, Post) and iso.ts == epoch.ts == 1795339800.0
+
+
+@pytest.mark.parametrize(("document", "reason"), INVALID_JSON_OBJECTS)
+def test_invalid_objects_are_rejected_with_their_reason_and_by_the_schema(document, reason):
+    result = decode_post(json.dumps(document).encode())
+    assert isinstance(result, Rejection) and result.reason is reason and result.detail
+    assert not VALIDATOR.is_valid(document)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (None, RejectReason.EMPTY_MESSAGE),
+        (b"", RejectReason.EMPTY_MESSAGE),
+        (b"\xff\xfe{", RejectReason.NOT_UTF8),
+        (b"{not json", RejectReason.NOT_JSON),
+        (b'{"id":"1","text":"x","ts":NaN}', RejectReason.NOT_JSON),
+        (b"[" * 100_000, RejectReason.NOT_JSON),  # deep nesting must not crash the decoder
+        (b'"just a string"', RejectReason.NOT_AN_OBJECT),
+        (b"[1, 2]", RejectReason.NOT_AN_OBJECT),
+    ],
+)
+def test_undecodable_records_are_rejected_with_their_reason(raw, reason):
+    result = decode_post(raw, MessageLimits(max_message_bytes=1_000_000))
+    assert isinstance(result, Rejection) and result.reason is reason
+
+
+def test_oversized_records_are_rejected_before_parsing():
+    raw = json.dumps({"id": "1", "text": "x" * 100}).encode()
+    result = decode_post(raw, MessageLimits(max_message_bytes=50))
+    assert isinstance(result, Rejection) and result.reason is RejectReason.MESSAGE_TOO_LARGE
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_any_bytes_decode_to_a_post_or_a_named_rejection(raw):
+    result = decode_post(raw)
+    assert isinstance(result, Post) or (isinstance(result, Rejection) and result.reason in RejectReason)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["id", "text", "ts", "topic", "region", "lang", "x"]), json_values))
+def test_decoder_and_schema_agree_on_arbitrary_objects(document):
+    accepted = isinstance(decode_post(json.dumps(document).encode()), Post)
+    assert accepted == VALIDATOR.is_valid(document), document
