@@ -1,0 +1,1 @@
+"""Sinks: Redis aggregates, alerts and the exactly-once offset fence."""

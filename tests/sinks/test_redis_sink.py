@@ -1,0 +1,78 @@
+"""The exactly-once fence against a real Redis-protocol server (valkey) started by the suite."""
+
+from __future__ import annotations
+
+import asyncio
+
+from stream_sentiment.sinks.redis_sink import ApplyOutcome, Increments, RedisSink
+
+
+def _increments(negative: int, p_negative: float) -> Increments:
+    increments = Increments()
+    increments.add("t:agg:global:all:1000", "negative", negative)
+    increments.add("t:totals", "scored", negative)
+    increments.add_float("t:agg:global:all:1000", "p_negative_sum", p_negative)
+    increments.expiring.add("t:agg:global:all:1000")
+    return increments
+
+
+def test_ranges_apply_once_in_order_and_replays_are_skipped(redis_factory):
+    async def scenario():
+        client = redis_factory(async_client=True)
+        sink = RedisSink(client, prefix="t", topic="posts", ttl_seconds=600)
+        first = await sink.apply(0, 0, 10, _increments(3, 1.5))
+        second = await sink.apply(0, 10, 25, _increments(2, 0.25))
+        replay = await sink.apply(0, 0, 10, _increments(3, 1.5))  # a restarted worker re-reads [0, 10)
+        replay_tail = await sink.apply(0, 10, 25, _increments(2, 0.25))
+        other_partition = await sink.apply(1, 0, 5, _increments(1, 0.5))
+        state = (
+            await client.hgetall("t:agg:global:all:1000"),
+            await client.hgetall("t:totals"),
+            await client.ttl("t:agg:global:all:1000"),
+            await sink.applied_marks(),
+        )
+        await client.aclose()
+        return first, second, replay, replay_tail, other_partition, state
+
+    first, second, replay, replay_tail, other, (aggregate, totals, ttl, marks) = asyncio.run(scenario())
+    assert (first.outcome, second.outcome) == (ApplyOutcome.APPLIED, ApplyOutcome.APPLIED)
+    assert (replay.outcome, replay.mark) == (ApplyOutcome.DUPLICATE, 25)
+    assert replay_tail.outcome is ApplyOutcome.DUPLICATE
+    assert other.outcome is ApplyOutcome.APPLIED
+    assert aggregate["negative"] == "6"  # 3 + 2 + 1: each range counted once
+    assert float(aggregate["p_negative_sum"]) == 2.25
+    assert totals["scored"] == "6"
+    assert 0 < ttl <= 600
+    assert marks == {0: 25, 1: 5}
+
+
+def test_overlapping_or_gapped_ranges_write_nothing(redis_factory):
+    async def scenario():
+        client = redis_factory(async_client=True)
+        sink = RedisSink(client, prefix="t", topic="posts", ttl_seconds=0)
+        await sink.apply(0, 0, 10, _increments(1, 0.1))
+        straddling = await sink.apply(0, 5, 15, _increments(100, 1.0))  # a zombie worker's stale range
+        gap = await sink.apply(0, 12, 20, _increments(100, 1.0))  # records 10..11 never applied
+        totals = await client.hgetall("t:totals")
+        await client.aclose()
+        return straddling, gap, totals
+
+    straddling, gap, totals = asyncio.run(scenario())
+    assert (straddling.outcome, straddling.mark) == (ApplyOutcome.OUT_OF_ORDER, 10)
+    assert (gap.outcome, gap.mark) == (ApplyOutcome.OUT_OF_ORDER, 10)
+    assert totals == {"scored": "1"}
+
+
+def test_concurrent_writers_of_one_range_apply_it_exactly_once(redis_factory):
+    async def scenario():
+        clients = [redis_factory(async_client=True) for _ in range(8)]
+        sinks = [RedisSink(c, prefix="t", topic="posts", ttl_seconds=0) for c in clients]
+        results = await asyncio.gather(*(s.apply(3, 0, 50, _increments(7, 0.7)) for s in sinks))
+        totals = await clients[0].hgetall("t:totals")
+        for client in clients:
+            await client.aclose()
+        return results, totals
+
+    results, totals = asyncio.run(scenario())
+    assert sorted(r.outcome for r in results) == [ApplyOutcome.APPLIED] + [ApplyOutcome.DUPLICATE] * 7
+    assert totals == {"scored": "7"}
