@@ -1,7 +1,8 @@
 """INT8 vs FP32 ONNX Runtime on this machine's CPU: batches of 32 real tweets.
 
-Each batch is 32 consecutive VADER test tweets padded to their length bucket,
-the way the pipeline batches. Both engines run in the same process, in
+The VADER test tweets go through the pipeline's own batcher (one queue per
+length bucket, 32 rows per batch), so each batch is 32 tweets of one bucket
+padded to that bucket, as in the service. Both engines run in the same process, in
 alternating rounds, with the same threads; the table reports posts/s and
 per-batch latency, and the INT8/FP32 ratio from this run.
 
@@ -29,6 +30,7 @@ import onnxruntime as ort
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from stream_sentiment.batching.batcher import Batcher, BatchingPolicy  # noqa: E402
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket  # noqa: E402
 from stream_sentiment.engines.base import TokenBatch  # noqa: E402
 from stream_sentiment.engines.manifest import load_engine_version  # noqa: E402
@@ -45,12 +47,20 @@ class _StrippedFp32Engine(OnnxRuntimeEngine):
 
 
 def make_batches(tokenizer: PostTokenizer, texts: list[str], rows: int) -> list[TokenBatch]:
-    ids = tokenizer.encode(texts)
-    batches = []
-    for start in range(0, len(ids) - rows + 1, rows):
-        group = ids[start : start + rows]
-        batches.append(pad_to_bucket(group, tokenizer.bucket_for(max(map(len, group)))))
-    return batches
+    """Full batches of ``rows`` tweets each, formed by the pipeline's batcher; interleaved by bucket."""
+    policy = BatchingPolicy(buckets=tokenizer.buckets, max_rows=rows, max_tokens=rows * tokenizer.buckets[-1])
+    batcher: Batcher[int] = Batcher(policy)
+    for index, ids in enumerate(tokenizer.encode(texts)):
+        batcher.add(index, ids, now=0.0)
+    formed = [b for b in batcher.drain(now=0.0) if b.rows == rows]
+    by_bucket: dict[int, list[TokenBatch]] = {}
+    for batch in formed:
+        by_bucket.setdefault(batch.bucket, []).append(pad_to_bucket([e.token_ids for e in batch.entries], batch.bucket))
+    # Round-robin over buckets so any prefix of the list keeps the overall bucket mix.
+    mixed: list[TokenBatch] = []
+    while any(by_bucket.values()):
+        mixed.extend(queue.pop(0) for queue in by_bucket.values() if queue)
+    return mixed
 
 
 def time_round(engine: OnnxRuntimeEngine, batches: list[TokenBatch]) -> list[float]:
@@ -68,7 +78,7 @@ def main() -> None:
     parser.add_argument("--fp32", type=Path, default=None, help="FP32 engine version folder")
     parser.add_argument("--corpora-dir", type=Path, default=REPO / ".cache/corpora")
     parser.add_argument("--rows", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=60)
+    parser.add_argument("--batches", type=int, default=120, help="at most this many batches (all full)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -96,8 +106,8 @@ def main() -> None:
             throughput[name].append(len(batches) * args.rows / sum(round_latencies))
 
     posts = {name: statistics.median(values) for name, values in throughput.items()}
-    buckets = {b.bucket for b in batches}
-    print(f"{len(batches)} batches x {args.rows} tweets (buckets {sorted(buckets)}), {args.rounds} rounds, "
+    mix = {bucket: sum(b.bucket == bucket for b in batches) for bucket in sorted({b.bucket for b in batches})}
+    print(f"{len(batches)} batches x {args.rows} tweets (batches per bucket {mix}), {args.rounds} rounds, "
           f"{args.threads} threads, onnxruntime {ort.__version__}, {platform.processor() or platform.machine()}")
     print(f"FP32 side: {fp32_source}")
     print(f"{'engine':<8}{'posts/s':>10}{'p50 ms/batch':>14}{'p99 ms/batch':>14}{'vs fp32':>9}")
