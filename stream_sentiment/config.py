@@ -1,0 +1,298 @@
+"""One frozen, typed settings object for the whole service.
+
+Precedence, highest first: explicit overrides (CLI flags) > ``STREAM_SENTIMENT_*`` environment
+variables (groups nest with ``__``: ``STREAM_SENTIMENT_BATCHING__WINDOW_MS=10``) > a TOML or JSON
+config file > defaults. ``settings_table()`` renders every field's description for the README.
+
+Imports only the stdlib-only engine manifest module from ``stream_sentiment``, so the CLI can read
+it before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic_core import to_jsonable_python
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from stream_sentiment.engines.manifest import VERSION_PATTERN
+
+__all__ = [
+    "ENV_NESTED_DELIMITER", "ENV_PREFIX", "AdminSettings", "AggregationSettings", "AlertSettings",
+    "BatchingSettings", "EngineSettings", "LimitSettings", "Settings", "settings_table",
+]  # fmt: skip
+
+ENV_PREFIX = "STREAM_SENTIMENT_"
+ENV_NESTED_DELIMITER = "__"
+# The engine repository's rule for version names: a plain folder name can never climb out (``../../etc``).
+NAME_PATTERN = VERSION_PATTERN.pattern
+# Kafka's legal topic names: a bad one fails at start-up instead of at the first produce.
+TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"
+Port = Annotated[int, Field(ge=0, le=65535)]
+Dimension = Literal["global", "topic", "region"]
+
+# The file of the ``Settings.load`` in progress; a context variable, as loads may run concurrently.
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("stream_sentiment_config_file", default=None)
+
+
+class _Group(BaseModel):
+    # Unknown keys are errors: a typo in a file or a <GROUP>__<KEY> variable must not silently mean "default".
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EngineSettings(_Group):
+    repository: Path = Field(default=Path("engines"), description=(
+        "Engine repository root holding `<model>/<version>/`; relative to the working directory, like the repo."))
+    model: str = Field(default="minilm-sentiment", pattern=NAME_PATTERN, description=(
+        "Model folder in the repository: a plain name, never a path. Default: the shipped model."))
+    version: str = Field(default="v1", pattern=NAME_PATTERN, description=(
+        "Engine version folder to serve: a plain name, never a path. Default: the committed INT8 engine."))
+    backend: Literal["onnxruntime", "tensorrt", "torch-cuda"] = Field(default="onnxruntime", description=(
+        "Inference backend; ONNX Runtime because every install has that CPU path (the others need a GPU)."))
+    streams: int = Field(default=1, ge=1, description=(
+        "Independent execution slots scoring batches concurrently; 1, as one CPU slot already uses every core."))
+    threads_per_stream: int | None = Field(default=None, ge=1, description=(
+        "Intra-op threads per slot; unset = CPU cores / streams, so slots never oversubscribe the machine."))
+
+
+class BatchingSettings(_Group):
+    window_ms: float = Field(default=50, ge=0, description=(
+        "Longest a post waits for its length bucket to fill; 50 ms bounds latency yet lets bursts fill batches."))
+    timeout_ms: float = Field(default=20, ge=0, description=(
+        "With an engine slot idle, longest a post waits (<= window_ms), so sparse traffic skips the window."))
+    max_rows: int = Field(default=64, ge=1, description=(
+        "Most posts in one batch; 64 keeps the INT8 engine busy without long per-batch latency."))
+    max_tokens: int = Field(default=8192, ge=256, description=(
+        "Padded tokens (rows x bucket) per batch: 64 rows of 128; >= 256, the largest bucket, so any post fits."))
+    max_in_flight_posts: int = Field(default=10000, ge=1, description=(
+        "Backpressure: consumption pauses above this many posts in flight (>= max_rows); bounds memory."))
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.timeout_ms > self.window_ms:
+            raise ValueError(f"timeout_ms ({self.timeout_ms}) must not exceed window_ms ({self.window_ms})")
+        # Below one batch the bound would pause consumption before any bucket could fill.
+        if self.max_in_flight_posts < self.max_rows:
+            raise ValueError(f"max_in_flight_posts ({self.max_in_flight_posts}) must be >= max_rows ({self.max_rows})")
+        return self
+
+
+class LimitSettings(_Group):
+    max_message_bytes: int = Field(default=65536, ge=1, description=(
+        "Largest Kafka message admitted; 64 KiB holds any real post with metadata and caps per-message memory."))
+    max_text_chars: int = Field(default=5000, ge=1, description=(
+        "Longest post text admitted; far above real posts, and the engine truncates to its max length anyway."))
+    max_id_chars: int = Field(default=256, ge=1, description=(
+        "Longest post id admitted; ids are copied into alert samples in Redis, so they are bounded."))
+    max_field_chars: int = Field(default=128, ge=1, description=(
+        "Longest topic/region/lang admitted; they become Redis key parts, so they bound key size."))
+
+
+class AggregationSettings(_Group):
+    bucket_seconds: int = Field(default=10, ge=1, description=(
+        "Width of the time buckets posts are counted in; 10 s resolves minute windows with few Redis keys."))
+    windows_seconds: tuple[Annotated[int, Field(gt=0)], ...] = Field(default=(60, 300, 900), min_length=1, description=(
+        "Alert windows, each a multiple of bucket_seconds (kept sorted); 1/5/15 min catch fast and slow surges."))
+    allowed_lateness_seconds: int = Field(default=60, ge=0, description=(
+        "How late (event time) a post may arrive and still count; 60 s covers producer batching and lag spikes."))
+    dimensions: tuple[Dimension, ...] = Field(default=("global", "topic", "region"), min_length=1, description=(
+        "What posts are counted by (global, topic, region); all three, so an alert says where a surge is."))
+    bucket_ttl_seconds: int = Field(default=3600, ge=1, description=(
+        "Redis expiry of a bucket; >= largest window + lateness so no window reads an expired one; 1 h of slack."))
+
+    @field_validator("windows_seconds", "dimensions")
+    @classmethod
+    def _unique(cls, values: tuple[Any, ...], info: ValidationInfo) -> tuple[Any, ...]:
+        if len(set(values)) != len(values):
+            raise ValueError(f"duplicates in {list(values)}")
+        # Windows are sorted once here so consumers may take the last as the largest.
+        return tuple(sorted(values)) if info.field_name == "windows_seconds" else values
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        odd = [w for w in self.windows_seconds if w % self.bucket_seconds]
+        if odd:
+            raise ValueError(f"windows_seconds {odd} are not multiples of bucket_seconds ({self.bucket_seconds})")
+        needed = self.windows_seconds[-1] + self.allowed_lateness_seconds
+        if self.bucket_ttl_seconds < needed:
+            raise ValueError(f"bucket_ttl_seconds ({self.bucket_ttl_seconds}) must be >= window + lateness ({needed})")
+        return self
+
+
+class AlertSettings(_Group):
+    ratio_threshold: float = Field(default=0.6, ge=0, le=1, description=(
+        "Negative share of a window's posts that raises an alert; 0.6 is a clear majority, far above baseline."))
+    min_posts: int = Field(default=50, ge=1, description=(
+        "Fewest posts in a window before it may alert; with fewer, a handful of posts swings the ratio."))
+    surge_z: float = Field(default=3.0, gt=0, description=(
+        "Z-score of the negative count over its EWMA baseline that is a surge; 3 sigma keeps false alarms rare."))
+    ewma_alpha: float = Field(default=0.1, gt=0, le=1, description=(
+        "EWMA baseline smoothing (0 < a <= 1); 0.1 remembers ~10 windows, so a surge does not become the baseline."))
+    cooldown_seconds: int = Field(default=300, ge=0, description=(
+        "Quiet time after an alert for the same key; 5 minutes stops one surge alerting on every evaluation."))
+    stream_max_len: int = Field(default=10000, ge=1, description=(
+        "Approximate MAXLEN of the Redis alert stream: plenty of history at bounded memory."))
+    sample_posts: int = Field(default=3, ge=0, description=(
+        "Example negative posts attached to an alert, so a reader sees why without a lookup."))
+
+
+class AdminSettings(_Group):
+    host: str = Field(default="127.0.0.1", min_length=1, description=(
+        "Admin HTTP bind address; loopback, so it is never exposed by accident."))
+    port: Port = Field(default=8081, description="Admin HTTP port (0 = any free port); 8081, beside the common 8080.")
+    token: SecretStr | None = Field(default=None, description=(
+        "Bearer token for admin calls (unset = refused); a secret, so never in logs or reprs. Not with token_file."))
+    token_file: Path | None = Field(default=None, description=(
+        "File holding the admin token (e.g. a mounted secret), to keep it out of the environment. Not with token."))
+    max_body_bytes: int = Field(default=4096, ge=1, description=(
+        "Largest admin request body; admin payloads are tiny, so 4 KiB bounds abuse."))
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.token is not None and not self.token.get_secret_value():
+            raise ValueError("admin token must not be empty (leave it unset instead)")
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set admin token or token_file, not both")
+        return self
+
+    def read_token(self) -> str | None:
+        """The token, read from ``token_file`` (surrounding whitespace stripped) when that is set."""
+        if self.token_file is not None:
+            return self.token_file.read_text(encoding="utf-8").strip() or None
+        return self.token.get_secret_value() if self.token is not None else None
+
+
+def _checked(path: Path, read: Callable[[Path], Any]) -> dict[str, Any]:
+    # The stock sources name no file on a parse error and fail obscurely on a non-object top level.
+    try:
+        data = read(path)
+    except ValueError as exc:  # TOMLDecodeError, JSONDecodeError and UnicodeDecodeError all are
+        raise ValueError(f"config file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: the top level must be an object/table, not {type(data).__name__}")
+    return data
+
+
+class _TomlFile(TomlConfigSettingsSource):
+    def _read_file(self, file_path: Path) -> dict[str, Any]:
+        return _checked(file_path, super()._read_file)  # parsed with tomllib
+
+
+class _JsonFile(JsonConfigSettingsSource):
+    def _read_file(self, file_path: Path) -> dict[str, Any]:
+        return _checked(file_path, super()._read_file)
+
+
+class Settings(BaseSettings):
+    """The whole service's configuration; build it with ``Settings.load``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER, frozen=True, extra="forbid"
+    )
+
+    bootstrap_servers: str = Field(default="127.0.0.1:9092", min_length=1, description=(
+        "Kafka bootstrap servers, comma-separated host:port; loopback for the embedded/local broker."))
+    topic: str = Field(default="posts", pattern=TOPIC_PATTERN, description="Kafka topic the posts arrive on.")
+    consumer_group: str = Field(default="stream-sentiment", min_length=1, description=(
+        "Kafka consumer group; replicas share it to split the topic's partitions."))
+    dlq_topic: str | None = Field(default=None, pattern=TOPIC_PATTERN, description=(
+        "Dead-letter topic for rejected messages; unset = `<topic>.dlq`, so it follows the input topic."))
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://", description=(
+        "Redis for aggregates and alerts (redis://, rediss:// or unix://); loopback for the local server."))
+    redis_prefix: str = Field(default="ss", pattern=r"^[A-Za-z0-9_\-:.]{1,64}$", description=(
+        "Prefix of every Redis key (letters, digits, `_-:.`; 1-64 chars) so deployments can share a Redis; short."))
+    # Frozen groups are immutable, so one shared default instance is safe.
+    engine: EngineSettings = Field(default=EngineSettings(), description="Inference engine.")
+    batching: BatchingSettings = Field(default=BatchingSettings(), description="Batch formation.")
+    limits: LimitSettings = Field(default=LimitSettings(), description="Message admission limits.")
+    aggregation: AggregationSettings = Field(default=AggregationSettings(), description="Windowed counts.")
+    alerts: AlertSettings = Field(default=AlertSettings(), description="Surge alerts.")
+    admin: AdminSettings = Field(default=AdminSettings(), description="Admin HTTP endpoint.")
+    metrics_port: Port | None = Field(default=None, description=(
+        "Prometheus metrics HTTP port; unset = no metrics server, so nothing listens unasked."))
+    commit_timeout_s: float = Field(default=5.0, gt=0, description=(
+        "Longest an offset commit may take before it counts as failed; 5 s rides out a leader change."))
+    shutdown_timeout_s: float = Field(default=10.0, gt=0, description=(
+        "Longest a graceful shutdown drains in-flight work; 10 s fits inside the usual 30 s stop grace period."))
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.dlq_topic if self.dlq_topic is not None else f"{self.topic}.dlq"
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.dead_letter_topic == self.topic:
+            raise ValueError("dlq_topic must differ from topic, or rejected messages would be consumed again")
+        if self.metrics_port and self.metrics_port == self.admin.port:
+            raise ValueError(f"metrics_port and admin.port are both {self.metrics_port}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:  # fmt: skip
+        # Exactly overrides > env > file: no .env or secrets dir, so a stray file cannot change a production run.
+        path = _CONFIG_FILE.get()
+        if path is None:
+            return init_settings, env_settings
+        file_source: PydanticBaseSettingsSource
+        if path.suffix.lower() == ".toml":
+            file_source = _TomlFile(settings_cls, toml_file=path)
+        else:
+            file_source = _JsonFile(settings_cls, json_file=path, json_file_encoding="utf-8")
+        return init_settings, env_settings, file_source
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> Self:
+        """Overrides > ``STREAM_SENTIMENT_*`` environment > ``config_file`` (.toml or .json) > defaults.
+
+        ``None`` overrides are dropped, so unset argparse flags can be passed straight through.
+        Group overrides are dicts merged key by key with the other sources: ``batching={"window_ms": 10}``.
+        """
+        if config_file is not None:
+            config_file = Path(config_file)
+            if config_file.suffix.lower() not in (".toml", ".json"):
+                raise ValueError(f"config file {config_file} must end in .toml or .json")
+            # The file sources skip a missing file silently; a named one that is missing is a mistake.
+            if not config_file.is_file():
+                raise FileNotFoundError(f"config file {config_file} does not exist")
+        token = _CONFIG_FILE.set(config_file)
+        try:
+            return cls(**{key: value for key, value in overrides.items() if value is not None})
+        finally:
+            _CONFIG_FILE.reset(token)
+
+
+def _rows(defaults: BaseModel, env: str) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    for name, info in type(defaults).model_fields.items():
+        value = getattr(defaults, name)
+        if isinstance(value, BaseModel):
+            rows += _rows(value, f"{env}{name.upper()}{ENV_NESTED_DELIMITER}")
+            continue
+        # Spelled as the environment takes it: plain strings, JSON for tuples.
+        plain = to_jsonable_python(value)
+        shown = "*unset*" if plain is None else f"`{plain if isinstance(plain, str) else json.dumps(plain)}`"
+        rows.append((f"`{env}{name.upper()}`", shown, (info.description or "").replace("|", "\\|")))
+    return rows
+
+
+def settings_table() -> str:
+    """A Markdown table of every setting, groups included: environment variable, default, description."""
+    # model_construct: the defaults themselves, whatever the current environment says.
+    rows = _rows(Settings.model_construct(), ENV_PREFIX)
+    header = ["| Environment variable | Default | Description |", "| --- | --- | --- |"]
+    return "\n".join(header + [f"| {env} | {default} | {text} |" for env, default, text in rows])
