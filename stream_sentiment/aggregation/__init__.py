@@ -1,0 +1,1 @@
+"""Aggregation: per-partition progress, event-time buckets, rolling windows, alerts."""

@@ -1,0 +1,107 @@
+"""Event-time buckets: what one offset range adds to Redis.
+
+Each scored post adds to one bucket per configured dimension (``global``,
+``topic``, ``region``): label counts, a post count and the sum of P(negative),
+in the ``bucket_seconds``-wide bucket of its event time. Rolling windows
+(1 / 5 / 15 min) are read as sums of buckets, so a bucket is the only thing
+written. A post whose bucket closed more than ``allowed_lateness`` ago is
+counted as late instead (its window has been reported); a post stamped in the
+future (clock skew) counts as now. Dead-lettered records add to per-reason
+counters. All of it goes into one :class:`Increments`, applied with the
+partition's offset range in one atomic call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from stream_sentiment.sinks.redis_sink import Increments
+from stream_sentiment.source.messages import Post, Rejection
+
+LABELS = ("negative", "neutral", "positive")
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """Every Redis key the service writes, in one place (documented in docs/redis-schema.md)."""
+
+    prefix: str
+
+    @property
+    def totals(self) -> str:
+        return f"{self.prefix}:totals"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}:dead_lettered"
+
+    def bucket(self, dimension: str, value: str, start: int) -> str:
+        return f"{self.prefix}:agg:{dimension}:{value}:{start}"
+
+    def offsets(self, topic: str) -> str:
+        return f"{self.prefix}:offsets:{topic}"
+
+    @property
+    def alerts(self) -> str:
+        return f"{self.prefix}:alerts"
+
+
+@dataclass(frozen=True)
+class ScoredPost:
+    post: Post
+    event_time: float
+    probabilities: tuple[float, float, float]
+
+    @property
+    def label(self) -> str:
+        return LABELS[max(range(3), key=self.probabilities.__getitem__)]
+
+
+@dataclass(frozen=True)
+class BucketRules:
+    bucket_seconds: int = 10
+    allowed_lateness: int = 60
+    dimensions: Sequence[str] = ("global", "topic", "region")
+
+    def start_of(self, event_time: float) -> int:
+        return math.floor(event_time / self.bucket_seconds) * self.bucket_seconds
+
+    def is_late(self, event_time: float, now: float) -> bool:
+        return self.start_of(event_time) + self.bucket_seconds + self.allowed_lateness < now
+
+
+def dimension_values(post: Post, dimensions: Iterable[str]) -> list[tuple[str, str]]:
+    """(dimension, value) pairs a post counts under; a post without a topic/region skips that one."""
+    pairs = []
+    for dimension in dimensions:
+        value = "all" if dimension == "global" else getattr(post, dimension)
+        if value:
+            pairs.append((dimension, value))
+    return pairs
+
+
+def increments_for(
+    outcomes: Iterable[ScoredPost | Rejection], now: float, rules: BucketRules, keys: RedisKeys
+) -> Increments:
+    increments = Increments()
+    for outcome in outcomes:
+        if isinstance(outcome, Rejection):
+            increments.add(keys.totals, "dead_lettered")
+            increments.add(keys.dead_letters, outcome.reason.value)
+            continue
+        increments.add(keys.totals, "scored")
+        increments.add(keys.totals, outcome.label)
+        event_time = min(outcome.event_time, now)
+        if rules.is_late(event_time, now):
+            increments.add(keys.totals, "late")
+            continue
+        start = rules.start_of(event_time)
+        for dimension, value in dimension_values(outcome.post, rules.dimensions):
+            key = keys.bucket(dimension, value, start)
+            increments.add(key, "posts")
+            increments.add(key, outcome.label)
+            increments.add_float(key, "p_negative_sum", outcome.probabilities[0])
+            increments.expiring.add(key)
+    return increments

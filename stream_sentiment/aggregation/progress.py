@@ -1,0 +1,81 @@
+"""Per-partition progress: turn out-of-order completions into contiguous, appliable offset ranges.
+
+Posts of one partition land in different length buckets, so their batches
+finish out of order. Redis may only advance a partition's high-water mark over
+a *contiguous* run of finished records, so each partition keeps the records it
+has fetched, in offset order, and hands out the longest finished prefix.
+
+Ranges start at the partition's mark, not at a record's offset: Kafka offsets
+may skip (compaction, transaction markers), and the fence in
+``sinks.redis_sink`` requires each range to begin exactly where the last one
+ended.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+Result = TypeVar("Result")
+
+_PENDING = object()
+
+
+@dataclass(frozen=True)
+class ReadyRange(Generic[Result]):
+    """Finished records ``[first, next_offset)`` of one partition, in offset order."""
+
+    partition: int
+    first: int
+    next_offset: int
+    results: list[Result]
+
+
+class PartitionProgress(Generic[Result]):
+    """Fetched-but-unapplied records of one partition.
+
+    Args:
+        partition: the Kafka partition.
+        mark: the next offset to apply (Redis's high-water mark, where the
+            consumer was positioned).
+    """
+
+    def __init__(self, partition: int, mark: int) -> None:
+        self.partition = partition
+        self.mark = mark
+        self._records: OrderedDict[int, object] = OrderedDict()
+
+    def fetched(self, offset: int) -> None:
+        """Register a record as in flight; offsets must increase."""
+        if offset < self.mark or (self._records and offset <= next(reversed(self._records))):
+            raise ValueError(f"partition {self.partition}: offset {offset} is not after the last one")
+        self._records[offset] = _PENDING
+
+    def finished(self, offset: int, result: Result) -> None:
+        if self._records.get(offset, None) is not _PENDING:
+            raise KeyError(f"partition {self.partition}: offset {offset} is not in flight")
+        self._records[offset] = result
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._records)
+
+    def take_ready(self) -> ReadyRange[Result] | None:
+        """Pop the longest finished prefix as one range; the mark moves past it when applied."""
+        results: list[Result] = []
+        last = None
+        while self._records:
+            offset, value = next(iter(self._records.items()))
+            if value is _PENDING:
+                break
+            self._records.popitem(last=False)
+            results.append(value)  # type: ignore[arg-type]
+            last = offset
+        if last is None:
+            return None
+        return ReadyRange(self.partition, self.mark, last + 1, results)
+
+    def applied(self, ready: ReadyRange[Result]) -> None:
+        """Redis accepted (or already had) ``ready``: the mark moves to its end."""
+        self.mark = ready.next_offset
