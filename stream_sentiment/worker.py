@@ -1,0 +1,294 @@
+"""The worker: Kafka records in, fenced Redis increments out, offsets committed after.
+
+Data path per record: decode and validate (bad ones to the dead-letter topic)
+-> tokenize in an executor -> length-bucket batcher -> an engine stream (each
+stream has one worker thread, so a session/context is never shared) -> the
+partition's progress buffer -> contiguous offset ranges applied to Redis
+through the fence (``sinks.redis_sink``) -> Kafka commit of the applied mark.
+
+The event loop only coordinates: decoding is cheap and bounded by the message
+size limit, tokenization and inference run in executors. Fetching pauses
+while more than ``max_in_flight_posts`` records are unapplied, so memory stays
+bounded whatever the input rate.
+
+On assignment each partition is positioned at Redis's applied mark (not the
+possibly older Kafka commit), so a restarted or rebalanced worker resumes
+exactly where the shared state says; on revocation in-flight work is drained,
+applied and committed under one deadline, and anything it cannot finish is
+left to the next owner (the fence turns any late write from this worker into
+a no-op).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys, ScoredPost, increments_for
+from stream_sentiment.aggregation.progress import PartitionProgress
+from stream_sentiment.batching.batcher import Batcher, BatchingPolicy, FormedBatch
+from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
+from stream_sentiment.config import Settings
+from stream_sentiment.engines.base import Engine
+from stream_sentiment.sinks.redis_sink import ApplyOutcome, RedisSink
+from stream_sentiment.source.dead_letters import SourceRecord, publish_dead_letter
+from stream_sentiment.source.messages import MessageLimits, Post, Rejection, decode_post
+
+log = logging.getLogger(__name__)
+Outcome = ScoredPost | Rejection
+
+
+@dataclass(frozen=True)
+class Admitted:
+    partition: int
+    offset: int
+    post: Post
+    event_time: float
+
+
+class Worker:
+    """One consumer-group member scoring posts with ``engine`` (already activated).
+
+    Args:
+        settings: the service settings.
+        engine: an active engine whose version matches ``tokenizer``.
+        tokenizer: the engine version's tokenizer.
+        clock: monotonic seconds, injectable for tests.
+        wall_clock: epoch seconds (event-time lateness).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        tokenizer: PostTokenizer,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.clock = clock
+        self.wall_clock = wall_clock
+        batching = settings.batching
+        self.batcher: Batcher[Admitted] = Batcher(BatchingPolicy(
+            buckets=tokenizer.buckets, max_rows=batching.max_rows, max_tokens=batching.max_tokens,
+            window=batching.window_ms / 1000, timeout=batching.timeout_ms / 1000,
+        ))
+        limits = settings.limits
+        self.limits = MessageLimits(limits.max_message_bytes, limits.max_text_chars, limits.max_id_chars,
+                                    limits.max_field_chars)
+        aggregation = settings.aggregation
+        self.rules = BucketRules(aggregation.bucket_seconds, aggregation.allowed_lateness_seconds,
+                                 aggregation.dimensions)
+        self.keys = RedisKeys(settings.redis_prefix)
+        self.progress: dict[int, PartitionProgress[Outcome]] = {}
+        self._apply_locks: dict[int, asyncio.Lock] = {}
+        self._idle_streams: list[int] = list(range(engine.streams))
+        self._stream_executors = [ThreadPoolExecutor(1, f"engine-{i}") for i in range(engine.streams)]
+        self._tokenize_executor = ThreadPoolExecutor(1, "tokenize")
+        self._inference: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._consumer: Any = None
+        self._producer: Any = None
+        self._sink: RedisSink | None = None
+        self._failure: BaseException | None = None
+        self.scored = 0
+        self.dead_lettered = 0
+
+    # -- Kafka plumbing -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, *, consumer_options: dict[str, Any] | None = None) -> None:
+        """Consume until ``stop`` is set, then drain, apply and commit what was fetched."""
+        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+        from redis.asyncio import Redis
+
+        worker = self
+
+        class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                await worker._on_revoked(revoked)
+
+            async def on_partitions_assigned(self, assigned: Any) -> None:
+                await worker._on_assigned(assigned)
+
+        settings = self.settings
+        redis = Redis.from_url(settings.redis_url)
+        self._sink = RedisSink(redis, settings.redis_prefix, settings.topic,
+                               settings.aggregation.bucket_ttl_seconds)
+        self._producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers, group_id=settings.consumer_group,
+            enable_auto_commit=False, auto_offset_reset="earliest", **(consumer_options or {}),
+        )
+        await self._producer.start()
+        await self._consumer.start()
+        self._consumer.subscribe([settings.topic], listener=Listener())
+        try:
+            while not stop.is_set():
+                if self._failure is not None:
+                    raise self._failure
+                await self._poll_once()
+            await self._drain(settings.shutdown_timeout_s)
+        finally:
+            for task in self._inference:
+                task.cancel()
+            await self._consumer.stop()
+            await self._producer.stop()
+            await redis.aclose()
+            for executor in (*self._stream_executors, self._tokenize_executor):
+                executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _on_assigned(self, assigned: Any) -> None:
+        assert self._sink is not None
+        marks = await self._sink.applied_marks()
+        for tp in assigned:
+            if tp.partition in marks:
+                self._consumer.seek(tp, marks[tp.partition])
+                mark = marks[tp.partition]
+            else:
+                mark = await self._consumer.position(tp)
+            self.progress[tp.partition] = PartitionProgress(tp.partition, mark)
+            self._apply_locks.setdefault(tp.partition, asyncio.Lock())
+        log.info("assigned %s", sorted(tp.partition for tp in assigned))
+
+    async def _on_revoked(self, revoked: Any) -> None:
+        if revoked:
+            await self._drain(self.settings.commit_timeout_s)
+        for tp in revoked:
+            self.progress.pop(tp.partition, None)
+        # Anything fetched but not applied belongs to the next owner now.
+        self.batcher.drain(self.clock())
+
+    async def _poll_once(self) -> None:
+        now = self.clock()
+        deadline = self.batcher.next_deadline(engine_idle=bool(self._idle_streams))
+        wait_ms = 100 if deadline is None else max(1, int((deadline - now) * 1000))
+        in_flight = sum(p.in_flight for p in self.progress.values())
+        assigned = self._consumer.assignment()
+        if in_flight >= self.settings.batching.max_in_flight_posts:
+            self._consumer.pause(*assigned)
+        else:
+            self._consumer.resume(*assigned)
+        batches = await self._consumer.getmany(timeout_ms=min(wait_ms, 100), max_records=2000)
+        admitted: list[Admitted] = []
+        for tp, records in batches.items():
+            progress = self.progress.get(tp.partition)
+            if progress is None:
+                continue
+            for record in records:
+                if record.offset < progress.mark:
+                    continue  # fetched before the seek to the applied mark took effect
+                progress.fetched(record.offset)
+                outcome = decode_post(record.value, self.limits)
+                if isinstance(outcome, Rejection):
+                    await publish_dead_letter(self._producer, self.settings.dead_letter_topic, SourceRecord(
+                        record.topic, record.partition, record.offset, record.timestamp, record.key, record.value,
+                    ), outcome)
+                    progress.finished(record.offset, outcome)
+                    continue
+                event_time = outcome.ts if outcome.ts is not None else record.timestamp / 1000
+                admitted.append(Admitted(tp.partition, record.offset, outcome, event_time))
+        if admitted:
+            loop = asyncio.get_running_loop()
+            token_ids = await loop.run_in_executor(
+                self._tokenize_executor, self.tokenizer.encode, [a.post.text for a in admitted]
+            )
+            now = self.clock()
+            for item, ids in zip(admitted, token_ids, strict=True):
+                self.batcher.add(item, ids, now)
+        self._dispatch()
+        await self._apply_ready()
+
+    # -- batches and engine streams -----------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while self._idle_streams:
+            batch = self.batcher.poll(self.clock(), engine_idle=True)
+            if batch is None:
+                return
+            stream = self._idle_streams.pop()
+            task = asyncio.create_task(self._infer(batch, stream))
+            self._inference.add(task)
+            task.add_done_callback(self._inference.discard)
+
+    async def _infer(self, batch: FormedBatch[Admitted], stream: int) -> None:
+        try:
+            tokens = pad_to_bucket([e.token_ids for e in batch.entries], batch.bucket)
+            loop = asyncio.get_running_loop()
+            probabilities = await loop.run_in_executor(
+                self._stream_executors[stream], self.engine.infer, tokens, stream
+            )
+            for entry, row in zip(batch.entries, probabilities, strict=True):
+                admitted = entry.item
+                progress = self.progress.get(admitted.partition)
+                if progress is None:
+                    continue  # partition revoked meanwhile: its next owner re-reads it
+                scored = ScoredPost(admitted.post, admitted.event_time, (float(row[0]), float(row[1]), float(row[2])))
+                with contextlib.suppress(KeyError):
+                    progress.finished(admitted.offset, scored)
+            await self._apply_ready()
+        except Exception as error:  # an engine fault must stop the worker, not vanish in a task
+            self._failure = error
+        finally:
+            self._idle_streams.append(stream)
+            self._dispatch()
+
+    # -- Redis and commits ------------------------------------------------------------------------
+
+    async def _apply_ready(self) -> None:
+        assert self._sink is not None
+        commits = {}
+        for partition, progress in list(self.progress.items()):
+            async with self._apply_locks[partition]:
+                if self.progress.get(partition) is not progress:
+                    continue
+                while (ready := progress.take_ready()) is not None:
+                    increments = increments_for(ready.results, self.wall_clock(), self.rules, self.keys)
+                    result = await self._sink.apply(partition, ready.first, ready.next_offset, increments)
+                    if result.outcome is ApplyOutcome.OUT_OF_ORDER:
+                        raise RuntimeError(
+                            f"partition {partition}: Redis mark is {result.mark}, this worker had {ready.first}; "
+                            "another worker owns it"
+                        )
+                    progress.applied(ready)
+                    if result.outcome is ApplyOutcome.APPLIED:
+                        self.scored += sum(isinstance(r, ScoredPost) for r in ready.results)
+                        self.dead_lettered += sum(isinstance(r, Rejection) for r in ready.results)
+                    commits[partition] = progress.mark
+        if commits:
+            await self._commit(commits)
+
+    async def _commit(self, marks: dict[int, int]) -> None:
+        from aiokafka import TopicPartition
+        from aiokafka.errors import KafkaError
+
+        offsets = {TopicPartition(self.settings.topic, p): mark for p, mark in marks.items()}
+        try:
+            async with asyncio.timeout(self.settings.commit_timeout_s):
+                await self._consumer.commit(offsets)
+        except (KafkaError, TimeoutError) as error:
+            # Redis already holds the truth; a lost commit only means a replay that the fence skips.
+            log.warning("commit of %s failed: %s", marks, error)
+
+    async def _drain(self, budget_s: float) -> None:
+        """Score everything queued, wait for in-flight batches, apply and commit, within ``budget_s``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(budget_s):
+                pending = self.batcher.drain(self.clock())
+                while True:
+                    # Waiting for the running batches frees every stream for the next round.
+                    await asyncio.gather(*list(self._inference), return_exceptions=True)
+                    if not pending:
+                        break
+                    round_size = min(len(self._idle_streams), len(pending))
+                    rounds, pending = pending[:round_size], pending[round_size:]
+                    await asyncio.gather(*(self._infer(b, self._idle_streams.pop()) for b in rounds))
+                await self._apply_ready()
