@@ -45,6 +45,47 @@ def _build_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace) -> object:
+    from stream_sentiment.config import Settings
+
+    overrides = {name: getattr(args, name) for name in CONNECTION_FLAGS}
+    return Settings.load(args.config, **overrides)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from stream_sentiment.service import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(_settings(args)))  # type: ignore[arg-type]
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from stream_sentiment.service import read_stats
+
+    stats = read_stats(_settings(args))  # type: ignore[arg-type]
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        for key, value in stats.items():
+            print(f"{key:>24}: {value}")
+    return 0
+
+
+# The connection settings every service command takes as flags (and as STREAM_SENTIMENT_* env vars).
+CONNECTION_FLAGS = ("bootstrap_servers", "topic", "redis_url", "redis_prefix")
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    for name in CONNECTION_FLAGS:
+        parser.add_argument(f"--{name.replace('_', '-')}", default=None,
+                            help=f"overrides STREAM_SENTIMENT_{name.upper()} and the config file")
+    parser.add_argument("--config", type=Path, default=None, help="TOML or JSON settings file")
+
+
 def _delegate(module: str, argv: list[str]) -> int:
     import importlib
 
@@ -77,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-rows", type=int, default=256, help="largest batch a profile accepts")
     build.set_defaults(handler=_build_engine)
 
+    run = commands.add_parser("run", help="consume, score and aggregate until SIGINT/SIGTERM")
+    _add_connection_flags(run)
+    run.set_defaults(handler=_run)
+
+    stats = commands.add_parser("stats", help="totals from Redis")
+    _add_connection_flags(stats)
+    stats.add_argument("--json", action="store_true", help="one JSON object")
+    stats.set_defaults(handler=_stats)
+
     for name, (_, help_text) in DELEGATED.items():
         commands.add_parser(name, help=help_text, add_help=False)
     return parser
@@ -87,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         return _delegate(DELEGATED[argv[0]][0], argv[1:])
     args = build_parser().parse_args(argv)
+    from pydantic import ValidationError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
     from stream_sentiment.engines.base import BackendUnavailableError
     from stream_sentiment.engines.manifest import EngineRepositoryError
     from stream_sentiment.modeling.evaluate import DataFormatError
@@ -96,9 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     except BackendUnavailableError as error:
         print(f"stream-sentiment {args.command}: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except (EngineRepositoryError, DataFormatError, FileNotFoundError) as error:
+    except (EngineRepositoryError, DataFormatError, FileNotFoundError, ValidationError) as error:
         print(f"stream-sentiment {args.command}: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except RedisConnectionError as error:
+        print(f"stream-sentiment {args.command}: cannot reach Redis: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
 
 
 if __name__ == "__main__":

@@ -124,9 +124,14 @@ class Worker:
         self._sink = RedisSink(redis, settings.redis_prefix, settings.topic,
                                settings.aggregation.bucket_ttl_seconds)
         self._producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+        options = {
+            "session_timeout_ms": settings.kafka_session_timeout_ms,
+            "heartbeat_interval_ms": settings.kafka_heartbeat_interval_ms,
+            **(consumer_options or {}),
+        }
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers, group_id=settings.consumer_group,
-            enable_auto_commit=False, auto_offset_reset="earliest", **(consumer_options or {}),
+            enable_auto_commit=False, auto_offset_reset="earliest", **options,
         )
         await self._producer.start()
         await self._consumer.start()
