@@ -145,6 +145,9 @@ class AlertSettings(_Group):
         "Approximate MAXLEN of the Redis alert stream: plenty of history at bounded memory."))
     sample_posts: int = Field(default=3, ge=0, description=(
         "Example negative posts attached to an alert, so a reader sees why without a lookup."))
+    evaluation_delay_seconds: float = Field(default=10.0, ge=0, description=(
+        "Windows are judged this long after they close, so posts still in the pipeline (batching, "
+        "scoring, a consumer rebalance) land in their buckets first; one 10 s bucket by default."))
 
 
 class AdminSettings(_Group):

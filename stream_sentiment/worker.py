@@ -30,7 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from stream_sentiment.aggregation.alerts import AlertRules
 from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys, ScoredPost, increments_for
+from stream_sentiment.aggregation.monitor import AlertMonitor
 from stream_sentiment.aggregation.progress import PartitionProgress
 from stream_sentiment.batching.batcher import Batcher, BatchingPolicy, FormedBatch
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
@@ -136,6 +138,7 @@ class Worker:
         await self._producer.start()
         await self._consumer.start()
         self._consumer.subscribe([settings.topic], listener=Listener())
+        ticker = asyncio.create_task(self._tick_alerts(self._alert_monitor(redis), stop))
         try:
             while not stop.is_set():
                 if self._failure is not None:
@@ -143,6 +146,7 @@ class Worker:
                 await self._poll_once()
             await self._drain(settings.shutdown_timeout_s)
         finally:
+            ticker.cancel()
             for task in self._inference:
                 task.cancel()
             await self._consumer.stop()
@@ -150,6 +154,28 @@ class Worker:
             await redis.aclose()
             for executor in (*self._stream_executors, self._tokenize_executor):
                 executor.shutdown(wait=False, cancel_futures=True)
+
+    def _alert_monitor(self, redis: Any) -> AlertMonitor:
+        alerts = self.settings.alerts
+        rules = AlertRules(alerts.ratio_threshold, alerts.min_posts, alerts.surge_z, alerts.ewma_alpha,
+                           alerts.cooldown_seconds)
+        return AlertMonitor(redis, self.keys, self.rules, self.settings.aggregation.windows_seconds, rules,
+                            engine_version=self.engine.version.manifest.version,
+                            stream_max_len=alerts.stream_max_len, delay_seconds=alerts.evaluation_delay_seconds)
+
+    async def _tick_alerts(self, monitor: AlertMonitor, stop: asyncio.Event) -> None:
+        """Evaluate closed windows at every bucket boundary, posts or no posts."""
+        bucket = self.rules.bucket_seconds
+        while not stop.is_set():
+            delay = bucket - self.wall_clock() % bucket + 0.01
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return
+            try:
+                await monitor.evaluate_closed(self.wall_clock())
+            except Exception:  # Redis hiccup: the next boundary evaluates again
+                log.exception("alert evaluation failed")
 
     async def _on_assigned(self, assigned: Any) -> None:
         assert self._sink is not None

@@ -142,3 +142,53 @@ def test_two_workers_with_a_rebalance_mid_stream_count_exactly_once(
     # The partitions really moved: each worker applied part of the stream, together all of it.
     assert all(w.scored > 0 for w in workers)
     assert sum(w.scored for w in workers) == produced
+
+
+def test_a_burst_of_negative_posts_raises_an_alert_in_the_stream(
+    kafka, topic_factory, redis_server, redis_factory, engine
+):
+    topic = topic_factory(partitions=1)
+    kafka.create_topic(f"{topic}.dlq", 1)
+    redis = redis_factory()
+    settings = Settings.load(
+        bootstrap_servers=kafka.bootstrap_servers, topic=topic, consumer_group=f"g-{topic}",
+        redis_url=redis_server.url, redis_prefix="al",
+        aggregation={"bucket_seconds": 1, "windows_seconds": (2,)},
+        alerts={"min_posts": 10, "ratio_threshold": 0.6, "cooldown_seconds": 60, "evaluation_delay_seconds": 1},
+    )
+    texts = ["This is the worst airline ever, furious and disgusted", "Terrible service, I hate this"]
+
+    async def scenario() -> list:
+        stop = asyncio.Event()
+        worker = Worker(settings, engine, PostTokenizer(engine.version))
+        task = asyncio.create_task(worker.run(stop, consumer_options=FAST_GROUP_CONFIG))
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+        await producer.start()
+        try:
+            async with asyncio.timeout(30):  # the burst starts once the worker owns the partition
+                while not worker.progress:
+                    await asyncio.sleep(0.1)
+            for i in range(40):
+                value = json.dumps({"id": f"n{i}", "text": texts[i % 2], "topic": "airline"}).encode()
+                await producer.send(topic, value=value)
+            await producer.flush()
+            async with asyncio.timeout(45):
+                while not redis.xrange("al:alerts"):
+                    if task.done():
+                        task.result()
+                    await asyncio.sleep(0.2)
+            await asyncio.sleep(2.5)  # more ticks: the incident must not repeat
+            return redis.xrange("al:alerts")
+        finally:
+            await producer.stop()
+            stop.set()
+            await asyncio.wait_for(task, 30)
+
+    entries = asyncio.run(scenario())
+    alerts = [fields for _, fields in entries]
+    keys = {(a["rule"], a["dimension"], a["value"]) for a in alerts}
+    assert ("ratio", "topic", "airline") in keys
+    assert len(alerts) == len(keys)  # one alert per rule and dimension value, no storm
+    airline = next(a for a in alerts if a["dimension"] == "topic")
+    assert float(airline["negative_ratio"]) >= 0.6 and int(airline["posts"]) >= 10
+    assert airline["engine_version"] == "v1"

@@ -42,9 +42,24 @@ class RedisKeys:
     def offsets(self, topic: str) -> str:
         return f"{self.prefix}:offsets:{topic}"
 
+    def dimension_values(self, start: int) -> str:
+        """Set of ``dimension:value`` members that have a bucket starting at ``start``."""
+        return f"{self.prefix}:dims:{start}"
+
     @property
     def alerts(self) -> str:
         return f"{self.prefix}:alerts"
+
+    def alerts_evaluated(self, window_end: int) -> str:
+        return f"{self.prefix}:alerts:evaluated:{window_end}"
+
+    @property
+    def alert_baselines(self) -> str:
+        return f"{self.prefix}:alerts:baselines"
+
+    @property
+    def alert_last_active(self) -> str:
+        return f"{self.prefix}:alerts:last-active"
 
 
 @dataclass(frozen=True)
@@ -103,4 +118,6 @@ def increments_for(
             increments.add(key, outcome.label)
             increments.add_float(key, "p_negative_sum", outcome.probabilities[0])
             increments.expiring.add(key)
+            increments.add_member(keys.dimension_values(start), f"{dimension}:{value}")
+            increments.expiring.add(keys.dimension_values(start))
     return increments

@@ -29,7 +29,8 @@ from typing import Any
 
 # KEYS[1] offsets hash; ARGV: partition, first, next, ttl, increments JSON.
 # increments: {"hash": {key: {field: int}}, "float": {key: {field: number}},
-#              "expire": [key, ...]} - every key in "expire" gets ttl seconds.
+#              "members": {key: [member, ...]}, "expire": [key, ...]}
+# - every key in "expire" gets ttl seconds.
 _APPLY_SCRIPT = """
 local mark = redis.call('HGET', KEYS[1], ARGV[1])
 local first, nxt = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -44,6 +45,9 @@ for key, fields in pairs(inc['hash'] or {}) do
 end
 for key, fields in pairs(inc['float'] or {}) do
   for f, v in pairs(fields) do redis.call('HINCRBYFLOAT', key, f, v) end
+end
+for key, members in pairs(inc['members'] or {}) do
+  for _, m in ipairs(members) do redis.call('SADD', key, m) end
 end
 local ttl = tonumber(ARGV[4])
 if ttl > 0 then
@@ -72,6 +76,7 @@ class Increments:
 
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     sums: dict[str, dict[str, float]] = field(default_factory=dict)
+    members: dict[str, set[str]] = field(default_factory=dict)
     expiring: set[str] = field(default_factory=set)
 
     def add(self, key: str, field_name: str, amount: int = 1) -> None:
@@ -82,9 +87,14 @@ class Increments:
         fields = self.sums.setdefault(key, {})
         fields[field_name] = fields.get(field_name, 0.0) + amount
 
+    def add_member(self, key: str, member: str) -> None:
+        self.members.setdefault(key, set()).add(member)
+
     def to_json(self) -> str:
         # Lua's cjson turns [] into {} and back unpredictably: send a list only when non-empty.
         payload: dict[str, Any] = {"hash": self.counts, "float": self.sums}
+        if self.members:
+            payload["members"] = {key: sorted(values) for key, values in self.members.items()}
         if self.expiring:
             payload["expire"] = sorted(self.expiring)
         return json.dumps(payload, separators=(",", ":"))

@@ -1,0 +1,67 @@
+"""Alerts from Redis buckets on wall-clock ticks, against the suite's valkey-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+from stream_sentiment.aggregation.alerts import AlertRules
+from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys, ScoredPost, increments_for
+from stream_sentiment.aggregation.monitor import AlertMonitor
+from stream_sentiment.sinks.redis_sink import RedisSink
+from stream_sentiment.source.messages import Post
+
+KEYS = RedisKeys("m")
+BUCKETS = BucketRules(bucket_seconds=1, allowed_lateness=3600, dimensions=("global", "topic"))
+RULES = AlertRules(ratio_threshold=0.95, min_posts=10, surge_z=3.0, ewma_alpha=0.2, cooldown_seconds=5,
+                   warmup_windows=3)
+T0 = 1_700_000_000
+
+
+def _posts(second: int, total: int, negative: int) -> list[ScoredPost]:
+    return [
+        ScoredPost(Post(f"{second}-{i}", "t", None, "airline"), second + 0.5,
+                   (0.9, 0.05, 0.05) if i < negative else (0.05, 0.05, 0.9))
+        for i in range(total)
+    ]
+
+
+async def _scenario(redis_factory, seconds: list[tuple[int, int]], ticks: list[int]):
+    client = redis_factory(async_client=True)
+    sink = RedisSink(client, "m", "posts", ttl_seconds=3600)
+    monitor = AlertMonitor(client, KEYS, BUCKETS, windows=(2,), rules=RULES, engine_version="v1")
+    offset = 0
+    for index, (total, negative) in enumerate(seconds):
+        increments = increments_for(_posts(T0 + index, total, negative), T0 + index + 1, BUCKETS, KEYS)
+        await sink.apply(0, offset, offset + total, increments)
+        offset += total
+    fired = [(tick, alert) for tick in ticks for alert in await monitor.evaluate_closed(T0 + tick + 0.01)]
+    again = await monitor.evaluate_closed(T0 + ticks[-1] + 0.5)  # same boundary: another worker's turn
+    stream = await client.xrange(KEYS.alerts)
+    await client.aclose()
+    return fired, again, stream
+
+
+def test_a_surge_raises_one_alert_within_two_windows_not_a_storm(redis_factory):
+    steady = [(20, 4 + s % 2) for s in range(12)]
+    surge = [(20, 15)] * 6
+    fired, again, stream = asyncio.run(
+        _scenario(redis_factory, steady + surge, ticks=list(range(2, 12 + 6 + 1)))
+    )
+    surges = [(tick, a) for tick, a in fired if a.rule == "surge"]
+    # One alert per (dimension, value) for the whole six-second incident, not one per tick.
+    assert sorted((a.stats.dimension, a.stats.value) for _, a in surges) == [("global", "all"), ("topic", "airline")]
+    for tick, alert in surges:
+        assert 12 < tick <= 12 + 2 * 2  # the surge starts in second 12; windows are 2 s
+        assert alert.stats.negative_ratio >= 0.5 and alert.z >= 3.0
+    assert all(a.rule == "surge" for _, a in fired)
+    assert again == []
+    assert [entry[1]["rule"] for entry in stream] == ["surge", "surge"]
+    assert stream[0][1]["engine_version"] == "v1"
+
+def test_windows_close_and_alert_with_no_new_posts(redis_factory):
+    # All posts arrive in the first two seconds; the window ending at second 2 is only
+    # evaluated when the wall clock passes it, with nothing new arriving.
+    fired, _, stream = asyncio.run(_scenario(redis_factory, [(10, 10), (10, 10)], ticks=[2]))
+    assert [a.rule for _, a in fired] == ["ratio", "ratio"]  # global/all and topic/airline
+    assert {(a.stats.dimension, a.stats.value) for _, a in fired} == {("global", "all"), ("topic", "airline")}
+    assert len(stream) == 2
