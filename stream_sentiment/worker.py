@@ -44,6 +44,10 @@ from stream_sentiment.source.messages import MessageLimits, Post, Rejection, dec
 
 log = logging.getLogger(__name__)
 Outcome = ScoredPost | Rejection
+# Redis holds the applied marks, so the Kafka commit only bounds how much a
+# restart re-reads (and the fence skips): once a second is plenty, and spares
+# the group coordinator a commit per batch.
+COMMIT_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,9 @@ class Worker:
         self._stream_executors = [ThreadPoolExecutor(1, f"engine-{i}") for i in range(engine.streams)]
         self._tokenize_executor = ThreadPoolExecutor(1, "tokenize")
         self._inference: set[asyncio.Task[None]] = set()
-        self._wake = asyncio.Event()
+        # Applied marks not yet committed to Kafka; committed at most every COMMIT_INTERVAL_S.
+        self._uncommitted: dict[int, int] = {}
+        self._last_commit = 0.0
         self._consumer: Any = None
         self._producer: Any = None
         self._sink: RedisSink | None = None
@@ -195,6 +201,7 @@ class Worker:
             await self._drain(self.settings.commit_timeout_s)
         for tp in revoked:
             self.progress.pop(tp.partition, None)
+            self._uncommitted.pop(tp.partition, None)  # no longer ours to commit
         # Anything fetched but not applied belongs to the next owner now.
         self.batcher.drain(self.clock())
 
@@ -274,9 +281,8 @@ class Worker:
 
     # -- Redis and commits ------------------------------------------------------------------------
 
-    async def _apply_ready(self) -> None:
+    async def _apply_ready(self, *, force_commit: bool = False) -> None:
         assert self._sink is not None
-        commits = {}
         for partition, progress in list(self.progress.items()):
             async with self._apply_locks[partition]:
                 if self.progress.get(partition) is not progress:
@@ -293,9 +299,12 @@ class Worker:
                     if result.outcome is ApplyOutcome.APPLIED:
                         self.scored += sum(isinstance(r, ScoredPost) for r in ready.results)
                         self.dead_lettered += sum(isinstance(r, Rejection) for r in ready.results)
-                    commits[partition] = progress.mark
-        if commits:
-            await self._commit(commits)
+                    self._uncommitted[partition] = progress.mark
+        due = self.clock() - self._last_commit >= COMMIT_INTERVAL_S
+        if self._uncommitted and (force_commit or due):
+            marks, self._uncommitted = self._uncommitted, {}
+            self._last_commit = self.clock()
+            await self._commit(marks)
 
     async def _commit(self, marks: dict[int, int]) -> None:
         from aiokafka import TopicPartition
@@ -322,4 +331,4 @@ class Worker:
                     round_size = min(len(self._idle_streams), len(pending))
                     rounds, pending = pending[:round_size], pending[round_size:]
                     await asyncio.gather(*(self._infer(b, self._idle_streams.pop()) for b in rounds))
-                await self._apply_ready()
+                await self._apply_ready(force_commit=True)
