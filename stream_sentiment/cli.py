@@ -63,6 +63,39 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _produce(args: argparse.Namespace) -> int:
+    import asyncio
+    import itertools
+
+    from aiokafka import AIOKafkaProducer
+    from tqdm import tqdm
+
+    from stream_sentiment.source.replay import Surge, file_posts, replay, sample_posts
+
+    settings = _settings(args)
+    if args.file:
+        values = file_posts(args.file)
+    else:
+        values = (json.dumps(p).encode() for p in sample_posts(args.seed))
+    surge = None
+    if args.surge_topic or args.surge_region:
+        surge = Surge(args.surge_topic, args.surge_region, args.surge_start, args.surge_duration, args.surge_rate)
+
+    async def send() -> dict[str, int]:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)  # type: ignore[attr-defined]
+        await producer.start()
+        try:
+            with tqdm(total=args.count, desc="produce", unit="post", file=sys.stderr,
+                      disable=args.no_progress) as bar:
+                return await replay(producer, settings.topic, itertools.islice(values, None),  # type: ignore[attr-defined]
+                                    rate=args.rate, count=args.count, surge=surge, progress=bar.update)
+        finally:
+            await producer.stop()
+
+    print(json.dumps(asyncio.run(send())))
+    return 0
+
+
 def _stats(args: argparse.Namespace) -> int:
     from stream_sentiment.service import read_stats
 
@@ -121,6 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="consume, score and aggregate until SIGINT/SIGTERM")
     _add_connection_flags(run)
     run.set_defaults(handler=_run)
+
+    produce = commands.add_parser("produce", help="replay posts (a file or the bundled samples) at a rate")
+    _add_connection_flags(produce)
+    produce.add_argument("--file", type=Path, default=None,
+                         help="JSONL post messages (sent as they are) or CSV with a text column; "
+                              "default: the bundled sample tweets")
+    produce.add_argument("--rate", type=float, default=100.0, help="posts per second (0 = as fast as possible)")
+    produce.add_argument("--count", type=int, default=None, help="stop after this many (default: the whole file; "
+                                                                 "samples repeat forever)")
+    produce.add_argument("--seed", type=int, default=0, help="sample order")
+    produce.add_argument("--surge-topic", default=None, help="inject a surge of negative posts with this topic")
+    produce.add_argument("--surge-region", default=None, help="... and/or this region")
+    produce.add_argument("--surge-start", type=float, default=30.0, help="seconds after the start")
+    produce.add_argument("--surge-duration", type=float, default=30.0, help="seconds")
+    produce.add_argument("--surge-rate", type=float, default=200.0, help="extra posts per second during the surge")
+    produce.add_argument("--no-progress", action="store_true")
+    produce.set_defaults(handler=_produce)
 
     stats = commands.add_parser("stats", help="totals from Redis")
     _add_connection_flags(stats)

