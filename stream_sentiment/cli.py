@@ -96,6 +96,30 @@ def _produce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _alerts(args: argparse.Namespace) -> int:
+    from redis import Redis
+
+    from stream_sentiment.aggregation.buckets import RedisKeys
+    from stream_sentiment.sinks.alert_feed import deadline, follow, format_alert, recent
+
+    settings = _settings(args)
+    client = Redis.from_url(settings.redis_url, decode_responses=True)  # type: ignore[attr-defined]
+    stream = RedisKeys(settings.redis_prefix).alerts  # type: ignore[attr-defined]
+    try:
+        last = "$"
+        for entry_id, fields in recent(client, stream, args.last):
+            print(format_alert(fields), flush=True)
+            last = entry_id
+        if args.follow:
+            for _, fields in follow(client, stream, after=last, until=deadline(args.duration)):
+                print(format_alert(fields), flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.close()
+    return 0
+
+
 def _stats(args: argparse.Namespace) -> int:
     from stream_sentiment.service import read_stats
 
@@ -171,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--surge-rate", type=float, default=200.0, help="extra posts per second during the surge")
     produce.add_argument("--no-progress", action="store_true")
     produce.set_defaults(handler=_produce)
+
+    alerts = commands.add_parser("alerts", help="print the alert feed readably")
+    _add_connection_flags(alerts)
+    alerts.add_argument("--last", type=int, default=20, help="show the last N alerts first")
+    alerts.add_argument("--follow", action="store_true", help="then print new alerts as they arrive")
+    alerts.add_argument("--duration", type=float, default=None, help="stop following after this many seconds")
+    alerts.set_defaults(handler=_alerts)
 
     stats = commands.add_parser("stats", help="totals from Redis")
     _add_connection_flags(stats)

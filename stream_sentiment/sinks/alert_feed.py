@@ -1,0 +1,45 @@
+"""Reading the alert stream for people: ``stream-sentiment alerts [--follow]``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+
+def format_alert(fields: Mapping[str, str]) -> str:
+    """One line an analyst can read: when, what, where, how bad, against what baseline."""
+    at = datetime.fromtimestamp(float(fields.get("at", 0)), UTC).strftime("%Y-%m-%d %H:%M:%S")
+    posts, negative = int(fields.get("posts", 0)), int(fields.get("negative", 0))
+    ratio = float(fields.get("negative_ratio", 0.0))
+    return (
+        f"{at}Z  {fields.get('rule', '?').upper():<5}  {fields.get('dimension')}={fields.get('value')}  "
+        f"window {fields.get('window_seconds')}s  negative {negative}/{posts} ({ratio:.0%})  "
+        f"z {float(fields.get('z', 0.0)):.1f} vs baseline {float(fields.get('baseline_negative', 0.0)):.1f}  "
+        f"engine {fields.get('engine_version')}"
+    )
+
+
+def recent(client: Any, stream: str, count: int) -> list[tuple[str, dict[str, str]]]:
+    """The last ``count`` alerts, oldest first."""
+    return list(reversed(client.xrevrange(stream, count=count)))
+
+
+def follow(
+    client: Any, stream: str, *, after: str = "$", until: Callable[[], bool] = lambda: False, block_ms: int = 1000
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """New alerts as they arrive (XREAD BLOCK), until ``until()`` is true."""
+    last = after
+    while not until():
+        for _, entries in client.xread({stream: last}, block=block_ms, count=100) or []:
+            for entry_id, fields in entries:
+                last = entry_id
+                yield entry_id, fields
+
+
+def deadline(seconds: float | None) -> Callable[[], bool]:
+    if seconds is None:
+        return lambda: False
+    end = time.monotonic() + seconds
+    return lambda: time.monotonic() >= end

@@ -1,0 +1,46 @@
+"""stream-sentiment alerts: readable lines from the real Redis alert stream, and --follow."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from stream_sentiment.cli import main
+
+ALERT = {
+    "rule": "surge", "dimension": "topic", "value": "airline", "window_seconds": "60", "window_start": "0",
+    "window_end": "60", "posts": "200", "negative": "70", "negative_ratio": "0.3500", "mean_p_negative": "0.33",
+    "baseline_negative": "20.40", "z": "10.98", "engine_version": "v1", "at": "1795339800.0",
+}
+
+
+def test_alerts_prints_recent_alerts_readably(redis_server, redis_factory, capsys):
+    client = redis_factory()
+    client.xadd("feed:alerts", ALERT)
+    client.xadd("feed:alerts", {**ALERT, "rule": "ratio", "dimension": "region", "value": "eu"})
+    assert main(["alerts", "--redis-url", redis_server.url, "--redis-prefix", "feed", "--last", "5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [
+        "2026-11-22 09:30:00Z  SURGE  topic=airline  window 60s  negative 70/200 (35%)  "
+        "z 11.0 vs baseline 20.4  engine v1",
+        "2026-11-22 09:30:00Z  RATIO  region=eu  window 60s  negative 70/200 (35%)  "
+        "z 11.0 vs baseline 20.4  engine v1",
+    ]
+
+
+def test_alerts_follow_prints_new_alerts_as_they_arrive(redis_server, redis_factory, capsys):
+    client = redis_factory()
+    client.xadd("follow:alerts", ALERT)  # old: shown by --last, not again by --follow
+
+    def later() -> None:
+        time.sleep(0.8)
+        client.xadd("follow:alerts", {**ALERT, "value": "trains"})
+
+    writer = threading.Thread(target=later)
+    writer.start()
+    code = main(["alerts", "--redis-url", redis_server.url, "--redis-prefix", "follow", "--last", "1",
+                 "--follow", "--duration", "2.5"])
+    writer.join()
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("  ")[2] for line in lines] == ["topic=airline", "topic=trains"]
