@@ -120,6 +120,12 @@ def _alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from stream_sentiment.demo import main as demo
+
+    return demo(args.duration, args.rate, args.surge_topic, args.surge_start)
+
+
 def _stats(args: argparse.Namespace) -> int:
     from stream_sentiment.service import read_stats
 
@@ -202,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     alerts.add_argument("--follow", action="store_true", help="then print new alerts as they arrive")
     alerts.add_argument("--duration", type=float, default=None, help="stop following after this many seconds")
     alerts.set_defaults(handler=_alerts)
+
+    demo = commands.add_parser("demo", help="everything on this machine: embedded broker and Redis, "
+                                            "sample posts with a surge, live alerts")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds, then everything stops")
+    demo.add_argument("--rate", type=float, default=100.0, help="sample posts per second")
+    demo.add_argument("--surge-topic", default="airline", help="the topic that turns negative")
+    demo.add_argument("--surge-start", type=float, default=15.0, help="seconds after the start")
+    demo.set_defaults(handler=_demo)
 
     stats = commands.add_parser("stats", help="totals from Redis")
     _add_connection_flags(stats)

@@ -94,10 +94,12 @@ def evaluate(stats: WindowStats, state: AlertState, rules: AlertRules, now: floa
     key = (stats.window_seconds, stats.dimension, stats.value)
     baseline = state.baselines.get(key, Baseline())
     candidates = []
+    warmed_up = baseline.windows >= rules.warmup_windows
+    # Without a warmed-up baseline there is no meaningful z: reported as NaN.
+    z = baseline.z_score(stats.negative) if warmed_up else math.nan
     if stats.posts >= rules.min_posts and stats.negative_ratio >= rules.ratio_threshold:
-        candidates.append(Alert("ratio", stats, baseline.mean, baseline.z_score(stats.negative), now))
-    z = baseline.z_score(stats.negative)
-    if stats.posts >= rules.min_posts and baseline.windows >= rules.warmup_windows and z >= rules.surge_z:
+        candidates.append(Alert("ratio", stats, baseline.mean, z, now))
+    if stats.posts >= rules.min_posts and warmed_up and z >= rules.surge_z:
         candidates.append(Alert("surge", stats, baseline.mean, z, now))
     fired = []
     for alert in candidates:

@@ -42,6 +42,11 @@ class RedisKeys:
     def offsets(self, topic: str) -> str:
         return f"{self.prefix}:offsets:{topic}"
 
+    @property
+    def first_bucket(self) -> str:
+        """Start of the earliest bucket ever written: windows reaching before it are incomplete."""
+        return f"{self.prefix}:first-bucket"
+
     def dimension_values(self, start: int) -> str:
         """Set of ``dimension:value`` members that have a bucket starting at ``start``."""
         return f"{self.prefix}:dims:{start}"
@@ -112,6 +117,7 @@ def increments_for(
             increments.add(keys.totals, "late")
             continue
         start = rules.start_of(event_time)
+        increments.first[keys.first_bucket] = min(start, increments.first.get(keys.first_bucket, start))
         for dimension, value in dimension_values(outcome.post, rules.dimensions):
             key = keys.bucket(dimension, value, start)
             increments.add(key, "posts")

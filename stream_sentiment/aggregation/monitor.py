@@ -3,7 +3,11 @@
 At each bucket boundary the windows that closed ``delay_seconds`` ago (1 / 5 /
 15 min ending at that boundary) are summed from their buckets and checked by
 :func:`alerts.evaluate` — whether or not posts are still arriving. The delay
-lets posts still in the pipeline reach their buckets before they are judged. Exactly one
+lets posts still in the pipeline reach their buckets before they are judged.
+A window that reaches back before the first bucket ever written is skipped
+(no alert, no baseline update): right after the service starts, windows are
+only partly filled, and a baseline learned from them makes every dimension
+look like a surge once they fill. Exactly one
 worker evaluates each boundary: the first to ``SET NX`` its marker. Baselines
 and cooldowns live in Redis, so whichever worker evaluates next sees them.
 Alerts are appended to a capped stream and published on a channel of the same
@@ -49,9 +53,14 @@ class AlertMonitor:
         claimed = await self.client.set(self.keys.alerts_evaluated(end), "1", nx=True, ex=2 * max(self.windows))
         if not claimed:
             return []
+        first = await self.client.get(self.keys.first_bucket)
+        if first is None:
+            return []
         state = await self._load_state()
         fired: list[Alert] = []
         for window in self.windows:
+            if end - window < int(first):
+                continue  # not yet fully covered by data
             starts = list(range(end - window, end, self.buckets.bucket_seconds))
             members = await self.client.sunion([self.keys.dimension_values(s) for s in starts])
             for member in sorted(m.decode() if isinstance(m, bytes) else m for m in members):

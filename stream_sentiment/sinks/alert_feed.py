@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -13,11 +14,13 @@ def format_alert(fields: Mapping[str, str]) -> str:
     at = datetime.fromtimestamp(float(fields.get("at", 0)), UTC).strftime("%Y-%m-%d %H:%M:%S")
     posts, negative = int(fields.get("posts", 0)), int(fields.get("negative", 0))
     ratio = float(fields.get("negative_ratio", 0.0))
+    z = float(fields.get("z", "nan"))
+    versus = (f"z {z:.1f} vs baseline {float(fields.get('baseline_negative', 0.0)):.1f}" if math.isfinite(z)
+              else "no baseline yet")
     return (
         f"{at}Z  {fields.get('rule', '?').upper():<5}  {fields.get('dimension')}={fields.get('value')}  "
         f"window {fields.get('window_seconds')}s  negative {negative}/{posts} ({ratio:.0%})  "
-        f"z {float(fields.get('z', 0.0)):.1f} vs baseline {float(fields.get('baseline_negative', 0.0)):.1f}  "
-        f"engine {fields.get('engine_version')}"
+        f"{versus}  engine {fields.get('engine_version')}"
     )
 
 

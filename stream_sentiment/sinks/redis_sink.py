@@ -29,7 +29,8 @@ from typing import Any
 
 # KEYS[1] offsets hash; ARGV: partition, first, next, ttl, increments JSON.
 # increments: {"hash": {key: {field: int}}, "float": {key: {field: number}},
-#              "members": {key: [member, ...]}, "expire": [key, ...]}
+#              "members": {key: [member, ...]}, "first": {key: value}, "expire": [key, ...]}
+# - "first" keys are set only if absent (SET NX).
 # - every key in "expire" gets ttl seconds.
 _APPLY_SCRIPT = """
 local mark = redis.call('HGET', KEYS[1], ARGV[1])
@@ -49,6 +50,7 @@ end
 for key, members in pairs(inc['members'] or {}) do
   for _, m in ipairs(members) do redis.call('SADD', key, m) end
 end
+for key, value in pairs(inc['first'] or {}) do redis.call('SET', key, value, 'NX') end
 local ttl = tonumber(ARGV[4])
 if ttl > 0 then
   for _, key in ipairs(inc['expire'] or {}) do redis.call('EXPIRE', key, ttl) end
@@ -77,6 +79,7 @@ class Increments:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     sums: dict[str, dict[str, float]] = field(default_factory=dict)
     members: dict[str, set[str]] = field(default_factory=dict)
+    first: dict[str, int] = field(default_factory=dict)
     expiring: set[str] = field(default_factory=set)
 
     def add(self, key: str, field_name: str, amount: int = 1) -> None:
@@ -93,6 +96,8 @@ class Increments:
     def to_json(self) -> str:
         # Lua's cjson turns [] into {} and back unpredictably: send a list only when non-empty.
         payload: dict[str, Any] = {"hash": self.counts, "float": self.sums}
+        if self.first:
+            payload["first"] = self.first
         if self.members:
             payload["members"] = {key: sorted(values) for key, values in self.members.items()}
         if self.expiring:

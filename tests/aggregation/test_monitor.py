@@ -25,10 +25,10 @@ def _posts(second: int, total: int, negative: int) -> list[ScoredPost]:
     ]
 
 
-async def _scenario(redis_factory, seconds: list[tuple[int, int]], ticks: list[int]):
+async def _scenario(redis_factory, seconds: list[tuple[int, int]], ticks: list[int], windows=(2,)):
     client = redis_factory(async_client=True)
     sink = RedisSink(client, "m", "posts", ttl_seconds=3600)
-    monitor = AlertMonitor(client, KEYS, BUCKETS, windows=(2,), rules=RULES, engine_version="v1")
+    monitor = AlertMonitor(client, KEYS, BUCKETS, windows=windows, rules=RULES, engine_version="v1")
     offset = 0
     for index, (total, negative) in enumerate(seconds):
         increments = increments_for(_posts(T0 + index, total, negative), T0 + index + 1, BUCKETS, KEYS)
@@ -65,3 +65,12 @@ def test_windows_close_and_alert_with_no_new_posts(redis_factory):
     assert [a.rule for _, a in fired] == ["ratio", "ratio"]  # global/all and topic/airline
     assert {(a.stats.dimension, a.stats.value) for _, a in fired} == {("global", "all"), ("topic", "airline")}
     assert len(stream) == 2
+
+
+def test_windows_reaching_back_before_the_first_data_are_not_judged(redis_factory):
+    # Data starts at second 0; a 4 s window ending at second 2 is half empty: skipped,
+    # neither alerting nor teaching the baseline. The one ending at second 4 is judged.
+    fired, _, _ = asyncio.run(
+        _scenario(redis_factory, [(10, 10)] * 4, ticks=[2, 3, 4], windows=(4,))
+    )
+    assert {tick for tick, _ in fired} == {4}
