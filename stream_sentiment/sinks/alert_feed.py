@@ -10,7 +10,17 @@ from typing import Any
 
 
 def format_alert(fields: Mapping[str, str]) -> str:
-    """One line an analyst can read: when, what, where, how bad, against what baseline."""
+    """One line an analyst can read: when, what, where, how bad, against what baseline.
+
+    An entry this service did not write (bad numbers) is shown raw, never a crash.
+    """
+    try:
+        return _format(fields)
+    except (ValueError, OverflowError, OSError):
+        return f"unreadable alert entry: {dict(fields)}"
+
+
+def _format(fields: Mapping[str, str]) -> str:
     at = datetime.fromtimestamp(float(fields.get("at", 0)), UTC).strftime("%Y-%m-%d %H:%M:%S")
     posts, negative = int(fields.get("posts", 0)), int(fields.get("negative", 0))
     ratio = float(fields.get("negative_ratio", 0.0))

@@ -44,3 +44,10 @@ def test_alerts_follow_prints_new_alerts_as_they_arrive(redis_server, redis_fact
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("  ")[2] for line in lines] == ["topic=airline", "topic=trains"]
+
+
+def test_an_entry_this_service_did_not_write_is_shown_raw_not_a_crash(redis_server, redis_factory, capsys):
+    client = redis_factory()
+    client.xadd("odd:alerts", {"rule": "surge", "at": "yesterday", "posts": "many"})
+    assert main(["alerts", "--redis-url", redis_server.url, "--redis-prefix", "odd"]) == 0
+    assert capsys.readouterr().out.startswith("unreadable alert entry: {'rule': 'surge'")
