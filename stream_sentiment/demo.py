@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sys
 import time
 from typing import Any
@@ -48,38 +47,31 @@ async def _run(
 ) -> dict[str, Any]:
     from aiokafka import AIOKafkaProducer
 
-    from stream_sentiment.batching.tokenizer import PostTokenizer
-    from stream_sentiment.service import open_engine, read_stats
+    from stream_sentiment.service import read_stats, run_worker, stop_on_signals
     from stream_sentiment.source.replay import Surge, replay, sample_posts
-    from stream_sentiment.worker import Worker
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    loop.call_later(duration, stop.set)
+    stop_on_signals(stop)
+    asyncio.get_running_loop().call_later(duration, stop.set)
     started = time.monotonic()
 
-    version, engine = open_engine(settings)
     surge = Surge(topic=surge_topic, start=surge_start, duration=max(1.0, duration - surge_start - 15), rate=rate * 1.5)
-    with engine:
-        engine.warm_up()
-        worker = asyncio.create_task(Worker(settings, engine, PostTokenizer(version)).run(stop))
-        alert_stream = f"{settings.redis_prefix}:alerts"
-        alerts = asyncio.create_task(_follow_alerts(settings.redis_url, alert_stream, stop, started))
-        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)
-        await producer.start()
-        values = (json.dumps(p).encode() for p in sample_posts(seed=0))
-        sending = asyncio.create_task(replay(producer, settings.topic, values, rate=rate, count=None, surge=surge))
-        print(f"demo: producing ~{rate:.0f} posts/s; a negative surge for topic={surge_topic!r} starts at "
-              f"{surge_start:.0f}s; alerts appear below (windows are judged "
-              f"{settings.alerts.evaluation_delay_seconds:.0f}s after they close)", flush=True)
-        await stop.wait()
-        sending.cancel()
-        await asyncio.gather(sending, return_exceptions=True)
-        await producer.stop()
-        await worker
-        shown = await alerts
+    worker = asyncio.create_task(run_worker(settings, stop))
+    alert_stream = f"{settings.redis_prefix}:alerts"
+    alerts = asyncio.create_task(_follow_alerts(settings.redis_url, alert_stream, stop, started))
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)
+    await producer.start()
+    values = (json.dumps(p).encode() for p in sample_posts(seed=0))
+    sending = asyncio.create_task(replay(producer, settings.topic, values, rate=rate, count=None, surge=surge))
+    print(f"demo: producing ~{rate:.0f} posts/s; a negative surge for topic={surge_topic!r} starts at "
+          f"{surge_start:.0f}s; alerts appear below (windows are judged "
+          f"{settings.alerts.evaluation_delay_seconds:.0f}s after they close)", flush=True)
+    await stop.wait()
+    sending.cancel()
+    await asyncio.gather(sending, return_exceptions=True)
+    await producer.stop()
+    await worker
+    shown = await alerts
     stats = read_stats(settings)
     return {"alerts_shown": shown, **stats}
 

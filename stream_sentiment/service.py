@@ -27,18 +27,28 @@ def open_engine(settings: Settings) -> tuple[EngineVersion, Engine]:
     return version, engine
 
 
-async def serve(settings: Settings) -> None:
-    """Run one worker until SIGINT/SIGTERM, then drain, apply and commit."""
-    from stream_sentiment.worker import Worker
-
-    version, engine = open_engine(settings)
-    stop = asyncio.Event()
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """SIGINT and SIGTERM set ``stop``, so the worker drains, applies and commits before exiting."""
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
+    """Open and warm the configured engine, run one worker until ``stop`` is set, release the engine."""
+    from stream_sentiment.worker import Worker
+
+    version, engine = open_engine(settings)
     with engine:
         engine.warm_up()
         await Worker(settings, engine, PostTokenizer(version)).run(stop)
+
+
+async def serve(settings: Settings) -> None:
+    """Run one worker until SIGINT/SIGTERM, then drain, apply and commit."""
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    await run_worker(settings, stop)
 
 
 def read_stats(settings: Settings) -> dict[str, Any]:

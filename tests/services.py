@@ -21,6 +21,7 @@ to ``AIOKafkaConsumer`` to keep joins and leaves to about a second.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -78,3 +79,23 @@ def redis_factory(redis_server: EmbeddedRedis) -> Iterator[Callable[..., Any]]:
     yield make
     for client in sync_clients:
         client.close()
+
+
+async def consume_records(bootstrap: str, topic: str, count: int, group: str) -> list[Any]:
+    """Read ``count`` records of ``topic`` from the start, in a fresh consumer group, within 30 s."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest",
+        enable_auto_commit=False, **FAST_GROUP_CONFIG,
+    )
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        async with asyncio.timeout(30):
+            while len(records) < count:
+                for batch in (await consumer.getmany(timeout_ms=500)).values():
+                    records.extend(batch)
+    finally:
+        await consumer.stop()
+    return records

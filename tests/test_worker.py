@@ -26,6 +26,17 @@ def engine(engine_version):
         yield active
 
 
+def _pipeline(kafka, topic_factory, redis_server, prefix: str, partitions: int, **overrides) -> tuple[str, Settings]:
+    """A fresh topic with its dead-letter topic, and settings pointing a worker group at it."""
+    topic = topic_factory(partitions=partitions)
+    kafka.create_topic(f"{topic}.dlq", 1)
+    settings = Settings.load(
+        bootstrap_servers=kafka.bootstrap_servers, topic=topic, consumer_group=f"g-{topic}",
+        redis_url=redis_server.url, redis_prefix=prefix, **overrides,
+    )
+    return topic, settings
+
+
 async def _produce(bootstrap: str, topic: str, valid: int, malformed_rounds: int, seed: int) -> int:
     rng = random.Random(seed)
     values = [json.dumps({"id": f"p{seed}-{i}", "text": f"post number {i} {'awful' if i % 3 else 'lovely'}",
@@ -63,13 +74,8 @@ async def _run_until(worker: Worker, redis: Redis, prefix: str, scored: int, dea
 def test_valid_and_malformed_posts_over_three_partitions_are_counted_exactly_once(
     kafka, topic_factory, redis_server, redis_factory, engine, engine_version
 ):
-    topic = topic_factory(partitions=3)
-    kafka.create_topic(f"{topic}.dlq", 1)
+    topic, settings = _pipeline(kafka, topic_factory, redis_server, "e2e", partitions=3)
     redis = redis_factory()
-    settings = Settings.load(
-        bootstrap_servers=kafka.bootstrap_servers, topic=topic, consumer_group=f"g-{topic}",
-        redis_url=redis_server.url, redis_prefix="e2e",
-    )
     produced = asyncio.run(_produce(kafka.bootstrap_servers, topic, VALID, 5, seed=7))
     dead = produced - VALID
     tokenizer = PostTokenizer(engine_version)
@@ -95,13 +101,8 @@ def test_valid_and_malformed_posts_over_three_partitions_are_counted_exactly_onc
 def test_two_workers_with_a_rebalance_mid_stream_count_exactly_once(
     kafka, topic_factory, redis_server, redis_factory, engine_version
 ):
-    topic = topic_factory(partitions=3)
-    kafka.create_topic(f"{topic}.dlq", 1)
+    topic, settings = _pipeline(kafka, topic_factory, redis_server, "rb", partitions=3)
     redis = redis_factory()
-    settings = Settings.load(
-        bootstrap_servers=kafka.bootstrap_servers, topic=topic, consumer_group=f"g-{topic}",
-        redis_url=redis_server.url, redis_prefix="rb",
-    )
     tokenizer = PostTokenizer(engine_version)
     batches, per_batch = 8, 50
 
@@ -147,15 +148,12 @@ def test_two_workers_with_a_rebalance_mid_stream_count_exactly_once(
 def test_a_burst_of_negative_posts_raises_an_alert_in_the_stream(
     kafka, topic_factory, redis_server, redis_factory, engine
 ):
-    topic = topic_factory(partitions=1)
-    kafka.create_topic(f"{topic}.dlq", 1)
-    redis = redis_factory()
-    settings = Settings.load(
-        bootstrap_servers=kafka.bootstrap_servers, topic=topic, consumer_group=f"g-{topic}",
-        redis_url=redis_server.url, redis_prefix="al",
+    topic, settings = _pipeline(
+        kafka, topic_factory, redis_server, "al", partitions=1,
         aggregation={"bucket_seconds": 1, "windows_seconds": (2,)},
         alerts={"min_posts": 10, "ratio_threshold": 0.6, "cooldown_seconds": 60, "evaluation_delay_seconds": 1},
     )
+    redis = redis_factory()
     texts = ["This is the worst airline ever, furious and disgusted", "Terrible service, I hate this"]
 
     async def scenario() -> list:

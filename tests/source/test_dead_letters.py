@@ -5,31 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from stream_sentiment.source.dead_letters import SourceRecord, publish_dead_letter
 from stream_sentiment.source.messages import Post, Rejection, decode_post
-from tests.services import FAST_GROUP_CONFIG
+from tests.services import consume_records
 
 MALFORMED = [b"\xff\xfe", b"{oops", b"[1,2]", json.dumps({"id": "x", "text": ""}).encode(), b""]
 VALID = [json.dumps({"id": f"ok-{i}", "text": f"post {i}"}).encode() for i in range(6)]
-
-
-async def _consume(bootstrap: str, topic: str, count: int, group: str) -> list:
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest",
-        enable_auto_commit=False, **FAST_GROUP_CONFIG,
-    )
-    await consumer.start()
-    records: list = []
-    try:
-        async with asyncio.timeout(30):
-            while len(records) < count:
-                for batch in (await consumer.getmany(timeout_ms=500)).values():
-                    records.extend(batch)
-    finally:
-        await consumer.stop()
-    return records
 
 
 def test_malformed_records_are_dead_lettered_with_reason_and_origin(kafka, topic_factory):
@@ -42,7 +25,7 @@ def test_malformed_records_are_dead_lettered_with_reason_and_origin(kafka, topic
         try:
             for index, value in enumerate(MALFORMED + VALID):
                 await producer.send_and_wait(topic, value=value, key=str(index).encode())
-            records = await _consume(kafka.bootstrap_servers, topic, len(MALFORMED) + len(VALID), f"g-{topic}")
+            records = await consume_records(kafka.bootstrap_servers, topic, len(MALFORMED) + len(VALID), f"g-{topic}")
             accepted = 0
             for record in records:
                 outcome = decode_post(record.value)
@@ -52,7 +35,7 @@ def test_malformed_records_are_dead_lettered_with_reason_and_origin(kafka, topic
                 source = SourceRecord(record.topic, record.partition, record.offset, record.timestamp,
                                       record.key, record.value)
                 await publish_dead_letter(producer, dlq, source, outcome)
-            dead = await _consume(kafka.bootstrap_servers, dlq, len(MALFORMED), f"g-{dlq}")
+            dead = await consume_records(kafka.bootstrap_servers, dlq, len(MALFORMED), f"g-{dlq}")
         finally:
             await producer.stop()
         return records, accepted, dead

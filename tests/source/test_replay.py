@@ -8,7 +8,7 @@ import json
 from stream_sentiment.cli import main
 from stream_sentiment.source.messages import Post, decode_post
 from stream_sentiment.source.replay import Surge, sample_posts, surge_posts
-from tests.source.test_dead_letters import _consume
+from tests.services import consume_records
 
 
 def test_sample_posts_come_from_the_installed_package_and_are_valid():
@@ -31,7 +31,7 @@ def test_produce_command_sends_samples_and_a_surge(kafka, topic_factory, capsys)
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["sent"] == 300 and summary["surge"] > 0
-    records = asyncio.run(_consume(kafka.bootstrap_servers, topic, 300 + summary["surge"], f"g-{topic}"))
+    records = asyncio.run(consume_records(kafka.bootstrap_servers, topic, 300 + summary["surge"], f"g-{topic}"))
     posts = [decode_post(r.value) for r in records]
     assert all(isinstance(p, Post) for p in posts)
     assert sum(p.id.startswith("surge-") and p.topic == "phones" for p in posts) == summary["surge"]
