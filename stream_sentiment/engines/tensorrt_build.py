@@ -7,9 +7,20 @@ each with a fixed sequence length (batches are always padded to a bucket) and
 a row range, so the kernels are tuned for the shapes the batcher produces and
 the runtime selects a profile by the batch's bucket.
 
+TensorRT's ``IExecutionContext`` docs (and NVIDIA/TensorRT#1590) say that with
+dynamic shapes one optimization profile may be used by only one execution
+context at a time, and the runtime runs one context per CUDA stream. So the
+plan holds one *set* of bucket profiles per stream (``streams``, the
+``build-engine --streams`` flag): profile index = ``set * len(buckets) +
+bucket_index``, and stream ``s`` uses set ``s % profile_sets``. Build time
+grows with the number of sets (each profile is tuned on its own).
+
 Plans are specific to a GPU model, compute capability and TensorRT version;
 they are stored under ``<version>/plans/`` with those three in the file name
-and a JSON sidecar, and never committed.
+and a JSON sidecar (which records ``profile_sets``), and never committed. The
+set count is *not* in the file name: there is one plan per GPU and TensorRT
+version, and the newest ``build-engine`` wins; rebuild with ``--streams`` equal
+to ``engine.streams`` (or more) when that setting grows.
 """
 
 from __future__ import annotations
@@ -55,6 +66,9 @@ class PlanInfo:
     opt_rows: int
     max_rows: int
     build_seconds: float
+    # Copies of the per-bucket profiles, one per execution context; sidecars written
+    # before this field existed describe plans with a single set.
+    profile_sets: int = 1
 
 
 def import_tensorrt() -> Any:
@@ -89,6 +103,7 @@ def plan_path(version: EngineVersion, gpu: GpuIdentity, tensorrt_version: str) -
 def build_plan(
     version: EngineVersion,
     *,
+    streams: int = 1,
     trt: Any = None,
     gpu: GpuIdentity | None = None,
     opt_rows: int = 64,
@@ -97,10 +112,18 @@ def build_plan(
 ) -> PlanInfo:
     """Build and store the plan for this GPU; returns its sidecar.
 
+    ``streams`` is the number of execution contexts the plan must serve at once: the
+    per-bucket profiles are added once per stream, set after set, so profile
+    ``set * len(buckets) + bucket_index`` is bucket ``bucket_index`` of set ``set``.
+    The plan replaces any earlier one for this GPU and TensorRT version.
+
     Raises:
+        ValueError: ``streams`` is below 1.
         BackendUnavailableError: tensorrt or cuda-python missing, or no GPU.
         RuntimeError: the ONNX did not parse or TensorRT could not build it.
     """
+    if streams < 1:
+        raise ValueError(f"a plan needs at least one profile set (streams={streams})")
     trt = trt or import_tensorrt()
     gpu = gpu or current_gpu()
     manifest = version.manifest
@@ -119,11 +142,15 @@ def build_plan(
     # say so; FP16 lets the unquantized layers (LayerNorm, softmax) run fast.
     config.set_flag(trt.BuilderFlag.INT8)
     config.set_flag(trt.BuilderFlag.FP16)
-    for bucket in manifest.buckets:
-        profile = builder.create_optimization_profile()
-        for name in manifest.inputs:
-            profile.set_shape(name, (1, bucket), (min(opt_rows, max_rows), bucket), (max_rows, bucket))
-        config.add_optimization_profile(profile)
+    # One set of bucket profiles per stream: a context never shares its profile with another.
+    for profile_set in range(streams):
+        for bucket_index, bucket in enumerate(manifest.buckets):
+            profile = builder.create_optimization_profile()
+            for name in manifest.inputs:
+                profile.set_shape(name, (1, bucket), (min(opt_rows, max_rows), bucket), (max_rows, bucket))
+            index = config.add_optimization_profile(profile)  # -1 when TensorRT rejects the profile
+            if index != profile_set * len(manifest.buckets) + bucket_index:
+                raise RuntimeError(f"TensorRT refused the profile for bucket {bucket} of set {profile_set} ({index})")
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -142,6 +169,7 @@ def build_plan(
         opt_rows=min(opt_rows, max_rows),
         max_rows=max_rows,
         build_seconds=round(time.perf_counter() - started, 1),
+        profile_sets=streams,
     )
     destination.with_suffix(".json").write_text(json.dumps(asdict(info), indent=2) + "\n")
     return info
