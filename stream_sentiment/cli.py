@@ -36,11 +36,14 @@ def _build_engine(args: argparse.Namespace) -> int:
     from stream_sentiment.engines.manifest import load_engine_version
     from stream_sentiment.engines.tensorrt_build import build_plan, import_tensorrt
 
+    if args.streams < 1:
+        print(f"stream-sentiment build-engine: --streams must be at least 1, not {args.streams}", file=sys.stderr)
+        return EXIT_USAGE
     version = load_engine_version(args.engine)
     trt = import_tensorrt()  # fails fast, before any work, when TensorRT is missing
-    print(f"building a TensorRT plan for {version.label}: buckets {list(version.manifest.buckets)}",
-          file=sys.stderr)
-    info = build_plan(version, trt=trt, opt_rows=args.opt_rows, max_rows=args.max_rows)
+    print(f"building a TensorRT plan for {version.label}: buckets {list(version.manifest.buckets)}, "
+          f"{args.streams} profile set(s)", file=sys.stderr)
+    info = build_plan(version, streams=args.streams, trt=trt, opt_rows=args.opt_rows, max_rows=args.max_rows)
     print(json.dumps(info.__dict__))
     return 0
 
@@ -59,8 +62,72 @@ def _run(args: argparse.Namespace) -> int:
     from stream_sentiment.service import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(_settings(args)))  # type: ignore[arg-type]
+    asyncio.run(serve(_run_settings(args)))  # type: ignore[arg-type]
     return 0
+
+
+# The issue's name for the admin token; the settings' own nested form STREAM_SENTIMENT_ADMIN__TOKEN works too.
+ADMIN_TOKEN_ENV = "STREAM_SENTIMENT_ADMIN_TOKEN"  # noqa: S105 (a variable name, not a secret)
+
+
+def _run_settings(args: argparse.Namespace) -> object:
+    """``_settings`` plus the admin flags (``STREAM_SENTIMENT_ADMIN_TOKEN`` is read by ``Settings.load``)."""
+    from stream_sentiment.config import Settings
+
+    overrides: dict[str, object] = {name: getattr(args, name) for name in CONNECTION_FLAGS}
+    admin = {"host": args.admin_host, "port": args.admin_port, "token_file": args.admin_token_file}
+    admin = {key: value for key, value in admin.items() if value is not None}
+    if admin:
+        overrides["admin"] = admin
+    return Settings.load(args.config, **overrides)
+
+
+def _admin_base_url(host: str, port: int) -> str:
+    # A wildcard bind is reached through loopback from this machine.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _engines(args: argparse.Namespace) -> int:
+    """A thin client of the worker's ``/admin/engines`` routes: prints the JSON answer, exit code by status."""
+    import os
+
+    from stream_sentiment.admin.client import AdminClient, AdminUnreachableError
+    from stream_sentiment.config import Settings
+
+    name = f"stream-sentiment engines {args.action}"
+    try:
+        token = (args.admin_token_file.read_text(encoding="utf-8").strip() if args.admin_token_file
+                 else os.environ.get(ADMIN_TOKEN_ENV, "").strip()) or None
+    except OSError as error:
+        print(f"{name}: cannot read the admin token file: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    url = args.admin_url
+    if url is None or token is None:  # the settings (env, config file) fill in what the flags left out
+        admin = Settings.load(args.config).admin
+        token = token if token is not None else admin.read_token()
+        if url is None:
+            if admin.port == 0:
+                print(f"{name}: admin.port is 0 (any free port); pass --admin-url", file=sys.stderr)
+                return EXIT_USAGE
+            url = _admin_base_url(admin.host, admin.port)
+    try:
+        client = AdminClient(url, token, timeout=args.timeout)
+    except ValueError as error:
+        print(f"{name}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    calls = {"list": client.engines, "rollback": client.rollback,
+             "activate": lambda: client.activate(args.version)}
+    try:
+        status, answer = calls[args.action]()
+    except AdminUnreachableError as error:
+        print(f"{name}: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    print(json.dumps(answer, indent=2))
+    if 200 <= status < 300:
+        return 0
+    print(f"{name}: refused ({status}): {answer.get('error', answer)}", file=sys.stderr)
+    return 1
 
 
 def _produce(args: argparse.Namespace) -> int:
@@ -149,6 +216,20 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="TOML or JSON settings file")
 
 
+def _add_admin_client_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    # On an action sub-parser the defaults are SUPPRESSed, so they do not overwrite flags given before the action.
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--admin-url", default=default(None),
+                        help="the worker's admin endpoint (default: http://<admin.host>:<admin.port> from settings)")
+    parser.add_argument("--admin-token-file", type=Path, default=default(None),
+                        help=f"file holding the admin bearer token (else ${ADMIN_TOKEN_ENV} or the settings)")
+    parser.add_argument("--config", type=Path, default=default(None), help="TOML or JSON settings file")
+    parser.add_argument("--timeout", type=float, default=default(300.0),
+                        help="seconds to wait for an answer (an activation loads and validates first)")
+
+
 def _delegate(module: str, argv: list[str]) -> int:
     import importlib
 
@@ -179,11 +260,33 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--engine", type=Path, required=True, help="engine version folder")
     build.add_argument("--opt-rows", type=int, default=64, help="batch rows the kernels are tuned for")
     build.add_argument("--max-rows", type=int, default=256, help="largest batch a profile accepts")
+    build.add_argument("--streams", type=int, default=1,
+                       help="execution contexts the plan serves at once (set it to engine.streams): one set of "
+                            "bucket profiles per stream, since TensorRT lets a profile serve one context at a time; "
+                            "the plan replaces the previous one for this GPU and TensorRT version")
     build.set_defaults(handler=_build_engine)
 
     run = commands.add_parser("run", help="consume, score and aggregate until SIGINT/SIGTERM")
     _add_connection_flags(run)
+    run.add_argument("--admin-host", default=None, help="admin HTTP bind address (default 127.0.0.1); "
+                                                         "a non-loopback one needs a token")
+    run.add_argument("--admin-port", type=int, default=None, help="admin HTTP port (0 = any free port)")
+    run.add_argument("--admin-token-file", type=Path, default=None,
+                     help=f"file holding the admin bearer token (else ${ADMIN_TOKEN_ENV})")
     run.set_defaults(handler=_run)
+
+    engines = commands.add_parser("engines", help="list, activate or roll back engine versions "
+                                                  "through a running worker's admin endpoint")
+    _add_admin_client_flags(engines, suppress=False)
+    actions = engines.add_subparsers(dest="action", required=True)
+    for action, help_text in (("list", "versions in the repository, their states and the active one"),
+                              ("activate", "load, validate and switch to a version (waits for the result)"),
+                              ("rollback", "switch back to the previous engine")):
+        sub = actions.add_parser(action, help=help_text)
+        _add_admin_client_flags(sub, suppress=True)  # the flags may come before or after the action
+        if action == "activate":
+            sub.add_argument("version", help="version name inside the engine repository (not a path)")
+    engines.set_defaults(handler=_engines)
 
     produce = commands.add_parser("produce", help="replay posts (a file or the bundled samples) at a rate")
     _add_connection_flags(produce)
@@ -235,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
     from redis.exceptions import ConnectionError as RedisConnectionError
 
+    from stream_sentiment.admin.server import AdminSecurityError
     from stream_sentiment.engines.base import BackendUnavailableError
     from stream_sentiment.engines.manifest import EngineRepositoryError
     from stream_sentiment.modeling.evaluate import DataFormatError
@@ -244,9 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     except BackendUnavailableError as error:
         print(f"stream-sentiment {args.command}: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except (EngineRepositoryError, DataFormatError, FileNotFoundError, ValidationError) as error:
+    except (EngineRepositoryError, DataFormatError, FileNotFoundError, ValidationError, AdminSecurityError) as error:
         print(f"stream-sentiment {args.command}: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as error:  # e.g. the admin port is taken
+        print(f"stream-sentiment {args.command}: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except RedisConnectionError as error:
         print(f"stream-sentiment {args.command}: cannot reach Redis: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE

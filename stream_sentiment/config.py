@@ -11,6 +11,7 @@ it before anything heavy loads.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
@@ -64,6 +65,18 @@ class EngineSettings(_Group):
         "Independent execution slots scoring batches concurrently; 1, as one CPU slot already uses every core."))
     threads_per_stream: int | None = Field(default=None, ge=1, description=(
         "Intra-op threads per slot; unset = CPU cores / streams, so slots never oversubscribe the machine."))
+    max_retries: int = Field(default=2, ge=0, description=(
+        "Rebuild-and-retry rounds for a batch whose engine call failed, before another slot takes it."))
+    max_consecutive_failures: int = Field(default=3, ge=1, description=(
+        "Failed calls in a row after which a slot leaves rotation (reported by /readyz); 3 rides out a blip."))
+    call_timeout_s: float = Field(default=30.0, gt=0, description=(
+        "An engine call taking longer has failed and its slot leaves rotation; far above any real batch."))
+    cpu_fallback: bool = Field(default=False, description=(
+        "When no slot of a GPU engine works, score on ONNX Runtime (CPU) instead of only pausing consumption."))
+    fault_every_kth_call: int | None = Field(default=None, ge=1, description=(
+        "Fault injection for tests: every k-th engine call of each stream fails. Unset (off) in production."))
+    fault_broken_stream: int | None = Field(default=None, ge=0, description=(
+        "Fault injection for tests: every call on this stream fails, rebuilt or not. Unset (off) in production."))
 
 
 class BatchingSettings(_Group):
@@ -77,6 +90,9 @@ class BatchingSettings(_Group):
         "Padded tokens (rows x bucket) per batch: 64 rows of 128; >= 256, the largest bucket, so any post fits."))
     max_in_flight_posts: int = Field(default=10000, ge=1, description=(
         "Backpressure: consumption pauses above this many posts in flight (>= max_rows); bounds memory."))
+    buckets: tuple[Annotated[int, Field(gt=0)], ...] | None = Field(default=None, min_length=1, description=(
+        "Length buckets to batch by: a subset of the engine's, including its largest; unset = all the engine's. "
+        "Only the largest = pad every batch to the max length (a benchmark baseline)."))
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -160,6 +176,17 @@ class AdminSettings(_Group):
         "File holding the admin token (e.g. a mounted secret), to keep it out of the environment. Not with token."))
     max_body_bytes: int = Field(default=4096, ge=1, description=(
         "Largest admin request body; admin payloads are tiny, so 4 KiB bounds abuse."))
+    golden_tolerance: float = Field(default=0.05, ge=0, le=1, description=(
+        "A candidate engine may score this much below its manifest's golden-set accuracy; more means a bad load."))
+    shadow_sample_size: int = Field(default=128, ge=0, description=(
+        "Recent live posts kept to compare a candidate engine with the active one before a swap; 128 "
+        "measures agreement to a few percent."))
+    validation_duty_cycle: float = Field(default=0.25, gt=0, le=1, description=(
+        "Share of time a candidate's validation may score (in small chunks), so live batches keep the cores."))
+    min_shadow_posts: int = Field(default=32, ge=1, description=(
+        "Fewer recent posts than this and the shadow comparison is skipped (reported), e.g. with no traffic."))
+    min_shadow_agreement: float = Field(default=0.9, ge=0, le=1, description=(
+        "Share of shadow posts on which candidate and active engine must agree; a new model may differ a little."))
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -232,6 +259,9 @@ class Settings(BaseSettings):
         "Consumer-group session timeout: how long a dead worker holds its partitions; Kafka's default."))
     kafka_heartbeat_interval_ms: int = Field(default=3000, ge=100, description=(
         "Consumer heartbeat interval; a third of the session timeout, as Kafka recommends."))
+    kafka_fetch_max_wait_ms: int = Field(default=20, ge=1, description=(
+        "Longest the broker may hold a fetch waiting for data. Kafka answers as soon as data arrives, but some "
+        "brokers (Tansu) wait it out, and it adds to latency; 20 ms costs only idle polls."))
 
     @property
     def dead_letter_topic(self) -> str:
@@ -276,11 +306,28 @@ class Settings(BaseSettings):
             # The file sources skip a missing file silently; a named one that is missing is a mistake.
             if not config_file.is_file():
                 raise FileNotFoundError(f"config file {config_file} does not exist")
+        overrides = {key: value for key, value in overrides.items() if value is not None}
+        _admin_token_alias(overrides)
         token = _CONFIG_FILE.set(config_file)
         try:
-            return cls(**{key: value for key, value in overrides.items() if value is not None})
+            return cls(**overrides)
         finally:
             _CONFIG_FILE.reset(token)
+
+
+# The issue and operators' habits name the admin token STREAM_SENTIMENT_ADMIN_TOKEN; the nested
+# form STREAM_SENTIMENT_ADMIN__TOKEN works too, and wins when both are set.
+ADMIN_TOKEN_ALIAS = f"{ENV_PREFIX}ADMIN_TOKEN"
+
+
+def _admin_token_alias(overrides: dict[str, Any]) -> None:
+    alias = os.environ.get(ADMIN_TOKEN_ALIAS)
+    if not alias or f"{ENV_PREFIX}ADMIN{ENV_NESTED_DELIMITER}TOKEN" in os.environ:
+        return
+    admin = overrides.get("admin")
+    admin = dict(admin) if isinstance(admin, dict) else {}
+    if admin.get("token") is None and admin.get("token_file") is None:
+        overrides["admin"] = {**admin, "token": alias}
 
 
 def _rows(defaults: BaseModel, env: str) -> list[tuple[str, str, str]]:

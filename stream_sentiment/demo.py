@@ -87,6 +87,7 @@ def main(duration: float = 60.0, rate: float = 100.0, surge_topic: str = "airlin
             aggregation={"bucket_seconds": 5, "windows_seconds": (30, 60, 300)},
             alerts={"min_posts": 30, "evaluation_delay_seconds": 5, "cooldown_seconds": 120},
             kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=2000,
+            admin={"port": 0},  # any free port, like the embedded servers
         )
         print(f"demo: Kafka-protocol broker at {kafka.bootstrap_servers}, Redis at {redis_server.url}", flush=True)
         summary = asyncio.run(_run(settings, duration, rate, surge_topic, surge_start))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from stream_sentiment.aggregation.buckets import LABELS, RedisKeys
@@ -11,20 +12,48 @@ from stream_sentiment.batching.tokenizer import PostTokenizer
 from stream_sentiment.config import Settings
 from stream_sentiment.engines.base import BackendUnavailableError, Engine
 from stream_sentiment.engines.manifest import EngineRepository, EngineVersion
+from stream_sentiment.metrics import PipelineMetrics
 
 
-def open_engine(settings: Settings) -> tuple[EngineVersion, Engine]:
-    """The configured engine version (checksums verified) and its backend, not yet activated."""
+def open_engine(
+    settings: Settings, version: str | None = None, backend: str | None = None, *, inject_faults: bool = True
+) -> tuple[EngineVersion, Engine]:
+    """An engine version (checksums verified) on a backend, not yet activated.
+
+    Args:
+        settings: the service settings; ``engine.*`` says which version, backend and streams.
+        version: another version of the same repository (a hot swap), by name.
+        backend: another backend (the CPU fallback), e.g. ``onnxruntime``.
+        inject_faults: apply the ``engine.fault_*`` test settings; the CPU fallback stands for
+            another device, so it is opened without them.
+    """
     engine_settings = settings.engine
-    version = EngineRepository(engine_settings.repository, engine_settings.model).load(engine_settings.version)
-    if engine_settings.backend != "onnxruntime":
-        raise BackendUnavailableError(
-            f"backend {engine_settings.backend!r} is not available in this build; use onnxruntime"
-        )
-    from stream_sentiment.engines.onnxruntime_backend import OnnxRuntimeEngine
+    repository = EngineRepository(engine_settings.repository, engine_settings.model)
+    loaded = repository.load(version or engine_settings.version)
+    backend = backend or engine_settings.backend
+    engine: Engine
+    if backend == "onnxruntime":
+        from stream_sentiment.engines.onnxruntime_backend import OnnxRuntimeEngine
 
-    engine = OnnxRuntimeEngine(version, engine_settings.streams, engine_settings.threads_per_stream)
-    return version, engine
+        engine = OnnxRuntimeEngine(loaded, engine_settings.streams, engine_settings.threads_per_stream)
+    elif backend == "tensorrt":
+        from stream_sentiment.engines.tensorrt_backend import TensorRTEngine
+
+        engine = TensorRTEngine(loaded, engine_settings.streams)
+    elif backend == "torch-cuda":
+        from stream_sentiment.engines.torch_backend import TorchCudaEngine
+
+        # Graphs are captured for batch sizes up to the batcher's largest batch, not beyond.
+        engine = TorchCudaEngine(loaded, engine_settings.streams, max_rows=settings.batching.max_rows)
+    else:  # the settings type admits no other value; a guard for callers passing strings
+        raise BackendUnavailableError(f"unknown backend {backend!r}")
+    faults = engine_settings.fault_every_kth_call is not None or engine_settings.fault_broken_stream is not None
+    if inject_faults and faults:
+        from stream_sentiment.engines.faults import FaultInjectingEngine
+
+        engine = FaultInjectingEngine(engine, every_kth_call=engine_settings.fault_every_kth_call,
+                                      broken_stream=engine_settings.fault_broken_stream)
+    return loaded, engine
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:
@@ -34,14 +63,51 @@ def stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, stop.set)
 
 
-async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
-    """Open and warm the configured engine, run one worker until ``stop`` is set, release the engine."""
+async def run_worker(
+    settings: Settings,
+    stop: asyncio.Event,
+    metrics: PipelineMetrics | None = None,
+    on_admin_ready: Callable[[int], None] | None = None,
+) -> None:
+    """Open and warm the configured engine, then run one worker and its admin server until ``stop`` is set.
+
+    The admin server (``/healthz``, ``/readyz``, ``/metrics``, ``/admin/*``) listens on
+    ``admin.host:admin.port``; ``on_admin_ready`` gets the bound port (useful with port 0).
+    With ``metrics_port`` set, ``/metrics`` is also served on that port by itself.
+    """
+    from redis.asyncio import Redis
+
+    from stream_sentiment.admin.engines import EngineManager
+    from stream_sentiment.admin.server import AdminServer
     from stream_sentiment.worker import Worker
 
-    version, engine = open_engine(settings)
-    with engine:
-        engine.warm_up()
-        await Worker(settings, engine, PostTokenizer(version)).run(stop)
+    metrics = metrics if metrics is not None else PipelineMetrics()
+    server = metrics.serve(settings.metrics_port, settings.admin.host) if settings.metrics_port is not None else None
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        version, engine = open_engine(settings)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, engine.activate)
+        serving = [engine]
+        try:
+            await loop.run_in_executor(None, engine.warm_up)
+            worker = Worker(settings, engine, PostTokenizer(version), metrics=metrics)
+            manager = EngineManager(settings, worker, open_engine, redis)
+            async with AdminServer(settings.admin, manager, metrics) as admin:
+                if on_admin_ready is not None:
+                    on_admin_ready(admin.port)
+                try:
+                    await worker.run(stop)
+                finally:
+                    serving.append(worker.engine)  # a hot swap may have replaced the first engine
+                    await manager.close()
+        finally:
+            for active in serving:
+                active.deactivate()  # idempotent
+    finally:
+        await redis.aclose()
+        if server is not None:
+            server.close()
 
 
 async def serve(settings: Settings) -> None:

@@ -25,10 +25,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from stream_sentiment.aggregation.alerts import AlertRules
 from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys, ScoredPost, increments_for
@@ -38,6 +41,8 @@ from stream_sentiment.batching.batcher import Batcher, BatchingPolicy, FormedBat
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
 from stream_sentiment.config import Settings
 from stream_sentiment.engines.base import Engine
+from stream_sentiment.engines.slots import RecoveryPolicy, SlotFailedError, SlotPool
+from stream_sentiment.metrics import PipelineMetrics
 from stream_sentiment.sinks.redis_sink import ApplyOutcome, RedisSink
 from stream_sentiment.source.dead_letters import SourceRecord, publish_dead_letter
 from stream_sentiment.source.messages import MessageLimits, Post, Rejection, decode_post
@@ -56,6 +61,19 @@ class Admitted:
     offset: int
     post: Post
     event_time: float
+    appended_at: float
+
+
+def _chosen_buckets(chosen: tuple[int, ...] | None, engine_buckets: tuple[int, ...]) -> tuple[int, ...]:
+    if chosen is None:
+        return engine_buckets
+    unknown = sorted(set(chosen) - set(engine_buckets))
+    if unknown:
+        raise ValueError(f"batching.buckets {unknown} are not buckets of the engine ({list(engine_buckets)})")
+    # Posts are truncated to the engine's max length, so only its largest bucket holds every post.
+    if max(engine_buckets) not in chosen:
+        raise ValueError(f"batching.buckets must include the engine's largest bucket, {max(engine_buckets)}")
+    return tuple(sorted(set(chosen)))
 
 
 class Worker:
@@ -65,6 +83,7 @@ class Worker:
         settings: the service settings.
         engine: an active engine whose version matches ``tokenizer``.
         tokenizer: the engine version's tokenizer.
+        metrics: where to count; a private registry when not given.
         clock: monotonic seconds, injectable for tests.
         wall_clock: epoch seconds (event-time lateness).
     """
@@ -75,30 +94,39 @@ class Worker:
         engine: Engine,
         tokenizer: PostTokenizer,
         *,
+        metrics: PipelineMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
-        self.engine = engine
         self.tokenizer = tokenizer
+        self.metrics = metrics if metrics is not None else PipelineMetrics()
+        self.pool = self.new_pool(engine)
+        self.metrics.set_engine(engine.backend, engine.version.manifest.version)
         self.clock = clock
         self.wall_clock = wall_clock
         batching = settings.batching
         self.batcher: Batcher[Admitted] = Batcher(BatchingPolicy(
-            buckets=tokenizer.buckets, max_rows=batching.max_rows, max_tokens=batching.max_tokens,
-            window=batching.window_ms / 1000, timeout=batching.timeout_ms / 1000,
+            buckets=_chosen_buckets(batching.buckets, tokenizer.buckets), max_rows=batching.max_rows,
+            max_tokens=batching.max_tokens, window=batching.window_ms / 1000, timeout=batching.timeout_ms / 1000,
         ))
         limits = settings.limits
         self.limits = MessageLimits(limits.max_message_bytes, limits.max_text_chars, limits.max_id_chars,
                                     limits.max_field_chars)
         aggregation = settings.aggregation
         self.rules = BucketRules(aggregation.bucket_seconds, aggregation.allowed_lateness_seconds,
-                                 aggregation.dimensions)
+                                 aggregation.dimensions, settings.alerts.sample_posts)
         self.keys = RedisKeys(settings.redis_prefix)
         self.progress: dict[int, PartitionProgress[Outcome]] = {}
         self._apply_locks: dict[int, asyncio.Lock] = {}
-        self._idle_streams: list[int] = list(range(engine.streams))
-        self._stream_executors = [ThreadPoolExecutor(1, f"engine-{i}") for i in range(engine.streams)]
+        # Formed batches waiting for a slot: handed back by a failed slot, or drained from the batcher.
+        self._ready: deque[FormedBatch[Admitted]] = deque()
+        # Recent live posts and the active engine's labels: the shadow sample a hot swap is checked on.
+        self.shadow: deque[tuple[tuple[int, ...], int]] = deque(maxlen=settings.admin.shadow_sample_size)
+        # Called (once per outage) when no engine stream works; the engine manager may fall back to the CPU.
+        self.on_engine_down: Callable[[], None] | None = None
+        self._engine_down_reported = False
+        self._monitor: AlertMonitor | None = None
         self._tokenize_executor = ThreadPoolExecutor(1, "tokenize")
         self._inference: set[asyncio.Task[None]] = set()
         # Applied marks not yet committed to Kafka; committed at most every COMMIT_INTERVAL_S.
@@ -110,6 +138,62 @@ class Worker:
         self._failure: BaseException | None = None
         self.scored = 0
         self.dead_lettered = 0
+
+    @property
+    def engine(self) -> Engine:
+        """The engine new batches go to."""
+        return self.pool.engine
+
+    def new_pool(self, engine: Engine) -> SlotPool:
+        """Slots for an activated engine, with this worker's recovery settings and metrics."""
+        settings = self.settings.engine
+        policy = RecoveryPolicy(settings.max_retries, settings.max_consecutive_failures, settings.call_timeout_s)
+        return SlotPool(engine, self.metrics, policy)
+
+    def swap_pool(self, pool: SlotPool) -> tuple[SlotPool, float]:
+        """Cut over to ``pool``: pause dispatch, flip, resume; returns the old pool and the pause in seconds.
+
+        Batches already running stay on the old engine and finish there (await ``old.drained()``);
+        posts queued in the batcher were tokenized by the same tokenizer (the manager checks), so
+        they simply go to the new engine. Nothing is awaited in between, so the pause is the flip.
+        """
+        started = time.perf_counter()
+        old, self.pool = self.pool, pool
+        if self._monitor is not None:
+            self._monitor.engine_version = pool.version
+        self.metrics.set_engine(pool.engine.backend, pool.version)
+        self._engine_down_reported = False
+        self.metrics.consumption_paused.set(0)
+        paused = time.perf_counter() - started
+        self._dispatch()
+        return old, paused
+
+    @contextlib.asynccontextmanager
+    async def engine_time(self, wait_limit: float) -> AsyncIterator[None]:
+        """Hold one slot of the active engine while the body runs other work on the same device.
+
+        Validating a candidate engine on a CPU host competes for the cores live batches use, and two
+        parallel engines on the same cores slow each other far more than taking turns. So the body
+        starts when the active engine is idle (or after ``wait_limit`` seconds), one of its slots is
+        reserved meanwhile, and live batches wait at most for the body -- keep it a few milliseconds.
+        """
+        pool = self.pool
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pool.drained(), wait_limit)
+        stream = pool.take()
+        try:
+            yield
+        finally:
+            if stream is not None:
+                pool.give_back(stream)
+                self._dispatch()
+
+    def readiness(self) -> dict[str, Any]:
+        return {
+            "engine": self.pool.version, "backend": self.engine.backend, "streams": self.engine.streams,
+            "lost_streams": sorted(self.pool.lost), "engine_working": self.pool.healthy,
+            "partitions": sorted(self.progress),
+        }
 
     # -- Kafka plumbing -------------------------------------------------------------------------
 
@@ -135,6 +219,7 @@ class Worker:
         options = {
             "session_timeout_ms": settings.kafka_session_timeout_ms,
             "heartbeat_interval_ms": settings.kafka_heartbeat_interval_ms,
+            "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
             **(consumer_options or {}),
         }
         self._consumer = AIOKafkaConsumer(
@@ -158,16 +243,18 @@ class Worker:
             await self._consumer.stop()
             await self._producer.stop()
             await redis.aclose()
-            for executor in (*self._stream_executors, self._tokenize_executor):
-                executor.shutdown(wait=False, cancel_futures=True)
+            self.pool.close()
+            self._tokenize_executor.shutdown(wait=False, cancel_futures=True)
 
     def _alert_monitor(self, redis: Any) -> AlertMonitor:
         alerts = self.settings.alerts
         rules = AlertRules(alerts.ratio_threshold, alerts.min_posts, alerts.surge_z, alerts.ewma_alpha,
                            alerts.cooldown_seconds)
-        return AlertMonitor(redis, self.keys, self.rules, self.settings.aggregation.windows_seconds, rules,
-                            engine_version=self.engine.version.manifest.version,
-                            stream_max_len=alerts.stream_max_len, delay_seconds=alerts.evaluation_delay_seconds)
+        self._monitor = AlertMonitor(redis, self.keys, self.rules, self.settings.aggregation.windows_seconds, rules,
+                            engine_version=self.pool.version,
+                            stream_max_len=alerts.stream_max_len, delay_seconds=alerts.evaluation_delay_seconds,
+                            sample_posts=alerts.sample_posts)
+        return self._monitor
 
     async def _tick_alerts(self, monitor: AlertMonitor, stop: asyncio.Event) -> None:
         """Evaluate closed windows at every bucket boundary, posts or no posts."""
@@ -179,7 +266,8 @@ class Worker:
             if stop.is_set():
                 return
             try:
-                await monitor.evaluate_closed(self.wall_clock())
+                for alert in await monitor.evaluate_closed(self.wall_clock()):
+                    self.metrics.alerts.labels(alert.rule, alert.stats.dimension).inc()
             except Exception:  # Redis hiccup: the next boundary evaluates again
                 log.exception("alert evaluation failed")
 
@@ -207,17 +295,38 @@ class Worker:
 
     async def _poll_once(self) -> None:
         now = self.clock()
-        deadline = self.batcher.next_deadline(engine_idle=bool(self._idle_streams))
+        deadline = self.batcher.next_deadline(engine_idle=bool(self.pool.idle))
         wait_ms = 100 if deadline is None else max(1, int((deadline - now) * 1000))
         in_flight = sum(p.in_flight for p in self.progress.values())
         assigned = self._consumer.assignment()
-        if in_flight >= self.settings.batching.max_in_flight_posts:
+        # No working engine stream: stop fetching; nothing is applied or committed, so nothing is lost.
+        paused = in_flight >= self.settings.batching.max_in_flight_posts or not self.pool.healthy
+        if paused:
             self._consumer.pause(*assigned)
         else:
             self._consumer.resume(*assigned)
+        self.metrics.in_flight.set(in_flight)
+        self.metrics.paused.set(int(paused))
         batches = await self._consumer.getmany(timeout_ms=min(wait_ms, 100), max_records=2000)
+        admitted = await self._admit(batches)
+        if admitted:
+            loop = asyncio.get_running_loop()
+            token_ids = await loop.run_in_executor(
+                self._tokenize_executor, self._tokenize, [a.post.text for a in admitted]
+            )
+            with self.metrics.stage("batch"):
+                now = self.clock()
+                for item, ids in zip(admitted, token_ids, strict=True):
+                    self.batcher.add(item, ids, now)
+        self._dispatch()
+        await self._apply_ready()
+
+    async def _admit(self, batches: dict[Any, list[Any]]) -> list[Admitted]:
+        """Decode and validate fetched records; rejected ones go to the dead-letter topic."""
         admitted: list[Admitted] = []
+        decode_started = time.perf_counter()
         for tp, records in batches.items():
+            self.metrics.records_fetched.inc(len(records))
             progress = self.progress.get(tp.partition)
             if progress is None:
                 continue
@@ -227,57 +336,87 @@ class Worker:
                 progress.fetched(record.offset)
                 outcome = decode_post(record.value, self.limits)
                 if isinstance(outcome, Rejection):
+                    # Publishing waits on the broker; that is not decode time.
+                    self.metrics.stage_seconds.labels("decode").inc(time.perf_counter() - decode_started)
                     await publish_dead_letter(self._producer, self.settings.dead_letter_topic, SourceRecord(
                         record.topic, record.partition, record.offset, record.timestamp, record.key, record.value,
                     ), outcome)
                     progress.finished(record.offset, outcome)
+                    decode_started = time.perf_counter()
                     continue
-                event_time = outcome.ts if outcome.ts is not None else record.timestamp / 1000
-                admitted.append(Admitted(tp.partition, record.offset, outcome, event_time))
-        if admitted:
-            loop = asyncio.get_running_loop()
-            token_ids = await loop.run_in_executor(
-                self._tokenize_executor, self.tokenizer.encode, [a.post.text for a in admitted]
-            )
-            now = self.clock()
-            for item, ids in zip(admitted, token_ids, strict=True):
-                self.batcher.add(item, ids, now)
-        self._dispatch()
-        await self._apply_ready()
+                appended_at = record.timestamp / 1000
+                event_time = outcome.ts if outcome.ts is not None else appended_at
+                admitted.append(Admitted(tp.partition, record.offset, outcome, event_time, appended_at))
+        self.metrics.stage_seconds.labels("decode").inc(time.perf_counter() - decode_started)
+        return admitted
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        with self.metrics.stage("tokenize"):
+            return self.tokenizer.encode(texts)
+
 
     # -- batches and engine streams -----------------------------------------------------------
 
     def _dispatch(self) -> None:
-        while self._idle_streams:
-            batch = self.batcher.poll(self.clock(), engine_idle=True)
-            if batch is None:
-                return
-            stream = self._idle_streams.pop()
-            task = asyncio.create_task(self._infer(batch, stream))
+        pool = self.pool
+        while pool.idle:
+            if self._ready:
+                batch = self._ready.popleft()
+            else:
+                polled = self.batcher.poll(self.clock(), engine_idle=True)
+                if polled is None:
+                    return
+                batch = polled
+                self._record_batch(batch)
+            stream = pool.take()
+            assert stream is not None
+            task = asyncio.create_task(self._infer(batch, pool, stream))
             self._inference.add(task)
             task.add_done_callback(self._inference.discard)
 
-    async def _infer(self, batch: FormedBatch[Admitted], stream: int) -> None:
+    def _record_batch(self, batch: FormedBatch[Admitted]) -> None:
+        waited = batch.formed - min(e.arrived for e in batch.entries)
+        self.metrics.record_batch(batch.bucket, batch.rows, batch.real_tokens, batch.reason.value, waited)
+
+    async def _infer(self, batch: FormedBatch[Admitted], pool: SlotPool, stream: int) -> None:
         try:
             tokens = pad_to_bucket([e.token_ids for e in batch.entries], batch.bucket)
-            loop = asyncio.get_running_loop()
-            probabilities = await loop.run_in_executor(
-                self._stream_executors[stream], self.engine.infer, tokens, stream
-            )
+            try:
+                probabilities = await pool.score(tokens, stream)
+            except SlotFailedError:
+                # Not scored, so not applied or committed: another slot (or engine) takes it.
+                self._ready.appendleft(batch)
+                self.metrics.batches_requeued.inc()
+                if not self.pool.healthy:
+                    self._engine_down()
+                return
+            if pool is self.pool:
+                self.shadow.extend((tuple(e.token_ids), int(np.argmax(row)))
+                                   for e, row in zip(batch.entries, probabilities, strict=True))
             for entry, row in zip(batch.entries, probabilities, strict=True):
                 admitted = entry.item
                 progress = self.progress.get(admitted.partition)
                 if progress is None:
                     continue  # partition revoked meanwhile: its next owner re-reads it
-                scored = ScoredPost(admitted.post, admitted.event_time, (float(row[0]), float(row[1]), float(row[2])))
+                scored = ScoredPost(admitted.post, admitted.event_time, (float(row[0]), float(row[1]), float(row[2])),
+                                    admitted.appended_at)
                 with contextlib.suppress(KeyError):
                     progress.finished(admitted.offset, scored)
             await self._apply_ready()
-        except Exception as error:  # an engine fault must stop the worker, not vanish in a task
+        except Exception as error:  # a bug here must stop the worker, not vanish in a task
             self._failure = error
         finally:
-            self._idle_streams.append(stream)
+            pool.give_back(stream)
             self._dispatch()
+
+    def _engine_down(self) -> None:
+        if self._engine_down_reported:
+            return
+        self._engine_down_reported = True
+        self.metrics.consumption_paused.set(1)
+        log.error("no stream of %s works: consumption paused, nothing is committed", self.engine.describe())
+        if self.on_engine_down is not None:
+            self.on_engine_down()
 
     # -- Redis and commits ------------------------------------------------------------------------
 
@@ -289,7 +428,11 @@ class Worker:
                     continue
                 while (ready := progress.take_ready()) is not None:
                     increments = increments_for(ready.results, self.wall_clock(), self.rules, self.keys)
-                    result = await self._sink.apply(partition, ready.first, ready.next_offset, increments)
+                    with self.metrics.stage("redis"):
+                        started = time.perf_counter()
+                        result = await self._sink.apply(partition, ready.first, ready.next_offset, increments)
+                        self.metrics.redis_apply.observe(time.perf_counter() - started)
+                    self.metrics.fence.labels(result.outcome.value).inc()
                     if result.outcome is ApplyOutcome.OUT_OF_ORDER:
                         raise RuntimeError(
                             f"partition {partition}: Redis mark is {result.mark}, this worker had {ready.first}; "
@@ -297,14 +440,26 @@ class Worker:
                         )
                     progress.applied(ready)
                     if result.outcome is ApplyOutcome.APPLIED:
-                        self.scored += sum(isinstance(r, ScoredPost) for r in ready.results)
-                        self.dead_lettered += sum(isinstance(r, Rejection) for r in ready.results)
+                        self._count_applied(ready.results)
                     self._uncommitted[partition] = progress.mark
         due = self.clock() - self._last_commit >= COMMIT_INTERVAL_S
         if self._uncommitted and (force_commit or due):
             marks, self._uncommitted = self._uncommitted, {}
             self._last_commit = self.clock()
             await self._commit(marks)
+
+    def _count_applied(self, results: list[Outcome]) -> None:
+        """Counts posts once, when the fence applied them (a duplicate range counts nothing)."""
+        written = self.wall_clock()
+        for result in results:
+            if isinstance(result, Rejection):
+                self.dead_lettered += 1
+                self.metrics.dead_letters.labels(result.reason.value).inc()
+                continue
+            self.scored += 1
+            self.metrics.posts_scored.labels(result.label).inc()
+            if result.appended_at is not None:
+                self.metrics.end_to_end.observe(max(0.0, written - result.appended_at))
 
     async def _commit(self, marks: dict[int, int]) -> None:
         from aiokafka import TopicPartition
@@ -314,7 +469,9 @@ class Worker:
         try:
             async with asyncio.timeout(self.settings.commit_timeout_s):
                 await self._consumer.commit(offsets)
+            self.metrics.commits.labels("ok").inc()
         except (KafkaError, TimeoutError) as error:
+            self.metrics.commits.labels("failed").inc()
             # Redis already holds the truth; a lost commit only means a replay that the fence skips.
             log.warning("commit of %s failed: %s", marks, error)
 
@@ -322,13 +479,12 @@ class Worker:
         """Score everything queued, wait for in-flight batches, apply and commit, within ``budget_s``."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(budget_s):
-                pending = self.batcher.drain(self.clock())
+                for batch in self.batcher.drain(self.clock()):
+                    self._record_batch(batch)
+                    self._ready.append(batch)
                 while True:
-                    # Waiting for the running batches frees every stream for the next round.
+                    self._dispatch()
+                    if not self._inference:
+                        break  # everything scored, or no working stream left (then nothing is applied)
                     await asyncio.gather(*list(self._inference), return_exceptions=True)
-                    if not pending:
-                        break
-                    round_size = min(len(self._idle_streams), len(pending))
-                    rounds, pending = pending[:round_size], pending[round_size:]
-                    await asyncio.gather(*(self._infer(b, self._idle_streams.pop()) for b in rounds))
                 await self._apply_ready(force_commit=True)

@@ -270,7 +270,7 @@ def test_settings_table_lists_every_field(monkeypatch: pytest.MonkeyPatch) -> No
     table = settings_table()
     lines = table.splitlines()
     names = _env_names(Settings)
-    assert len(names) == len(set(names)) == 44
+    assert len(names) == len(set(names)) == 57
     assert len(lines) == len(names) + 2  # header, separator, one row per field
     rows = {line.split(" | ")[0].strip("| `"): line for line in lines[2:]}
     assert list(rows) == names
@@ -283,3 +283,18 @@ def test_settings_table_lists_every_field(monkeypatch: pytest.MonkeyPatch) -> No
 def test_docs_settings_table_is_in_sync_with_the_code():
     docs = (Path(__file__).resolve().parents[1] / "docs" / "settings.md").read_text()
     assert settings_table() in docs, "regenerate docs/settings.md from settings_table()"
+
+
+def test_the_admin_token_is_read_from_the_issue_named_variable(monkeypatch):
+    monkeypatch.setenv("STREAM_SENTIMENT_ADMIN_TOKEN", "s3cret")
+    assert Settings.load().admin.read_token() == "s3cret"
+    assert "s3cret" not in repr(Settings.load())
+    monkeypatch.setenv("STREAM_SENTIMENT_ADMIN__TOKEN", "nested")  # the nested form wins
+    assert Settings.load().admin.read_token() == "nested"
+
+
+def test_an_explicit_token_file_beats_the_token_alias(monkeypatch, tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text("from-file\n")
+    monkeypatch.setenv("STREAM_SENTIMENT_ADMIN_TOKEN", "from-env")
+    assert Settings.load(admin={"token_file": secret}).admin.read_token() == "from-file"

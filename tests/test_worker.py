@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from redis import Redis
 
 from stream_sentiment.batching.tokenizer import PostTokenizer
 from stream_sentiment.config import Settings
 from stream_sentiment.engines.onnxruntime_backend import OnnxRuntimeEngine
+from stream_sentiment.metrics import PipelineMetrics
 from stream_sentiment.worker import Worker
+from tests.pipeline import MALFORMED, pipeline_settings, produce_posts, run_until
 from tests.services import FAST_GROUP_CONFIG
 
 VALID = 300
-MALFORMED = [b"\xff", b"{", b"[]", b'{"id": "x"}', b'{"id": "x", "text": "  "}', b'{"id": 1, "text": "a"}']
 
 
 @pytest.fixture
@@ -26,66 +25,23 @@ def engine(engine_version):
         yield active
 
 
-def _pipeline(kafka, topic_factory, redis_server, prefix: str, partitions: int, **overrides) -> tuple[str, Settings]:
-    """A fresh topic with its dead-letter topic, and settings pointing a worker group at it."""
-    topic = topic_factory(partitions=partitions)
-    kafka.create_topic(f"{topic}.dlq", 1)
-    settings = Settings.load(
-        bootstrap_servers=kafka.bootstrap_servers, topic=topic, consumer_group=f"g-{topic}",
-        redis_url=redis_server.url, redis_prefix=prefix, **overrides,
-    )
-    return topic, settings
-
-
-async def _produce(bootstrap: str, topic: str, valid: int, malformed_rounds: int, seed: int) -> int:
-    rng = random.Random(seed)
-    values = [json.dumps({"id": f"p{seed}-{i}", "text": f"post number {i} {'awful' if i % 3 else 'lovely'}",
-                          "topic": rng.choice(["a", "b"])}).encode() for i in range(valid)]
-    values += MALFORMED * malformed_rounds
-    rng.shuffle(values)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        for index, value in enumerate(values):
-            await producer.send(topic, value=value, key=str(index).encode())
-        await producer.flush()
-    finally:
-        await producer.stop()
-    return len(values)
-
-
-async def _run_until(worker: Worker, redis: Redis, prefix: str, scored: int, dead: int, within: float) -> None:
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop, consumer_options=FAST_GROUP_CONFIG))
-    try:
-        async with asyncio.timeout(within):
-            while True:
-                totals = redis.hgetall(f"{prefix}:totals")
-                if int(totals.get("scored", 0)) >= scored and int(totals.get("dead_lettered", 0)) >= dead:
-                    break
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.2)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-
-
 def test_valid_and_malformed_posts_over_three_partitions_are_counted_exactly_once(
     kafka, topic_factory, redis_server, redis_factory, engine, engine_version
 ):
-    topic, settings = _pipeline(kafka, topic_factory, redis_server, "e2e", partitions=3)
+    topic, settings = pipeline_settings(kafka, topic_factory, redis_server, "e2e", partitions=3)
     redis = redis_factory()
-    produced = asyncio.run(_produce(kafka.bootstrap_servers, topic, VALID, 5, seed=7))
+    produced = asyncio.run(produce_posts(kafka.bootstrap_servers, topic, VALID, 5, seed=7))
     dead = produced - VALID
     tokenizer = PostTokenizer(engine_version)
-    asyncio.run(_run_until(Worker(settings, engine, tokenizer), redis, "e2e", VALID, dead, within=90))
+    metrics = PipelineMetrics()
+    asyncio.run(run_until(Worker(settings, engine, tokenizer, metrics=metrics), redis, "e2e", VALID, dead, within=90))
+    _assert_metrics_match(metrics, scored=VALID, dead=dead, reasons=redis.hgetall("e2e:dead_lettered"))
 
     # More posts while no worker runs; a restarted worker in the same group must pick up
     # exactly after what Redis has applied: the new ones once, the old ones not again.
-    produced += asyncio.run(_produce(kafka.bootstrap_servers, topic, 60, 1, seed=8))
+    produced += asyncio.run(produce_posts(kafka.bootstrap_servers, topic, 60, 1, seed=8))
     dead += len(MALFORMED)
-    asyncio.run(_run_until(Worker(settings, engine, tokenizer), redis, "e2e", VALID + 60, dead, within=90))
+    asyncio.run(run_until(Worker(settings, engine, tokenizer), redis, "e2e", VALID + 60, dead, within=90))
 
     totals = redis.hgetall("e2e:totals")
     assert int(totals["scored"]) == VALID + 60
@@ -101,7 +57,7 @@ def test_valid_and_malformed_posts_over_three_partitions_are_counted_exactly_onc
 def test_two_workers_with_a_rebalance_mid_stream_count_exactly_once(
     kafka, topic_factory, redis_server, redis_factory, engine_version
 ):
-    topic, settings = _pipeline(kafka, topic_factory, redis_server, "rb", partitions=3)
+    topic, settings = pipeline_settings(kafka, topic_factory, redis_server, "rb", partitions=3)
     redis = redis_factory()
     tokenizer = PostTokenizer(engine_version)
     batches, per_batch = 8, 50
@@ -117,7 +73,7 @@ def test_two_workers_with_a_rebalance_mid_stream_count_exactly_once(
             second = None
             produced = 0
             for round_number in range(batches):
-                produced += await _produce(kafka.bootstrap_servers, topic, per_batch, 0, seed=100 + round_number)
+                produced += await produce_posts(kafka.bootstrap_servers, topic, per_batch, 0, seed=100 + round_number)
                 if round_number == 2:  # the second worker joins while posts keep arriving
                     workers.append(Worker(settings, second_engine, tokenizer))
                     second = asyncio.create_task(workers[1].run(stop, consumer_options=FAST_GROUP_CONFIG))
@@ -148,7 +104,7 @@ def test_two_workers_with_a_rebalance_mid_stream_count_exactly_once(
 def test_a_burst_of_negative_posts_raises_an_alert_in_the_stream(
     kafka, topic_factory, redis_server, redis_factory, engine
 ):
-    topic, settings = _pipeline(
+    topic, settings = pipeline_settings(
         kafka, topic_factory, redis_server, "al", partitions=1,
         aggregation={"bucket_seconds": 1, "windows_seconds": (2,)},
         alerts={"min_posts": 10, "ratio_threshold": 0.6, "cooldown_seconds": 60, "evaluation_delay_seconds": 1},
@@ -190,3 +146,35 @@ def test_a_burst_of_negative_posts_raises_an_alert_in_the_stream(
     airline = next(a for a in alerts if a["dimension"] == "topic")
     assert float(airline["negative_ratio"]) >= 0.6 and int(airline["posts"]) >= 10
     assert airline["engine_version"] == "v1"
+
+
+def _assert_metrics_match(metrics: PipelineMetrics, scored: int, dead: int, reasons: dict[str, str]) -> None:
+    """The worker's Prometheus figures agree with what Redis counted."""
+    value = metrics.value
+    assert sum(value("stream_sentiment_posts_scored_total", {"label": label})
+               for label in ("negative", "neutral", "positive")) == scored
+    for reason, count in reasons.items():
+        assert value("stream_sentiment_dead_letters_total", {"reason": reason}) == int(count)
+    assert value("stream_sentiment_end_to_end_seconds_count") == scored
+    assert 0 < value("stream_sentiment_end_to_end_seconds_sum") / scored < 30
+    assert value("stream_sentiment_fence_outcomes_total", {"outcome": "applied"}) >= 1
+    rows = sum(value("stream_sentiment_batch_rows_sum", {"bucket": b}) for b in ("32", "64", "128", "256"))
+    assert rows == scored  # every admitted post went through exactly one batch
+    real = value("stream_sentiment_batch_tokens_total", {"bucket": "32", "kind": "real"})
+    computed = value("stream_sentiment_batch_tokens_total", {"bucket": "32", "kind": "computed"})
+    assert 0 < real <= computed
+    reasons_seen = {s.labels["reason"] for s in metrics.batches.collect()[0].samples if s.value > 0}
+    assert reasons_seen and reasons_seen <= {"full", "window", "timeout", "drain"}
+    for stage in ("decode", "tokenize", "batch", "engine", "redis"):
+        assert value("stream_sentiment_stage_busy_seconds_total", {"stage": stage}) > 0, stage
+    assert b"stream_sentiment_batch_padding_efficiency_bucket" in metrics.exposition()
+
+
+def test_chosen_buckets_must_be_the_engines_and_include_the_largest(engine, engine_version):
+    tokenizer = PostTokenizer(engine_version)
+    pad_to_max = Worker(Settings.load(batching={"buckets": [256]}), engine, tokenizer)
+    assert pad_to_max.batcher.policy.buckets == (256,)
+    with pytest.raises(ValueError, match="not buckets of the engine"):
+        Worker(Settings.load(batching={"buckets": [48, 256]}), engine, tokenizer)
+    with pytest.raises(ValueError, match="largest bucket, 256"):
+        Worker(Settings.load(batching={"buckets": [32, 64]}), engine, tokenizer)

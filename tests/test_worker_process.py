@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.test_worker import _produce
+from tests.pipeline import produce_posts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,8 +56,9 @@ def test_sigkill_mid_stream_and_restart_still_counts_exactly_once(kafka, topic_f
         "STREAM_SENTIMENT_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
         # Small batches and commits that lag: the kill lands between Redis writes and commits.
         "STREAM_SENTIMENT_BATCHING__MAX_ROWS": "8",
+        "STREAM_SENTIMENT_ADMIN__PORT": "0",  # any free port: CI machines may use 8081
     }
-    produced = asyncio.run(_produce(kafka.bootstrap_servers, topic, 1500, 10, seed=3))
+    produced = asyncio.run(produce_posts(kafka.bootstrap_servers, topic, 1500, 10, seed=3))
     valid, dead = 1500, produced - 1500
     log = tmp_path / "worker.log"
 

@@ -7,12 +7,15 @@ in the ``bucket_seconds``-wide bucket of its event time. Rolling windows
 written. A post whose bucket closed more than ``allowed_lateness`` ago is
 counted as late instead (its window has been reported); a post stamped in the
 future (clock skew) counts as now. Dead-lettered records add to per-reason
-counters. All of it goes into one :class:`Increments`, applied with the
-partition's offset range in one atomic call.
+counters. The most negative posts of each bucket and dimension value are
+kept as samples (a small sorted set), so an alert can show what people said.
+All of it goes into one :class:`Increments`, applied with the partition's
+offset range in one atomic call.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -47,6 +50,10 @@ class RedisKeys:
         """Start of the earliest bucket ever written: windows reaching before it are incomplete."""
         return f"{self.prefix}:first-bucket"
 
+    def samples(self, dimension: str, value: str, start: int) -> str:
+        """Sorted set of the bucket's most negative posts (JSON ``{"id", "text"}``, score P(negative))."""
+        return f"{self.prefix}:samples:{dimension}:{value}:{start}"
+
     def dimension_values(self, start: int) -> str:
         """Set of ``dimension:value`` members that have a bucket starting at ``start``."""
         return f"{self.prefix}:dims:{start}"
@@ -72,6 +79,8 @@ class ScoredPost:
     post: Post
     event_time: float
     probabilities: tuple[float, float, float]
+    # When Kafka appended the record (its timestamp): the start of the end-to-end latency.
+    appended_at: float | None = None
 
     @property
     def label(self) -> str:
@@ -83,6 +92,8 @@ class BucketRules:
     bucket_seconds: int = 10
     allowed_lateness: int = 60
     dimensions: Sequence[str] = ("global", "topic", "region")
+    # Most negative posts kept per bucket and dimension value, for alerts to quote; 0 keeps none.
+    sample_posts: int = 0
 
     def start_of(self, event_time: float) -> int:
         return math.floor(event_time / self.bucket_seconds) * self.bucket_seconds
@@ -126,4 +137,18 @@ def increments_for(
             increments.expiring.add(key)
             increments.add_member(keys.dimension_values(start), f"{dimension}:{value}")
             increments.expiring.add(keys.dimension_values(start))
+            if rules.sample_posts and outcome.label == "negative":
+                samples = keys.samples(dimension, value, start)
+                increments.add_sample(samples, sample_member(outcome.post), outcome.probabilities[0])
+                increments.expiring.add(samples)
+    increments.keep_samples = rules.sample_posts
     return increments
+
+
+# Long posts are cut in samples: an alert quotes them, it does not archive them.
+SAMPLE_TEXT_CHARS = 280
+
+
+def sample_member(post: Post) -> str:
+    """The sorted-set member that stands for ``post`` in a sample set."""
+    return json.dumps({"id": post.id, "text": post.text[:SAMPLE_TEXT_CHARS]}, ensure_ascii=False)

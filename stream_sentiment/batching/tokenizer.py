@@ -27,6 +27,7 @@ class PostTokenizer:
 
     def __init__(self, version: EngineVersion) -> None:
         manifest = version.manifest
+        self.version = version
         self.max_length = manifest.max_length
         self.buckets = tuple(manifest.buckets)
         self._normalize = get_normalizer(manifest.text_normalization)

@@ -23,7 +23,7 @@ PLANS_DIR = "plans"
 SCHEMA_VERSION = 1
 DEFAULT_BUCKETS: tuple[int, ...] = (32, 64, 128, 256)
 # Versions are names inside the repository, never paths (the admin endpoint
-# takes them from the network).
+# takes them from the network). Use fullmatch: "$" alone also matches before a final newline.
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -67,6 +67,9 @@ class EngineManifest:
         inputs / output: ONNX tensor names.
         files: sha256 of every file in the folder except the manifest.
         calibration / metrics / build: provenance, free-form.
+        golden: ``{"file", "n", "accuracy"}``: a small labelled set shipped in the
+            folder and the accuracy this version scored on it when built; a hot
+            swap re-scores it to catch a broken load before the version serves.
     """
 
     model: str
@@ -84,10 +87,11 @@ class EngineManifest:
     calibration: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
     build: Mapping[str, Any] = field(default_factory=dict)
+    golden: Mapping[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        if not VERSION_PATTERN.match(self.version):
+        if not VERSION_PATTERN.fullmatch(self.version):
             raise EngineRepositoryError(f"invalid version name {self.version!r}")
         if list(self.buckets) != sorted(set(self.buckets)) or not self.buckets:
             raise EngineRepositoryError(f"buckets must be increasing and unique, got {self.buckets}")
@@ -191,12 +195,12 @@ class EngineRepository:
             return []
         return sorted(
             p.name for p in folder.iterdir()
-            if (p / MANIFEST_NAME).is_file() and VERSION_PATTERN.match(p.name)
+            if (p / MANIFEST_NAME).is_file() and VERSION_PATTERN.fullmatch(p.name)
         )
 
     def path_of(self, version: str) -> Path:
         """The folder of ``version``; refuses anything that is not a plain name in the repository."""
-        if not VERSION_PATTERN.match(version) or version in (".", ".."):
+        if not VERSION_PATTERN.fullmatch(version) or version in (".", ".."):
             raise EngineRepositoryError(f"invalid version name {version!r}")
         path = self.root / self.model / version
         if path.resolve().parent != (self.root / self.model).resolve():

@@ -38,10 +38,13 @@ class OnnxRuntimeEngine(Engine):
         self._model: bytes | str = ""
 
     def _load_model(self) -> bytes | str:
-        if self.version.manifest.precision == "int8":
-            from stream_sentiment.engines.qdq_rewrite import signed_to_unsigned_activations
+        manifest = self.version.manifest
+        if manifest.precision == "int8":
+            from stream_sentiment.engines.manifest import PLANS_DIR
+            from stream_sentiment.engines.qdq_rewrite import cached_unsigned_model
 
-            return signed_to_unsigned_activations(self.version.model_path)
+            sha = manifest.files[manifest.model_file]
+            return str(cached_unsigned_model(self.version.model_path, sha, self.version.path / PLANS_DIR))
         return str(self.version.model_path)
 
     def _new_session(self) -> object:

@@ -14,10 +14,18 @@ Only activation Q/DQ nodes are changed; weights stay signed and per-channel.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# Bumped whenever the rewrite changes, so stale cached copies are never loaded.
+REWRITE_FORMAT = 1
 
 
 def _dequantized(node: Any, initializers: dict[str, Any]) -> np.ndarray:
@@ -126,3 +134,41 @@ def strip_quantization(model_path: Path) -> bytes:
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
     return model.SerializeToString()
+
+
+def cached_unsigned_model(model_path: Path, model_sha256: str, cache_dir: Path) -> Path:
+    """The rewritten model as a file, made once per model checksum and reused by every later load.
+
+    The rewrite is ~0.4 s of protobuf and numpy work that holds the GIL in C; done inside a
+    running worker (a hot swap) it would stall the event loop and every live batch with it.
+    So it runs in a child process, and its result is cached under ``cache_dir`` (the version's
+    ``plans/`` folder, or the temp dir when that is read-only), keyed by the source checksum.
+    """
+    name = f"onnxruntime-uint8-r{REWRITE_FORMAT}-{model_sha256[:16]}.onnx"
+    for folder in (cache_dir, Path(tempfile.gettempdir()) / "stream-sentiment-models"):
+        target = folder / name
+        if target.is_file():
+            return target
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            partial = folder / f".{name}.{os.getpid()}.partial"
+            subprocess.run(  # noqa: S603 - our own module, run by this interpreter
+                [sys.executable, "-m", "stream_sentiment.engines.qdq_rewrite", str(model_path), str(partial)],
+                check=True, capture_output=True,
+            )
+            partial.replace(target)  # atomic: concurrent loaders never read half a file
+            return target
+        except PermissionError:
+            continue
+        except subprocess.CalledProcessError as error:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            raise RuntimeError(f"rewriting {model_path.name} failed: {error.stderr.decode()[-2000:]}") from error
+    raise PermissionError(f"no writable cache folder for the rewritten {model_path.name}")
+
+
+if __name__ == "__main__":
+    # The child of cached_unsigned_model: lowest priority, so live batches keep the cores.
+    with contextlib.suppress(OSError):
+        os.nice(19)
+    Path(sys.argv[2]).write_bytes(signed_to_unsigned_activations(Path(sys.argv[1])))

@@ -26,6 +26,7 @@ from stream_sentiment.modeling.corpora import (
     read_vader_tweets,
     training_corpus,
 )
+from stream_sentiment.modeling.evaluate import attach_golden_set
 from stream_sentiment.modeling.export import export_engine_version
 from stream_sentiment.modeling.metrics import classification_report
 from stream_sentiment.modeling.quantize import (
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("build/engines"))
     parser.add_argument("--corpora-dir", type=Path, default=Path(".cache/corpora"))
     parser.add_argument("--calibration-ids", type=Path, default=Path("calibration/calibration_ids.txt"))
+    parser.add_argument("--golden-set", type=Path, default=Path("calibration/golden.jsonl"),
+                        help="labelled posts shipped with the version; a hot swap re-scores them")
     parser.add_argument("--method", choices=("auto", *METHODS), default="auto")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--report", type=Path, default=Path("docs/calibration-report.json"))
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         "int8_confusion_matrix": int8_test["confusion_matrix"],
         "validation_fp32": {k: training_record.get("validation", {}).get(k) for k in HEADLINE_METRICS},
     }
-    with_metrics = EngineManifest.from_dict({**json.loads(manifest.to_json()), "metrics": metrics})
+    golden = attach_golden_set(destination, args.golden_set)
+    with_metrics = EngineManifest.from_dict({**json.loads(manifest.to_json()), "metrics": metrics, "golden": golden})
     manifest = write_manifest(destination, with_metrics)
     print(f"[4/4] wrote {destination} ({manifest.precision}, {len(manifest.files)} files)", flush=True)
     report = {"version": args.version, "chosen_method": method, "comparison": comparison,

@@ -63,14 +63,28 @@ def score_texts(
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Probabilities for ``texts``, batched per length bucket by the pipeline's own batcher."""
-    policy = BatchingPolicy(buckets=tokenizer.buckets, max_rows=max_rows, max_tokens=max_rows * tokenizer.buckets[-1])
+    return score_token_ids(engine, tokenizer.encode(texts), tokenizer.buckets, max_rows=max_rows, progress=progress)
+
+
+def score_token_ids(
+    engine: Engine,
+    token_ids: Sequence[Sequence[int]],
+    buckets: Sequence[int],
+    *,
+    max_rows: int = 64,
+    stream: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Probabilities for already tokenized posts, batched per length bucket, on one engine stream."""
+    policy = BatchingPolicy(buckets=tuple(buckets), max_rows=max_rows, max_tokens=max_rows * max(buckets))
     batcher: Batcher[int] = Batcher(policy)
-    for index, ids in enumerate(tokenizer.encode(texts)):
+    for index, ids in enumerate(token_ids):
         batcher.add(index, ids, now=0.0)
-    probabilities = np.zeros((len(texts), len(engine.labels)), dtype=np.float32)
+    probabilities = np.zeros((len(token_ids), len(engine.labels)), dtype=np.float32)
     for batch in batcher.drain(now=0.0):
         rows = [entry.item for entry in batch.entries]
-        probabilities[rows] = engine.infer(pad_to_bucket([e.token_ids for e in batch.entries], batch.bucket))
+        tokens = pad_to_bucket([e.token_ids for e in batch.entries], batch.bucket)
+        probabilities[rows] = engine.infer(tokens, stream)
         if progress:
             progress(len(rows))
     return probabilities
@@ -103,3 +117,21 @@ def evaluate(engine_dir: Path, data: Path, *, show_progress: bool = True) -> dic
         "data": str(data),
         **report,
     }
+
+
+GOLDEN_FILE = "golden.jsonl"
+
+
+def attach_golden_set(folder: Path, source: Path) -> dict[str, object]:
+    """Copy the golden set into a version folder and score it there: the manifest's ``golden`` entry.
+
+    The set is written for this project (no corpus text), so it may ship with every version.
+    Call ``write_manifest`` afterwards: the copy must be pinned by its checksum.
+    """
+    texts, gold = read_labelled_file(source)
+    (folder / GOLDEN_FILE).write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    version = load_engine_version(folder, verify=False)
+    with open_engine(version) as engine:
+        probabilities = score_texts(engine, PostTokenizer(version), texts)
+    report = classification_report(gold, probabilities)
+    return {"file": GOLDEN_FILE, "n": len(texts), "accuracy": report["accuracy"]}

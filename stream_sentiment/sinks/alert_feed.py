@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -27,11 +28,33 @@ def _format(fields: Mapping[str, str]) -> str:
     z = float(fields.get("z", "nan"))
     versus = (f"z {z:.1f} vs baseline {float(fields.get('baseline_negative', 0.0)):.1f}" if math.isfinite(z)
               else "no baseline yet")
-    return (
+    headline = (
         f"{at}Z  {fields.get('rule', '?').upper():<5}  {fields.get('dimension')}={fields.get('value')}  "
         f"window {fields.get('window_seconds')}s  negative {negative}/{posts} ({ratio:.0%})  "
         f"{versus}  engine {fields.get('engine_version')}"
     )
+    return "\n".join([headline, *(_sample_line(sample) for sample in _samples(fields)[:SAMPLES_SHOWN])])
+
+
+# Two quotes tell a reader what a surge is about; the stream entry keeps more.
+SAMPLES_SHOWN = 2
+SAMPLE_CHARS = 100
+
+
+def _samples(fields: Mapping[str, str]) -> list[dict[str, Any]]:
+    try:
+        samples = json.loads(fields.get("samples") or "[]")
+    except json.JSONDecodeError:
+        return []
+    return [s for s in samples if isinstance(s, dict)] if isinstance(samples, list) else []
+
+
+def _sample_line(sample: Mapping[str, Any]) -> str:
+    text = " ".join(str(sample.get("text", "")).split())
+    if len(text) > SAMPLE_CHARS:
+        text = text[: SAMPLE_CHARS - 1] + "…"
+    quoted = json.dumps(text, ensure_ascii=False)
+    return f"    e.g. {quoted}  (post {sample.get('id')}, P(negative) {sample.get('p_negative')})"
 
 
 def recent(client: Any, stream: str, count: int) -> list[tuple[str, dict[str, str]]]:

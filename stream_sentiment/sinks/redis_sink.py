@@ -29,8 +29,10 @@ from typing import Any
 
 # KEYS[1] offsets hash; ARGV: partition, first, next, ttl, increments JSON.
 # increments: {"hash": {key: {field: int}}, "float": {key: {field: number}},
-#              "members": {key: [member, ...]}, "first": {key: value}, "expire": [key, ...]}
+#              "members": {key: [member, ...]}, "first": {key: value}, "expire": [key, ...],
+#              "top": {key: {member: score}}, "keep": n}
 # - "first" keys are set only if absent (SET NX).
+# - "top" sorted sets keep only their n highest-scored members.
 # - every key in "expire" gets ttl seconds.
 _APPLY_SCRIPT = """
 local mark = redis.call('HGET', KEYS[1], ARGV[1])
@@ -51,6 +53,11 @@ for key, members in pairs(inc['members'] or {}) do
   for _, m in ipairs(members) do redis.call('SADD', key, m) end
 end
 for key, value in pairs(inc['first'] or {}) do redis.call('SET', key, value, 'NX') end
+local keep = tonumber(inc['keep'] or 0)
+for key, members in pairs(inc['top'] or {}) do
+  for m, score in pairs(members) do redis.call('ZADD', key, score, m) end
+  redis.call('ZREMRANGEBYRANK', key, 0, -(keep + 1))
+end
 local ttl = tonumber(ARGV[4])
 if ttl > 0 then
   for _, key in ipairs(inc['expire'] or {}) do redis.call('EXPIRE', key, ttl) end
@@ -81,6 +88,8 @@ class Increments:
     members: dict[str, set[str]] = field(default_factory=dict)
     first: dict[str, int] = field(default_factory=dict)
     expiring: set[str] = field(default_factory=set)
+    samples: dict[str, dict[str, float]] = field(default_factory=dict)
+    keep_samples: int = 0
 
     def add(self, key: str, field_name: str, amount: int = 1) -> None:
         fields = self.counts.setdefault(key, {})
@@ -93,6 +102,11 @@ class Increments:
     def add_member(self, key: str, member: str) -> None:
         self.members.setdefault(key, set()).add(member)
 
+    def add_sample(self, key: str, member: str, score: float) -> None:
+        """Offer ``member`` to the sorted set ``key``, which keeps its ``keep_samples`` best."""
+        members = self.samples.setdefault(key, {})
+        members[member] = max(score, members.get(member, score))
+
     def to_json(self) -> str:
         # Lua's cjson turns [] into {} and back unpredictably: send a list only when non-empty.
         payload: dict[str, Any] = {"hash": self.counts, "float": self.sums}
@@ -102,6 +116,13 @@ class Increments:
             payload["members"] = {key: sorted(values) for key, values in self.members.items()}
         if self.expiring:
             payload["expire"] = sorted(self.expiring)
+        if self.samples and self.keep_samples > 0:
+            # Only the best few per key travel: the script would trim the rest anyway.
+            payload["top"] = {
+                key: dict(sorted(members.items(), key=lambda kv: -kv[1])[: self.keep_samples])
+                for key, members in self.samples.items()
+            }
+            payload["keep"] = self.keep_samples
         return json.dumps(payload, separators=(",", ":"))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 from stream_sentiment.aggregation.alerts import AlertRules
 from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys, ScoredPost, increments_for
@@ -74,3 +75,33 @@ def test_windows_reaching_back_before_the_first_data_are_not_judged(redis_factor
         _scenario(redis_factory, [(10, 10)] * 4, ticks=[2, 3, 4], windows=(4,))
     )
     assert {tick for tick, _ in fired} == {4}
+
+
+def test_an_alert_quotes_the_windows_most_negative_posts(redis_factory):
+    rules = BucketRules(bucket_seconds=1, allowed_lateness=3600, dimensions=("global", "topic"), sample_posts=2)
+
+    async def scenario():
+        client = redis_factory(async_client=True)
+        sink = RedisSink(client, "q", "posts", ttl_seconds=3600)
+        keys = RedisKeys("q")
+        monitor = AlertMonitor(client, keys, rules, windows=(2,), rules=RULES, engine_version="v1", sample_posts=2)
+        offset = 0
+        for second, p_negative in enumerate([0.8, 0.99]):
+            posts = [ScoredPost(Post(f"s{second}-{i}", f"awful {second}-{i}", None, "airline"), T0 + second + 0.5,
+                                (p_negative - i / 100, 0.0, 1 - p_negative + i / 100)) for i in range(10)]
+            await sink.apply(0, offset, offset + 10, increments_for(posts, T0 + second + 1, rules, keys))
+            offset += 10
+        # the samples set of a bucket keeps only the best two of its ten negative posts
+        assert await client.zcard(keys.samples("topic", "airline", T0)) == 2
+        await monitor.evaluate_closed(T0 + 2.01)
+        stream = await client.xrange(keys.alerts)
+        await client.aclose()
+        return stream
+
+    stream = asyncio.run(scenario())
+    assert len(stream) == 2
+    for _, fields in stream:
+        samples = json.loads(fields["samples"])
+        assert [(s["id"], s["text"], s["p_negative"]) for s in samples] == [
+            ("s1-0", "awful 1-0", 0.99), ("s1-1", "awful 1-1", 0.98),
+        ]

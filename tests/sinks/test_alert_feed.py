@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 from stream_sentiment.cli import main
+from stream_sentiment.sinks.alert_feed import format_alert
 
 ALERT = {
     "rule": "surge", "dimension": "topic", "value": "airline", "window_seconds": "60", "window_start": "0",
@@ -51,3 +53,21 @@ def test_an_entry_this_service_did_not_write_is_shown_raw_not_a_crash(redis_serv
     client.xadd("odd:alerts", {"rule": "surge", "at": "yesterday", "posts": "many"})
     assert main(["alerts", "--redis-url", redis_server.url, "--redis-prefix", "odd"]) == 0
     assert capsys.readouterr().out.startswith("unreadable alert entry: {'rule': 'surge'")
+
+
+def test_an_alert_quotes_two_sample_posts_under_its_line():
+    samples = [
+        {"id": "p1", "text": "flight   cancelled\nagain, no refund", "p_negative": 0.98},
+        {"id": "p2", "text": "x" * 150, "p_negative": 0.97},
+        {"id": "p3", "text": "third is not shown", "p_negative": 0.9},
+    ]
+    lines = format_alert({**ALERT, "samples": json.dumps(samples)}).splitlines()
+    assert lines[0].startswith("2026-11-22 09:30:00Z  SURGE  topic=airline")
+    assert lines[1:] == [
+        '    e.g. "flight cancelled again, no refund"  (post p1, P(negative) 0.98)',
+        f'    e.g. "{"x" * 99}…"  (post p2, P(negative) 0.97)',
+    ]
+
+
+def test_unreadable_samples_do_not_hide_the_alert():
+    assert format_alert({**ALERT, "samples": "{not json"}).count("\n") == 0

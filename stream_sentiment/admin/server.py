@@ -1,0 +1,234 @@
+"""The worker's admin HTTP server (aiohttp): open probes, and token-guarded engine management.
+
+``/healthz``, ``/readyz`` and ``/metrics`` are open, as orchestrators and Prometheus scrape them without
+secrets. Every other path is refused with 401 unless it carries ``Authorization: Bearer <token>``: deny by
+default, so a route added later is guarded without anyone remembering to. The token is checked before the
+body is read, bodies are capped at ``max_body_bytes`` (413) before any JSON parsing, and version names are
+checked against the repository's name rule here, so a path such as ``../../etc`` never reaches the manager.
+
+Refusals from the manager (:class:`AdminError`) keep their status and reason; anything else is logged
+and answered as a bare 500, so no traceback leaks to the caller. The token is never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Self
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from stream_sentiment.admin.control import AdminError, EngineControl, InvalidVersionNameError
+from stream_sentiment.config import AdminSettings
+from stream_sentiment.engines.manifest import VERSION_PATTERN
+from stream_sentiment.metrics import PipelineMetrics
+
+__all__ = ["OPEN_PATHS", "AdminSecurityError", "AdminServer", "is_loopback"]
+
+log = logging.getLogger(__name__)
+
+# The only paths answered without a token (GET and HEAD only).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AdminSecurityError(ValueError):
+    """The admin server would be reachable from the network with no token to guard it."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (127.0.0.0/8, ::1 or ``localhost``)."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name or a wildcard ("", "0.0.0.0" parses, "*" does not): assume exposed
+
+
+def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": reason}, status=status, headers=headers)
+
+
+class AdminServer:
+    """Serves the admin routes for one worker; ``async with AdminServer(...) as server: server.port``."""
+
+    def __init__(self, settings: AdminSettings, control: EngineControl, metrics: PipelineMetrics) -> None:
+        token = settings.read_token()  # read once: a token file is a mounted secret, not re-read per request
+        if token is None and not is_loopback(settings.host):
+            raise AdminSecurityError(
+                f"refusing to serve the admin endpoint on non-loopback address {settings.host!r} without a token; "
+                "set STREAM_SENTIMENT_ADMIN_TOKEN or --admin-token-file, or bind to 127.0.0.1"
+            )
+        # Hashed so compare_digest sees equal lengths and the token's length does not leak through timing either.
+        self._token_digest = hashlib.sha256(token.encode("utf-8")).digest() if token is not None else None
+        self._settings = settings
+        self._control = control
+        self._metrics = metrics
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The bound port (the one the OS chose when ``settings.port`` is 0); only after :meth:`start`."""
+        if self._port is None:
+            raise RuntimeError("the admin server is not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Base URL of the running server, for clients and tests."""
+        host = self._settings.host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def build_app(self) -> web.Application:
+        """The aiohttp application (exposed so tests may drive it in-process)."""
+        # +1: the body is then read to one byte past the limit, and _read_object's own check decides, whatever
+        # aiohttp version's off-by-one applies.
+        app = web.Application(client_max_size=self._settings.max_body_bytes + 1,
+                              middlewares=[self._errors, self._auth, self._body_limit])
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics_route)
+        app.router.add_get("/admin/engines", self._list)
+        app.router.add_post("/admin/engines/activate", self._activate)
+        app.router.add_post("/admin/engines/rollback", self._rollback)
+        return app
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            raise RuntimeError("the admin server is already started")
+        runner = web.AppRunner(self.build_app(), access_log=log if log.isEnabledFor(logging.DEBUG) else None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self._settings.host, self._settings.port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+        log.info("admin endpoint on %s (admin routes %s)", self.url,
+                 "token-guarded" if self._token_digest is not None else "disabled: no token configured")
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        trace: TracebackType | None) -> None:
+        await self.stop()
+
+    # -- middlewares (first listed = outermost) -------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every error answer is JSON ``{"error": reason}``; unexpected exceptions never show their text."""
+        try:
+            return await handler(request)
+        except AdminError as error:
+            return _error(error.status, error.reason)
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large()
+        except web.HTTPException as error:
+            if error.status < 400:
+                raise
+            headers = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None
+            return _error(error.status, error.reason, headers)
+        except Exception:
+            log.exception("admin request %s %s failed", request.method, request.path)
+            return _error(500, "internal error")
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Bearer token on everything but the open probes, checked before the body is touched."""
+        if request.path in OPEN_PATHS and request.method in ("GET", "HEAD"):
+            return await handler(request)
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if self._token_digest is None:
+            return _error(401, "no admin token is configured", challenge)
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        digest = hashlib.sha256(presented.strip().encode("utf-8", "surrogatepass")).digest()
+        # compare_digest always runs, so a missing header and a wrong token take the same path.
+        valid = hmac.compare_digest(digest, self._token_digest) and scheme.lower() == "bearer"
+        if not valid:
+            return _error(401, "missing or invalid bearer token", challenge)
+        return await handler(request)
+
+    @web.middleware
+    async def _body_limit(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A declared oversized body is refused before a byte of it is read; chunked ones in ``_read_object``."""
+        length = request.content_length
+        if length is not None and length > self._settings.max_body_bytes:
+            return self._too_large()
+        return await handler(request)
+
+    def _too_large(self) -> web.Response:
+        return _error(413, f"request body is larger than {self._settings.max_body_bytes} bytes")
+
+    async def _read_object(self, request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
+        """The body as a JSON object with only ``allowed`` keys; empty body = ``{}``. Raises 400/413."""
+        body = await request.read()  # aiohttp stops at client_max_size, so a chunked body cannot grow unbounded
+        if len(body) > self._settings.max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(self._settings.max_body_bytes, len(body))
+        if not body.strip():
+            return {}
+        try:
+            data = json.loads(body)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            raise AdminError("the request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise AdminError("the request body must be a JSON object")
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise AdminError(f"unknown field(s) {unknown}; expected only {sorted(allowed)}")
+        return data
+
+    # -- routes ---------------------------------------------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ready, details = self._control.readiness()
+        return web.json_response({"ready": ready, "details": details}, status=200 if ready else 503)
+
+    async def _metrics_route(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _list(self, request: web.Request) -> web.Response:
+        return web.json_response(self._control.list_engines())
+
+    async def _activate(self, request: web.Request) -> web.Response:
+        data = await self._read_object(request, frozenset({"version"}))
+        version = data.get("version")
+        if not isinstance(version, str):
+            raise AdminError('the body must be {"version": "<name>"} with a string version')
+        # fullmatch, not match: "$" would accept a trailing newline ("v1\n").
+        if VERSION_PATTERN.fullmatch(version) is None:
+            raise InvalidVersionNameError("version must be a plain name inside the engine repository "
+                             f"(letters, digits, '.', '_', '-'; at most 64), not {version[:80]!r}")
+        log.info("admin: activation of engine version %r requested from %s", version, request.remote)
+        result = await self._control.activate(version)
+        log.info("admin: engine version %r is active", version)
+        return web.json_response(result)
+
+    async def _rollback(self, request: web.Request) -> web.Response:
+        await self._read_object(request, frozenset())
+        log.info("admin: rollback requested from %s", request.remote)
+        result = await self._control.rollback()
+        log.info("admin: rolled back")
+        return web.json_response(result)

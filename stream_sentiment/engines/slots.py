@@ -1,0 +1,155 @@
+"""An active engine's streams as schedulable slots, with failure recovery.
+
+The worker hands a bucketed batch to an idle slot; the slot's own thread runs
+the blocking ``Engine.infer`` (one thread per slot, so a session or execution
+context is never shared), and the event loop only awaits the result.
+
+When a call fails -- an exception, a CUDA error, or no answer within the call
+timeout -- the slot is rebuilt (``Engine.rebuild``) and the batch retried, a
+bounded number of times. A slot that keeps failing leaves rotation ("lost"):
+its batch is handed back to the worker for another slot, and ``/readyz`` says
+so. A slot whose call timed out is lost at once: its thread may still be stuck
+in the call, so it cannot be rebuilt safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from stream_sentiment.engines.base import Engine, EngineError, TokenBatch
+from stream_sentiment.metrics import PipelineMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RecoveryPolicy:
+    """How hard a slot tries before giving a batch up.
+
+    Attributes:
+        max_retries: rebuild-and-retry rounds per batch on the same slot.
+        max_consecutive_failures: failed calls in a row after which the slot is lost.
+        call_timeout: seconds an engine call may take before it counts as failed.
+    """
+
+    max_retries: int = 2
+    max_consecutive_failures: int = 3
+    call_timeout: float = 30.0
+
+
+class SlotFailedError(EngineError):
+    """A batch could not be scored on this slot; the caller should try another one."""
+
+    def __init__(self, stream: int, lost: bool, cause: BaseException) -> None:
+        super().__init__(f"stream {stream} failed{' and left rotation' if lost else ''}: {cause}")
+        self.stream = stream
+        self.lost = lost
+
+
+class SlotPool:
+    """The slots of one activated engine: which are idle, which are lost, how many batches run."""
+
+    def __init__(self, engine: Engine, metrics: PipelineMetrics, policy: RecoveryPolicy | None = None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.policy = policy or RecoveryPolicy()
+        self.idle: list[int] = list(range(engine.streams))
+        self.lost: set[int] = set()
+        self.in_flight = 0
+        self._failures = [0] * engine.streams
+        self._executors = [ThreadPoolExecutor(1, f"{engine.backend}-{i}") for i in range(engine.streams)]
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    @property
+    def version(self) -> str:
+        return self.engine.version.manifest.version
+
+    @property
+    def healthy(self) -> bool:
+        return len(self.lost) < self.engine.streams
+
+    def take(self) -> int | None:
+        """An idle slot, marked busy; None when every slot is busy or lost."""
+        if not self.idle:
+            return None
+        self.in_flight += 1
+        self._drained.clear()
+        return self.idle.pop()
+
+    def give_back(self, stream: int) -> None:
+        if stream not in self.lost:
+            self.idle.append(stream)
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._drained.set()
+
+    async def drained(self) -> None:
+        """Wait until no batch runs on this engine (after a cutover, before it becomes the standby)."""
+        await self._drained.wait()
+
+    async def score(self, batch: TokenBatch, stream: int) -> np.ndarray:
+        """Probabilities for ``batch`` on slot ``stream``, rebuilding and retrying on failure.
+
+        Raises:
+            SlotFailedError: the retries ran out, or the slot left rotation; the batch was not scored.
+        """
+        loop = asyncio.get_running_loop()
+        executor = self._executors[stream]
+        attempt = 0
+        while True:
+            started = time.perf_counter()
+            try:
+                future = loop.run_in_executor(executor, self.engine.infer, batch, stream)
+                probabilities = await asyncio.wait_for(future, self.policy.call_timeout)
+            except Exception as error:  # any backend fault: exception types differ per backend
+                timed_out = isinstance(error, TimeoutError)
+                self._record_failure(stream, error)
+                if timed_out or self._failures[stream] >= self.policy.max_consecutive_failures:
+                    self._lose(stream, error)
+                    raise SlotFailedError(stream, True, error) from error
+                if attempt >= self.policy.max_retries:
+                    raise SlotFailedError(stream, False, error) from error
+                attempt += 1
+                if not await self._rebuild(stream):
+                    raise SlotFailedError(stream, True, error) from error
+                self.metrics.engine_retries.inc()
+                continue
+            elapsed = time.perf_counter() - started
+            self._failures[stream] = 0
+            self.metrics.stage_seconds.labels("engine").inc(elapsed)
+            self.metrics.engine_latency.labels(str(batch.bucket)).observe(elapsed)
+            return probabilities
+
+    def _record_failure(self, stream: int, error: BaseException) -> None:
+        self._failures[stream] += 1
+        self.metrics.engine_failures.labels(self.version, str(stream)).inc()
+        log.warning("%s stream %d failed (%d in a row): %s", self.engine.describe(), stream,
+                    self._failures[stream], error)
+
+    async def _rebuild(self, stream: int) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executors[stream], self.engine.rebuild, stream)
+        except Exception as error:
+            self._lose(stream, error)
+            return False
+        self.metrics.engine_rebuilds.labels(self.version, str(stream)).inc()
+        return True
+
+    def _lose(self, stream: int, error: BaseException) -> None:
+        if stream not in self.lost:
+            self.lost.add(stream)
+            log.error("%s stream %d left rotation: %s", self.engine.describe(), stream, error)
+        self.metrics.streams_lost.labels(self.version).set(len(self.lost))
+
+    def close(self) -> None:
+        """Stop the slot threads (a stuck call is abandoned, not waited for)."""
+        for executor in self._executors:
+            executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,1 @@
+"""Tests of the admin HTTP server and the ``stream-sentiment engines`` client."""
