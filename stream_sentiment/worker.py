@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -41,11 +42,11 @@ from stream_sentiment.batching.batcher import Batcher, BatchingPolicy, FormedBat
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
 from stream_sentiment.config import Settings
 from stream_sentiment.engines.base import Engine
-from stream_sentiment.engines.slots import RecoveryPolicy, SlotFailedError, SlotPool
+from stream_sentiment.engines.slots import PoisonBatchError, RecoveryPolicy, SlotFailedError, SlotPool
 from stream_sentiment.metrics import PipelineMetrics
 from stream_sentiment.sinks.redis_sink import ApplyOutcome, RedisSink
 from stream_sentiment.source.dead_letters import SourceRecord, publish_dead_letter
-from stream_sentiment.source.messages import MessageLimits, Post, Rejection, decode_post
+from stream_sentiment.source.messages import MessageLimits, Post, Rejection, RejectReason, decode_post
 
 log = logging.getLogger(__name__)
 Outcome = ScoredPost | Rejection
@@ -126,6 +127,7 @@ class Worker:
         # Called (once per outage) when no engine stream works; the engine manager may fall back to the CPU.
         self.on_engine_down: Callable[[], None] | None = None
         self._engine_down_reported = False
+        self._closing = False
         self._monitor: AlertMonitor | None = None
         self._tokenize_executor = ThreadPoolExecutor(1, "tokenize")
         self._inference: set[asyncio.Task[None]] = set()
@@ -205,11 +207,19 @@ class Worker:
         worker = self
 
         class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+            # aiokafka logs and swallows a callback's exception; a failed assignment would then
+            # silently skip its partitions. Stop the worker instead: a restart resumes at the marks.
             async def on_partitions_revoked(self, revoked: Any) -> None:
-                await worker._on_revoked(revoked)
+                try:
+                    await worker._on_revoked(revoked)
+                except Exception as error:
+                    worker._failure = worker._failure or error
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
-                await worker._on_assigned(assigned)
+                try:
+                    await worker._on_assigned(assigned)
+                except Exception as error:
+                    worker._failure = worker._failure or error
 
         settings = self.settings
         redis = Redis.from_url(settings.redis_url)
@@ -237,6 +247,8 @@ class Worker:
                 await self._poll_once()
             await self._drain(settings.shutdown_timeout_s)
         finally:
+            # No new batches from here on: a cancelled batch's clean-up must not start another one.
+            self._closing = True
             ticker.cancel()
             for task in self._inference:
                 task.cancel()
@@ -285,13 +297,18 @@ class Worker:
         log.info("assigned %s", sorted(tp.partition for tp in assigned))
 
     async def _on_revoked(self, revoked: Any) -> None:
-        if revoked:
-            await self._drain(self.settings.commit_timeout_s)
-        for tp in revoked:
-            self.progress.pop(tp.partition, None)
-            self._uncommitted.pop(tp.partition, None)  # no longer ours to commit
-        # Anything fetched but not applied belongs to the next owner now.
-        self.batcher.drain(self.clock())
+        try:
+            if revoked:
+                await self._drain(self.settings.commit_timeout_s)
+        finally:
+            gone = {tp.partition for tp in revoked}
+            for partition in gone:
+                self.progress.pop(partition, None)
+                self._uncommitted.pop(partition, None)  # no longer ours to commit
+            # Anything fetched but not applied belongs to the next owner now.
+            self.batcher.drain(self.clock())
+            kept = [b for b in self._ready if not any(e.item.partition in gone for e in b.entries)]
+            self._ready = deque(kept)
 
     async def _poll_once(self) -> None:
         now = self.clock()
@@ -359,7 +376,7 @@ class Worker:
 
     def _dispatch(self) -> None:
         pool = self.pool
-        while pool.idle:
+        while pool.idle and not self._closing:
             if self._ready:
                 batch = self._ready.popleft()
             else:
@@ -383,6 +400,9 @@ class Worker:
             tokens = pad_to_bucket([e.token_ids for e in batch.entries], batch.bucket)
             try:
                 probabilities = await pool.score(tokens, stream)
+            except PoisonBatchError:
+                await self._isolate_poison(batch)
+                return
             except SlotFailedError:
                 # Not scored, so not applied or committed: another slot (or engine) takes it.
                 self._ready.appendleft(batch)
@@ -408,6 +428,32 @@ class Worker:
         finally:
             pool.give_back(stream)
             self._dispatch()
+
+    async def _isolate_poison(self, batch: FormedBatch[Admitted]) -> None:
+        """A batch fails on a working engine: halve it until the post at fault is alone, then dead-letter it.
+
+        The other posts are scored as usual; the failing one is counted under ``engine_error``
+        and published to the dead-letter topic, so one bad post never stops the partition.
+        """
+        if batch.rows > 1:
+            half = batch.rows // 2
+            for part in (batch.entries[half:], batch.entries[:half]):
+                self._ready.appendleft(FormedBatch(batch.bucket, part, batch.reason, batch.formed))
+            self.metrics.batches_requeued.inc()
+            return
+        admitted = batch.entries[0].item
+        progress = self.progress.get(admitted.partition)
+        if progress is None:
+            return
+        rejection = Rejection(RejectReason.ENGINE_ERROR, "the engine fails on this post alone")
+        post = admitted.post
+        value = json.dumps({k: v for k, v in asdict(post).items() if v is not None}, ensure_ascii=False).encode()
+        await publish_dead_letter(self._producer, self.settings.dead_letter_topic, SourceRecord(
+            self.settings.topic, admitted.partition, admitted.offset, int(admitted.appended_at * 1000), None, value,
+        ), rejection)
+        with contextlib.suppress(KeyError):
+            progress.finished(admitted.offset, rejection)
+        await self._apply_ready()
 
     def _engine_down(self) -> None:
         if self._engine_down_reported:
@@ -441,7 +487,8 @@ class Worker:
                     progress.applied(ready)
                     if result.outcome is ApplyOutcome.APPLIED:
                         self._count_applied(ready.results)
-                    self._uncommitted[partition] = progress.mark
+                    if self.progress.get(partition) is progress:  # not revoked while Redis answered
+                        self._uncommitted[partition] = progress.mark
         due = self.clock() - self._last_commit >= COMMIT_INTERVAL_S
         if self._uncommitted and (force_commit or due):
             marks, self._uncommitted = self._uncommitted, {}

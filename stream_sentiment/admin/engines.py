@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -40,8 +41,8 @@ from stream_sentiment.admin.control import (
     ValidationFailedError,
 )
 from stream_sentiment.config import Settings
-from stream_sentiment.engines.base import Engine, EngineError
-from stream_sentiment.engines.manifest import VERSION_PATTERN, EngineRepository, EngineRepositoryError, EngineVersion
+from stream_sentiment.engines.base import Engine
+from stream_sentiment.engines.manifest import VERSION_PATTERN, EngineRepository, EngineVersion
 from stream_sentiment.engines.slots import SlotPool
 from stream_sentiment.worker import Worker
 
@@ -144,23 +145,30 @@ class EngineManager:
             return {"active": version, "changed": False}
         candidate = self.loaded.get(version)
         newly_loaded = candidate is None or candidate.pool is None
+        cut_over = False
         try:
             if newly_loaded:
                 candidate = await self._load(version)
             assert candidate is not None and candidate.pool is not None
+            if not candidate.pool.healthy:
+                lost = sorted(candidate.pool.lost)
+                raise ValidationFailedError(f"{version} has no working engine stream (lost: {lost})")
             await candidate.pool.drained()  # a standby may still be finishing batches on its slots
             candidate.validation = await self._validate(candidate.pool, candidate.validation or None)
             if not candidate.validation["passed"]:
                 raise ValidationFailedError(candidate.validation["reason"])
-        except (ValidationFailedError, EngineRepositoryError, EngineError, OSError, ValueError) as error:
+            previous = self.active
+            pause = self._cut_over(candidate)
+            cut_over = True
+        except Exception as error:  # any failure while loading or validating refuses the candidate
             reason = error.reason if isinstance(error, ValidationFailedError) else f"{type(error).__name__}: {error}"
-            if newly_loaded:
-                await self._release(version)
             self.worker.metrics.engine_swaps.labels("activate", "refused").inc()
             await self._event("refused", version, reason=reason, active=self.active)
             raise ValidationFailedError(reason) from error
-        previous = self.active
-        pause = self._cut_over(candidate)
+        finally:
+            if newly_loaded and not cut_over and version in self.loaded:
+                # A refused (or cancelled) candidate must not keep its memory and threads.
+                await asyncio.shield(self._release(version))
         self.worker.metrics.engine_swaps.labels("activate", "ok").inc()
         await self._event("activated", version, previous=previous, pause_seconds=pause,
                           loaded_seconds=candidate.loaded_seconds, validation=candidate.validation)
@@ -207,13 +215,19 @@ class EngineManager:
         manifest = pool.engine.version.manifest
         running = self.worker.tokenizer.version.manifest
         report: dict[str, Any] = {"passed": False}
-        mismatched = [key for key in ("tokenizer_file", "text_normalization", "max_length", "buckets")
+        # Labels too: the worker reads column 0 as P(negative) and counts by the running label order.
+        mismatched = [key for key in ("tokenizer_file", "text_normalization", "max_length", "buckets", "labels")
                       if getattr(manifest, key) != getattr(running, key)]
         if manifest.files.get(manifest.tokenizer_file) != running.files.get(running.tokenizer_file):
             mismatched.append("tokenizer checksum")
         if mismatched:
-            report["reason"] = (f"its tokenizer differs from the running one ({', '.join(mismatched)}); "
+            report["reason"] = (f"it differs from the running version in {', '.join(mismatched)}; "
                                 "start workers with the new version instead of hot-swapping")
+            return report
+        engine_rows = getattr(pool.engine, "max_rows", None)
+        if engine_rows and engine_rows < self.settings.batching.max_rows:
+            report["reason"] = (f"it takes at most {engine_rows} rows per batch, the worker forms up to "
+                                f"{self.settings.batching.max_rows}; rebuild it for batching.max_rows")
             return report
         if not manifest.golden:
             report["reason"] = "its manifest has no golden set to validate against"
@@ -265,13 +279,20 @@ class EngineManager:
         duty = self.settings.admin.validation_duty_cycle
         step = VALIDATION_CHUNK_ROWS
         parts = []
-        for start in range(0, len(token_ids), step):
-            chunk = token_ids[start:start + step]
-            async with self.worker.engine_time(IDLE_WAIT_LIMIT_S):
-                began = time.perf_counter()
-                parts.append(await loop.run_in_executor(None, score_token_ids, pool.engine, chunk, buckets))
-                spent = time.perf_counter() - began
-            await asyncio.sleep(spent * (1 / duty - 1))
+        stream = pool.take()  # a slot of the candidate's own, which nothing else uses meanwhile
+        if stream is None:
+            raise ValidationFailedError("no idle engine stream to validate on")
+        try:
+            for start in range(0, len(token_ids), step):
+                chunk = token_ids[start:start + step]
+                async with self.worker.engine_time(IDLE_WAIT_LIMIT_S):
+                    began = time.perf_counter()
+                    parts.append(await loop.run_in_executor(
+                        None, functools.partial(score_token_ids, pool.engine, chunk, buckets, stream=stream)))
+                    spent = time.perf_counter() - began
+                await asyncio.sleep(spent * (1 / duty - 1))
+        finally:
+            pool.give_back(stream)
         return np.concatenate(parts) if parts else np.zeros((0, len(pool.engine.labels)), dtype=np.float32)
 
     def _cut_over(self, target: LoadedVersion) -> float:
@@ -302,26 +323,33 @@ class EngineManager:
             return
         entry.state = EngineState.RETIRED
         await entry.pool.drained()
-        entry.pool.close()
-        await asyncio.get_running_loop().run_in_executor(None, entry.pool.engine.deactivate)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, entry.pool.close)
+        await loop.run_in_executor(None, entry.pool.engine.deactivate)
         self._publish_states()
 
     # -- failure recovery ---------------------------------------------------------------------------
 
     def _on_engine_down(self) -> None:
         if self.settings.engine.cpu_fallback and self.worker.engine.backend != "onnxruntime":
-            self._spawn(self._fall_back_to_cpu())
+            self._spawn(self._fall_back_to_cpu(self.worker.pool))
 
-    async def _fall_back_to_cpu(self) -> None:
+    async def _fall_back_to_cpu(self, failed_pool: SlotPool) -> None:
         """No stream of the active engine works: score the same version on ONNX Runtime."""
         async with self._lock:
+            if self.worker.pool is not failed_pool or failed_pool.healthy:
+                return  # an activation or rollback replaced the failed engine meanwhile
             version = self.active
 
             def load() -> Engine:
                 _, engine = self.open_engine(self.settings, version=version, backend="onnxruntime",
                                              inject_faults=False)
                 engine.activate()
-                engine.warm_up()
+                try:
+                    engine.warm_up()
+                except BaseException:
+                    engine.deactivate()
+                    raise
                 return engine
 
             try:
@@ -341,9 +369,10 @@ class EngineManager:
             self._publish_states()
 
     async def _close_pool(self, pool: SlotPool) -> None:
-        pool.close()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, pool.close)  # waits (bounded) for calls still running
         with contextlib.suppress(Exception):  # it is broken already; release what can be released
-            await asyncio.get_running_loop().run_in_executor(None, pool.engine.deactivate)
+            await loop.run_in_executor(None, pool.engine.deactivate)
 
     # -- bookkeeping ----------------------------------------------------------------------------------
 

@@ -62,14 +62,18 @@ class PartitionProgress(Generic[Result]):
         return len(self._records)
 
     def take_ready(self) -> ReadyRange[Result] | None:
-        """Pop the longest finished prefix as one range; the mark moves past it when applied."""
+        """The longest finished prefix as one range; nothing is removed until :meth:`applied`.
+
+        Peeking, not popping: if writing the range fails (a Redis error, a cancelled task), the
+        records are still here and the next call offers the same range again, from the same mark.
+        Popping first would let the next range start at the old mark but hold only later records,
+        and the fence would mark the missing ones applied without counting them.
+        """
         results: list[Result] = []
         last = None
-        while self._records:
-            offset, value = next(iter(self._records.items()))
+        for offset, value in self._records.items():
             if value is _PENDING:
                 break
-            self._records.popitem(last=False)
             results.append(value)  # type: ignore[arg-type]
             last = offset
         if last is None:
@@ -77,5 +81,9 @@ class PartitionProgress(Generic[Result]):
         return ReadyRange(self.partition, self.mark, last + 1, results)
 
     def applied(self, ready: ReadyRange[Result]) -> None:
-        """Redis accepted (or already had) ``ready``: the mark moves to its end."""
+        """Redis accepted (or already had) ``ready``: its records leave and the mark moves to its end."""
+        if ready.first != self.mark:
+            raise ValueError(f"partition {self.partition}: range starts at {ready.first}, the mark is {self.mark}")
+        while self._records and next(iter(self._records)) < ready.next_offset:
+            self._records.popitem(last=False)
         self.mark = ready.next_offset

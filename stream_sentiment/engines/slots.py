@@ -6,10 +6,14 @@ context is never shared), and the event loop only awaits the result.
 
 When a call fails -- an exception, a CUDA error, or no answer within the call
 timeout -- the slot is rebuilt (``Engine.rebuild``) and the batch retried, a
-bounded number of times. A slot that keeps failing leaves rotation ("lost"):
-its batch is handed back to the worker for another slot, and ``/readyz`` says
-so. A slot whose call timed out is lost at once: its thread may still be stuck
-in the call, so it cannot be rebuilt safely.
+bounded number of times. When the retries are spent, a one-row probe tells the
+device from the input: if the slot scores the probe, the batch itself is at
+fault (:class:`PoisonBatchError`: the worker splits it and dead-letters the post
+that fails alone), and the slot stays; otherwise the failures count against the
+slot, and a slot that keeps failing leaves rotation ("lost"): its batch is
+handed back to the worker for another slot, and ``/readyz`` says so. A slot
+whose call timed out is lost at once: its thread may still be stuck in the
+call, so it cannot be rebuilt safely.
 """
 
 from __future__ import annotations
@@ -50,6 +54,13 @@ class SlotFailedError(EngineError):
         super().__init__(f"stream {stream} failed{' and left rotation' if lost else ''}: {cause}")
         self.stream = stream
         self.lost = lost
+
+
+class PoisonBatchError(SlotFailedError):
+    """The batch fails on a slot that scores a probe batch fine: the input, not the device, is at fault."""
+
+    def __init__(self, stream: int, cause: BaseException) -> None:
+        super().__init__(stream, False, cause)
 
 
 class SlotPool:
@@ -109,23 +120,42 @@ class SlotPool:
                 future = loop.run_in_executor(executor, self.engine.infer, batch, stream)
                 probabilities = await asyncio.wait_for(future, self.policy.call_timeout)
             except Exception as error:  # any backend fault: exception types differ per backend
-                timed_out = isinstance(error, TimeoutError)
                 self._record_failure(stream, error)
-                if timed_out or self._failures[stream] >= self.policy.max_consecutive_failures:
+                if isinstance(error, TimeoutError):
                     self._lose(stream, error)
                     raise SlotFailedError(stream, True, error) from error
-                if attempt >= self.policy.max_retries:
-                    raise SlotFailedError(stream, False, error) from error
-                attempt += 1
-                if not await self._rebuild(stream):
+                if attempt < self.policy.max_retries:
+                    attempt += 1
+                    if not await self._rebuild(stream):
+                        raise SlotFailedError(stream, True, error) from error
+                    self.metrics.engine_retries.inc()
+                    continue
+                # Retries spent: the device, or this batch? A slot that scores a probe is fine.
+                if await self._probe(stream):
+                    self._failures[stream] = 0
+                    raise PoisonBatchError(stream, error) from error
+                if self._failures[stream] >= self.policy.max_consecutive_failures:
+                    self._lose(stream, error)
                     raise SlotFailedError(stream, True, error) from error
-                self.metrics.engine_retries.inc()
-                continue
+                raise SlotFailedError(stream, False, error) from error
             elapsed = time.perf_counter() - started
             self._failures[stream] = 0
             self.metrics.stage_seconds.labels("engine").inc(elapsed)
             self.metrics.engine_latency.labels(str(batch.bucket)).observe(elapsed)
             return probabilities
+
+    async def _probe(self, stream: int) -> bool:
+        """Score one padding-only row of the smallest bucket on ``stream``: does the slot work at all?"""
+        bucket = self.engine.version.manifest.buckets[0]
+        probe = TokenBatch(np.zeros((1, bucket), dtype=np.int64), np.ones((1, bucket), dtype=np.int64), bucket)
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(self._executors[stream], self.engine.infer, probe, stream)
+            await asyncio.wait_for(future, self.policy.call_timeout)
+        except Exception as error:
+            self._record_failure(stream, error)
+            return False
+        return True
 
     def _record_failure(self, stream: int, error: BaseException) -> None:
         self._failures[stream] += 1
@@ -149,7 +179,16 @@ class SlotPool:
             log.error("%s stream %d left rotation: %s", self.engine.describe(), stream, error)
         self.metrics.streams_lost.labels(self.version).set(len(self.lost))
 
-    def close(self) -> None:
-        """Stop the slot threads (a stuck call is abandoned, not waited for)."""
+    def close(self, wait_s: float = 10.0) -> None:
+        """Stop the slot threads, waiting up to ``wait_s`` for calls still running.
+
+        A call whose awaiting task was cancelled (shutdown, a drain deadline) may still be
+        running on its thread; releasing the engine under it would free buffers in use. A call
+        stuck past ``wait_s`` is abandoned.
+        """
         for executor in self._executors:
             executor.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + wait_s
+        for executor in self._executors:
+            for thread in list(getattr(executor, "_threads", ())):
+                thread.join(max(0.0, deadline - time.monotonic()))

@@ -37,6 +37,9 @@ class RejectReason(StrEnum):
     TEXT_TOO_LONG = "text_too_long"
     BAD_TIMESTAMP = "bad_timestamp"
     BAD_FIELD = "bad_field"
+    INVALID_UNICODE = "invalid_unicode"
+    # Not a decoding verdict: the post was admitted, but the engine fails on it alone (worker.py).
+    ENGINE_ERROR = "engine_error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +95,19 @@ def parse_timestamp(value: object) -> float | None:
     return seconds
 
 
+def _unpaired_surrogate(value: str) -> int | None:
+    """Index of the first lone UTF-16 surrogate in ``value`` (JSON's ``\\ud83d`` escape decodes to one), else None.
+
+    Such a string is valid JSON but not text: it cannot be encoded as UTF-8, so the
+    tokenizer raises on it and Redis's cjson refuses it.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None
+
+
 def decode_post(raw: bytes | None, limits: MessageLimits = MessageLimits()) -> Post | Rejection:
     """Validate one record value. Never raises on any input."""
     if not raw:
@@ -111,6 +127,12 @@ def decode_post(raw: bytes | None, limits: MessageLimits = MessageLimits()) -> P
     unknown = sorted(set(document) - KNOWN_FIELDS)
     if unknown:
         return Rejection(RejectReason.UNKNOWN_FIELD, f"unknown field(s): {', '.join(unknown)[:200]}")
+    for name in sorted(KNOWN_FIELDS & document.keys()):
+        value = document[name]
+        if isinstance(value, str) and (position := _unpaired_surrogate(value)) is not None:
+            return Rejection(
+                RejectReason.INVALID_UNICODE, f"'{name}' holds an unpaired UTF-16 surrogate at character {position}"
+            )
 
     if "id" not in document:
         return Rejection(RejectReason.MISSING_ID, "no 'id'")

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
+from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis as AsyncRedis
 
 from stream_sentiment.admin.control import ValidationFailedError
@@ -24,12 +26,14 @@ from stream_sentiment.admin.engines import EngineManager
 from stream_sentiment.admin.server import AdminServer
 from stream_sentiment.batching.tokenizer import PostTokenizer
 from stream_sentiment.config import Settings
+from stream_sentiment.engines.base import Engine, EngineError, TokenBatch
 from stream_sentiment.engines.manifest import EngineManifest, load_engine_version, write_manifest
+from stream_sentiment.engines.onnxruntime_backend import OnnxRuntimeEngine
 from stream_sentiment.service import open_engine
 from stream_sentiment.worker import Worker
 from tests.conftest import COMMITTED_ENGINE
 from tests.pipeline import pipeline_settings, produce_posts
-from tests.services import FAST_GROUP_CONFIG
+from tests.services import FAST_GROUP_CONFIG, consume_records
 
 TOKEN = "hot-swap-token"
 
@@ -137,13 +141,39 @@ def test_activate_and_rollback_cycles_under_load_count_every_post_once(
     assert events == ["activated", "rolled_back"] * cycles
 
 
+def _negate_classifier(folder: Path) -> None:
+    """A broken build: the classifier head's weights and bias negated, so every argmax flips."""
+    import onnx
+    from onnx import numpy_helper
+
+    path = folder / "model.int8.onnx"
+    model = onnx.load(str(path))
+    initializers = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    for name in gemm.input[1:]:
+        source = producers.get(name)
+        name = source.input[0] if source is not None and source.op_type == "DequantizeLinear" else name
+        values = numpy_helper.to_array(initializers[name])
+        flipped = np.clip(-values.astype(np.int32), -127, 127).astype(values.dtype) if values.dtype == np.int8 \
+            else -values
+        initializers[name].CopyFrom(numpy_helper.from_array(flipped, name))
+    onnx.save(model, str(path))
+    data = json.loads((folder / "manifest.json").read_text())
+    write_manifest(folder, EngineManifest.from_dict(data))
+
+
+@pytest.mark.parametrize(("broken", "reason"), [("negated-head", "golden-set accuracy"), ("swapped-labels", "labels")])
 def test_a_version_that_fails_validation_is_refused_and_the_old_one_keeps_serving(
-    kafka, topic_factory, redis_server, redis_factory, tmp_path
+    kafka, topic_factory, redis_server, redis_factory, tmp_path, broken, reason
 ):
-    # Same files, labels in the wrong order: loads fine, scores the golden set badly.
-    repository = _repository(tmp_path, {"v1": {}, "swapped": {"labels": ["positive", "neutral", "negative"]}})
+    changes = {"labels": ["positive", "neutral", "negative"]} if broken == "swapped-labels" else {}
+    repository = _repository(tmp_path, {"v1": {}, "swapped": changes})
+    if broken == "negated-head":
+        _negate_classifier(repository / "minilm-sentiment" / "swapped")
+    prefix = f"vf-{broken}"
     topic, settings = pipeline_settings(
-        kafka, topic_factory, redis_server, "vf", partitions=1, engine={"repository": repository},
+        kafka, topic_factory, redis_server, prefix, partitions=1, engine={"repository": repository},
     )
 
     async def body(worker: Worker, manager: EngineManager) -> tuple[int, str]:
@@ -151,17 +181,17 @@ def test_a_version_that_fails_validation_is_refused_and_the_old_one_keeps_servin
         with pytest.raises(ValidationFailedError) as refused:
             await manager.activate("swapped")
         produced += await produce_posts(kafka.bootstrap_servers, topic, 40, 0, seed=2)
-        await _until_counted(manager.redis, "vf", produced)
+        await _until_counted(manager.redis, prefix, produced)
         assert manager.active == "v1" and worker.engine.version.manifest.version == "v1"
         assert "swapped" not in manager.loaded  # released, not left holding memory
         return produced, refused.value.reason
 
-    produced, reason = asyncio.run(_with_worker(settings, body))
-    assert "golden-set accuracy" in reason
+    produced, refused_because = asyncio.run(_with_worker(settings, body))
+    assert reason in refused_because
     redis = redis_factory()
-    assert int(redis.hget("vf:totals", "scored")) == produced
-    (_, event), = redis.xrange("vf:engine-events")
-    assert event["event"] == "refused" and event["version"] == "swapped" and "golden-set" in event["reason"]
+    assert int(redis.hget(f"{prefix}:totals", "scored")) == produced
+    (_, event), = redis.xrange(f"{prefix}:engine-events")
+    assert event["event"] == "refused" and event["version"] == "swapped" and reason in event["reason"]
 
 
 @pytest.mark.parametrize("faults", [{"fault_every_kth_call": 3}, {"fault_broken_stream": 1}],
@@ -264,3 +294,73 @@ def test_admin_routes_refuse_path_like_and_unknown_versions_and_load_nothing(red
     listing = answers[-1][1]
     assert listing["active"] == "v1"
     assert {e["version"]: e["state"] for e in listing["engines"]} == {"v1": "ACTIVE", "v2": "RETIRED"}
+
+
+class _FailsOnToken(Engine):
+    """Scores with ``inner`` but fails any batch holding ``token``: a post the engine cannot handle."""
+
+    backend = "fails-on-token"
+
+    def __init__(self, inner: Engine, token: int) -> None:
+        super().__init__(inner.version, inner.streams)
+        self.inner, self.token = inner, token
+
+    def _activate_impl(self) -> None:
+        self.inner.activate()
+
+    def _infer_impl(self, batch: TokenBatch, stream: int) -> np.ndarray:
+        if (batch.input_ids == self.token).any():
+            raise EngineError("device-side assert on this input")
+        return self.inner._infer_impl(batch, stream)
+
+    def _rebuild_impl(self, stream: int) -> None:
+        self.inner.rebuild(stream)
+
+    def _deactivate_impl(self) -> None:
+        self.inner.deactivate()
+
+
+def test_a_post_the_engine_fails_on_is_isolated_and_dead_lettered_while_the_rest_are_scored(
+    kafka, topic_factory, redis_server, redis_factory, engine_version
+):
+    topic, settings = pipeline_settings(kafka, topic_factory, redis_server, "poison", partitions=1,
+                                        batching={"window_ms": 200, "timeout_ms": 200})
+    tokenizer = PostTokenizer(engine_version)
+    poison_text = "zyzzyva"  # a rare word: its first token appears in no other post here
+    token = tokenizer.encode([poison_text])[0][1]
+
+    async def scenario() -> None:
+        engine = _FailsOnToken(OnnxRuntimeEngine(engine_version, streams=1, threads_per_stream=1), token)
+        engine.activate()
+        worker = Worker(settings, engine, tokenizer)
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop, consumer_options=FAST_GROUP_CONFIG))
+        try:
+            async with asyncio.timeout(30):
+                while not worker.progress:
+                    await asyncio.sleep(0.05)
+            producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+            await producer.start()
+            for i in range(31):
+                text = poison_text if i == 17 else f"post {i}: the flight was fine"
+                await producer.send(topic, json.dumps({"id": f"p{i}", "text": text}).encode())
+            await producer.stop()
+            redis = AsyncRedis.from_url(settings.redis_url, decode_responses=True)
+            async with asyncio.timeout(60):
+                while int(await redis.hget("poison:totals", "dead_lettered") or 0) < 1 or \
+                        int(await redis.hget("poison:totals", "scored") or 0) < 30:
+                    await asyncio.sleep(0.1)
+            await redis.aclose()
+            assert worker.pool.healthy and not worker.pool.lost  # the slot worked all along
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            engine.deactivate()
+
+    asyncio.run(scenario())
+    redis = redis_factory()
+    assert redis.hgetall("poison:dead_lettered") == {"engine_error": "1"}
+    assert int(redis.hget("poison:totals", "scored")) == 30
+    dead = asyncio.run(consume_records(kafka.bootstrap_servers, f"{topic}.dlq", 1, group=f"dlq-{topic}"))
+    assert json.loads(dead[0].value)["id"] == "p17"
+    assert dict(dead[0].headers)["dlq.reason"] == b"engine_error"

@@ -52,3 +52,20 @@ def test_property_ranges_tile_the_partition_in_order(completion_order, start):
     assert ranges[0].first == start and ranges[-1].next_offset == start + 30
     assert all(a.next_offset == b.first for a, b in itertools.pairwise(ranges))
     assert progress.in_flight == 0
+
+
+def test_a_range_whose_write_failed_is_offered_again_with_nothing_skipped():
+    progress: PartitionProgress[str] = PartitionProgress(partition=0, mark=100)
+    for offset in range(100, 104):
+        progress.fetched(offset)
+    progress.finished(100, "a")
+    progress.finished(101, "b")
+    first_try = progress.take_ready()  # suppose the Redis write of this range fails: applied() never runs
+    progress.finished(102, "c")
+    again = progress.take_ready()
+    assert again is not None and first_try is not None
+    assert (again.first, again.next_offset, again.results) == (100, 103, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="the mark is 103"):
+        progress.applied(again)
+        progress.applied(first_try)  # a stale range can never move the mark
+    assert progress.mark == 103 and progress.in_flight == 1

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
-from stream_sentiment.engines.base import Engine, TokenBatch
+from stream_sentiment.engines.base import Engine, EngineError, TokenBatch
 from stream_sentiment.engines.faults import FaultInjectingEngine
 from stream_sentiment.engines.onnxruntime_backend import OnnxRuntimeEngine
-from stream_sentiment.engines.slots import RecoveryPolicy, SlotFailedError, SlotPool
+from stream_sentiment.engines.slots import PoisonBatchError, RecoveryPolicy, SlotFailedError, SlotPool
 from stream_sentiment.metrics import PipelineMetrics
 
 
@@ -47,7 +47,7 @@ def test_a_failed_call_is_rebuilt_and_retried_with_the_same_result(engine_versio
 
 
 def test_a_stream_that_keeps_failing_leaves_rotation_and_gives_the_batch_back(engine_version, batch):
-    pool, engine = _pool(engine_version, RecoveryPolicy(max_retries=5, max_consecutive_failures=3), broken_stream=1)
+    pool, engine = _pool(engine_version, RecoveryPolicy(max_retries=2, max_consecutive_failures=3), broken_stream=1)
     try:
         stream = pool.take()
         assert stream == 1  # the last idle slot is handed out first
@@ -56,7 +56,7 @@ def test_a_stream_that_keeps_failing_leaves_rotation_and_gives_the_batch_back(en
         assert failure.value.lost and failure.value.stream == 1
         pool.give_back(stream)
         assert pool.lost == {1} and pool.idle == [0] and pool.healthy
-        assert engine.injected == 3  # three calls in a row, then out of rotation
+        assert engine.injected == 4  # the call, two retries, and the probe that shows the device is broken
         assert pool.metrics.value("stream_sentiment_engine_streams_lost", {"version": "v1"}) == 1
         assert asyncio.run(pool.score(batch, pool.take())).shape == (3, 3)  # the other stream still scores
     finally:
@@ -69,8 +69,8 @@ def test_retries_are_bounded_per_batch(engine_version, batch):
     try:
         with pytest.raises(SlotFailedError) as failure:
             asyncio.run(pool.score(batch, 0))
-        assert not failure.value.lost  # one retry, then the batch goes elsewhere; the stream stays for now
-        assert engine.injected == 2
+        assert not failure.value.lost  # one retry and a probe, then the batch goes elsewhere; the stream stays
+        assert engine.injected == 3
     finally:
         pool.close()
         engine.deactivate()
@@ -107,3 +107,44 @@ def test_a_call_that_times_out_takes_its_stream_out_at_once(engine_version, batc
     finally:
         engine.release.set()
         pool.close()
+
+
+class _PoisonedBy(Engine):
+    """Fails any batch holding token ``poison``; scores everything else with ``inner``: a bad input."""
+
+    backend = "poisoned"
+
+    def __init__(self, inner: Engine, poison: int) -> None:
+        super().__init__(inner.version, inner.streams)
+        self.inner, self.poison = inner, poison
+
+    def _activate_impl(self) -> None:
+        self.inner.activate()
+
+    def _infer_impl(self, batch: TokenBatch, stream: int) -> np.ndarray:
+        if (batch.input_ids == self.poison).any():
+            raise EngineError("kernel fault on this input")
+        return self.inner._infer_impl(batch, stream)
+
+    def _rebuild_impl(self, stream: int) -> None:
+        self.inner.rebuild(stream)
+
+    def _deactivate_impl(self) -> None:
+        self.inner.deactivate()
+
+
+def test_a_batch_that_fails_on_a_working_slot_is_reported_as_poison_and_the_slot_stays(engine_version, batch):
+    poison = int(batch.input_ids[1, 1])
+    engine = _PoisonedBy(OnnxRuntimeEngine(engine_version, streams=1, threads_per_stream=1), poison)
+    engine.activate()
+    pool = SlotPool(engine, PipelineMetrics(), RecoveryPolicy(max_retries=2, max_consecutive_failures=3))
+    try:
+        with pytest.raises(PoisonBatchError) as failure:
+            asyncio.run(pool.score(batch, 0))
+        assert not failure.value.lost and pool.lost == set() and pool.healthy
+        # the slot still scores other posts
+        clean = TokenBatch(batch.input_ids[:1], batch.attention_mask[:1], batch.bucket)
+        assert asyncio.run(pool.score(clean, 0)).shape == (1, 3)
+    finally:
+        pool.close()
+        engine.deactivate()

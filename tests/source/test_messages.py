@@ -86,6 +86,37 @@ def test_oversized_records_are_rejected_before_parsing():
     assert isinstance(result, Rejection) and result.reason is RejectReason.MESSAGE_TOO_LARGE
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        rb'{"id":"a","text":"\ud83d"}',
+        rb'{"id":"a","text":"fine \ude00 then not"}',  # a low surrogate alone
+        rb'{"id":"a","text":"reversed \ude00\ud83d"}',
+        rb'{"id":"\ud83d","text":"x"}',
+        rb'{"id":"a","text":"x","topic":"\ud83d"}',
+        rb'{"id":"a","text":"x","region":"us\udfff"}',
+        rb'{"id":"a","text":"x","lang":"\ud800"}',
+        rb'{"id":"a","text":"x","ts":"2026-11-22\ud83d"}',
+    ],
+)
+def test_lone_surrogate_escapes_are_rejected_as_invalid_unicode(raw):
+    # Valid UTF-8 bytes and valid JSON, but not text: the tokenizer and Redis's cjson both refuse it.
+    result = decode_post(raw)
+    assert isinstance(result, Rejection) and result.reason is RejectReason.INVALID_UNICODE, result
+    assert result.detail.encode("utf-8")  # the dead-letter header can carry it
+
+
+def test_a_paired_surrogate_escape_is_an_emoji_and_is_accepted():
+    post = decode_post(rb'{"id":"a\ud83d\ude00","text":"so happy \ud83d\ude00","topic":"\ud83d\ude00"}')
+    assert isinstance(post, Post)
+    assert post.id == "a😀" and post.text == "so happy 😀" and post.topic == "😀"
+
+
+def test_every_reason_is_documented():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "message-schema.md").read_text()
+    assert [reason for reason in RejectReason if f"`{reason}`" not in doc] == []
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
 def test_any_bytes_decode_to_a_post_or_a_named_rejection(raw):
