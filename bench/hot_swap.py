@@ -11,7 +11,8 @@ Redis write, per post) in the steady phase and during the cycles, their ratio,
 every cutover pause (dispatch paused for the flip), activation times, and
 whether Redis counted every produced post exactly once.
 
-    python bench/hot_swap.py [--rate 100] [--steady 40] [--cycles 20] [--rounds 4] [--json out.json]
+    python bench/hot_swap.py [--rate 100] [--steady 40] [--cycles 20] [--rounds 8] [--backend onnxruntime]
+                             [--json out.json]
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ from stream_sentiment.worker import Worker  # noqa: E402
 COMMITTED = REPO / "engines" / "minilm-sentiment" / "v1"
 PARTITIONS = 3
 WARM_UP_S = 3.0  # the first posts pay for lazy start-up; not measured
-EXTRA: dict = {}
 
 
 class TimedLatencies:
@@ -107,7 +107,8 @@ async def _run(args: argparse.Namespace, kafka: EmbeddedKafka, redis_server: Emb
     kafka.create_topic(topic, PARTITIONS)
     kafka.create_topic(f"{topic}.dlq", 1)
     settings = Settings.load(bootstrap_servers=kafka.bootstrap_servers, topic=topic, consumer_group=topic,
-                             redis_url=redis_server.url, redis_prefix=topic, engine={"repository": root}, **EXTRA)
+                             redis_url=redis_server.url, redis_prefix=topic,
+                             engine={"repository": root, "backend": args.backend})
     metrics = PipelineMetrics()
     latencies = TimedLatencies(metrics.end_to_end)
     metrics.end_to_end = latencies  # type: ignore[assignment]
@@ -180,9 +181,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="posts/s produced throughout")
     parser.add_argument("--steady", type=float, default=40.0, help="seconds without swaps, over all rounds")
     parser.add_argument("--cycles", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=4, help="steady and swapping phases alternate this often")
+    parser.add_argument("--rounds", type=int, default=8, help="steady and swapping phases alternate this often")
     parser.add_argument("--gap", type=float, default=0.5, help="seconds between an activation and its rollback")
     parser.add_argument("--tail", type=float, default=3.0)
+    parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch-cuda", "tensorrt"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     import onnxruntime
@@ -190,7 +192,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, EmbeddedKafka() as kafka, EmbeddedRedis() as redis_server:
         result = asyncio.run(_run(args, kafka, redis_server, _repository(Path(tmp))))
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}; "
-          f"onnxruntime {onnxruntime.__version__}; {args.rate:g} posts/s; {args.cycles} activate+rollback cycles")
+          f"onnxruntime {onnxruntime.__version__}; backend {args.backend}; {args.rate:g} posts/s; "
+          f"{args.cycles} activate+rollback cycles")
     steady, during = result["steady"], result["during_cycles"]
     print("| phase | posts | P50 ms | P99 ms | max ms |\n|---|---:|---:|---:|---:|")
     for name, phase in (("steady", steady), ("during cycles", during)):
