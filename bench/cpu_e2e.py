@@ -41,13 +41,11 @@ sys.path.insert(0, str(REPO))
 from stream_sentiment.batching.tokenizer import PostTokenizer  # noqa: E402
 from stream_sentiment.config import Settings  # noqa: E402
 from stream_sentiment.embedded import EmbeddedKafka, EmbeddedRedis  # noqa: E402
-from stream_sentiment.engines.manifest import load_engine_version  # noqa: E402
-from stream_sentiment.engines.onnxruntime_backend import OnnxRuntimeEngine  # noqa: E402
+from stream_sentiment.engines.base import Engine  # noqa: E402
 from stream_sentiment.metrics import PipelineMetrics  # noqa: E402
 from stream_sentiment.source.replay import sample_posts  # noqa: E402
 from stream_sentiment.worker import Worker  # noqa: E402
 
-ENGINE = REPO / "engines" / "minilm-sentiment" / "v1"
 PARTITIONS = 3
 # Tansu rebalances on the session timeout: short, so a run's consumer group forms in about a second.
 GROUP_OPTIONS = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500}
@@ -93,7 +91,7 @@ class Bench:
     broker would handicap whichever set-up runs last; a fresh one per run starts all equal.
     """
 
-    def __init__(self, redis: EmbeddedRedis, engine: OnnxRuntimeEngine) -> None:
+    def __init__(self, redis: EmbeddedRedis, engine: Engine) -> None:
         self.redis, self.engine = redis, engine
         self.kafka: EmbeddedKafka | None = None
         self.tokenizer = PostTokenizer(engine.version)
@@ -237,12 +235,18 @@ def _ratios(results: list[RunResult]) -> str:
 
 
 async def _main(args: argparse.Namespace) -> list[RunResult]:
-    version = load_engine_version(ENGINE)
+    from stream_sentiment.service import open_engine
+
     results: list[RunResult] = []
-    with EmbeddedRedis() as redis, OnnxRuntimeEngine(version) as engine:
+    # The same engine for every set-up: the batching, not the engine, is what differs.
+    engine_settings = Settings.load(engine={"repository": REPO / "engines", "backend": args.backend,
+                                            "streams": args.streams},
+                                    batching={"max_rows": max(64, args.max_rows)})
+    _, engine = open_engine(engine_settings)
+    with EmbeddedRedis() as redis, engine:
         engine.warm_up()
         bench = Bench(redis, engine)
-        for setup in SETUPS:
+        for setup in args.setups:
             result = await bench.run(setup, count=args.posts, rate=None, grace=args.grace)
             print(f"{setup:>14}  backlog: {result.posts_per_s} posts/s", flush=True)
             results.append(result)
@@ -260,14 +264,24 @@ def main() -> None:
     parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[50.0, 100.0, 150.0])
     parser.add_argument("--seconds", type=float, default=15.0, help="how long each offered rate is produced")
     parser.add_argument("--grace", type=float, default=10.0, help="how long a run may take to catch up")
+    parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch-cuda", "tensorrt"],
+                        help="engine backend (a GPU host: torch-cuda)")
+    parser.add_argument("--streams", type=int, default=1, help="engine slots")
+    parser.add_argument("--max-rows", type=int, default=64, help="batching.max_rows for the batching set-ups")
+    parser.add_argument("--setups", type=lambda s: s.split(","), default=list(SETUPS), help="comma-separated")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    for setup in ("buckets", "pad-to-max"):
+        SETUPS[setup] = {**SETUPS[setup], "batching": {**SETUPS[setup].get("batching", {}), "max_rows": args.max_rows}}
+    for setup in SETUPS:
+        SETUPS[setup] = {**SETUPS[setup], "engine": {"backend": args.backend, "streams": args.streams}}
     import onnxruntime
 
     results = asyncio.run(_main(args))
     print()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; python "
-          f"{platform.python_version()}; onnxruntime {onnxruntime.__version__}")
+          f"{platform.python_version()}; onnxruntime {onnxruntime.__version__}; backend {args.backend}, "
+          f"{args.streams} stream(s), max_rows {args.max_rows}")
     print(_table(results))
     print()
     print(_ratios(results))
