@@ -53,4 +53,8 @@ def test_metrics_are_served_over_http_and_the_port_is_freed():
     finally:
         server.close()
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", server.port))  # free again
+        # Free again: no listener left. SO_REUSEADDR, as servers set it, so the closed client
+        # connection's TIME_WAIT on this port does not count as "in use".
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", server.port))
+        probe.listen()

@@ -181,18 +181,8 @@ class EngineManager:
         self._publish_states()
         started = time.perf_counter()
 
-        def load() -> Engine:
-            _, engine = self.open_engine(self.settings, version=version)
-            engine.activate()
-            try:
-                engine.warm_up()
-            except BaseException:
-                engine.deactivate()
-                raise
-            return engine
-
         try:
-            engine = await asyncio.get_running_loop().run_in_executor(None, load)
+            engine = await self._open_warm(version)
         except BaseException:
             del self.loaded[version]
             self._publish_states()
@@ -202,6 +192,21 @@ class EngineManager:
         entry.state = EngineState.WARM
         self._publish_states()
         return entry
+
+    async def _open_warm(self, version: str, **options: Any) -> Engine:
+        """Open, activate and warm up ``version`` off the event loop; nothing is left active on failure."""
+
+        def load() -> Engine:
+            _, engine = self.open_engine(self.settings, version=version, **options)
+            engine.activate()
+            try:
+                engine.warm_up()
+            except BaseException:
+                engine.deactivate()
+                raise
+            return engine
+
+        return await asyncio.get_running_loop().run_in_executor(None, load)
 
     async def _validate(self, pool: SlotPool, previous: dict[str, Any] | None = None) -> dict[str, Any]:
         """Tokenizer identity, golden-set accuracy and shadow agreement; ``passed`` and a ``reason`` if not.
@@ -341,19 +346,8 @@ class EngineManager:
                 return  # an activation or rollback replaced the failed engine meanwhile
             version = self.active
 
-            def load() -> Engine:
-                _, engine = self.open_engine(self.settings, version=version, backend="onnxruntime",
-                                             inject_faults=False)
-                engine.activate()
-                try:
-                    engine.warm_up()
-                except BaseException:
-                    engine.deactivate()
-                    raise
-                return engine
-
             try:
-                engine = await asyncio.get_running_loop().run_in_executor(None, load)
+                engine = await self._open_warm(version, backend="onnxruntime", inject_faults=False)
             except Exception as error:
                 log.exception("CPU fallback failed; consumption stays paused")
                 await self._event("fallback_failed", version, reason=str(error))
