@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
 from typing import Any
 
 from stream_sentiment.aggregation.buckets import LABELS, RedisKeys
@@ -63,17 +62,12 @@ def stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, stop.set)
 
 
-async def run_worker(
-    settings: Settings,
-    stop: asyncio.Event,
-    metrics: PipelineMetrics | None = None,
-    on_admin_ready: Callable[[int], None] | None = None,
-) -> None:
+async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     """Open and warm the configured engine, then run one worker and its admin server until ``stop`` is set.
 
     The admin server (``/healthz``, ``/readyz``, ``/metrics``, ``/admin/*``) listens on
-    ``admin.host:admin.port``; ``on_admin_ready`` gets the bound port (useful with port 0).
-    With ``metrics_port`` set, ``/metrics`` is also served on that port by itself.
+    ``admin.host:admin.port``. With ``metrics_port`` set, ``/metrics`` is also served on that
+    port by itself.
     """
     from redis.asyncio import Redis
 
@@ -81,7 +75,7 @@ async def run_worker(
     from stream_sentiment.admin.server import AdminServer
     from stream_sentiment.worker import Worker
 
-    metrics = metrics if metrics is not None else PipelineMetrics()
+    metrics = PipelineMetrics()
     server = metrics.serve(settings.metrics_port, settings.admin.host) if settings.metrics_port is not None else None
     redis = Redis.from_url(settings.redis_url)
     try:
@@ -93,9 +87,7 @@ async def run_worker(
             await loop.run_in_executor(None, engine.warm_up)
             worker = Worker(settings, engine, PostTokenizer(version), metrics=metrics)
             manager = EngineManager(settings, worker, open_engine, redis)
-            async with AdminServer(settings.admin, manager, metrics) as admin:
-                if on_admin_ready is not None:
-                    on_admin_ready(admin.port)
+            async with AdminServer(settings.admin, manager, metrics):
                 try:
                     await worker.run(stop)
                 finally:

@@ -328,9 +328,7 @@ class EngineManager:
             return
         entry.state = EngineState.RETIRED
         await entry.pool.drained()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, entry.pool.close)
-        await loop.run_in_executor(None, entry.pool.engine.deactivate)
+        await self._close_pool(entry.pool)
         self._publish_states()
 
     # -- failure recovery ---------------------------------------------------------------------------
@@ -357,16 +355,20 @@ class EngineManager:
             failed.state = EngineState.RETIRED
             fallback = LoadedVersion(version, EngineState.ACTIVE, self.worker.pool)
             self.loaded[version] = fallback
-            self._spawn(self._close_pool(old_pool))
+            self._spawn(self._close_failed_pool(old_pool))
             self.worker.metrics.engine_swaps.labels("fallback", "ok").inc()
             await self._event("fallback", version, backend="onnxruntime", pause_seconds=pause)
             self._publish_states()
 
     async def _close_pool(self, pool: SlotPool) -> None:
+        """Stop the pool's slot threads, then release its engine; both off the event loop."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, pool.close)  # waits (bounded) for calls still running
+        await loop.run_in_executor(None, pool.engine.deactivate)
+
+    async def _close_failed_pool(self, pool: SlotPool) -> None:
         with contextlib.suppress(Exception):  # it is broken already; release what can be released
-            await loop.run_in_executor(None, pool.engine.deactivate)
+            await self._close_pool(pool)
 
     # -- bookkeeping ----------------------------------------------------------------------------------
 
@@ -399,5 +401,4 @@ class EngineManager:
         for version in [v for v in self.loaded if v != self.active]:
             entry = self.loaded.pop(version)
             if entry.pool is not None:
-                entry.pool.close()
-                entry.pool.engine.deactivate()
+                await self._close_pool(entry.pool)

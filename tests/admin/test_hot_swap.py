@@ -26,12 +26,13 @@ from stream_sentiment.admin.engines import EngineManager
 from stream_sentiment.admin.server import AdminServer
 from stream_sentiment.batching.tokenizer import PostTokenizer
 from stream_sentiment.config import Settings
-from stream_sentiment.engines.base import Engine, EngineError, TokenBatch
+from stream_sentiment.engines.base import Engine
 from stream_sentiment.engines.manifest import EngineManifest, load_engine_version, write_manifest
 from stream_sentiment.engines.onnxruntime_backend import OnnxRuntimeEngine
 from stream_sentiment.service import open_engine
 from stream_sentiment.worker import Worker
 from tests.conftest import COMMITTED_ENGINE
+from tests.engines.failing_engine import FailsOnToken
 from tests.pipeline import pipeline_settings, produce_posts
 from tests.services import FAST_GROUP_CONFIG, consume_records
 
@@ -48,9 +49,15 @@ def _repository(root: Path, versions: dict[str, dict[str, Any]]) -> Path:
     return root
 
 
-async def _with_worker(settings: Settings, body: Callable[[Worker, EngineManager], Awaitable[Any]]) -> Any:
-    """Run a worker and its engine manager around ``body``; release every engine afterwards."""
-    _, engine = open_engine(settings)
+async def _with_worker(
+    settings: Settings, body: Callable[[Worker, EngineManager], Awaitable[Any]], engine: Engine | None = None
+) -> Any:
+    """Run a worker (on ``engine``, else the configured one) and its engine manager around ``body``.
+
+    Every engine is released afterwards.
+    """
+    if engine is None:
+        _, engine = open_engine(settings)
     engine.activate()
     engine.warm_up()
     worker = Worker(settings, engine, PostTokenizer(engine.version))
@@ -296,30 +303,6 @@ def test_admin_routes_refuse_path_like_and_unknown_versions_and_load_nothing(red
     assert {e["version"]: e["state"] for e in listing["engines"]} == {"v1": "ACTIVE", "v2": "RETIRED"}
 
 
-class _FailsOnToken(Engine):
-    """Scores with ``inner`` but fails any batch holding ``token``: a post the engine cannot handle."""
-
-    backend = "fails-on-token"
-
-    def __init__(self, inner: Engine, token: int) -> None:
-        super().__init__(inner.version, inner.streams)
-        self.inner, self.token = inner, token
-
-    def _activate_impl(self) -> None:
-        self.inner.activate()
-
-    def _infer_impl(self, batch: TokenBatch, stream: int) -> np.ndarray:
-        if (batch.input_ids == self.token).any():
-            raise EngineError("device-side assert on this input")
-        return self.inner._infer_impl(batch, stream)
-
-    def _rebuild_impl(self, stream: int) -> None:
-        self.inner.rebuild(stream)
-
-    def _deactivate_impl(self) -> None:
-        self.inner.deactivate()
-
-
 def test_a_post_the_engine_fails_on_is_isolated_and_dead_lettered_while_the_rest_are_scored(
     kafka, topic_factory, redis_server, redis_factory, engine_version
 ):
@@ -329,35 +312,21 @@ def test_a_post_the_engine_fails_on_is_isolated_and_dead_lettered_while_the_rest
     poison_text = "zyzzyva"  # a rare word: its first token appears in no other post here
     token = tokenizer.encode([poison_text])[0][1]
 
-    async def scenario() -> None:
-        engine = _FailsOnToken(OnnxRuntimeEngine(engine_version, streams=1, threads_per_stream=1), token)
-        engine.activate()
-        worker = Worker(settings, engine, tokenizer)
-        stop = asyncio.Event()
-        task = asyncio.create_task(worker.run(stop, consumer_options=FAST_GROUP_CONFIG))
-        try:
-            async with asyncio.timeout(30):
-                while not worker.progress:
-                    await asyncio.sleep(0.05)
-            producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
-            await producer.start()
-            for i in range(31):
-                text = poison_text if i == 17 else f"post {i}: the flight was fine"
-                await producer.send(topic, json.dumps({"id": f"p{i}", "text": text}).encode())
-            await producer.stop()
-            redis = AsyncRedis.from_url(settings.redis_url, decode_responses=True)
-            async with asyncio.timeout(60):
-                while int(await redis.hget("poison:totals", "dead_lettered") or 0) < 1 or \
-                        int(await redis.hget("poison:totals", "scored") or 0) < 30:
-                    await asyncio.sleep(0.1)
-            await redis.aclose()
-            assert worker.pool.healthy and not worker.pool.lost  # the slot worked all along
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
-            engine.deactivate()
+    async def body(worker: Worker, manager: EngineManager) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+        await producer.start()
+        for i in range(31):
+            text = poison_text if i == 17 else f"post {i}: the flight was fine"
+            await producer.send(topic, json.dumps({"id": f"p{i}", "text": text}).encode())
+        await producer.stop()
+        async with asyncio.timeout(60):
+            while int(await manager.redis.hget("poison:totals", "dead_lettered") or 0) < 1:
+                await asyncio.sleep(0.1)
+        await _until_counted(manager.redis, "poison", 30)
+        assert worker.pool.healthy and not worker.pool.lost  # the slot worked all along
 
-    asyncio.run(scenario())
+    engine = FailsOnToken(OnnxRuntimeEngine(engine_version, streams=1, threads_per_stream=1), token)
+    asyncio.run(_with_worker(settings, body, engine))
     redis = redis_factory()
     assert redis.hgetall("poison:dead_lettered") == {"engine_error": "1"}
     assert int(redis.hget("poison:totals", "scored")) == 30

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
-from stream_sentiment.engines.base import Engine, EngineError, TokenBatch
+from stream_sentiment.engines.base import Engine, TokenBatch
 from stream_sentiment.engines.faults import FaultInjectingEngine
 from stream_sentiment.engines.onnxruntime_backend import OnnxRuntimeEngine
 from stream_sentiment.engines.slots import PoisonBatchError, RecoveryPolicy, SlotFailedError, SlotPool
 from stream_sentiment.metrics import PipelineMetrics
+from tests.engines.failing_engine import FailsOnToken
 
 
 @pytest.fixture
@@ -22,15 +25,25 @@ def batch(engine_version) -> TokenBatch:
     return pad_to_bucket(ids, 32)
 
 
-def _pool(engine_version, policy: RecoveryPolicy | None = None, **faults) -> tuple[SlotPool, FaultInjectingEngine]:
-    engine = FaultInjectingEngine(OnnxRuntimeEngine(engine_version, streams=2, threads_per_stream=1), **faults)
+@contextmanager
+def _pooled(engine: Engine, policy: RecoveryPolicy | None = None) -> Iterator[SlotPool]:
+    """``engine`` activated, in a pool; the pool stopped and the engine released afterwards."""
     engine.activate()
-    return SlotPool(engine, PipelineMetrics(), policy), engine
+    pool = SlotPool(engine, PipelineMetrics(), policy)
+    try:
+        yield pool
+    finally:
+        pool.close()
+        engine.deactivate()
+
+
+def _faulty(engine_version, **faults) -> FaultInjectingEngine:
+    return FaultInjectingEngine(OnnxRuntimeEngine(engine_version, streams=2, threads_per_stream=1), **faults)
 
 
 def test_a_failed_call_is_rebuilt_and_retried_with_the_same_result(engine_version, batch):
-    pool, engine = _pool(engine_version, every_kth_call=2)
-    try:
+    engine = _faulty(engine_version, every_kth_call=2)
+    with _pooled(engine) as pool:
         expected = engine.inner.infer(batch, 0)
         first = asyncio.run(pool.score(batch, 0))  # call 1: fine
         second = asyncio.run(pool.score(batch, 0))  # call 2 fails, rebuilt, call 3 answers
@@ -41,14 +54,11 @@ def test_a_failed_call_is_rebuilt_and_retried_with_the_same_result(engine_versio
         assert value("stream_sentiment_engine_rebuilds_total", {"version": "v1", "stream": "0"}) == 1
         assert value("stream_sentiment_engine_failures_total", {"version": "v1", "stream": "0"}) == 1
         assert pool.lost == set() and pool.healthy
-    finally:
-        pool.close()
-        engine.deactivate()
 
 
 def test_a_stream_that_keeps_failing_leaves_rotation_and_gives_the_batch_back(engine_version, batch):
-    pool, engine = _pool(engine_version, RecoveryPolicy(max_retries=2, max_consecutive_failures=3), broken_stream=1)
-    try:
+    engine = _faulty(engine_version, broken_stream=1)
+    with _pooled(engine, RecoveryPolicy(max_retries=2, max_consecutive_failures=3)) as pool:
         stream = pool.take()
         assert stream == 1  # the last idle slot is handed out first
         with pytest.raises(SlotFailedError) as failure:
@@ -59,21 +69,15 @@ def test_a_stream_that_keeps_failing_leaves_rotation_and_gives_the_batch_back(en
         assert engine.injected == 4  # the call, two retries, and the probe that shows the device is broken
         assert pool.metrics.value("stream_sentiment_engine_streams_lost", {"version": "v1"}) == 1
         assert asyncio.run(pool.score(batch, pool.take())).shape == (3, 3)  # the other stream still scores
-    finally:
-        pool.close()
-        engine.deactivate()
 
 
 def test_retries_are_bounded_per_batch(engine_version, batch):
-    pool, engine = _pool(engine_version, RecoveryPolicy(max_retries=1, max_consecutive_failures=10), broken_stream=0)
-    try:
+    engine = _faulty(engine_version, broken_stream=0)
+    with _pooled(engine, RecoveryPolicy(max_retries=1, max_consecutive_failures=10)) as pool:
         with pytest.raises(SlotFailedError) as failure:
             asyncio.run(pool.score(batch, 0))
         assert not failure.value.lost  # one retry and a probe, then the batch goes elsewhere; the stream stays
         assert engine.injected == 3
-    finally:
-        pool.close()
-        engine.deactivate()
 
 
 class _Hanging(Engine):
@@ -98,53 +102,22 @@ class _Hanging(Engine):
 
 def test_a_call_that_times_out_takes_its_stream_out_at_once(engine_version, batch):
     engine = _Hanging(OnnxRuntimeEngine(engine_version, streams=2))
-    engine.activate()
-    pool = SlotPool(engine, PipelineMetrics(), RecoveryPolicy(max_retries=3, call_timeout=0.2))
-    try:
-        with pytest.raises(SlotFailedError) as failure:
-            asyncio.run(pool.score(batch, 0))
-        assert failure.value.lost and pool.lost == {0}
-    finally:
-        engine.release.set()
-        pool.close()
-
-
-class _PoisonedBy(Engine):
-    """Fails any batch holding token ``poison``; scores everything else with ``inner``: a bad input."""
-
-    backend = "poisoned"
-
-    def __init__(self, inner: Engine, poison: int) -> None:
-        super().__init__(inner.version, inner.streams)
-        self.inner, self.poison = inner, poison
-
-    def _activate_impl(self) -> None:
-        self.inner.activate()
-
-    def _infer_impl(self, batch: TokenBatch, stream: int) -> np.ndarray:
-        if (batch.input_ids == self.poison).any():
-            raise EngineError("kernel fault on this input")
-        return self.inner._infer_impl(batch, stream)
-
-    def _rebuild_impl(self, stream: int) -> None:
-        self.inner.rebuild(stream)
-
-    def _deactivate_impl(self) -> None:
-        self.inner.deactivate()
+    with _pooled(engine, RecoveryPolicy(max_retries=3, call_timeout=0.2)) as pool:
+        try:
+            with pytest.raises(SlotFailedError) as failure:
+                asyncio.run(pool.score(batch, 0))
+            assert failure.value.lost and pool.lost == {0}
+        finally:
+            engine.release.set()  # let the stuck call end, so closing the pool does not wait for it
 
 
 def test_a_batch_that_fails_on_a_working_slot_is_reported_as_poison_and_the_slot_stays(engine_version, batch):
     poison = int(batch.input_ids[1, 1])
-    engine = _PoisonedBy(OnnxRuntimeEngine(engine_version, streams=1, threads_per_stream=1), poison)
-    engine.activate()
-    pool = SlotPool(engine, PipelineMetrics(), RecoveryPolicy(max_retries=2, max_consecutive_failures=3))
-    try:
+    engine = FailsOnToken(OnnxRuntimeEngine(engine_version, streams=1, threads_per_stream=1), poison)
+    with _pooled(engine, RecoveryPolicy(max_retries=2, max_consecutive_failures=3)) as pool:
         with pytest.raises(PoisonBatchError) as failure:
             asyncio.run(pool.score(batch, 0))
         assert not failure.value.lost and pool.lost == set() and pool.healthy
         # the slot still scores other posts
         clean = TokenBatch(batch.input_ids[:1], batch.attention_mask[:1], batch.bucket)
         assert asyncio.run(pool.score(clean, 0)).shape == (1, 3)
-    finally:
-        pool.close()
-        engine.deactivate()
