@@ -43,7 +43,8 @@ def _build_engine(args: argparse.Namespace) -> int:
     trt = import_tensorrt()  # fails fast, before any work, when TensorRT is missing
     print(f"building a TensorRT plan for {version.label}: buckets {list(version.manifest.buckets)}, "
           f"{args.streams} profile set(s)", file=sys.stderr)
-    info = build_plan(version, streams=args.streams, trt=trt, opt_rows=args.opt_rows, max_rows=args.max_rows)
+    info = build_plan(version, streams=args.streams, trt=trt, opt_rows=args.opt_rows, max_rows=args.max_rows,
+                      show_progress=not args.no_progress)
     print(json.dumps(info.__dict__))
     return 0
 
@@ -187,6 +188,39 @@ def _alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _top(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from redis.asyncio import Redis
+
+    from stream_sentiment.aggregation.buckets import RedisKeys
+    from stream_sentiment.views.queries import AnalystQueries
+    from stream_sentiment.views.terminal import run_top
+
+    settings = _settings(args)
+    windows = args.windows or settings.aggregation.windows_seconds  # type: ignore[attr-defined]
+    if any(w <= 0 for w in windows) or args.limit < 1 or args.refresh <= 0:
+        print("stream-sentiment top: --windows, --limit and --refresh must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    min_posts = args.min_posts if args.min_posts is not None else settings.alerts.min_posts  # type: ignore[attr-defined]
+    client = Redis.from_url(settings.redis_url, socket_timeout=10)  # type: ignore[attr-defined]
+    queries = AnalystQueries(client, RedisKeys(settings.redis_prefix),  # type: ignore[attr-defined]
+                             settings.aggregation.bucket_seconds)  # type: ignore[attr-defined]
+    try:
+        asyncio.run(run_top(client, queries, windows, limit=args.limit, min_posts=min_posts,
+                            refresh_seconds=args.refresh, once=args.once, duration=args.duration))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _seconds_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seconds, e.g. 60,300,900, not {text!r}") from None
+
+
 def _demo(args: argparse.Namespace) -> int:
     from stream_sentiment.demo import main as demo
 
@@ -253,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                                f"'{VADER_SHORTCUT}' to fetch the pinned VADER test tweets from PyPI")
     evaluate.add_argument("--corpora-dir", type=Path, default=Path(".cache/corpora"),
                           help="where fetched corpus archives are cached")
-    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     evaluate.set_defaults(handler=_evaluate)
 
     build = commands.add_parser("build-engine", help="build a TensorRT plan for this GPU")
@@ -264,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="execution contexts the plan serves at once (set it to engine.streams): one set of "
                             "bucket profiles per stream, since TensorRT lets a profile serve one context at a time; "
                             "the plan replaces the previous one for this GPU and TensorRT version")
+    build.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     build.set_defaults(handler=_build_engine)
 
     run = commands.add_parser("run", help="consume, score and aggregate until SIGINT/SIGTERM")
@@ -302,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--surge-start", type=float, default=30.0, help="seconds after the start")
     produce.add_argument("--surge-duration", type=float, default=30.0, help="seconds")
     produce.add_argument("--surge-rate", type=float, default=200.0, help="extra posts per second during the surge")
-    produce.add_argument("--no-progress", action="store_true")
+    produce.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     produce.set_defaults(handler=_produce)
 
     alerts = commands.add_parser("alerts", help="print the alert feed readably")
@@ -311,6 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
     alerts.add_argument("--follow", action="store_true", help="then print new alerts as they arrive")
     alerts.add_argument("--duration", type=float, default=None, help="stop following after this many seconds")
     alerts.set_defaults(handler=_alerts)
+
+    top = commands.add_parser("top", help="live table of the most negative dimension values per window")
+    _add_connection_flags(top)
+    top.add_argument("--windows", type=_seconds_list, default=None,
+                     help="comma-separated window lengths in seconds (default: aggregation.windows_seconds)")
+    top.add_argument("--limit", type=int, default=10, help="rows per window")
+    top.add_argument("--min-posts", type=int, default=None,
+                     help="leave out values with fewer posts in the window (default: alerts.min_posts)")
+    top.add_argument("--refresh", type=float, default=2.0, help="seconds between redraws")
+    top.add_argument("--once", action="store_true", help="print the table once and exit (for scripts)")
+    top.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    top.set_defaults(handler=_top)
 
     demo = commands.add_parser("demo", help="everything on this machine: embedded broker and Redis, "
                                             "sample posts with a surge, live alerts")

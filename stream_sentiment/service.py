@@ -65,7 +65,7 @@ def stop_on_signals(stop: asyncio.Event) -> None:
 async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     """Open and warm the configured engine, then run one worker and its admin server until ``stop`` is set.
 
-    The admin server (``/healthz``, ``/readyz``, ``/metrics``, ``/admin/*``) listens on
+    The admin server (``/healthz``, ``/readyz``, ``/metrics``, ``/admin/*``, the ``/alerts`` page) listens on
     ``admin.host:admin.port``. With ``metrics_port`` set, ``/metrics`` is also served on that
     port by itself.
     """
@@ -73,6 +73,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
 
     from stream_sentiment.admin.engines import EngineManager
     from stream_sentiment.admin.server import AdminServer
+    from stream_sentiment.views.queries import AnalystQueries
+    from stream_sentiment.views.web import AlertPage, page_settings
     from stream_sentiment.worker import Worker
 
     metrics = PipelineMetrics()
@@ -87,7 +89,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
             await loop.run_in_executor(None, engine.warm_up)
             worker = Worker(settings, engine, PostTokenizer(version), metrics=metrics)
             manager = EngineManager(settings, worker, open_engine, redis)
-            async with AdminServer(settings.admin, manager, metrics):
+            queries = AnalystQueries(redis, RedisKeys(settings.redis_prefix), settings.aggregation.bucket_seconds)
+            views = AlertPage(queries, page_settings(settings))
+            async with AdminServer(settings.admin, manager, metrics, views):
                 try:
                     await worker.run(stop)
                 finally:

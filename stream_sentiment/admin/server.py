@@ -6,6 +6,12 @@ default, so a route added later is guarded without anyone remembering to. The to
 body is read, bodies are capped at ``max_body_bytes`` (413) before any JSON parsing, and version names are
 checked against the repository's name rule here, so a path such as ``../../etc`` never reaches the manager.
 
+With an :class:`~stream_sentiment.views.web.AlertPage` the server also serves the read-only alert page
+under ``/alerts``. It follows the same rules: where a token is configured, the page and its data need it,
+as a bearer header or as the cookie the page's sign-in form sets (derived from the token, valid for
+``/alerts`` only, so it never authorises an admin call). Without a token the server is loopback-only
+(enforced at start), and the read-only page is then open to this machine, as ``/metrics`` is.
+
 Refusals from the manager (:class:`AdminError`) keep their status and reason; anything else is logged
 and answered as a bare 500, so no traceback leaks to the caller. The token is never logged.
 """
@@ -28,6 +34,7 @@ from stream_sentiment.admin.control import AdminError, EngineControl, InvalidVer
 from stream_sentiment.config import AdminSettings
 from stream_sentiment.engines.manifest import VERSION_PATTERN
 from stream_sentiment.metrics import PipelineMetrics
+from stream_sentiment.views.web import PAGE_PATH, SIGN_IN_PATH, VIEW_PREFIX, AlertPage, sign_in_page
 
 __all__ = ["OPEN_PATHS", "AdminSecurityError", "AdminServer", "is_loopback"]
 
@@ -36,6 +43,8 @@ log = logging.getLogger(__name__)
 # The only paths answered without a token (GET and HEAD only).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+VIEW_COOKIE = "stream_sentiment_view"
+VIEW_COOKIE_MAX_AGE_S = 12 * 3600
 
 
 class AdminSecurityError(ValueError):
@@ -53,6 +62,10 @@ def is_loopback(host: str) -> bool:
         return False  # a host name or a wildcard ("", "0.0.0.0" parses, "*" does not): assume exposed
 
 
+def _is_view_path(path: str) -> bool:
+    return path == VIEW_PREFIX or path.startswith(VIEW_PREFIX + "/")
+
+
 def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": reason}, status=status, headers=headers)
 
@@ -60,7 +73,8 @@ def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> w
 class AdminServer:
     """Serves the admin routes for one worker; ``async with AdminServer(...) as server: server.port``."""
 
-    def __init__(self, settings: AdminSettings, control: EngineControl, metrics: PipelineMetrics) -> None:
+    def __init__(self, settings: AdminSettings, control: EngineControl, metrics: PipelineMetrics,
+                 views: AlertPage | None = None) -> None:
         token = settings.read_token()  # read once: a token file is a mounted secret, not re-read per request
         if token is None and not is_loopback(settings.host):
             raise AdminSecurityError(
@@ -69,6 +83,11 @@ class AdminServer:
             )
         # Hashed so compare_digest sees equal lengths and the token's length does not leak through timing either.
         self._token_digest = hashlib.sha256(token.encode("utf-8")).digest() if token is not None else None
+        # The page's cookie: a MAC of a fixed purpose under the token, so the cookie is not the token itself
+        # and rotating the token signs every browser out.
+        self._view_cookie = (hmac.new(self._token_digest, b"alert-page", hashlib.sha256).hexdigest()
+                             if self._token_digest is not None else None)
+        self._views = views
         self._settings = settings
         self._control = control
         self._metrics = metrics
@@ -102,6 +121,9 @@ class AdminServer:
         app.router.add_get("/admin/engines", self._list)
         app.router.add_post("/admin/engines/activate", self._activate)
         app.router.add_post("/admin/engines/rollback", self._rollback)
+        if self._views is not None:
+            self._views.add_routes(app)
+            app.router.add_post(SIGN_IN_PATH, self._sign_in)
         return app
 
     async def start(self) -> None:
@@ -157,16 +179,34 @@ class AdminServer:
         """Bearer token on everything but the open probes, checked before the body is touched."""
         if request.path in OPEN_PATHS and request.method in ("GET", "HEAD"):
             return await handler(request)
+        if self._views is not None and _is_view_path(request.path):
+            return await self._view_auth(request, handler)
         challenge = {"WWW-Authenticate": "Bearer"}
         if self._token_digest is None:
             return _error(401, "no admin token is configured", challenge)
+        if not self._bearer_valid(request):
+            return _error(401, "missing or invalid bearer token", challenge)
+        return await handler(request)
+
+    def _bearer_valid(self, request: web.Request) -> bool:
+        if self._token_digest is None:
+            return False
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
         digest = hashlib.sha256(presented.strip().encode("utf-8", "surrogatepass")).digest()
         # compare_digest always runs, so a missing header and a wrong token take the same path.
-        valid = hmac.compare_digest(digest, self._token_digest) and scheme.lower() == "bearer"
-        if not valid:
-            return _error(401, "missing or invalid bearer token", challenge)
-        return await handler(request)
+        return hmac.compare_digest(digest, self._token_digest) and scheme.lower() == "bearer"
+
+    async def _view_auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The alert page: open without a token (loopback only), else the bearer header or the page cookie."""
+        if self._view_cookie is None or request.path == SIGN_IN_PATH:  # sign-in checks the token itself
+            return await handler(request)
+        cookie = request.cookies.get(VIEW_COOKIE, "")
+        if hmac.compare_digest(cookie.encode("utf-8", "surrogatepass"), self._view_cookie.encode()) or \
+                self._bearer_valid(request):
+            return await handler(request)
+        if request.path == PAGE_PATH and request.method in ("GET", "HEAD"):
+            return sign_in_page()
+        return _error(401, "sign in at /alerts first, or send the admin bearer token", {"WWW-Authenticate": "Bearer"})
 
     @web.middleware
     async def _body_limit(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -225,6 +265,23 @@ class AdminServer:
         result = await self._control.activate(version)
         log.info("admin: engine version %r is active", version)
         return web.json_response(result)
+
+    async def _sign_in(self, request: web.Request) -> web.Response:
+        """The page's sign-in form: a right token gets the page cookie and goes back to the page."""
+        if self._token_digest is None or self._view_cookie is None:
+            raise web.HTTPFound(PAGE_PATH)  # nothing to sign in to: the page is open
+        form = await request.post()
+        presented = str(form.get("token", "")).strip()
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
+        if not hmac.compare_digest(digest, self._token_digest):
+            log.info("alert page: a sign-in from %s was refused", request.remote)
+            return sign_in_page("The token was not accepted.")
+        response = web.HTTPSeeOther(PAGE_PATH)
+        # HttpOnly: scripts (and a post's text, were it ever injected) cannot read it; Strict: no other site's
+        # page can make the browser send it.
+        response.set_cookie(VIEW_COOKIE, self._view_cookie, max_age=VIEW_COOKIE_MAX_AGE_S, path=VIEW_PREFIX,
+                            httponly=True, samesite="Strict")
+        raise response
 
     async def _rollback(self, request: web.Request) -> web.Response:
         await self._read_object(request, frozenset())

@@ -21,16 +21,24 @@ and a JSON sidecar (which records ``profile_sets``), and never committed. The
 set count is *not* in the file name: there is one plan per GPU and TensorRT
 version, and the newest ``build-engine`` wins; rebuild with ``--streams`` equal
 to ``engine.streams`` (or more) when that setting grows.
+
+A build takes minutes, so ``build_plan`` draws the builder's own progress
+reports (``trt.IProgressMonitor``: nested phases of steps) as tqdm bars on
+stderr, one per active phase; ``build-engine --no-progress`` turns them off.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from tqdm import tqdm
 
 from stream_sentiment.engines.base import BackendUnavailableError
 from stream_sentiment.engines.manifest import PLANS_DIR, EngineVersion
@@ -95,6 +103,77 @@ def current_gpu(device: int = 0) -> GpuIdentity:
     return GpuIdentity(name=name.strip("\x00 "), compute_capability=f"{props.major}.{props.minor}")
 
 
+class PhaseBars:
+    """TensorRT builder phases as tqdm bars: one bar per active phase, a nested phase on the line below its parent.
+
+    The logic of :func:`progress_monitor`, kept apart from ``trt.IProgressMonitor`` so it runs without TensorRT.
+    The method names and arguments are the monitor's.
+    """
+
+    def __init__(self, output: TextIO | None = None) -> None:
+        self._output = output if output is not None else sys.stderr
+        self._bars: dict[str, tqdm] = {}
+        self._depths: dict[str, int] = {}
+        # TensorRT calls the monitor from several of its own threads.
+        self._lock = threading.Lock()
+
+    def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+        with self._lock:
+            self._close(phase_name)  # names are unique among active phases; a reused one has finished
+            depth = self._depths.get(parent_phase, -1) + 1 if parent_phase is not None else 0
+            self._depths[phase_name] = depth
+            # Nested phases come and go many times per build: only top-level phases stay on screen.
+            self._bars[phase_name] = tqdm(total=num_steps, desc=phase_name, unit="step", position=depth,
+                                          leave=depth == 0, file=self._output)
+
+    def step_complete(self, phase_name: str, step: int) -> bool:
+        with self._lock:
+            bar = self._bars.get(phase_name)
+            if bar is not None:
+                bar.update(step + 1 - bar.n)  # steps are numbered from 0
+        return True  # False would cancel the build
+
+    def phase_finish(self, phase_name: str) -> None:
+        with self._lock:
+            self._close(phase_name)
+
+    def close(self) -> None:
+        """Close the bars of phases still open (a failed build may not finish them)."""
+        with self._lock:
+            for phase_name in list(self._bars):
+                self._close(phase_name)
+
+    def _close(self, phase_name: str) -> None:
+        bar = self._bars.pop(phase_name, None)
+        self._depths.pop(phase_name, None)
+        if bar is not None:
+            bar.close()
+
+
+def progress_monitor(trt: Any, output: TextIO | None = None) -> Any:
+    """A ``trt.IProgressMonitor`` that draws the builder's phases with :class:`PhaseBars` (on stderr by default).
+
+    Set it as ``config.progress_monitor`` and keep it alive until the build returns; ``monitor.bars.close()``
+    afterwards. The class is made here because its base comes from the ``tensorrt`` module passed in.
+    """
+
+    class TqdmProgressMonitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)  # pybind11 needs the base initialised explicitly
+            self.bars = PhaseBars(output)
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            self.bars.phase_start(phase_name, parent_phase, num_steps)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return self.bars.step_complete(phase_name, step)
+
+        def phase_finish(self, phase_name: str) -> None:
+            self.bars.phase_finish(phase_name)
+
+    return TqdmProgressMonitor()
+
+
 def plan_path(version: EngineVersion, gpu: GpuIdentity, tensorrt_version: str) -> Path:
     cc = gpu.compute_capability.replace(".", "")
     return version.path / PLANS_DIR / f"{gpu.slug}-sm{cc}-trt{tensorrt_version}.plan"
@@ -109,13 +188,15 @@ def build_plan(
     opt_rows: int = 64,
     max_rows: int = 256,
     workspace_bytes: int = 2 << 30,
+    show_progress: bool = True,
 ) -> PlanInfo:
     """Build and store the plan for this GPU; returns its sidecar.
 
     ``streams`` is the number of execution contexts the plan must serve at once: the
     per-bucket profiles are added once per stream, set after set, so profile
     ``set * len(buckets) + bucket_index`` is bucket ``bucket_index`` of set ``set``.
-    The plan replaces any earlier one for this GPU and TensorRT version.
+    The plan replaces any earlier one for this GPU and TensorRT version. With ``show_progress``
+    the builder's phases are drawn as tqdm bars on stderr.
 
     Raises:
         ValueError: ``streams`` is below 1.
@@ -152,7 +233,14 @@ def build_plan(
             if index != profile_set * len(manifest.buckets) + bucket_index:
                 raise RuntimeError(f"TensorRT refused the profile for bucket {bucket} of set {profile_set} ({index})")
 
-    serialized = builder.build_serialized_network(network, config)
+    monitor = progress_monitor(trt) if show_progress else None
+    if monitor is not None:
+        config.progress_monitor = monitor
+    try:
+        serialized = builder.build_serialized_network(network, config)
+    finally:
+        if monitor is not None:
+            monitor.bars.close()
     if serialized is None:
         raise RuntimeError("TensorRT failed to build the engine; run with a verbose logger for details")
     destination = plan_path(version, gpu, trt.__version__)

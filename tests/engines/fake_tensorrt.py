@@ -1,5 +1,6 @@
 # ruff: noqa: N801, N802, N815 - the fake keeps the real APIs' names (cudaMalloc, cudaError_t, Runtime)
-"""A FAKE of a slice of the TensorRT 10 runtime API and of cuda-python's runtime API. Not TensorRT, not CUDA.
+"""A FAKE of a slice of the TensorRT 10 runtime and builder APIs and of cuda-python's runtime API.
+Not TensorRT, not CUDA.
 
 It exists so the TensorRT backend's control logic (profile per bucket, buffers per
 stream and bucket, one context per thread, rebuild, release) runs in CI, where no
@@ -22,6 +23,13 @@ A plan for the fake is made by :func:`fake_plan`; real plans are refused.
 ``IExecutionContext`` docs that an optimization profile is used by one context at a
 time: ``set_optimization_profile_async`` returns False for a profile that another
 live context has selected (and records it in ``profile_conflicts``).
+
+:class:`FakeTensorRTBuilder` fakes the builder half that ``tensorrt_build.build_plan``
+uses: network, ONNX parser, builder config with optimization profiles, and
+``build_serialized_network``, which returns fake plan bytes (not a plan any runtime
+loads) after driving the config's ``progress_monitor`` (a subclass of the fake
+:class:`IProgressMonitor`) through made-up nested phases, from another thread as
+TensorRT does.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import enum
 import itertools
 import json
 import threading
+import types
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -502,3 +511,157 @@ class FakeExecutionContext:
             cuda.write(addresses[engine.output], fake_logits(ids, mask).tobytes())
 
         return run
+
+
+# ----------------------------------------------------------------------------- TensorRT builder
+
+
+class IProgressMonitor:
+    """A fake of ``trt.IProgressMonitor``: the base class of an application's build-progress monitor.
+
+    Like the pybind11 original, a subclass must call ``IProgressMonitor.__init__(self)``;
+    the fake builder refuses a monitor that did not.
+    """
+
+    def __init__(self) -> None:
+        self.fake_base_initialised = True
+
+    def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+        raise NotImplementedError("pure virtual in TensorRT")
+
+    def step_complete(self, phase_name: str, step: int) -> bool:
+        raise NotImplementedError("pure virtual in TensorRT")
+
+    def phase_finish(self, phase_name: str) -> None:
+        raise NotImplementedError("pure virtual in TensorRT")
+
+
+@dataclass(frozen=True)
+class FakeBuildPhase:
+    """A phase the fake builder reports: ``steps`` steps, with ``nested`` run inside each of them."""
+
+    name: str
+    steps: int
+    nested: FakeBuildPhase | None = None
+
+
+# Made-up names and shape: TensorRT's own phase names and hierarchy change between versions.
+FAKE_BUILD_PHASES = FakeBuildPhase("Fake engine build", 2, nested=FakeBuildPhase("Fake tactic timing", 3))
+
+
+class FakeTensorRTBuilder(types.SimpleNamespace):
+    """A fake of the slice of the ``tensorrt`` module's builder API that build_plan uses. Not TensorRT.
+
+    What tests look at: ``profiles`` (the shapes of each added optimization profile),
+    ``flags``, ``workspace``, ``parsed_bytes``, ``progress_monitors`` (the monitors builds
+    reported to) and ``monitor_errors`` (exceptions a monitor raised, which TensorRT's
+    binding prints and, from ``step_complete``, takes as a request to cancel).
+    """
+
+    def __init__(
+        self,
+        parse_ok: bool = True,
+        reject_profile: int | None = None,
+        phases: FakeBuildPhase = FAKE_BUILD_PHASES,
+    ) -> None:
+        super().__init__(__version__="10.99.fake")
+        self.profiles: list[dict[str, tuple]] = []
+        self.flags: set[str] = set()
+        self.progress_monitors: list[IProgressMonitor] = []
+        self.monitor_errors: list[BaseException] = []
+        fake = self
+
+        class Logger:
+            WARNING = "warning"
+
+            def __init__(self, level: str) -> None:
+                self.level = level
+
+        class Profile:
+            def __init__(self) -> None:
+                self.shapes: dict[str, tuple] = {}
+
+            def set_shape(self, name, low, opt, high):
+                self.shapes[name] = (low, opt, high)
+
+        class Config:
+            progress_monitor: IProgressMonitor | None = None  # TensorRT's default: no monitor
+
+            def set_memory_pool_limit(self, pool, size):
+                fake.workspace = size
+
+            def set_flag(self, flag):
+                fake.flags.add(flag)
+
+            def add_optimization_profile(self, profile):
+                if len(fake.profiles) == reject_profile:
+                    return -1  # TensorRT's answer to an invalid profile
+                fake.profiles.append(profile.shapes)
+                return len(fake.profiles) - 1
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                return object()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                monitor = config.progress_monitor
+                if monitor is not None and not fake.report_progress(monitor, phases):
+                    return None  # a cancelled build yields no plan
+                return b"fake-plan-bytes"
+
+        class OnnxParser:
+            num_errors = 0 if parse_ok else 1
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse(self, data):
+                fake.parsed_bytes = len(data)
+                return parse_ok
+
+            def get_error(self, index):
+                return "fake parser error"
+
+        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, OnnxParser
+        self.IProgressMonitor = IProgressMonitor
+        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+        self.BuilderFlag = types.SimpleNamespace(INT8="int8", FP16="fp16")
+
+    def report_progress(self, monitor: IProgressMonitor, phases: FakeBuildPhase) -> bool:
+        """Drive ``monitor`` through ``phases`` on a builder thread; False if it asked to cancel."""
+        if not isinstance(monitor, IProgressMonitor) or not getattr(monitor, "fake_base_initialised", False):
+            raise TypeError("progress_monitor must be an IProgressMonitor whose __init__ was called")
+        self.progress_monitors.append(monitor)
+        completed: list[bool] = []
+        worker = threading.Thread(target=lambda: completed.append(self._report_phase(monitor, phases, None)))
+        worker.start()
+        worker.join()
+        return completed == [True]
+
+    def _report_phase(self, monitor: IProgressMonitor, phase: FakeBuildPhase, parent: str | None) -> bool:
+        self._call(monitor.phase_start, phase.name, parent, phase.steps)
+        try:
+            for step in range(phase.steps):
+                if phase.nested is not None and not self._report_phase(monitor, phase.nested, phase.name):
+                    return False
+                if not self._call(monitor.step_complete, phase.name, step):  # steps count [0, num_steps)
+                    return False
+            return True
+        finally:
+            self._call(monitor.phase_finish, phase.name)  # TensorRT finishes a phase even when cancelled
+
+    def _call(self, callback: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return callback(*args)
+        except Exception as error:  # TensorRT's binding prints it; the build goes on (or stops, for a step)
+            self.monitor_errors.append(error)
+            return False

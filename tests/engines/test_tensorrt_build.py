@@ -1,15 +1,16 @@
-"""build-engine: a clear refusal without TensorRT, and the profile logic against a fake API."""
+"""build-engine: a clear refusal without TensorRT, and the profile and progress logic against a fake API."""
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
-import types
 
 import pytest
 
 from stream_sentiment.cli import main
-from stream_sentiment.engines.tensorrt_build import GpuIdentity, PlanInfo, build_plan
+from stream_sentiment.engines.tensorrt_build import GpuIdentity, PhaseBars, PlanInfo, build_plan
+from tests.engines.fake_tensorrt import FakeTensorRTBuilder
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -23,81 +24,12 @@ def test_build_engine_without_tensorrt_says_so_and_fails(engine_copy, capsys):
     assert not (engine_copy / "plans").exists()
 
 
-class FakeTensorRT(types.SimpleNamespace):
-    """A fake of the slice of the TensorRT 10 builder API that build_plan uses. Not TensorRT."""
-
-    def __init__(self, parse_ok: bool = True, reject_profile: int | None = None) -> None:
-        super().__init__(__version__="10.99.fake")
-        self.profiles: list[dict[str, tuple]] = []
-        self.flags: set[str] = set()
-        fake = self
-
-        class Logger:
-            WARNING = "warning"
-
-            def __init__(self, level: str) -> None:
-                self.level = level
-
-        class Profile:
-            def __init__(self) -> None:
-                self.shapes: dict[str, tuple] = {}
-
-            def set_shape(self, name, low, opt, high):
-                self.shapes[name] = (low, opt, high)
-
-        class Config:
-            def set_memory_pool_limit(self, pool, size):
-                fake.workspace = size
-
-            def set_flag(self, flag):
-                fake.flags.add(flag)
-
-            def add_optimization_profile(self, profile):
-                if len(fake.profiles) == reject_profile:
-                    return -1  # TensorRT's answer to an invalid profile
-                fake.profiles.append(profile.shapes)
-                return len(fake.profiles) - 1
-
-        class Builder:
-            def __init__(self, logger):
-                pass
-
-            def create_network(self, flags):
-                return object()
-
-            def create_builder_config(self):
-                return Config()
-
-            def create_optimization_profile(self):
-                return Profile()
-
-            def build_serialized_network(self, network, config):
-                return b"fake-plan-bytes"
-
-        class OnnxParser:
-            num_errors = 0 if parse_ok else 1
-
-            def __init__(self, network, logger):
-                pass
-
-            def parse(self, data):
-                fake.parsed_bytes = len(data)
-                return parse_ok
-
-            def get_error(self, index):
-                return "fake parser error"
-
-        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, OnnxParser
-        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
-        self.BuilderFlag = types.SimpleNamespace(INT8="int8", FP16="fp16")
-
-
 @pytest.mark.parametrize("streams", [1, 2])
 def test_one_profile_per_bucket_and_stream_with_fixed_sequence_length(engine_copy, streams):
     from stream_sentiment.engines.manifest import load_engine_version
 
     version = load_engine_version(engine_copy)
-    fake = FakeTensorRT()
+    fake = FakeTensorRTBuilder()
     gpu = GpuIdentity("NVIDIA H100 80GB HBM3", "9.0")
     info = build_plan(version, streams=streams, trt=fake, gpu=gpu, opt_rows=64, max_rows=256)
     # One set of bucket profiles per stream, set after set: profile set * len(buckets) + i is bucket i.
@@ -122,7 +54,8 @@ def test_parse_failure_is_reported(engine_copy):
     from stream_sentiment.engines.manifest import load_engine_version
 
     with pytest.raises(RuntimeError, match="fake parser error"):
-        build_plan(load_engine_version(engine_copy), trt=FakeTensorRT(parse_ok=False), gpu=GpuIdentity("x", "9.0"))
+        build_plan(load_engine_version(engine_copy), trt=FakeTensorRTBuilder(parse_ok=False),
+                   gpu=GpuIdentity("x", "9.0"))
 
 
 def test_sidecars_without_profile_sets_mean_one_set():
@@ -146,9 +79,9 @@ def test_streams_below_one_and_refused_profiles_are_errors(engine_copy):
 
     version, gpu = load_engine_version(engine_copy), GpuIdentity("x", "9.0")
     with pytest.raises(ValueError, match="at least one profile set"):
-        build_plan(version, streams=0, trt=FakeTensorRT(), gpu=gpu)
+        build_plan(version, streams=0, trt=FakeTensorRTBuilder(), gpu=gpu)
     with pytest.raises(RuntimeError, match="bucket 64 of set 1"):
-        build_plan(version, streams=2, trt=FakeTensorRT(reject_profile=5), gpu=gpu)
+        build_plan(version, streams=2, trt=FakeTensorRTBuilder(reject_profile=5), gpu=gpu)
     assert not (engine_copy / "plans").exists()
 
 
@@ -162,7 +95,7 @@ def test_build_engine_passes_streams_to_build_plan(engine_copy, monkeypatch, cap
         calls.append(options)
         return PlanInfo("p.plan", "gpu", "9.0", "10.99.fake", "v1", [32], 1, 64, 256, 1.0, options["streams"])
 
-    monkeypatch.setattr(tensorrt_build, "import_tensorrt", lambda: FakeTensorRT())
+    monkeypatch.setattr(tensorrt_build, "import_tensorrt", lambda: FakeTensorRTBuilder())
     monkeypatch.setattr(tensorrt_build, "build_plan", fake_build_plan)
     assert main(["build-engine", "--engine", str(engine_copy), *flags]) == 0
     assert [options["streams"] for options in calls] == [streams]
@@ -172,3 +105,52 @@ def test_build_engine_passes_streams_to_build_plan(engine_copy, monkeypatch, cap
 def test_build_engine_refuses_streams_below_one(engine_copy, capsys):
     assert main(["build-engine", "--engine", str(engine_copy), "--streams", "0"]) != 0
     assert "--streams" in capsys.readouterr().err
+
+
+@pytest.fixture
+def fake_builder(monkeypatch) -> FakeTensorRTBuilder:
+    """build-engine runs against the fake builder, on a made-up GPU (no cuda-python here)."""
+    from stream_sentiment.engines import tensorrt_build
+
+    fake = FakeTensorRTBuilder()
+    monkeypatch.setattr(tensorrt_build, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(tensorrt_build, "current_gpu", lambda: GpuIdentity("NVIDIA H100 80GB HBM3", "9.0"))
+    return fake
+
+
+def test_build_engine_draws_the_builder_phases_on_stderr(engine_copy, fake_builder, capsys):
+    assert main(["build-engine", "--engine", str(engine_copy)]) == 0
+    out, err = capsys.readouterr()
+    # One bar per phase the builder reports; the top-level one stays and ends full (steps count from 0),
+    # the nested one is drawn, then cleared when its phase finishes.
+    assert "Fake engine build: 100%" in err and "2/2" in err
+    assert "Fake tactic timing" in err
+    assert len(fake_builder.progress_monitors) == 1 and fake_builder.monitor_errors == []
+    # stdout is untouched: the sidecar JSON alone.
+    assert "Fake" not in out
+    assert json.loads(out.splitlines()[-1])["plan_file"] == "nvidia-h100-80gb-hbm3-sm90-trt10.99.fake.plan"
+
+
+def test_build_engine_without_progress_sets_no_monitor(engine_copy, fake_builder, capsys):
+    assert main(["build-engine", "--engine", str(engine_copy), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "building a TensorRT plan" in err and "Fake" not in err
+    assert fake_builder.progress_monitors == []
+    assert json.loads(out.splitlines()[-1])["profile_sets"] == 1
+
+
+def test_phase_bars_nest_by_parent_and_close_what_a_failed_build_left_open():
+    output = io.StringIO()
+    bars = PhaseBars(output)
+    bars.phase_start("build", None, 2)
+    bars.phase_start("timing", "build", 3)
+    assert "\x1b[A" in output.getvalue()  # the nested bar is drawn on the line below, then the cursor goes back up
+    assert bars.step_complete("timing", 0) is True  # True: the build goes on
+    bars.phase_finish("timing")
+    bars.phase_start("timing", "build", 1)  # a name is reused once its phase has finished
+    bars.step_complete("timing", 0)
+    bars.step_complete("build", 0)
+    bars.close()  # the build stopped with both phases open
+    text = output.getvalue()
+    assert "build:  50%" in text and "1/2" in text and "timing" in text
+    assert bars.step_complete("build", 1) is True and output.getvalue() == text  # closed bars draw nothing more
