@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from stream_sentiment.config import Settings
-from stream_sentiment.embedded import EmbeddedKafka, EmbeddedRedis
+from stream_sentiment.embedded import LOOPBACK, EmbeddedKafka, EmbeddedRedis, free_port
 
 DEMO_TOPIC = "posts"
 PARTITIONS = 3
@@ -81,15 +81,18 @@ def main(duration: float = 60.0, rate: float = 100.0, surge_topic: str = "airlin
     with EmbeddedKafka() as kafka, EmbeddedRedis() as redis_server:
         kafka.create_topic(DEMO_TOPIC, PARTITIONS)
         kafka.create_topic(f"{DEMO_TOPIC}.dlq", 1)
+        admin_port = free_port()  # a known port, so the alert page's address can be printed before the worker starts
         settings = Settings.load(
             bootstrap_servers=kafka.bootstrap_servers, topic=DEMO_TOPIC, redis_url=redis_server.url,
             redis_prefix="demo", consumer_group="demo",
             aggregation={"bucket_seconds": 5, "windows_seconds": (30, 60, 300)},
             alerts={"min_posts": 30, "evaluation_delay_seconds": 5, "cooldown_seconds": 120},
             kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=2000,
-            admin={"port": 0},  # any free port, like the embedded servers
+            admin={"port": admin_port},
         )
         print(f"demo: Kafka-protocol broker at {kafka.bootstrap_servers}, Redis at {redis_server.url}", flush=True)
+        print(f"demo: live alert page at http://{LOOPBACK}:{admin_port}/alerts (terminal: stream-sentiment top "
+              f"--redis-url {redis_server.url} --redis-prefix demo)", flush=True)
         summary = asyncio.run(_run(settings, duration, rate, surge_topic, surge_start))
     print(json.dumps(summary), flush=True)
     return 0 if summary["scored"] > 0 else 1

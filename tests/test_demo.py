@@ -29,3 +29,6 @@ def test_demo_shows_the_surge_alert_and_exits_cleanly():
     # The embedded broker and Redis stopped with it: the ports it announced are free again.
     ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", output.splitlines()[0])]
     assert len(ports) == 2 and all(port_is_free(port) for port in ports), output.splitlines()[0]
+    # ... and so did the worker's HTTP server, whose alert page the demo announced.
+    page = re.search(r"alert page at http://127\.0\.0\.1:(\d+)/alerts", output)
+    assert page is not None and port_is_free(int(page.group(1))), output[:500]

@@ -58,8 +58,8 @@ def _sample_line(sample: Mapping[str, Any]) -> str:
 
 
 def recent(client: Any, stream: str, count: int) -> list[tuple[str, dict[str, str]]]:
-    """The last ``count`` alerts, oldest first."""
-    return list(reversed(client.xrevrange(stream, count=count)))
+    """The last ``count`` alerts, oldest first (none for ``count`` 0: ``--last 0 --follow`` shows only new ones)."""
+    return list(reversed(client.xrevrange(stream, count=count))) if count > 0 else []
 
 
 def follow(

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 
+from stream_sentiment.aggregation.alerts import AlertRules
+from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys
+from stream_sentiment.aggregation.monitor import AlertMonitor
 from stream_sentiment.cli import main
 from stream_sentiment.sinks.alert_feed import format_alert
+from tests.views.seed import write_posts
 
 ALERT = {
     "rule": "surge", "dimension": "topic", "value": "airline", "window_seconds": "60", "window_start": "0",
@@ -71,3 +76,33 @@ def test_an_alert_quotes_two_sample_posts_under_its_line():
 
 def test_unreadable_samples_do_not_hide_the_alert():
     assert format_alert({**ALERT, "samples": "{not json"}).count("\n") == 0
+
+
+def test_follow_prints_an_alert_the_monitor_raised_from_scored_posts(redis_server, redis_factory, capsys):
+    """End to end over real data: posts through the fenced sink, the alert monitor, then `alerts --follow`."""
+    buckets = BucketRules(bucket_seconds=1, allowed_lateness=3600, dimensions=("global", "topic"), sample_posts=3)
+    rules = AlertRules(ratio_threshold=0.6, min_posts=10, surge_z=3.0, ewma_alpha=0.2, cooldown_seconds=60)
+    start = 1_800_000_000
+
+    async def raise_alerts() -> None:
+        client = redis_factory(async_client=True)
+        await write_posts(client, "real", buckets, start + 0.5, {"airline": (20, 18)})
+        monitor = AlertMonitor(client, RedisKeys("real"), buckets, windows=(1,), rules=rules, engine_version="v1",
+                               sample_posts=3)
+        assert len(await monitor.evaluate_closed(start + 1.01)) == 2  # topic=airline and global=all
+        await client.aclose()
+
+    writer = threading.Thread(target=lambda: (time.sleep(0.8), asyncio.run(raise_alerts())))
+    writer.start()
+    code = main(["alerts", "--redis-url", redis_server.url, "--redis-prefix", "real", "--last", "0",
+                 "--follow", "--duration", "3"])
+    writer.join()
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    headlines = [line for line in lines if not line.startswith(" ")]
+    assert [line.split("  ")[2] for line in headlines] == ["global=all", "topic=airline"], lines
+    airline = lines.index(headlines[1])
+    assert headlines[1].endswith("RATIO  topic=airline  window 1s  negative 18/20 (90%)  no baseline yet  engine v1")
+    quotes = lines[airline + 1: airline + 3]
+    assert len(quotes) == 2 and all(q.startswith('    e.g. "airline post ') and "awful" in q for q in quotes), lines
+    assert all(q.endswith("P(negative) 0.9)") for q in quotes), quotes
