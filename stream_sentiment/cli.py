@@ -40,6 +40,8 @@ def _build_engine(args: argparse.Namespace) -> int:
         print(f"stream-sentiment build-engine: --streams must be at least 1, not {args.streams}", file=sys.stderr)
         return EXIT_USAGE
     version = load_engine_version(args.engine)
+    if args.buckets:
+        version = version.serving(args.buckets)
     trt = import_tensorrt()  # fails fast, before any work, when TensorRT is missing
     print(f"building a TensorRT plan for {version.label}: buckets {list(version.manifest.buckets)}, "
           f"{args.streams} profile set(s)", file=sys.stderr)
@@ -214,11 +216,11 @@ def _top(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seconds_list(text: str) -> tuple[int, ...]:
+def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated seconds, e.g. 60,300,900, not {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 60,300,900, not {text!r}") from None
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -292,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = commands.add_parser("build-engine", help="build a TensorRT plan for this GPU")
     build.add_argument("--engine", type=Path, required=True, help="engine version folder")
+    build.add_argument("--buckets", type=_int_list, default=None,
+                       help="comma-separated length buckets to build profiles for (default: the manifest's); "
+                            "use the same as batching.buckets")
     build.add_argument("--opt-rows", type=int, default=64, help="batch rows the kernels are tuned for")
     build.add_argument("--max-rows", type=int, default=256, help="largest batch a profile accepts")
     build.add_argument("--streams", type=int, default=1,
@@ -349,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     top = commands.add_parser("top", help="live table of the most negative dimension values per window")
     _add_connection_flags(top)
-    top.add_argument("--windows", type=_seconds_list, default=None,
+    top.add_argument("--windows", type=_int_list, default=None,
                      help="comma-separated window lengths in seconds (default: aggregation.windows_seconds)")
     top.add_argument("--limit", type=int, default=10, help="rows per window")
     top.add_argument("--min-posts", type=int, default=None,

@@ -91,11 +91,14 @@ class BatchingSettings(_Group):
     max_in_flight_posts: int = Field(default=10000, ge=1, description=(
         "Backpressure: consumption pauses above this many posts in flight (>= max_rows); bounds memory."))
     buckets: tuple[Annotated[int, Field(gt=0)], ...] | None = Field(default=None, min_length=1, description=(
-        "Length buckets to batch by: a subset of the engine's, including its largest; unset = all the engine's. "
-        "Only the largest = pad every batch to the max length (a benchmark baseline)."))
+        "Length buckets to batch by, increasing and ending at the engine's largest; unset = the engine manifest's "
+        "(32/64/128/256). Finer ones pad less (e.g. 16,24,...,64,80,...,256 on a GPU); a TensorRT plan must be "
+        "built for the same (`build-engine --buckets`). Only the largest = pad to the max length (a baseline)."))
 
     @model_validator(mode="after")
     def _check(self) -> Self:
+        if self.buckets is not None and list(self.buckets) != sorted(set(self.buckets)):
+            raise ValueError(f"buckets must be increasing and unique, got {list(self.buckets)}")
         if self.timeout_ms > self.window_ms:
             raise ValueError(f"timeout_ms ({self.timeout_ms}) must not exceed window_ms ({self.window_ms})")
         # Below one batch the bound would pause consumption before any bucket could fill.

@@ -19,6 +19,9 @@ def open_engine(
 ) -> tuple[EngineVersion, Engine]:
     """An engine version (checksums verified) on a backend, not yet activated.
 
+    The version serves ``batching.buckets`` when they are set (see :meth:`EngineVersion.serving`), so
+    the engine warms up, and captures graphs for, exactly the shapes the batcher will form.
+
     Args:
         settings: the service settings; ``engine.*`` says which version, backend and streams.
         version: another version of the same repository (a hot swap), by name.
@@ -29,6 +32,8 @@ def open_engine(
     engine_settings = settings.engine
     repository = EngineRepository(engine_settings.repository, engine_settings.model)
     loaded = repository.load(version or engine_settings.version)
+    if settings.batching.buckets is not None:
+        loaded = loaded.serving(settings.batching.buckets)
     backend = backend or engine_settings.backend
     engine: Engine
     if backend == "onnxruntime":

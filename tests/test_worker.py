@@ -178,3 +178,32 @@ def test_chosen_buckets_must_be_the_engines_and_include_the_largest(engine, engi
         Worker(Settings.load(batching={"buckets": [48, 256]}), engine, tokenizer)
     with pytest.raises(ValueError, match="largest bucket, 256"):
         Worker(Settings.load(batching={"buckets": [32, 64]}), engine, tokenizer)
+
+
+FINER = (16, 24, 32, 40, 48, 64, 96, 128, 256)
+
+
+def test_finer_buckets_opened_through_the_service_pad_less_and_count_exactly_once(
+    kafka, topic_factory, redis_server, redis_factory
+):
+    from stream_sentiment.service import open_engine
+
+    topic, settings = pipeline_settings(kafka, topic_factory, redis_server, "fine", partitions=2,
+                                        batching={"buckets": list(FINER)})
+    redis = redis_factory()
+    produced = asyncio.run(produce_posts(kafka.bootstrap_servers, topic, 200, 0, seed=11))
+    version, engine = open_engine(settings)
+    assert version.manifest.buckets == FINER  # the engine warms up exactly the batcher's shapes
+    metrics = PipelineMetrics()
+    with engine:
+        engine.warm_up()
+        worker = Worker(settings, engine, PostTokenizer(version), metrics=metrics)
+        assert worker.batcher.policy.buckets == FINER
+        asyncio.run(run_until(worker, redis, "fine", produced, 0, within=90))
+    assert int(redis.hget("fine:totals", "scored")) == produced
+    # The test posts are 5-8 tokens: all in the 16 bucket, none padded to 32 as the manifest's buckets would.
+    used = {str(b) for b in FINER if metrics.value("stream_sentiment_batch_rows_count", {"bucket": str(b)})}
+    assert used == {"16"}, used
+    real = metrics.value("stream_sentiment_batch_tokens_total", {"bucket": "16", "kind": "real"})
+    computed = metrics.value("stream_sentiment_batch_tokens_total", {"bucket": "16", "kind": "computed"})
+    assert produced * 5 <= real <= produced * 8 and computed == produced * 16

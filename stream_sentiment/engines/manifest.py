@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,28 @@ class EngineVersion:
     @property
     def label(self) -> str:
         return f"{self.manifest.model}/{self.manifest.version}"
+
+    def serving(self, buckets: Sequence[int]) -> EngineVersion:
+        """This version batched by other length buckets than its manifest's defaults.
+
+        The buckets are a serving choice, not part of the model: ONNX Runtime and the PyTorch
+        backend take any sequence length up to the model's, so finer buckets only mean less
+        padding (a TensorRT plan must be built for the same buckets: ``build-engine --buckets``).
+        Every post must still fit, so the largest bucket stays the manifest's.
+
+        Raises:
+            EngineRepositoryError: buckets not increasing and positive, or not ending at the largest.
+        """
+        chosen = tuple(int(bucket) for bucket in buckets)
+        if chosen == self.manifest.buckets:
+            return self
+        largest = self.manifest.buckets[-1]
+        if not chosen or list(chosen) != sorted(set(chosen)) or chosen[0] < 1:
+            raise EngineRepositoryError(f"buckets must be increasing, unique and positive, got {list(chosen)}")
+        if chosen[-1] != largest:
+            raise EngineRepositoryError(
+                f"buckets {list(chosen)} must end at {self.label}'s largest bucket, {largest}, so every post fits")
+        return replace(self, manifest=replace(self.manifest, buckets=chosen))
 
 
 def write_manifest(folder: Path, manifest: EngineManifest) -> EngineManifest:

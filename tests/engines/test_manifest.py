@@ -75,3 +75,13 @@ def test_buckets_must_cover_max_length():
     with pytest.raises(EngineRepositoryError, match="largest bucket"):
         EngineManifest(model="m", version="v", labels=("a",), precision="int8", model_file="m.onnx",
                        tokenizer_file="t.json", text_normalization="none", max_length=300)
+
+
+def test_a_version_serves_finer_buckets_that_end_at_its_largest(engine_version):
+    finer = engine_version.serving((16, 24, 32, 48, 64, 96, 128, 256))
+    assert finer.manifest.buckets == (16, 24, 32, 48, 64, 96, 128, 256)
+    assert finer.manifest.files == engine_version.manifest.files and finer.path == engine_version.path
+    assert engine_version.serving(engine_version.manifest.buckets) is engine_version
+    for wrong, reason in (((16, 32, 128), "must end at"), ((32, 16, 256), "increasing"), ((0, 256), "positive")):
+        with pytest.raises(EngineRepositoryError, match=reason):
+            engine_version.serving(wrong)
