@@ -3,7 +3,8 @@
 A worker process is started with a token; the browser signs in through the page's form, posts are
 produced with an injected negative surge for one topic, and the surge's alert must appear in the page's
 live feed (pushed by Server-Sent Events) within 15 s of the surge's first post. The test saves a
-screenshot to ``build/test-artifacts/alert-page.png``.
+screenshot to ``build/test-artifacts/alert-page.png``. The running worker's ``/metrics`` is then checked
+against every query of the Grafana dashboard.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,15 +23,18 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiokafka import AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from stream_sentiment.embedded import free_port
 from stream_sentiment.source.replay import Surge, replay, sample_posts
 from tests.browser import HeadlessChromium, ensure_chromium
+from tests.deploy.promql import parse
 from tests.pipeline import pipeline_settings
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "build" / "test-artifacts" / "alert-page.png"
+DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "stream-sentiment.json"
 TOKEN = "browser-test-token"
 SURGE_TOPIC = "launch-day"  # not a topic of the sample posts: only the surge can raise its alert
 SURGE_START_S = 6.0
@@ -142,7 +147,9 @@ def test_a_produced_surge_shows_up_on_the_alert_page_within_15_seconds(chromium,
                 sending.cancel()
                 await asyncio.gather(sending, return_exceptions=True)
                 await producer.stop()
-        return {"seen_after": seen_after, "feed": feed_text, "chart": chart_choice}
+            async with aiohttp.ClientSession() as http, http.get(f"{base}/metrics") as response:
+                exposition = await response.text()
+        return {"seen_after": seen_after, "feed": feed_text, "chart": chart_choice, "metrics": exposition}
 
     result = asyncio.run(run())
     print(f"surge alert on the page {result['seen_after']:.1f} s after the surge began; screenshot {SCREENSHOT}")
@@ -151,3 +158,24 @@ def test_a_produced_surge_shows_up_on_the_alert_page_within_15_seconds(chromium,
     assert f"topic={SURGE_TOPIC}" in feed and "negative" in feed and "posts" in feed
     assert "“" in feed  # a sample post is quoted under the alert
     assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and SCREENSHOT.stat().st_size > 10_000
+    _dashboard_queries_match_the_running_worker(str(result["metrics"]))
+
+
+# Panels that must have data after this run's traffic (the others show engine swaps and failures).
+BUSY_PANELS = {"stream_sentiment_posts_scored_total", "stream_sentiment_end_to_end_seconds_bucket",
+               "stream_sentiment_batch_rows_count", "stream_sentiment_batch_tokens_total",
+               "stream_sentiment_batches_total", "stream_sentiment_alerts_total", "stream_sentiment_engine_info",
+               "stream_sentiment_stage_busy_seconds_total", "stream_sentiment_records_fetched_total"}
+
+
+def _dashboard_queries_match_the_running_worker(exposition: str) -> None:
+    """Every metric the Grafana dashboard queries is in a live worker's /metrics, not only in its code."""
+    declared = {family.name for family in text_string_to_metric_families(exposition)}
+    sampled = {sample.name for family in text_string_to_metric_families(exposition) for sample in family.samples}
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    queried = {metric for panel in dashboard["panels"] for target in panel.get("targets", [])
+               for metric in parse(target["expr"]).metrics}
+    # A family is declared under its base name: counters without _total, histograms without _bucket/_sum/_count.
+    missing = {m for m in queried if m not in sampled and re.sub(r"_(total|bucket|sum|count)$", "", m) not in declared}
+    assert not missing, f"dashboard metrics the worker does not export: {sorted(missing)}"
+    assert BUSY_PANELS <= queried and BUSY_PANELS <= sampled, sorted(BUSY_PANELS - sampled)
