@@ -29,6 +29,20 @@ python3 -m pip install --quiet --no-deps --no-index "${wheels[@]}" 2>/dev/null \
   python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 } | tee "$out/gpu.txt"
 
+# MPS=1: run the worker processes under CUDA MPS (one shared GPU context instead of time slices
+# per process), started here for this run only and stopped on exit; the GPU's settings are untouched.
+if [[ "${MPS:-0}" == 1 ]]; then
+  if command -v nvidia-cuda-mps-control > /dev/null; then
+    CUDA_MPS_PIPE_DIRECTORY=$(mktemp -d) CUDA_MPS_LOG_DIRECTORY=$(mktemp -d)
+    export CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    nvidia-cuda-mps-control -d
+    trap 'echo quit | nvidia-cuda-mps-control' EXIT
+    echo "CUDA MPS: on" | tee -a "$out/gpu.txt"
+  else
+    echo "CUDA MPS: requested, but nvidia-cuda-mps-control is not installed: running without" | tee -a "$out/gpu.txt"
+  fi
+fi
+
 # The device tool stops a command at 600 s: stop the bench first, so it cleans up and keeps its JSON.
 timeout --signal=TERM --kill-after=20 560 \
   python3 bench/gpu_e2e.py --json "$out/gpu_e2e.json" "$@" 2>&1 | tee "$out/gpu_e2e.log"

@@ -79,6 +79,9 @@ class _Slot:
     device_mask: dict[int, Any]
     host_logits: Any
     host_logits_np: np.ndarray
+    # A blocking-sync event: waiting on it sleeps in the driver instead of spinning a core, which
+    # matters with several worker processes per GPU whose waits include other processes' time slices.
+    done: Any
     graphs: dict[tuple[int, int], tuple[Any, Any]] = field(default_factory=dict)
     # One thread per slot is the Engine contract; uncontended, this only turns misuse into waiting
     # instead of two batches overwriting each other's staging buffers.
@@ -184,6 +187,7 @@ class TorchCudaEngine(Engine):
                 device_mask=device_mask,
                 host_logits=host_logits,
                 host_logits_np=host_logits.numpy(),
+                done=torch.cuda.Event(blocking=True),
             )
 
     def warm_up(self, rows: int = 1) -> None:
@@ -275,8 +279,9 @@ class TorchCudaEngine(Engine):
             else:
                 logits = self._model(device_ids, device_mask).float()
             slot.host_logits[:padded].copy_(logits, non_blocking=True)
-            # Releases the GIL while the GPU works, so other slots' threads keep launching.
-            slot.stream.synchronize()
+            slot.done.record(slot.stream)
+        # Releases the GIL while the GPU works, so other slots' threads keep launching.
+        slot.done.synchronize()
         return slot.host_logits_np[:rows].copy()
 
     def _rebuild_impl(self, stream: int) -> None:

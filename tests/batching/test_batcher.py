@@ -38,6 +38,34 @@ def test_timeout_fallback_flushes_early_only_when_an_engine_stream_is_idle():
     assert batch is not None and batch.reason is FlushReason.TIMEOUT and batch.rows == 1
 
 
+def test_a_timeout_batch_fills_its_spare_rows_with_the_oldest_smaller_posts():
+    batcher: Batcher[str] = Batcher(POLICY)
+    batcher.add("m1", tokens(40), now=0.000)   # bucket 64, the oldest post
+    batcher.add("s1", tokens(10), now=0.001)   # bucket 32
+    batcher.add("s2", tokens(20), now=0.002)
+    batcher.add("l1", tokens(100), now=0.003)  # bucket 128: never into a smaller batch
+    for i in range(5):
+        batcher.add(f"t{i}", tokens(5), now=0.004 + i / 1000)
+    # Engine idle, m1 has waited the timeout: its batch takes the 7 oldest smaller posts into spare rows.
+    first = batcher.poll(now=0.020, engine_idle=True)
+    assert first is not None and first.reason is FlushReason.TIMEOUT
+    assert (first.bucket, [e.item for e in first.entries]) == (64, ["m1", "s1", "s2", "t0", "t1", "t2", "t3", "t4"])
+    assert first.padded_tokens == 8 * 64
+    batcher.add("t5", tokens(5), now=0.0201)
+    second = batcher.poll(now=0.0235, engine_idle=True)  # l1 has waited the timeout: t5 rides along, padded to 128
+    assert second is not None and (second.bucket, [e.item for e in second.entries]) == (128, ["l1", "t5"])
+    assert batcher.pending == 0
+
+
+def test_a_window_batch_stays_one_bucket():
+    batcher: Batcher[str] = Batcher(POLICY)
+    batcher.add("m1", tokens(40), now=0.0)
+    batcher.add("s1", tokens(10), now=0.001)
+    batch = batcher.poll(now=0.050, engine_idle=False)
+    assert batch is not None and batch.reason is FlushReason.WINDOW
+    assert (batch.bucket, [e.item for e in batch.entries]) == (64, ["m1"])
+
+
 def test_full_bucket_flushes_at_once_by_rows():
     batcher: Batcher[int] = Batcher(POLICY)
     for i in range(POLICY.max_rows):
@@ -115,10 +143,11 @@ def test_property_budget_order_and_completeness(arrivals, max_rows, max_tokens):
         assert 1 <= batch.rows <= max_rows
         assert batch.padded_tokens <= max_tokens  # never over the token budget
         assert all(len(e.token_ids) <= batch.bucket for e in batch.entries)
-        # each post sits in the smallest bucket that holds it
-        assert all(policy.bucket_for(len(e.token_ids)) == batch.bucket for e in batch.entries)
-    for bucket in policy.buckets:  # arrival order kept within each bucket
-        order = [e.item for b in batches if b.bucket == bucket for e in b.entries]
+        # each post sits in the smallest bucket that holds it; only a timeout batch pads smaller posts up
+        homes = {policy.bucket_for(len(e.token_ids)) for e in batch.entries}
+        assert homes == {batch.bucket} if batch.reason is not FlushReason.TIMEOUT else max(homes) == batch.bucket
+    for bucket in policy.buckets:  # arrival order kept within each bucket's queue
+        order = [e.item for b in batches for e in b.entries if policy.bucket_for(len(e.token_ids)) == bucket]
         assert order == sorted(order)
 
 
