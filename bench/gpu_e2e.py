@@ -1459,7 +1459,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--workers", type=int, default=6, help="worker processes of our pipeline, one consumer group, one GPU")
     add("--partitions", type=int, help="topic partitions (default: 2 x workers, at least workers)")
-    add("--producers", type=int, default=4, help="producer processes (aiokafka does ~50k posts/s each at best)")
+    add("--producers", type=int, default=2, help="producer processes (aiokafka does ~50k posts/s each at best)")
     add("--baseline-workers", type=int, default=1, help="processes of each transformers baseline (a careful user: 1)")
     add("--setups", type=lambda s: s.split(","), default=list(DEFAULT_SETUPS), help=f"of {','.join(SETUP_NAMES)}")
     add("--workloads", type=lambda s: s.split(","), default=list(WORKLOADS), help="tweets,long")
@@ -1480,7 +1480,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--window-ms", type=float, default=8.0, help="batching.window_ms (the service default, 50, is for CPUs)")
     add("--timeout-ms", type=float, default=2.0, help="batching.timeout_ms (wait while an engine slot is idle)")
     add("--fetch-max-wait-ms", type=int, default=5, help="consumer fetch_max_wait_ms (Tansu waits it out)")
-    add("--linger-ms", type=int, default=1, help="producer linger_ms (adds to the measured latency)")
+    add("--linger-ms", type=int, default=2, help="producer linger_ms (adds to the measured latency)")
     add("--session-timeout-ms", type=int, default=3000, help="consumer session timeout (Tansu rebalances on it)")
     add("--tokenizer-threads", type=int, default=2, help="tokenizers (rayon) threads per process")
     add("--ort-threads", type=int, default=1, help="onnxruntime intra-op threads per stream (CPU smoke test)")
