@@ -1437,7 +1437,8 @@ def check_prerequisites(args: argparse.Namespace) -> list[str]:
 
 def build_setups(args: argparse.Namespace, manifest_buckets: Sequence[int]) -> dict[str, Setup]:
     batching = {"max_rows": args.max_rows, "max_tokens": args.max_tokens, "window_ms": args.window_ms,
-                "timeout_ms": args.timeout_ms, "max_in_flight_posts": max(args.max_in_flight, args.max_rows)}
+                "timeout_ms": args.timeout_ms, "max_in_flight_posts": max(args.max_in_flight, args.max_rows),
+                "merge_smaller_on_timeout": not args.no_merge}
     largest = max(manifest_buckets)
     candidates = {
         "ours": Setup("ours", "ours (buckets)", "engine",
@@ -1479,6 +1480,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="length buckets of `ours` (the engine gets these plus the manifest's)")
     add("--window-ms", type=float, default=8.0, help="batching.window_ms (the service default, 50, is for CPUs)")
     add("--timeout-ms", type=float, default=2.0, help="batching.timeout_ms (wait while an engine slot is idle)")
+    add("--no-merge", action="store_true",
+        help="batching.merge_smaller_on_timeout off (on by default here: the GPU setting)")
     add("--fetch-max-wait-ms", type=int, default=5, help="consumer fetch_max_wait_ms (Tansu waits it out)")
     add("--linger-ms", type=int, default=2, help="producer linger_ms (adds to the measured latency)")
     add("--session-timeout-ms", type=int, default=3000, help="consumer session timeout (Tansu rebalances on it)")

@@ -95,6 +95,10 @@ class BatchingSettings(_Group):
         "(32/64/128/256). Finer ones pad less (e.g. 16,24,...,64,80,...,256 on a GPU); a TensorRT plan must be "
         "built for the same (`build-engine --buckets`). Only the largest = pad to the max length (a baseline)."))
 
+    merge_smaller_on_timeout: bool = Field(default=False, description=(
+        "A timeout batch (an engine stream idle) also takes the oldest shorter posts, padded up: fewer, "
+        "fuller calls. On for GPUs (P99 at 8k posts/s 140 -> 29 ms on an H100); off, as CPU cost grows with padding."))
+
     @model_validator(mode="after")
     def _check(self) -> Self:
         if self.buckets is not None and list(self.buckets) != sorted(set(self.buckets)):

@@ -110,6 +110,7 @@ class Worker:
         self.batcher: Batcher[Admitted] = Batcher(BatchingPolicy(
             buckets=_chosen_buckets(batching.buckets, tokenizer.buckets), max_rows=batching.max_rows,
             max_tokens=batching.max_tokens, window=batching.window_ms / 1000, timeout=batching.timeout_ms / 1000,
+            merge_smaller_on_timeout=batching.merge_smaller_on_timeout,
         ))
         limits = settings.limits
         self.limits = MessageLimits(limits.max_message_bytes, limits.max_text_chars, limits.max_id_chars,

@@ -34,7 +34,7 @@ from stream_sentiment.admin.control import AdminError, EngineControl, InvalidVer
 from stream_sentiment.config import AdminSettings
 from stream_sentiment.engines.manifest import VERSION_PATTERN
 from stream_sentiment.metrics import PipelineMetrics
-from stream_sentiment.views.web import PAGE_PATH, SIGN_IN_PATH, VIEW_PREFIX, AlertPage, sign_in_page
+from stream_sentiment.views.web import PAGE_PATH, SIGN_IN_PATH, STATIC_PREFIX, VIEW_PREFIX, AlertPage, sign_in_page
 
 __all__ = ["OPEN_PATHS", "AdminSecurityError", "AdminServer", "is_loopback"]
 
@@ -198,7 +198,15 @@ class AdminServer:
 
     async def _view_auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """The alert page: open without a token (loopback only), else the bearer header or the page cookie."""
-        if self._view_cookie is None or request.path == SIGN_IN_PATH:  # sign-in checks the token itself
+        if request.path.startswith(STATIC_PREFIX) and request.method in ("GET", "HEAD"):
+            return await handler(request)  # the page's own script and style: public, and the sign-in page needs them
+        if self._view_cookie is None:
+            # Loopback-only then; a Host that is not loopback is a web page that pointed its own name at
+            # 127.0.0.1 (DNS rebinding) to read the feed through this machine's browser.
+            if not is_loopback(request.url.host or ""):
+                return _error(403, "the alert page answers only to a loopback host name without a token")
+            return await handler(request)
+        if request.path == SIGN_IN_PATH:  # sign-in checks the token itself
             return await handler(request)
         cookie = request.cookies.get(VIEW_COOKIE, "")
         if hmac.compare_digest(cookie.encode("utf-8", "surrogatepass"), self._view_cookie.encode()) or \

@@ -15,13 +15,16 @@ Posts wait in one FIFO queue per length bucket. A bucket flushes
   whole window while the engine has nothing to do).
 
 Batch formation follows TEI's queue: take posts in arrival order, stop before
-the padded cost ``bucket x rows`` exceeds the token budget. A **timeout** batch
-also takes the oldest posts of the smaller buckets into its spare rows, padded
-up: the engine is idle then, so the extra padding costs nothing that was in
-use, while every engine call saved is a fixed cost saved (a kernel launch or a
-GPU time slice, a Redis write) - at sparse traffic, where timeouts fire, those
-fixed costs are what limit latency. Full and window batches stay one bucket,
-so padding stays low when the engine is the bottleneck.
+the padded cost ``bucket x rows`` exceeds the token budget.
+
+With ``merge_smaller_on_timeout`` (for GPUs), a **timeout** batch also takes the
+oldest posts of the smaller buckets into its spare rows, padded up: an engine
+stream is idle then, so the extra padding uses capacity nobody else wanted,
+while every engine call saved is a fixed cost saved (a GPU time slice, a Redis
+write) - at sparse traffic, where timeouts fire, those fixed costs are what
+limit latency. Off by default: on a CPU the cost of a batch grows with its
+padded tokens, so merging would spend more than it saves. Full and window
+batches always stay one bucket, so padding stays low when the engine is busy.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class BatchingPolicy:
             least the largest bucket, so any admitted post fits alone.
         window: the longest a post waits for its batch to fill.
         timeout: with an idle engine stream, the longest a post waits.
+        merge_smaller_on_timeout: a timeout batch fills its spare rows with the
+            oldest posts of smaller buckets (see the module docstring).
     """
 
     buckets: tuple[int, ...] = (32, 64, 128, 256)
@@ -61,6 +66,7 @@ class BatchingPolicy:
     max_tokens: int = 8192
     window: float = 0.050
     timeout: float = 0.020
+    merge_smaller_on_timeout: bool = False
 
     def __post_init__(self) -> None:
         if not self.buckets or list(self.buckets) != sorted(set(self.buckets)):
@@ -92,7 +98,11 @@ class Pending(Generic[Item]):
 
 @dataclass(frozen=True)
 class FormedBatch(Generic[Item]):
-    """What the batcher hands to an engine stream: posts of one bucket, in arrival order."""
+    """What the batcher hands to an engine stream: posts padded to one bucket.
+
+    Posts of that bucket in arrival order, then (a merged timeout batch only) the oldest posts of
+    smaller buckets.
+    """
 
     bucket: int
     entries: tuple[Pending[Item], ...]
@@ -189,7 +199,7 @@ class Batcher(Generic[Item]):
         bucket, reason = due
         entries = take_batch(self._queues[bucket], bucket, self.policy)
         room = self.policy.capacity(bucket) - len(entries)
-        if reason is FlushReason.TIMEOUT and room > 0:
+        if reason is FlushReason.TIMEOUT and self.policy.merge_smaller_on_timeout and room > 0:
             smaller = [queue for b, queue in self._queues.items() if b < bucket]
             entries += tuple(take_smaller(smaller, room))
         return FormedBatch(bucket, entries, reason, now)

@@ -5,10 +5,11 @@ shape of Polygraphy's TensorRT runner and TensorRT's ``common_runtime.py``:
 
 * one ``IExecutionContext`` per slot, each on its own non-blocking CUDA stream,
   because a context holds per-inference state and must never be shared by threads;
-* the plan has one *set* of optimization profiles per stream, one profile per manifest
-  bucket in each (see ``tensorrt_build``): TensorRT's docs allow a profile to be used by
+* the plan has one *set* of optimization profiles per stream, one profile per bucket it was
+  built for in each (the manifest's, or ``build-engine --buckets``; every serving bucket must
+  be among them; see ``tensorrt_build``): TensorRT's docs allow a profile to be used by
   only one context at a time, so slot ``s`` uses set ``s % profile_sets`` and a batch's
-  profile is ``set * len(buckets) + bucket_index``. A plan with fewer sets than streams
+  profile is ``set * len(plan buckets) + bucket_index``. A plan with fewer sets than streams
   still runs (TensorRT 10 may tolerate sharing) with a warning to rebuild it. A slot
   switches profile only when the bucket changes (a switch costs resource updates on
   the next enqueue);
@@ -165,6 +166,7 @@ class TensorRTEngine(Engine):
         self._trt, self._cudart, self._plan, self.device = trt, cudart, plan, device
         self.max_rows = 0
         self.profile_sets = 0
+        self._plan_buckets: list[int] = []  # the bucket of each profile in a set, as the plan was built
         self._runtime: Any = None
         self._engine: Any = None
         self._dtypes: dict[str, np.dtype] = {}
@@ -231,19 +233,26 @@ class TensorRTEngine(Engine):
         if tuple(engine.get_tensor_shape(manifest.output))[-1] not in (-1, len(self.labels)):
             raise EngineError(f"plan output {manifest.output} does not have {len(self.labels)} columns")
         self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
-        # Profile set * len(buckets) + i must be bucket i: that is how build_plan adds them
-        # and how _run selects them.
-        buckets, count = list(manifest.buckets), engine.num_optimization_profiles
-        if count < 1 or count % len(buckets):
-            raise EngineError(
-                f"plan has {count} profiles for buckets {buckets}, not a positive multiple of {len(buckets)}; "
-                "rebuild it"
-            )
+        # build_plan adds sets of one profile per bucket, increasing: profile set * len(plan buckets) + i
+        # is the plan's bucket i, which is how _run selects it. The serving buckets (batching.buckets)
+        # may be any of the plan's.
+        count = engine.num_optimization_profiles
+        if count < 1:
+            raise EngineError("plan has 0 optimization profiles; rebuild it")
         largest = [tuple(engine.get_tensor_profile_shape(manifest.inputs[0], i)[2]) for i in range(count)]
-        if [s[1] for s in largest] != buckets * (count // len(buckets)):
-            raise EngineError(f"plan profiles {largest} were not built for buckets {buckets}; rebuild it")
+        widths = [shape[1] for shape in largest]
+        per_set = next((i for i in range(1, count) if widths[i] <= widths[i - 1]), count)
+        plan_buckets = widths[:per_set]
+        if count % per_set or widths != plan_buckets * (count // per_set):
+            raise EngineError(f"plan profiles {largest} are not repeated sets of one bucket list; rebuild it")
+        missing = [bucket for bucket in manifest.buckets if bucket not in plan_buckets]
+        if missing:
+            raise EngineError(
+                f"plan was not built for buckets {missing} (it has {plan_buckets}); rebuild it for the serving "
+                f"buckets: build-engine --buckets {','.join(map(str, manifest.buckets))}")
+        self._plan_buckets = plan_buckets
         self.max_rows = min(s[0] for s in largest)
-        self.profile_sets = count // len(buckets)
+        self.profile_sets = count // per_set
         if sidecar is None:
             return
         if sidecar["max_rows"] != self.max_rows:
@@ -291,7 +300,7 @@ class TensorRTEngine(Engine):
     def _run(self, slot: _Slot, buffers: _SlotBuffers, batch: TokenBatch) -> np.ndarray:
         context, manifest = slot.context, self.version.manifest
         handle = int(slot.stream)  # TensorRT takes the raw cudaStream_t as an int
-        buckets = manifest.buckets
+        buckets = self._plan_buckets
         profile = slot.profile_set * len(buckets) + buckets.index(batch.bucket)
         if slot.profile != profile:
             # On the slot's own stream, so the switch is ordered before the copies and the enqueue.

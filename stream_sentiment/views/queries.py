@@ -188,4 +188,5 @@ def window_label(seconds: int) -> str:
 
 
 def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    # Lenient: an entry some other program wrote must not break every page that reads the stream.
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value

@@ -67,7 +67,8 @@ def render_top(snapshot: TopSnapshot, *, min_posts: int) -> RenderableType:
         table.add_column("share")
         table.add_column("alert")
         for rank, row in enumerate(rows, start=1):
-            table.add_row(str(rank), dimension_label(row.dimension, row.value), f"{row.negative_ratio:.0%}",
+            # Text, not str: a topic like "[/]" comes from a post and must not be parsed as rich markup.
+            table.add_row(str(rank), Text(dimension_label(row.dimension, row.value)), f"{row.negative_ratio:.0%}",
                           f"{row.negative:,}/{row.posts:,}", f"{row.mean_p_negative:.2f}", _bar(row.negative_ratio),
                           Text("ALERT", style="bold red") if row.alerting else "")
         if not rows:

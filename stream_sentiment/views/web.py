@@ -17,6 +17,7 @@ import asyncio
 import html
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -27,13 +28,19 @@ from redis.exceptions import RedisError
 
 from stream_sentiment.views.queries import AlertEntry, AnalystQueries
 
-__all__ = ["PAGE_PATH", "SIGN_IN_PATH", "VIEW_PREFIX", "AlertPage", "PageSettings", "page_settings", "sign_in_page"]
+__all__ = [
+    "PAGE_PATH", "SIGN_IN_PATH", "STATIC_PREFIX", "VIEW_PREFIX", "AlertPage", "PageSettings", "page_settings",
+    "sign_in_page",
+]
 
 log = logging.getLogger(__name__)
 
 VIEW_PREFIX = "/alerts"
 PAGE_PATH = "/alerts"
 SIGN_IN_PATH = "/alerts/sign-in"
+STATIC_PREFIX = "/alerts/static/"
+# A Redis stream entry id, the only Last-Event-ID this feed ever sends.
+STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 STATIC_FILES = {"alerts.js": "text/javascript", "alerts.css": "text/css"}
 # Scripts and styles come only from this server: alert texts are posts from the internet.
 SECURITY_HEADERS = {
@@ -82,7 +89,7 @@ class AlertPage:
         app.router.add_get(f"{VIEW_PREFIX}/feed", self._feed)
         app.router.add_get(f"{VIEW_PREFIX}/api/series", self._series)
         app.router.add_get(f"{VIEW_PREFIX}/api/values", self._values)
-        app.router.add_get(VIEW_PREFIX + "/static/{name}", self._static_file)
+        app.router.add_get(STATIC_PREFIX + "{name}", self._static_file)
         # Open event streams would hold the server's shutdown for its whole timeout; they end on this.
         app.on_shutdown.append(self._on_shutdown)
 
@@ -141,13 +148,19 @@ class AlertPage:
             await response.prepare(request)
             try:
                 await self._stream(request, response)
-            except (ConnectionResetError, asyncio.CancelledError):
-                pass  # the browser went away, or the server is stopping
+            except ConnectionResetError:
+                pass  # the browser went away
+            except (RedisError, OSError) as error:
+                # The response has started, so no error status can be sent: end it, and the browser
+                # reconnects after the advertised retry delay, resuming from its last event id.
+                log.warning("alert feed: reading the alert stream failed: %s", error)
             return response
 
     async def _stream(self, request: web.Request, response: web.StreamResponse) -> None:
         await response.write(b"retry: 2000\n\n")  # reconnect soon after a worker restart
         last_id = request.headers.get("Last-Event-ID", "").strip()
+        if not STREAM_ID.fullmatch(last_id):
+            last_id = ""  # not an id this feed sent: start over with the backlog rather than fail every read
         if last_id:
             backlog: list[AlertEntry] = []
         else:

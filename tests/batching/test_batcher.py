@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -38,8 +40,11 @@ def test_timeout_fallback_flushes_early_only_when_an_engine_stream_is_idle():
     assert batch is not None and batch.reason is FlushReason.TIMEOUT and batch.rows == 1
 
 
+MERGING = dataclasses.replace(POLICY, merge_smaller_on_timeout=True)
+
+
 def test_a_timeout_batch_fills_its_spare_rows_with_the_oldest_smaller_posts():
-    batcher: Batcher[str] = Batcher(POLICY)
+    batcher: Batcher[str] = Batcher(MERGING)
     batcher.add("m1", tokens(40), now=0.000)   # bucket 64, the oldest post
     batcher.add("s1", tokens(10), now=0.001)   # bucket 32
     batcher.add("s2", tokens(20), now=0.002)
@@ -57,8 +62,17 @@ def test_a_timeout_batch_fills_its_spare_rows_with_the_oldest_smaller_posts():
     assert batcher.pending == 0
 
 
-def test_a_window_batch_stays_one_bucket():
+def test_without_merging_a_timeout_batch_stays_one_bucket():
     batcher: Batcher[str] = Batcher(POLICY)
+    batcher.add("m1", tokens(40), now=0.0)
+    batcher.add("s1", tokens(10), now=0.001)
+    batch = batcher.poll(now=0.020, engine_idle=True)
+    assert batch is not None and batch.reason is FlushReason.TIMEOUT
+    assert (batch.bucket, [e.item for e in batch.entries]) == (64, ["m1"])
+
+
+def test_a_window_batch_stays_one_bucket():
+    batcher: Batcher[str] = Batcher(MERGING)
     batcher.add("m1", tokens(40), now=0.0)
     batcher.add("s1", tokens(10), now=0.001)
     batch = batcher.poll(now=0.050, engine_idle=False)
@@ -125,9 +139,10 @@ arrivals = st.lists(
 
 
 @settings(max_examples=200, deadline=None)
-@given(arrivals=arrivals, max_rows=st.integers(1, 16), max_tokens=st.integers(256, 2048))
-def test_property_budget_order_and_completeness(arrivals, max_rows, max_tokens):
-    policy = BatchingPolicy(max_rows=max_rows, max_tokens=max_tokens, window=0.05, timeout=0.02)
+@given(arrivals=arrivals, max_rows=st.integers(1, 16), max_tokens=st.integers(256, 2048), merge=st.booleans())
+def test_property_budget_order_and_completeness(arrivals, max_rows, max_tokens, merge):
+    policy = BatchingPolicy(max_rows=max_rows, max_tokens=max_tokens, window=0.05, timeout=0.02,
+                            merge_smaller_on_timeout=merge)
     batcher: Batcher[int] = Batcher(policy)
     now, batches = 0.0, []
     for index, (length, gap, idle) in enumerate(arrivals):

@@ -88,6 +88,19 @@ def expected(batch: TokenBatch) -> np.ndarray:
     return softmax(fake_logits(batch.input_ids, batch.attention_mask))
 
 
+def test_a_plan_serves_any_subset_of_the_buckets_it_was_built_for(engine_version, trt, cuda):
+    # batching.buckets [64, 256] (e.g. the pad-to-max baseline uses [256]) on the default four-bucket plan.
+    serving = engine_version.serving((64, 256))
+    rng = np.random.default_rng(1)
+    batches = [random_batch(rng, 64, 2), random_batch(rng, 256, 1)]
+    plan = fake_plan(engine_version.manifest.buckets, profile_sets=2)
+    with TensorRTEngine(serving, 2, trt=trt, cudart=cuda, plan=plan) as engine:
+        for batch in batches:
+            np.testing.assert_allclose(engine.infer(batch, stream=1), expected(batch), atol=1e-6)
+    # Stream 1 uses the second set: the plan's bucket 64 is its profile 4 + 1, bucket 256 is 4 + 3.
+    assert [index for log in trt.logs for index, _ in log.profiles] == [5, 7]
+
+
 def test_profile_follows_the_bucket_and_is_switched_only_when_it_changes(engine_version, trt, cuda):
     rng = np.random.default_rng(0)
     batches = [random_batch(rng, bucket, rows) for bucket, rows in [(32, 3), (64, 2), (32, 5), (32, 1)]]
@@ -301,11 +314,11 @@ def test_sidecar_that_disagrees_with_the_plan_is_refused(engine_copy, trt, cuda,
 @pytest.mark.parametrize(
     ("plan_options", "message"),
     [
-        ({"buckets": (32, 64)}, "2 profiles for buckets"),
-        ({"buckets": (32, 64, 128, 256, 32, 64)}, "6 profiles for buckets .* not a positive multiple of 4"),
-        ({"buckets": ()}, "0 profiles for buckets"),
-        ({"buckets": (32, 64, 128, 512)}, "not built for buckets"),
-        ({"buckets": (32, 64, 128, 256, 32, 64, 256, 128)}, "not built for buckets"),  # the second set is wrong
+        ({"buckets": (32, 64)}, r"not built for buckets \[128, 256\] .*--buckets 32,64,128,256"),
+        ({"buckets": (32, 64, 128, 256, 32, 64)}, "not repeated sets of one bucket list"),
+        ({"buckets": ()}, "0 optimization profiles"),
+        ({"buckets": (32, 64, 128, 512)}, r"not built for buckets \[256\]"),
+        ({"buckets": (32, 64, 128, 256, 32, 64, 256, 128)}, "not repeated sets"),  # the second set is wrong
         ({"inputs": ("ids", "mask")}, "do not match the manifest"),
         ({"labels": 2}, "does not have 3 columns"),
     ],

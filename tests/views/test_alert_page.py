@@ -63,6 +63,8 @@ def test_with_a_token_the_page_asks_for_it_and_its_cookie_opens_only_the_page(re
                 assert response.status == 401 and 'name="token"' in await response.text()
             async with http.get(f"{base}/alerts/api/values") as response:
                 assert response.status == 401
+            async with http.get(f"{base}/alerts/static/alerts.css") as response:  # the sign-in page's style
+                assert response.status == 200
             async with http.post(f"{base}/alerts/sign-in", data={"token": "wrong"}) as response:
                 assert response.status == 401 and "The token was not accepted." in await response.text()
                 assert VIEW_COOKIE not in response.cookies
@@ -105,6 +107,11 @@ def test_without_a_token_the_loopback_page_is_open_and_the_admin_routes_stay_shu
                 assert response.status == 404
             async with http.get(f"{server.url}/admin/engines") as response:
                 assert response.status == 401
+            # A web page that points its own name at 127.0.0.1 (DNS rebinding) is not this machine's user.
+            async with http.get(f"{server.url}/alerts/api/values", headers={"Host": "evil.example"}) as response:
+                assert response.status == 403
+            async with http.get(f"{server.url}/alerts", headers={"Host": "localhost"}) as response:
+                assert response.status == 200
         await client.aclose()
 
     asyncio.run(run())
@@ -156,6 +163,10 @@ def test_the_feed_sends_recent_alerts_then_new_ones_and_resumes_after_a_reconnec
                 [missed] = await _events(response, 1)
                 assert missed["id"] == third
                 assert json.loads(missed["data"], parse_constant=_refuse)["z"] is None
+            # An id this feed never sent: the backlog again, not a reader stuck on failing XREADs.
+            async with http.get(f"{server.url}/alerts/feed", headers={"Last-Event-ID": "zzz"}) as response:
+                replayed = await _events(response, 3)
+                assert [event["id"] for event in replayed] == [first, second, third]
         await client.aclose()
 
     asyncio.run(run())

@@ -77,6 +77,19 @@ def test_top_refreshes_until_its_duration_ends(redis_server, redis_factory):
     assert "topic=airline" in output and "80%" in output, output
 
 
+def test_a_value_that_looks_like_markup_is_shown_as_it_is(redis_server, redis_factory, capsys):
+    async def seed() -> None:
+        client = redis_factory(async_client=True)
+        await write_posts(client, "markup", RULES, time.time() - 2, {"oops[/]": (6, 6), "[bold]x[/bold]": (6, 1)})
+        await client.aclose()
+
+    asyncio.run(seed())
+    assert main(["top", "--once", "--redis-url", redis_server.url, "--redis-prefix", "markup", "--windows", "60",
+                 "--min-posts", "5"]) == 0
+    output = capsys.readouterr().out
+    assert "topic=oops[/]" in output and "topic=[bold]x[/bold]" in output
+
+
 def test_an_empty_window_says_so(redis_server, redis_factory, capsys):
     redis_factory()  # flushes
     assert main(["top", "--once", "--redis-url", redis_server.url, "--redis-prefix", "empty", "--windows", "60"]) == 0

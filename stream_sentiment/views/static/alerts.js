@@ -62,7 +62,12 @@ function connectFeed() {
   let replaying = true;
   source.addEventListener("open", () => { status.dataset.state = "live"; status.textContent = "live"; });
   source.addEventListener("error", () => {
-    status.dataset.state = "reconnecting"; status.textContent = "reconnecting…";  // EventSource retries by itself
+    if (source.readyState === EventSource.CLOSED) {
+      // Refused (signed out, or too many feeds): EventSource gives up for good.
+      status.dataset.state = "closed"; status.textContent = "disconnected: reload the page";
+    } else {
+      status.dataset.state = "reconnecting"; status.textContent = "reconnecting…";  // it retries by itself
+    }
   });
   source.addEventListener("alert", (event) => {
     const alert = JSON.parse(event.data);
