@@ -412,8 +412,10 @@ class Worker:
                     self._engine_down()
                 return
             if pool is self.pool:
-                self.shadow.extend((tuple(e.token_ids), int(np.argmax(row)))
-                                   for e, row in zip(batch.entries, probabilities, strict=True))
+                # Only the newest posts stay in the bounded sample: the tail of the batch is enough.
+                keep = self.shadow.maxlen or 0
+                tail = zip(batch.entries[-keep:], probabilities[-keep:], strict=True) if keep else ()
+                self.shadow.extend((tuple(e.token_ids), int(np.argmax(row))) for e, row in tail)
             for entry, row in zip(batch.entries, probabilities, strict=True):
                 admitted = entry.item
                 progress = self.progress.get(admitted.partition)

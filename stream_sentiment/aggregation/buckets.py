@@ -15,10 +15,11 @@ offset range in one atomic call.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stream_sentiment.modeling.corpora import LABELS
 from stream_sentiment.sinks.redis_sink import Increments
@@ -82,9 +83,12 @@ class ScoredPost:
     # When Kafka appended the record (its timestamp): the start of the end-to-end latency.
     appended_at: float | None = None
 
-    @property
-    def label(self) -> str:
-        return LABELS[max(range(3), key=self.probabilities.__getitem__)]
+    # The most probable label, set once: it is read for the totals, every dimension's bucket and
+    # the metrics of each post (a property recomputed it each time; cached_property takes a lock on 3.11).
+    label: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label", LABELS[max(range(3), key=self.probabilities.__getitem__)])
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,9 @@ def increments_for(
     outcomes: Iterable[ScoredPost | Rejection], now: float, rules: BucketRules, keys: RedisKeys
 ) -> Increments:
     increments = Increments()
+    # The best candidates per sample set, serialized only once the few that are kept are known:
+    # JSON-encoding every negative post for every dimension was the most expensive part of a range.
+    offers: dict[str, list[tuple[float, int, Post]]] = {}
     for outcome in outcomes:
         if isinstance(outcome, Rejection):
             increments.add(keys.totals, "dead_lettered")
@@ -139,8 +146,12 @@ def increments_for(
             increments.expiring.add(keys.dimension_values(start))
             if rules.sample_posts and outcome.label == "negative":
                 samples = keys.samples(dimension, value, start)
-                increments.add_sample(samples, sample_member(outcome.post), outcome.probabilities[0])
+                offers.setdefault(samples, []).append((outcome.probabilities[0], len(offers[samples]), outcome.post))
                 increments.expiring.add(samples)
+    for samples, candidates in offers.items():
+        # The index breaks ties in arrival order and keeps posts from being compared.
+        for score, _, post in heapq.nlargest(rules.sample_posts, candidates, key=lambda c: (c[0], -c[1])):
+            increments.add_sample(samples, sample_member(post), score)
     increments.keep_samples = rules.sample_posts
     return increments
 
