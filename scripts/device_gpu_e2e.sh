@@ -44,5 +44,6 @@ if [[ "${MPS:-0}" == 1 ]]; then
 fi
 
 # The device tool stops a command at 600 s: stop the bench first, so it cleans up and keeps its JSON.
-timeout --signal=TERM --kill-after=20 560 \
+# BENCH_TIMEOUT shortens it when one call runs the bench twice.
+timeout --signal=TERM --kill-after=20 "${BENCH_TIMEOUT:-560}" \
   python3 bench/gpu_e2e.py --json "$out/gpu_e2e.json" "$@" 2>&1 | tee "$out/gpu_e2e.log"

@@ -69,6 +69,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_server(args: argparse.Namespace) -> int:
+    import logging
+
+    from stream_sentiment.config import Settings
+    from stream_sentiment.service import serve_engines
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine: dict[str, object] = {"backend": args.backend, "streams": args.streams, "server_socket": args.socket}
+    settings = Settings.load(args.config, engine={k: v for k, v in engine.items() if v is not None})
+    serve_engines(settings, preload=not args.no_preload)
+    return 0
+
+
 # The issue's name for the admin token; the settings' own nested form STREAM_SENTIMENT_ADMIN__TOKEN works too.
 ADMIN_TOKEN_ENV = "STREAM_SENTIMENT_ADMIN_TOKEN"  # noqa: S105 (a variable name, not a secret)
 
@@ -314,6 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--admin-token-file", type=Path, default=None,
                      help=f"file holding the admin bearer token (else ${ADMIN_TOKEN_ENV})")
     run.set_defaults(handler=_run)
+
+    server = commands.add_parser("engine-server", help="own this host's GPU and score batches for every worker "
+                                                       "whose engine.backend is engine-server")
+    server.add_argument("--socket", type=Path, default=None, help="Unix socket to listen on "
+                                                                  "(overrides engine.server_socket)")
+    server.add_argument("--backend", choices=["torch-cuda", "tensorrt", "onnxruntime"], default=None,
+                        help="the device backend (overrides engine.backend)")
+    server.add_argument("--streams", type=int, default=None,
+                        help="CUDA streams (execution slots) per loaded engine (overrides engine.streams)")
+    server.add_argument("--config", type=Path, default=None, help="TOML or JSON settings file")
+    server.add_argument("--no-preload", action="store_true",
+                        help="load versions only when a worker asks (default: warm engine.version at start)")
+    server.set_defaults(handler=_engine_server)
 
     engines = commands.add_parser("engines", help="list, activate or roll back engine versions "
                                                   "through a running worker's admin endpoint")

@@ -59,8 +59,14 @@ class EngineSettings(_Group):
         "Model folder in the repository: a plain name, never a path. Default: the shipped model."))
     version: str = Field(default="v1", pattern=NAME_PATTERN, description=(
         "Engine version folder to serve: a plain name, never a path. Default: the committed INT8 engine."))
-    backend: Literal["onnxruntime", "tensorrt", "torch-cuda"] = Field(default="onnxruntime", description=(
-        "Inference backend; ONNX Runtime because every install has that CPU path (the others need a GPU)."))
+    backend: Literal["onnxruntime", "tensorrt", "torch-cuda", "engine-server"] = Field(
+        default="onnxruntime", description=(
+            "Inference backend; ONNX Runtime because every install has that CPU path (tensorrt and torch-cuda need "
+            "a GPU). `engine-server`: batches go to this host's `stream-sentiment engine-server`, one process "
+            "owning the GPU for every worker (no time-slicing between workers' CUDA contexts)."))
+    server_socket: Path | None = Field(default=None, description=(
+        "Unix socket of the host's engine server: where `engine-server` listens and `engine-server` workers "
+        "connect. Unset unless that backend is used; put it in a folder only the service's user can enter."))
     streams: int = Field(default=1, ge=1, description=(
         "Independent execution slots scoring batches concurrently; 1, as one CPU slot already uses every core."))
     threads_per_stream: int | None = Field(default=None, ge=1, description=(
@@ -77,6 +83,12 @@ class EngineSettings(_Group):
         "Fault injection for tests: every k-th engine call of each stream fails. Unset (off) in production."))
     fault_broken_stream: int | None = Field(default=None, ge=0, description=(
         "Fault injection for tests: every call on this stream fails, rebuilt or not. Unset (off) in production."))
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.backend == "engine-server" and self.server_socket is None:
+            raise ValueError("backend engine-server needs server_socket (the engine server's Unix socket)")
+        return self
 
 
 class BatchingSettings(_Group):

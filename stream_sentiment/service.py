@@ -49,6 +49,12 @@ def open_engine(
 
         # Graphs are captured for batch sizes up to the batcher's largest batch, not beyond.
         engine = TorchCudaEngine(loaded, engine_settings.streams, max_rows=settings.batching.max_rows)
+    elif backend == "engine-server":
+        from stream_sentiment.engines.server_backend import EngineServerEngine
+
+        assert engine_settings.server_socket is not None  # the settings validator requires it
+        engine = EngineServerEngine(loaded, engine_settings.streams, socket_path=engine_settings.server_socket,
+                                    max_rows=settings.batching.max_rows, timeout_s=engine_settings.call_timeout_s)
     else:  # the settings type admits no other value; a guard for callers passing strings
         raise BackendUnavailableError(f"unknown backend {backend!r}")
     faults = engine_settings.fault_every_kth_call is not None or engine_settings.fault_broken_stream is not None
@@ -116,6 +122,27 @@ async def serve(settings: Settings) -> None:
     stop = asyncio.Event()
     stop_on_signals(stop)
     await run_worker(settings, stop)
+
+
+def serve_engines(settings: Settings, *, preload: bool = True) -> None:
+    """Run the host's engine server until SIGINT/SIGTERM (``stream-sentiment engine-server``).
+
+    With ``preload`` the configured version (``engine.version``, ``batching.buckets``, ``batching.max_rows``)
+    is loaded and warmed before the socket is announced as ready, so the first worker does not wait.
+    """
+    import threading
+
+    from stream_sentiment.engines.server import EngineServer
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    server = EngineServer(settings, open_engine)
+    with server:
+        if preload:
+            server.preload()
+        print(f"engine server ready on {server.socket_path}: {server.hosted()}", flush=True)
+        stop.wait()
 
 
 def read_stats(settings: Settings) -> dict[str, Any]:

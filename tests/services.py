@@ -4,7 +4,9 @@ Load it from the top-level conftest with ``pytest_plugins = ["tests.services"]``
 
 Fixtures:
 
-* ``kafka`` (session): a running :class:`EmbeddedKafka`; use ``kafka.bootstrap_servers``.
+* ``kafka`` (module): a running :class:`EmbeddedKafka`; use ``kafka.bootstrap_servers``. One broker
+  per test module: Tansu keeps everything in memory and gets slower as it holds more topics and
+  records, so a late module in a long session would otherwise inherit every earlier module's load.
 * ``redis_server`` (session): a running :class:`EmbeddedRedis`; use ``redis_server.url``.
 * ``topic_factory``: ``topic_factory(partitions=1, prefix="test") -> str`` creates a topic with a
   unique name on ``kafka``. Topics are never deleted: names are unique and storage is in memory.
@@ -35,9 +37,9 @@ from stream_sentiment.embedded import EmbeddedKafka, EmbeddedRedis
 FAST_GROUP_CONFIG: dict[str, int] = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kafka() -> Iterator[EmbeddedKafka]:
-    """One Tansu broker for the whole session, on a free loopback port."""
+    """A fresh Tansu broker for each test module (~60 ms to start), on a free loopback port."""
     with EmbeddedKafka() as broker:
         yield broker
 

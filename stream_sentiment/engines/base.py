@@ -98,14 +98,17 @@ class Engine(abc.ABC):
 
         Blocking: the pipeline calls it from a worker thread, one thread per slot.
         """
+        return softmax(self.logits(batch, stream))
+
+    def logits(self, batch: TokenBatch, stream: int = 0) -> np.ndarray:
+        """The raw model outputs ``[rows, len(labels)]`` behind :meth:`infer` (the engine server sends these)."""
         if not self.is_active:
             raise EngineError(f"{self.describe()} is not active")
         if not 0 <= stream < self.streams:
             raise EngineError(f"stream {stream} out of range 0..{self.streams - 1}")
         if batch.bucket not in self.version.manifest.buckets:
             raise EngineError(f"bucket {batch.bucket} is not one of {self.version.manifest.buckets}")
-        logits = self._infer_impl(batch, stream)
-        return softmax(logits)
+        return self._infer_impl(batch, stream)
 
     def rebuild(self, stream: int) -> None:
         """Throw away one slot's state and create it again (after a failed call)."""

@@ -1,0 +1,412 @@
+"""The engine server: one process owns the GPU and scores batches for every worker on the host.
+
+Why a separate process: one Python worker process decodes, tokenizes and aggregates far
+fewer posts per second than one GPU scores, so a GPU host runs several workers. Each
+with its own engine, every worker is its own CUDA context, and the GPU time-slices
+between contexts: a four-row batch then waits for the other processes' slices, which
+is most of the end-to-end latency at moderate load (``docs/benchmarks.md``). Here the
+workers keep the CPU work and send their token batches (``backend = "engine-server"``)
+to this one process, which runs them on its engine's CUDA streams in one context.
+
+The server is driven by its clients. A client connection (one per client slot) opens
+with HELLO naming the engine version, the length buckets and the largest batch it
+serves; the server loads and warms that engine on first request -- a hot swap on a
+worker asks for the new version the same way -- and keeps it while any connection
+uses it. Versions are names in the server's own engine repository (never paths), and
+the model file's sha256 must equal the client's, so both sides serve the same bytes.
+
+Each connection has its own thread; a request takes a free engine stream, runs, and
+gives it back, so streams are never shared between threads. A call that fails is
+answered with ERROR and its stream rebuilt (the client's slot pool retries, as for
+any engine failure); a stream that cannot be rebuilt leaves rotation, and with none
+left every request is answered with ERROR, so workers fall back or pause.
+
+The socket file is created mode 0600 in its folder: only the server's own user (the
+workers run as the same user) can connect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.exposition import start_http_server
+
+from stream_sentiment.config import Settings
+from stream_sentiment.engines import wire
+from stream_sentiment.engines.base import Engine
+from stream_sentiment.engines.manifest import VERSION_PATTERN, EngineRepository, EngineRepositoryError, EngineVersion
+
+log = logging.getLogger(__name__)
+
+OpenEngine = Callable[[Settings], tuple[EngineVersion, Engine]]
+SERVER_BACKEND = "engine-server"
+# Latency buckets for one engine call on a GPU: tens of microseconds to a slow, large batch.
+CALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.5, 2.0)
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """What a client serves: an engine is shared only by clients asking for the same shapes."""
+
+    version: str
+    buckets: tuple[int, ...]
+    max_rows: int
+
+
+@dataclass
+class _Hosted:
+    key: EngineKey
+    version: EngineVersion
+    engine: Engine
+    free: queue.SimpleQueue[int] = field(default_factory=queue.SimpleQueue)
+    lost: set[int] = field(default_factory=set)
+    clients: int = 0
+    pinned: bool = False
+
+    def __post_init__(self) -> None:
+        for stream in range(self.engine.streams):
+            self.free.put(stream)
+
+    @property
+    def working(self) -> bool:
+        return len(self.lost) < self.engine.streams
+
+
+class EngineServerMetrics:
+    """The server's Prometheus metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        ns = "stream_sentiment"
+        ProcessCollector(registry=r)
+        self.calls = Counter("engine_server_calls", "Engine calls served, by outcome (ok, engine_error, bad_request).",
+                             ["outcome"], namespace=ns, registry=r)
+        self.rows = Counter("engine_server_rows", "Posts scored by the engine server.", namespace=ns, registry=r)
+        self.call_seconds = Histogram("engine_server_call_seconds", "One engine call on the device, copies included.",
+                                      buckets=CALL_BUCKETS, namespace=ns, registry=r)
+        self.stream_wait = Histogram("engine_server_stream_wait_seconds",
+                                     "How long a request waited for a free engine stream.",
+                                     buckets=CALL_BUCKETS, namespace=ns, registry=r)
+        self.clients = Gauge("engine_server_clients", "Open client connections (worker slots).",
+                             namespace=ns, registry=r)
+        self.engines = Gauge("engine_server_engines", "Engines loaded (one per version and shape set).",
+                             namespace=ns, registry=r)
+        self.lost_streams = Gauge("engine_server_lost_streams", "Engine streams out of rotation, over all engines.",
+                                  namespace=ns, registry=r)
+
+
+class EngineServer:
+    """Serves ``settings.engine.backend`` engines to ``engine-server`` clients on a Unix socket.
+
+    Args:
+        settings: the server's settings: ``engine.backend`` (the device backend), ``engine.streams``,
+            ``engine.repository``/``model`` and ``engine.server_socket``.
+        open_engine: ``settings -> (version, engine)``, not yet activated (``service.open_engine``);
+            called with ``engine.version``, ``batching.buckets`` and ``batching.max_rows`` set to a
+            client's request.
+        metrics: where to count; new ones when not given.
+    """
+
+    def __init__(self, settings: Settings, open_engine: OpenEngine, *,
+                 metrics: EngineServerMetrics | None = None) -> None:
+        if settings.engine.backend == SERVER_BACKEND:
+            raise ValueError("the engine server needs a device backend (torch-cuda, tensorrt, onnxruntime) in "
+                             "engine.backend, not engine-server")
+        if settings.engine.server_socket is None:
+            raise ValueError("the engine server needs engine.server_socket (STREAM_SENTIMENT_ENGINE__SERVER_SOCKET)")
+        self.settings = settings
+        self.socket_path = Path(settings.engine.server_socket)
+        self.open_engine = open_engine
+        self.metrics = metrics if metrics is not None else EngineServerMetrics()
+        self._hosted: dict[EngineKey, _Hosted] = {}
+        # Loads are rare and slow; one at a time keeps GPU memory predictable. Serving never takes it.
+        self._load_lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._closing = threading.Event()
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        """Listen on the socket (a stale file left by a dead server is replaced; a live one is an error)."""
+        path = self.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise FileExistsError(f"{path} exists and is not a socket")
+            if _answers(path):
+                raise OSError(f"an engine server already listens on {path}")
+            path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window in which others could connect
+        try:
+            listener.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        listener.listen(64)
+        listener.settimeout(0.2)  # accept() wakes up to notice close()
+        self._listener = listener
+        self._spawn(self._accept_loop, "engine-server-accept")
+        if self.settings.metrics_port:
+            start_http_server(self.settings.metrics_port, registry=self.metrics.registry)
+        log.info("engine server (%s, %d stream(s) per engine) listening on %s", self.settings.engine.backend,
+                 self.settings.engine.streams, path)
+        return self
+
+    def preload(self) -> EngineKey:
+        """Load and warm the configured version now and keep it, so the first worker finds it ready."""
+        settings = self.settings
+        buckets = settings.batching.buckets
+        if buckets is None:
+            repository = EngineRepository(settings.engine.repository, settings.engine.model)
+            buckets = repository.load(settings.engine.version).manifest.buckets
+        key = EngineKey(settings.engine.version, tuple(buckets), settings.batching.max_rows)
+        hosted = self._acquire(key, expected_sha256=None)
+        hosted.pinned = True
+        hosted.clients -= 1  # pinned instead of counted
+        return key
+
+    def loaded(self, key: EngineKey) -> tuple[EngineVersion, Engine]:
+        """The version and engine hosted under ``key`` (e.g. what :meth:`preload` returned)."""
+        with self._load_lock:
+            hosted = self._hosted[key]
+            return hosted.version, hosted.engine
+
+    def close(self) -> None:
+        """Stop accepting, drop every connection, release every engine, remove the socket."""
+        self._closing.set()
+        if self._listener is not None:
+            self._listener.close()
+        with self._connections_lock:
+            for connection in self._connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(5)
+        with self._load_lock:
+            for hosted in self._hosted.values():
+                hosted.engine.deactivate()
+            self._hosted.clear()
+            self.metrics.engines.set(0)
+        with contextlib.suppress(FileNotFoundError):
+            if self._listener is not None:
+                self.socket_path.unlink()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def hosted(self) -> list[dict[str, Any]]:
+        """What is loaded: version, buckets, rows, clients, lost streams (for logs and tests)."""
+        with self._load_lock:
+            return [{"version": k.version, "buckets": list(k.buckets), "max_rows": k.max_rows,
+                     "clients": h.clients, "pinned": h.pinned, "lost_streams": sorted(h.lost)}
+                    for k, h in self._hosted.items()]
+
+    # -- engines -------------------------------------------------------------------------------
+
+    def _acquire(self, key: EngineKey, expected_sha256: str | None) -> _Hosted:
+        with self._load_lock:
+            hosted = self._hosted.get(key)
+            if hosted is None:
+                hosted = self._load(key)
+                self._hosted[key] = hosted
+                self.metrics.engines.set(len(self._hosted))
+            if expected_sha256 is not None:
+                manifest = hosted.version.manifest
+                actual = manifest.files.get(manifest.model_file)
+                if actual != expected_sha256:
+                    self._release_locked(hosted, counted=False)
+                    raise EngineRepositoryError(
+                        f"the engine server's {hosted.version.label} has model sha256 {actual}, the worker's "
+                        f"{expected_sha256}: the two repositories hold different builds")
+            hosted.clients += 1
+            return hosted
+
+    def _load(self, key: EngineKey) -> _Hosted:
+        engine_settings = self.settings.engine.model_copy(update={"version": key.version})
+        batching = self.settings.batching.model_copy(update={"buckets": key.buckets, "max_rows": key.max_rows})
+        settings = self.settings.model_copy(update={"engine": engine_settings, "batching": batching})
+        version, engine = self.open_engine(settings)
+        started = time.perf_counter()
+        engine.activate()
+        try:
+            engine.warm_up()
+        except BaseException:
+            engine.deactivate()
+            raise
+        log.info("loaded %s for buckets %s, %d rows in %.1f s", engine.describe(), list(key.buckets), key.max_rows,
+                 time.perf_counter() - started)
+        return _Hosted(key, version, engine)
+
+    def _release(self, hosted: _Hosted) -> None:
+        with self._load_lock:
+            self._release_locked(hosted, counted=True)
+
+    def _release_locked(self, hosted: _Hosted, *, counted: bool) -> None:
+        if counted:
+            hosted.clients -= 1
+        if hosted.clients <= 0 and not hosted.pinned and self._hosted.get(hosted.key) is hosted:
+            # The last worker let go (a finished hot swap's old version): free its GPU memory.
+            del self._hosted[hosted.key]
+            self.metrics.engines.set(len(self._hosted))
+            hosted.engine.deactivate()
+            log.info("released %s", hosted.engine.describe())
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _spawn(self, target: Callable[..., None], name: str, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._closing.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            connection.settimeout(None)
+            with self._connections_lock:
+                self._connections.add(connection)
+            self._spawn(self._serve, "engine-server-client", connection)
+
+    def _serve(self, connection: socket.socket) -> None:
+        hosted: _Hosted | None = None
+        self.metrics.clients.inc()
+        try:
+            hosted = self._handshake(connection)
+            if hosted is None:
+                return
+            while not self._closing.is_set():
+                kind, body = wire.recv_frame(connection)
+                if kind != wire.INFER:
+                    wire.send_error(connection, f"expected INFER, got {kind!r}")
+                    return
+                self._answer(connection, hosted, body)
+        except (wire.WireError, OSError):
+            pass  # the worker went away (or the server is closing): nothing to answer
+        except Exception:
+            log.exception("engine server connection failed")
+        finally:
+            self.metrics.clients.dec()
+            with self._connections_lock:
+                self._connections.discard(connection)
+            with contextlib.suppress(OSError):
+                connection.close()
+            if hosted is not None:
+                self._release(hosted)
+
+    def _handshake(self, connection: socket.socket) -> _Hosted | None:
+        kind, body = wire.recv_frame(connection)
+        if kind != wire.HELLO:
+            wire.send_error(connection, f"expected HELLO, got {kind!r}")
+            return None
+        try:
+            hello = wire.parse_json(body)
+            key, sha256 = _parse_hello(hello)
+            hosted = self._acquire(key, sha256)
+        except Exception as error:  # a bad request or a failed load: the worker gets the reason
+            log.warning("refused a client: %s", error)
+            self.metrics.calls.labels("bad_request").inc()
+            wire.send_error(connection, f"{type(error).__name__}: {error}")
+            return None
+        engine = hosted.engine
+        wire.send_json(connection, wire.READY, {
+            "protocol": wire.PROTOCOL, "backend": engine.backend, "streams": engine.streams,
+            "labels": list(engine.labels), "describe": engine.describe(),
+        })
+        return hosted
+
+    def _answer(self, connection: socket.socket, hosted: _Hosted, body: memoryview) -> None:
+        try:
+            batch = wire.parse_batch(body)
+        except wire.WireError as error:
+            self.metrics.calls.labels("bad_request").inc()
+            wire.send_error(connection, str(error))
+            return
+        key = hosted.key
+        if batch.bucket not in key.buckets or batch.rows > key.max_rows:
+            self.metrics.calls.labels("bad_request").inc()
+            wire.send_error(connection, f"a {batch.rows} x {batch.bucket} batch is outside what this client "
+                                        f"announced (buckets {list(key.buckets)}, at most {key.max_rows} rows)")
+            return
+        if not hosted.working:
+            self.metrics.calls.labels("engine_error").inc()
+            wire.send_error(connection, f"no stream of {hosted.engine.describe()} works on the engine server")
+            return
+        waited = time.perf_counter()
+        try:
+            stream = hosted.free.get(timeout=self.settings.engine.call_timeout_s)
+        except queue.Empty:
+            self.metrics.calls.labels("engine_error").inc()
+            wire.send_error(connection, "no engine stream came free in time")
+            return
+        started = time.perf_counter()
+        self.metrics.stream_wait.observe(started - waited)
+        try:
+            logits = hosted.engine.logits(batch, stream)
+        except Exception as error:
+            self.metrics.calls.labels("engine_error").inc()
+            self._rebuild(hosted, stream, error)
+            wire.send_error(connection, f"{type(error).__name__}: {error}")
+            return
+        hosted.free.put(stream)
+        self.metrics.call_seconds.observe(time.perf_counter() - started)
+        self.metrics.calls.labels("ok").inc()
+        self.metrics.rows.inc(batch.rows)
+        wire.send_frame(connection, wire.LOGITS, *wire.logits_parts(logits))
+
+    def _rebuild(self, hosted: _Hosted, stream: int, error: BaseException) -> None:
+        log.warning("%s stream %d failed (%s): rebuilding", hosted.engine.describe(), stream, error)
+        try:
+            hosted.engine.rebuild(stream)
+        except Exception:
+            log.exception("%s stream %d could not be rebuilt: out of rotation", hosted.engine.describe(), stream)
+            hosted.lost.add(stream)
+            self.metrics.lost_streams.inc()
+            return
+        hosted.free.put(stream)
+
+
+def _parse_hello(hello: dict[str, Any]) -> tuple[EngineKey, str | None]:
+    if hello.get("protocol") != wire.PROTOCOL:
+        raise ValueError(f"protocol {hello.get('protocol')!r}, this server speaks {wire.PROTOCOL}")
+    version, buckets, max_rows = hello.get("version"), hello.get("buckets"), hello.get("max_rows")
+    if not isinstance(version, str) or not VERSION_PATTERN.match(version):
+        raise ValueError(f"version must be a plain version name, got {version!r}")
+    if not isinstance(buckets, list) or not buckets or not all(isinstance(b, int) and b > 0 for b in buckets):
+        raise ValueError(f"buckets must be positive integers, got {buckets!r}")
+    if not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
+    sha256 = hello.get("model_sha256")
+    return EngineKey(version, tuple(buckets), max_rows), sha256 if isinstance(sha256, str) else None
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True

@@ -1,0 +1,111 @@
+"""The engine server's wire format: length-prefixed frames on a Unix stream socket.
+
+A frame is ``<u32 little-endian length><kind byte><body>``, the length counting the kind
+byte and the body. A connection opens with HELLO (JSON: which version, buckets and batch
+size the client serves) answered by READY (JSON) or ERROR (UTF-8 text); then each INFER
+(a token batch) is answered by LOGITS or ERROR, one at a time, in order. One connection
+belongs to one client slot, so there is never more than one request in flight on it.
+
+Token ids travel as int32 (the vocabulary is far below 2**31) and the attention mask as
+uint8: 5 bytes per token instead of 16, since every batch crosses the socket twice.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from typing import Any
+
+import numpy as np
+
+from stream_sentiment.engines.base import TokenBatch
+
+PROTOCOL = 1
+HELLO, READY, INFER, LOGITS, ERROR = b"H", b"R", b"I", b"L", b"E"
+# 256 rows x 256 tokens x 5 bytes is 320 KiB; anything near this bound is garbage or abuse.
+MAX_FRAME_BYTES = 64 * 2**20
+_LENGTH = struct.Struct("<I")
+_SHAPE = struct.Struct("<II")
+
+
+class WireError(ConnectionError):
+    """The peer closed the connection, or sent something that is not a frame of this protocol."""
+
+
+def send_frame(sock: socket.socket, kind: bytes, *parts: bytes) -> None:
+    body = b"".join(parts)
+    sock.sendall(_LENGTH.pack(1 + len(body)) + kind + body)
+
+
+def recv_frame(sock: socket.socket) -> tuple[bytes, memoryview]:
+    """The next frame's kind and body; raises :class:`WireError` on EOF or an impossible length."""
+    (length,) = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size))
+    if not 1 <= length <= MAX_FRAME_BYTES:
+        raise WireError(f"frame of {length} bytes")
+    frame = memoryview(_recv_exact(sock, length))
+    return bytes(frame[:1]), frame[1:]
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytearray:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    received = 0
+    while received < size:
+        count = sock.recv_into(view[received:])
+        if count == 0:
+            raise WireError("connection closed by the peer")
+        received += count
+    return buffer
+
+
+def send_json(sock: socket.socket, kind: bytes, message: dict[str, Any]) -> None:
+    send_frame(sock, kind, json.dumps(message).encode())
+
+
+def parse_json(body: memoryview) -> dict[str, Any]:
+    try:
+        message = json.loads(bytes(body))
+    except ValueError as error:
+        raise WireError(f"not JSON: {error}") from None
+    if not isinstance(message, dict):
+        raise WireError("expected a JSON object")
+    return message
+
+
+def send_error(sock: socket.socket, text: str) -> None:
+    send_frame(sock, ERROR, text.encode("utf-8", "replace"))
+
+
+def batch_parts(batch: TokenBatch) -> tuple[bytes, bytes, bytes]:
+    rows, bucket = batch.input_ids.shape
+    return (_SHAPE.pack(rows, bucket), np.ascontiguousarray(batch.input_ids, dtype=np.int32).tobytes(),
+            np.ascontiguousarray(batch.attention_mask, dtype=np.uint8).tobytes())
+
+
+def parse_batch(body: memoryview) -> TokenBatch:
+    if len(body) < _SHAPE.size:
+        raise WireError("INFER frame too short")
+    rows, bucket = _SHAPE.unpack(body[: _SHAPE.size])
+    cells = rows * bucket
+    if len(body) != _SHAPE.size + 5 * cells:
+        raise WireError(f"INFER frame of {len(body)} bytes does not hold {rows} x {bucket} tokens")
+    ids = np.frombuffer(body, dtype=np.int32, count=cells, offset=_SHAPE.size).reshape(rows, bucket)
+    mask = np.frombuffer(body, dtype=np.uint8, count=cells, offset=_SHAPE.size + 4 * cells).reshape(rows, bucket)
+    # The engines take int64 (the ONNX inputs' type); the copy also frees the frame buffer.
+    return TokenBatch(ids.astype(np.int64), mask.astype(np.int64), bucket)
+
+
+def logits_parts(logits: np.ndarray) -> tuple[bytes, bytes]:
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    rows, labels = logits.shape
+    return _SHAPE.pack(rows, labels), logits.tobytes()
+
+
+def parse_logits(body: memoryview) -> np.ndarray:
+    if len(body) < _SHAPE.size:
+        raise WireError("LOGITS frame too short")
+    rows, labels = _SHAPE.unpack(body[: _SHAPE.size])
+    if len(body) != _SHAPE.size + 4 * rows * labels:
+        raise WireError(f"LOGITS frame of {len(body)} bytes does not hold {rows} x {labels} floats")
+    return np.frombuffer(body, dtype=np.float32, count=rows * labels, offset=_SHAPE.size).reshape(rows, labels).copy()

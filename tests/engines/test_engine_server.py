@@ -1,0 +1,230 @@
+"""The engine server and its client backend, over a real Unix socket, with ONNX Runtime behind the server.
+
+The server's device backend here is the CPU one (the GPU ones cannot run in CI); what is tested is
+what the server adds: sharing one loaded engine between clients, loading another version on request
+and releasing it when its last client leaves, refusing what does not match, failing calls answered as
+engine failures, and clients recovering when the server comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
+from stream_sentiment.config import Settings
+from stream_sentiment.engines import wire
+from stream_sentiment.engines.base import BackendUnavailableError, EngineError, TokenBatch
+from stream_sentiment.engines.manifest import EngineRepositoryError
+from stream_sentiment.engines.server import EngineServer
+from stream_sentiment.engines.server_backend import EngineServerEngine
+from stream_sentiment.metrics import PipelineMetrics
+from stream_sentiment.service import open_engine
+from stream_sentiment.worker import Worker
+from tests.conftest import COMMITTED_ENGINE
+from tests.pipeline import pipeline_settings, produce_posts, run_until
+
+TEXTS = ["worst flight ever, never again", "lovely crew, thanks so much", "gate 12", "I hate waiting on hold"]
+
+
+def _until(condition, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Path:
+    """An engine repository with the committed v1 and a copy of it named v2."""
+    root = tmp_path / "engines"
+    for name in ("v1", "v2"):
+        shutil.copytree(COMMITTED_ENGINE, root / "minilm-sentiment" / name, ignore=shutil.ignore_patterns("plans"))
+    manifest = root / "minilm-sentiment" / "v2" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"version": "v1"', '"version": "v2"'))
+    return root
+
+
+@pytest.fixture
+def socket_path() -> Iterator[Path]:
+    # AF_UNIX paths are limited to ~107 bytes; pytest's tmp_path can be longer.
+    folder = Path(f"/tmp/ss-test-{os.getpid()}-{time.monotonic_ns()}")
+    folder.mkdir(mode=0o700)
+    yield folder / "engine.sock"
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _server_settings(repository: Path, socket_path: Path, **engine: object) -> Settings:
+    return Settings.load(engine={"backend": "onnxruntime", "streams": 2, "threads_per_stream": 1,
+                                 "repository": str(repository), "server_socket": str(socket_path), **engine})
+
+
+def _client_settings(repository: Path, socket_path: Path, **engine: object) -> Settings:
+    return Settings.load(engine={"backend": "engine-server", "streams": 2, "repository": str(repository),
+                                 "server_socket": str(socket_path), "call_timeout_s": 10.0, **engine})
+
+
+@pytest.fixture
+def batch(engine_version) -> TokenBatch:
+    return pad_to_bucket(PostTokenizer(engine_version).encode(TEXTS), 32)
+
+
+def test_scores_through_the_server_equal_the_local_engine(repository, socket_path, batch):
+    with EngineServer(_server_settings(repository, socket_path), open_engine) as server:
+        _, client = open_engine(_client_settings(repository, socket_path))
+        assert isinstance(client, EngineServerEngine)
+        _, local = open_engine(Settings.load(engine={"repository": str(repository), "threads_per_stream": 1}))
+        with client, local:
+            client.warm_up()
+            for stream in range(client.streams):
+                np.testing.assert_allclose(client.infer(batch, stream), local.infer(batch), atol=1e-6)
+            assert server.hosted() == [{"version": "v1", "buckets": [32, 64, 128, 256], "max_rows": 64,
+                                        "clients": 2, "pinned": False, "lost_streams": []}]
+        assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600  # only the service's user may connect
+    assert not socket_path.exists()
+
+
+def test_clients_of_one_version_share_an_engine_and_a_hot_swap_loads_and_releases_another(
+    repository, socket_path, batch
+):
+    with EngineServer(_server_settings(repository, socket_path), open_engine) as server:
+        server.preload()  # v1, pinned: stays while no worker uses it
+        _, first = open_engine(_client_settings(repository, socket_path))
+        _, second = open_engine(_client_settings(repository, socket_path))
+        with first, second:
+            (v1,) = server.hosted()
+            assert (v1["version"], v1["clients"], v1["pinned"]) == ("v1", 4, True)
+            # A worker's hot swap opens the candidate the same way: the server loads v2 beside v1.
+            _, candidate = open_engine(_client_settings(repository, socket_path), version="v2")
+            with candidate:
+                assert {h["version"]: h["clients"] for h in server.hosted()} == {"v1": 4, "v2": 2}
+                np.testing.assert_allclose(candidate.infer(batch, 0), first.infer(batch, 1), atol=1e-6)
+            # Its last client is gone (a rollback, or the swap's standby released): v2 leaves the GPU.
+            _until(lambda: [h["version"] for h in server.hosted()] == ["v1"])
+        _until(lambda: server.hosted()[0]["clients"] == 0)
+        assert server.metrics.engines._value.get() == 1
+
+
+def test_a_different_build_under_the_same_name_is_refused(repository, socket_path, engine_version):
+    manifest = engine_version.manifest
+    files = {**manifest.files, manifest.model_file: "0" * 64}
+    other_build = dataclasses.replace(engine_version, manifest=dataclasses.replace(manifest, files=files))
+    client = EngineServerEngine(other_build, socket_path=socket_path, max_rows=64)
+    with EngineServer(_server_settings(repository, socket_path), open_engine) as server:
+        with pytest.raises(EngineError, match="different builds"):
+            client.activate()
+        assert server.hosted() == []  # loaded for the check, released at once
+
+
+def test_no_server_is_a_clear_unavailable_error(repository, socket_path):
+    _, client = open_engine(_client_settings(repository, socket_path))
+    with pytest.raises(BackendUnavailableError, match="stream-sentiment engine-server"):
+        client.activate()
+
+
+def test_a_failing_server_stream_is_an_engine_error_and_is_rebuilt(repository, socket_path, batch):
+    settings = _server_settings(repository, socket_path, streams=1, fault_every_kth_call=2)
+    with EngineServer(settings, open_engine) as server:
+        _, client = open_engine(_client_settings(repository, socket_path, streams=1))
+        with client:  # warm-up bypasses injected faults; live calls 2, 4, ... fail on the server
+            client.infer(batch, 0)
+            with pytest.raises(EngineError, match="injected fault"):
+                client.infer(batch, 0)
+            client.infer(batch, 0)  # the server rebuilt its stream; the connection is still good
+            assert server.hosted()[0]["lost_streams"] == []
+        assert server.metrics.calls.labels("engine_error")._value.get() == 1
+
+
+def test_clients_reconnect_when_the_server_comes_back(repository, socket_path, batch):
+    settings = _server_settings(repository, socket_path)
+    _, client = open_engine(_client_settings(repository, socket_path, streams=1))
+    with EngineServer(settings, open_engine):
+        client.activate()
+        expected = client.infer(batch, 0)
+    try:
+        with pytest.raises(EngineError, match="engine server"):
+            client.infer(batch, 0)  # the server is gone
+        with pytest.raises(EngineError):
+            client.rebuild(0)  # nothing to reconnect to yet
+        with EngineServer(settings, open_engine):
+            client.rebuild(0)  # what the slot pool does after a failed call
+            np.testing.assert_allclose(client.infer(batch, 0), expected, atol=1e-6)
+    finally:
+        client.deactivate()
+
+
+def test_garbage_and_out_of_contract_requests_are_refused_and_the_server_keeps_serving(
+    repository, socket_path, batch
+):
+    with EngineServer(_server_settings(repository, socket_path), open_engine) as server:
+        with socket.socket(socket.AF_UNIX) as raw:  # not a frame at all: the connection is dropped
+            raw.connect(str(socket_path))
+            raw.sendall(b"\xff\xff\xff\xffjunk")
+            raw.settimeout(5)
+            try:
+                assert raw.recv(100) == b""  # closed ...
+            except ConnectionResetError:
+                pass  # ... or reset, as the junk was never read
+        with socket.socket(socket.AF_UNIX) as raw:  # a version name that is a path
+            raw.connect(str(socket_path))
+            wire.send_json(raw, wire.HELLO, {"protocol": wire.PROTOCOL, "version": "../../etc", "buckets": [32],
+                                             "max_rows": 8})
+            kind, body = wire.recv_frame(raw)
+            assert kind == wire.ERROR and "plain version name" in bytes(body).decode()
+        _, client = open_engine(_client_settings(repository, socket_path, streams=1))
+        with client:
+            too_long = TokenBatch(np.zeros((2, 48), np.int64), np.ones((2, 48), np.int64), 48)
+            wire.send_frame(client._connections[0], wire.INFER, *wire.batch_parts(too_long))
+            kind, body = wire.recv_frame(client._connections[0])
+            assert kind == wire.ERROR and "outside what this client announced" in bytes(body).decode()
+            client.infer(batch, 0)  # the same connection still serves
+        assert server.metrics.calls.labels("bad_request")._value.get() == 2
+
+
+def test_a_second_server_on_a_live_socket_refuses_to_start(repository, socket_path):
+    settings = _server_settings(repository, socket_path)
+    with EngineServer(settings, open_engine), pytest.raises(OSError, match="already listens"):
+        EngineServer(settings, open_engine).start()
+
+
+def test_settings_need_a_socket_for_the_server_backend_and_a_device_backend_for_the_server(repository):
+    with pytest.raises(ValueError, match="server_socket"):
+        Settings.load(engine={"backend": "engine-server"})
+    with pytest.raises(ValueError, match="device backend"):
+        EngineServer(Settings.load(engine={"backend": "engine-server", "server_socket": "/tmp/x.sock"}), open_engine)
+
+
+def test_a_worker_on_the_engine_server_counts_every_post_once(
+    kafka, topic_factory, redis_server, redis_factory, repository, socket_path
+):
+    topic, settings = pipeline_settings(kafka, topic_factory, redis_server, "served", partitions=2,
+                                        engine={"backend": "engine-server", "streams": 2,
+                                                "repository": str(repository), "server_socket": str(socket_path)})
+    redis = redis_factory()
+    produced = asyncio.run(produce_posts(kafka.bootstrap_servers, topic, 300, 1, seed=5))
+    with EngineServer(_server_settings(repository, socket_path), open_engine) as server:
+        version, engine = open_engine(settings)
+        metrics = PipelineMetrics()
+        with engine:
+            engine.warm_up()
+            worker = Worker(settings, engine, PostTokenizer(version), metrics=metrics)
+            asyncio.run(run_until(worker, redis, "served", 300, produced - 300, within=90))
+        assert server.metrics.rows._value.get() >= 300
+    assert int(redis.hget("served:totals", "scored")) == 300
+    assert int(redis.hget("served:totals", "dead_lettered")) == produced - 300
+
+
+def test_preloading_an_unknown_version_fails_with_the_repository_error(repository, socket_path):
+    with EngineServer(_server_settings(repository, socket_path, version="v9"), open_engine) as server:
+        with pytest.raises(EngineRepositoryError):
+            server.preload()
