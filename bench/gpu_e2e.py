@@ -207,16 +207,37 @@ class RecordingHistogram:
         self.inner.observe(value)
 
 
+class RecordingLabelledHistogram(RecordingHistogram):
+    """The same for a labelled histogram: every child's observations in one list (labels dropped)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self._labels: tuple[str, ...] = ()
+
+    def labels(self, *values: str) -> RecordingLabelledHistogram:
+        child = RecordingLabelledHistogram(self.inner.labels(*values))
+        child.samples = self.samples
+        return child
+
+
 class HeldWorker(Worker):
     """A worker that joins the group at once but fetches nothing until ``go`` is set.
 
     The group forms while aiokafka's coordinator runs in the background; without the hold,
     the first member to join would drain part of a backlog alone before the others arrive.
+    It also records, per post, how long the record took from its append to its fetch.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.go = asyncio.Event()
+        self.kafka_delays: list[float] = []
+
+    async def _admit(self, batches: dict[Any, list[Any]]) -> list[Any]:
+        admitted = await super()._admit(batches)
+        fetched = time.time()
+        self.kafka_delays.extend(fetched - a.appended_at for a in admitted)
+        return admitted
 
     async def _poll_once(self) -> None:
         if not self.go.is_set():
@@ -335,6 +356,11 @@ class EngineWorkerProcess:
         metrics = PipelineMetrics()
         latencies = RecordingHistogram(metrics.end_to_end)
         metrics.end_to_end = latencies  # type: ignore[assignment]
+        parts = {"bucket_wait": RecordingLabelledHistogram(metrics.batch_wait),
+                 "engine": RecordingLabelledHistogram(metrics.engine_latency),
+                 "redis": RecordingHistogram(metrics.redis_apply)}
+        metrics.batch_wait, metrics.engine_latency = parts["bucket_wait"], parts["engine"]  # type: ignore[assignment]
+        metrics.redis_apply = parts["redis"]  # type: ignore[assignment]
         worker = HeldWorker(settings, self.engine, self.tokenizer, metrics=metrics)
         channel = RunChannel(conn, worker.go)
         run = asyncio.create_task(worker.run(channel.stop, consumer_options=_consumer_options(command)))
@@ -364,6 +390,9 @@ class EngineWorkerProcess:
                       for outcome in ("applied", "duplicate", "out_of_order")},
             "cpu_seconds": channel.cpu_since_go(),
             "rebalances": channel.rebalances,
+            # Where a post's time goes: append -> fetch per post; bucket wait, engine call, Redis write per batch.
+            "parts": {"kafka": np.asarray(worker.kafka_delays, dtype=np.float32),
+                      **{name: np.asarray(h.samples, dtype=np.float32) for name, h in parts.items()}},
         }
 
     @staticmethod
@@ -477,7 +506,8 @@ class EngineServerProcess:
             return engine_only_run(self.engine, self.tokenizer, self.options["max_rows"], command)
         if command["cmd"] == "stats":
             metrics = self.server.metrics
-            return {"calls": _metric_sum(metrics.calls, "_total"), "rows": _metric_sum(metrics.rows, "_total"),
+            return {"requests": _metric_sum(metrics.calls, "_total"), "batches": _metric_sum(metrics.batches, "_total"),
+                    "rows": _metric_sum(metrics.rows, "_total"),
                     "call_seconds": _metric_sum(metrics.call_seconds, "_sum"),
                     "stream_wait_seconds": _metric_sum(metrics.stream_wait, "_sum")}
         raise ValueError(f"unknown command {command['cmd']!r}")
@@ -562,6 +592,7 @@ class HfConsumerProcess:
                                           device=0)
         self.versions = {"torch": torch.__version__, "transformers": transformers.__version__}
         self._executor = ThreadPoolExecutor(1, "pipeline")
+        self.commit_interval = 0.0  # a careful user commits after each batch is written
         self.classify(["warming up the baseline"] * 2 * self.batch_size)
 
     def describe(self) -> dict[str, Any]:
@@ -602,6 +633,7 @@ class HfConsumerProcess:
         channel = RunChannel(conn)
         counted = 0
         latencies: list[float] = []
+        last_commit = 0.0
         stages = dict.fromkeys(("decode", "pipeline", "redis"), 0.0)
         loop = asyncio.get_running_loop()
         await consumer.start()
@@ -628,12 +660,14 @@ class HfConsumerProcess:
                         pipe.hincrby(totals, label, count)
                     await pipe.execute()
                 written = time.time()
+                if written - last_commit >= self.commit_interval:
+                    await consumer.commit()
+                    last_commit = written
                 stages["decode"] += decoded - started
                 stages["pipeline"] += scored - decoded
                 stages["redis"] += time.perf_counter() - scored
                 counted += len(records)
                 latencies += [written - record.timestamp / 1000 for record in records]
-                await consumer.commit()
         finally:
             reporter.cancel()
             await asyncio.gather(reporter, return_exceptions=True)
@@ -655,6 +689,7 @@ class KafkaOnlyConsumerProcess(HfConsumerProcess):
         self.normalize = str
         self.versions = {}
         self._executor = ThreadPoolExecutor(1, "count")
+        self.commit_interval = 1.0  # as our worker: the broker's floor, not a commit per fetch
 
     def describe(self) -> dict[str, Any]:
         return {}
@@ -946,6 +981,8 @@ class RunResult:
     cpu_s_per_1k: dict[str, float] = field(default_factory=dict)
     flush_reasons: dict[str, float] = field(default_factory=dict)
     fence: dict[str, float] = field(default_factory=dict)
+    latency_parts_ms: dict[str, list[float]] = field(default_factory=dict)  # name -> [P50, P99]
+    engine_server: dict[str, float] = field(default_factory=dict)
     group_seconds: float = 0.0
     rebalances: int = 0
     wall_seconds: float = 0.0
@@ -1143,7 +1180,9 @@ class Bench:
             member.status = None
             member.send(command)
         group_seconds = await self.wait_for_group(members)
-        server_pid = self.engine_server.info.get("pid") if self.engine_server and setup.served else None
+        server = self.engine_server if setup.kind == "engine" and setup.served else None
+        server_pid = server.info.get("pid") if server is not None else None
+        server_before = (await server.ask({"cmd": "stats"}, 30)) if server is not None else {}
         infrastructure = {"broker": _proc_cpu_seconds(kafka.pid), "redis-server": _proc_cpu_seconds(self.redis_pid),
                           "engine-server": _proc_cpu_seconds(server_pid)}
         sampler = GpuSampler()
@@ -1188,8 +1227,21 @@ class Bench:
         if server_pid is None:
             del infrastructure["engine-server"]
         counted = int(await redis.hget(f"{name}:totals", "scored") or 0)
-        return self.result(workload, setup, mode, rate, produced, counted, caught_up, progress, results,
-                           infrastructure, gpu_util, group_seconds, time.monotonic() - wall_started)
+        served: dict[str, float] = {}
+        if server is not None:
+            after = await server.ask({"cmd": "stats"}, 30)
+            delta = {k: after[k] - server_before[k] for k in ("requests", "batches", "rows", "call_seconds",
+                                                              "stream_wait_seconds")}
+            calls, requests = max(delta["batches"], 1), max(delta["requests"], 1)
+            served = {"requests": delta["requests"], "batches": delta["batches"],
+                      "requests_per_batch": round(delta["requests"] / calls, 2),
+                      "rows_per_batch": round(delta["rows"] / calls, 1),
+                      "mean_call_ms": round(1000 * delta["call_seconds"] / calls, 3),
+                      "mean_stream_wait_ms": round(1000 * delta["stream_wait_seconds"] / requests, 3)}
+        result = self.result(workload, setup, mode, rate, produced, counted, caught_up, progress, results,
+                             infrastructure, gpu_util, group_seconds, time.monotonic() - wall_started)
+        result.engine_server = served
+        return result
 
     def result(self, workload: Workload, setup: Setup, mode: str, rate: float | None, produced: dict[str, float],
                counted: int, caught_up: bool, progress: list[tuple[float, int]], results: list[dict[str, Any]],
@@ -1227,6 +1279,13 @@ class Bench:
         def percentile(q: float) -> float | None:
             return round(float(np.percentile(latencies, q)), 1) if len(latencies) else None
 
+        parts: dict[str, list[float]] = {}
+        for part in ("kafka", "bucket_wait", "engine", "redis"):
+            samples = [r["parts"][part] for r in results if part in r.get("parts", {})]
+            values = np.concatenate(samples) * 1000 if samples else np.zeros(0)
+            if len(values):
+                parts[part] = [round(float(np.percentile(values, q)), 2) for q in (50, 99)]
+
         return RunResult(
             workload=workload.name, setup=setup.name, mode=mode, offered=rate, processes=len(results),
             produced=sent, counted=counted, posts_per_s=round(posts_per_s, 1),
@@ -1240,6 +1299,7 @@ class Bench:
             stage_ms_per_1k={k: round(v * 1000 * per_1k, 1) for k, v in stages.items()},
             cpu_s_per_1k={k: round(v * per_1k, 3) for k, v in cpu.items()},
             flush_reasons={k: v for k, v in reasons.items() if v}, fence={k: v for k, v in fence.items() if v},
+            latency_parts_ms=parts,
             group_seconds=round(group_seconds, 1), rebalances=sum(r["rebalances"] for r in results),
             wall_seconds=round(wall_seconds, 1),
         )
@@ -1256,6 +1316,9 @@ class Bench:
         state += ", exact" if r.exact else ""
         self.say(f"{r.workload:>6} {r.setup:>11} {r.row_name()}: {r.posts_per_s:,.0f} posts/s{latency}; "
                  f"{r.counted}/{r.produced} counted ({state}); group {r.group_seconds} s, run {r.wall_seconds} s")
+        if r.latency_parts_ms and r.mode != "backlog":
+            self.say("        P50/P99 ms: " + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in r.latency_parts_ms.items())
+                     + (f"; engine server: {r.engine_server}" if r.engine_server else ""))
 
     async def kafka_setup(self, workload: Workload, setup: Setup, capacity: dict[str, float]) -> list[RunResult]:
         results = [await self.run(workload, setup, "backlog", None)]
@@ -1397,6 +1460,20 @@ def render_workload(workload: Workload, out: dict[str, Any], bench: Bench) -> st
         cpu = [_cell(r.cpu_s_per_1k.get(k), "{:.3f}")
                for k in ("workers", "engine-server", "producers", "broker", "redis-server")]
         lines.append(f"| {labels.get(r.setup, r.setup)} | {r.row_name()} | {' | '.join(cells)} | {' | '.join(cpu)} |")
+    parted = [r for r in runs if r.latency_parts_ms and r.mode != "backlog" and not r.skipped]
+    if parted:
+        lines += ["", "Where latency goes, P50 / P99 ms: Kafka append -> fetch (per post); the oldest post's wait in "
+                  "its bucket, the engine call and the Redis write (per batch); engine server: requests per device "
+                  "call, mean call and stream-wait ms:", "",
+                  "| set-up | run | end to end | Kafka | bucket wait | engine call | Redis write | engine server |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in parted:
+            cells = [f"{v[0]} / {v[1]}" if (v := r.latency_parts_ms.get(k)) else "—"
+                     for k in ("kafka", "bucket_wait", "engine", "redis")]
+            served = (f"{r.engine_server['requests_per_batch']} req/call, {r.engine_server['mean_call_ms']} ms, "
+                      f"wait {r.engine_server['mean_stream_wait_ms']} ms" if r.engine_server else "—")
+            lines.append(f"| {labels.get(r.setup, r.setup)} | {r.row_name()} | {_cell(r.p50_ms)} / {_cell(r.p99_ms)} "
+                         f"| {' | '.join(cells)} | {served} |")
     if "hf-b64" in bench.setups or "hf-b1" in bench.setups:
         lines.append("\n(For the transformers baselines, `engine` is the whole pipeline call: its tokenization, "
                      "padding, model and post-processing; `decode` is JSON + normalization.)")

@@ -54,6 +54,10 @@ Outcome = ScoredPost | Rejection
 # restart re-reads (and the fence skips): once a second is plenty, and spares
 # the group coordinator a commit per batch.
 COMMIT_INTERVAL_S = 1.0
+# Fetches whose tokenization may be in flight at once: one in the tokenizer thread while the event loop
+# decodes the next fetch, one queued behind it. Serial, decode and tokenization added up per post; more
+# than two would only hold memory, as the thread takes them one at a time anyway.
+TOKENIZE_AHEAD = 2
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,9 @@ class Worker:
         self._closing = False
         self._monitor: AlertMonitor | None = None
         self._tokenize_executor = ThreadPoolExecutor(1, "tokenize")
+        self._tokenizing: deque[asyncio.Task[None]] = deque()
+        # Wakes _dispatch when the oldest queued post's timeout or window runs out, whatever the fetch loop does.
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._inference: set[asyncio.Task[None]] = set()
         # Applied marks not yet committed to Kafka; committed at most every COMMIT_INTERVAL_S.
         self._uncommitted: dict[int, int] = {}
@@ -251,7 +258,9 @@ class Worker:
             # No new batches from here on: a cancelled batch's clean-up must not start another one.
             self._closing = True
             ticker.cancel()
-            for task in self._inference:
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+            for task in [*self._tokenizing, *self._inference]:
                 task.cancel()
             await self._consumer.stop()
             await self._producer.stop()
@@ -328,16 +337,36 @@ class Worker:
         batches = await self._consumer.getmany(timeout_ms=min(wait_ms, 100), max_records=2000)
         admitted = await self._admit(batches)
         if admitted:
-            loop = asyncio.get_running_loop()
-            token_ids = await loop.run_in_executor(
-                self._tokenize_executor, self._tokenize, [a.post.text for a in admitted]
-            )
-            with self.metrics.stage("batch"):
-                now = self.clock()
-                for item, ids in zip(admitted, token_ids, strict=True):
-                    self.batcher.add(item, ids, now)
+            while len(self._tokenizing) >= TOKENIZE_AHEAD:
+                await asyncio.wait([self._tokenizing[0]])
+            self._tokenize_then_queue(admitted)
         self._dispatch()
         await self._apply_ready()
+
+    def _tokenize_then_queue(self, admitted: list[Admitted]) -> None:
+        """Tokenize in the executor and queue the posts in the batcher when done; the fetch loop goes on."""
+        # A partition revoked (and maybe reassigned) meanwhile has a new progress: its posts are the next owner's.
+        owners = {a.partition: self.progress.get(a.partition) for a in admitted}
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._tokenize_executor, self._tokenize, [a.post.text for a in admitted])
+
+        async def queue_when_tokenized() -> None:
+            try:
+                token_ids = await future
+                with self.metrics.stage("batch"):
+                    now = self.clock()
+                    for item, ids in zip(admitted, token_ids, strict=True):
+                        if self.progress.get(item.partition) is owners[item.partition]:
+                            self.batcher.add(item, ids, now)
+                self._dispatch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a tokenizer failure must stop the worker, as it did inline
+                self._failure = self._failure or error
+
+        task = asyncio.create_task(queue_when_tokenized())
+        self._tokenizing.append(task)
+        task.add_done_callback(self._tokenizing.remove)
 
     async def _admit(self, batches: dict[Any, list[Any]]) -> list[Admitted]:
         """Decode and validate fetched records; rejected ones go to the dead-letter topic."""
@@ -368,6 +397,18 @@ class Worker:
         self.metrics.stage_seconds.labels("decode").inc(time.perf_counter() - decode_started)
         return admitted
 
+    def _arm_flush(self) -> None:
+        """Call _dispatch when the batcher's next timeout or window is due (an engine slot is idle)."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._closing or not self.pool.idle:
+            return  # a slot coming free dispatches by itself
+        deadline = self.batcher.next_deadline(engine_idle=True)
+        if deadline is not None:
+            delay = max(0.0, deadline - self.clock())
+            self._flush_timer = asyncio.get_running_loop().call_later(delay, self._dispatch)
+
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         with self.metrics.stage("tokenize"):
             return self.tokenizer.encode(texts)
@@ -383,7 +424,7 @@ class Worker:
             else:
                 polled = self.batcher.poll(self.clock(), engine_idle=True)
                 if polled is None:
-                    return
+                    break
                 batch = polled
                 self._record_batch(batch)
             stream = pool.take()
@@ -391,6 +432,7 @@ class Worker:
             task = asyncio.create_task(self._infer(batch, pool, stream))
             self._inference.add(task)
             task.add_done_callback(self._inference.discard)
+        self._arm_flush()
 
     def _record_batch(self, batch: FormedBatch[Admitted]) -> None:
         waited = batch.formed - min(e.arrived for e in batch.entries)
@@ -416,13 +458,13 @@ class Worker:
                 keep = self.shadow.maxlen or 0
                 tail = zip(batch.entries[-keep:], probabilities[-keep:], strict=True) if keep else ()
                 self.shadow.extend((tuple(e.token_ids), int(np.argmax(row))) for e, row in tail)
-            for entry, row in zip(batch.entries, probabilities, strict=True):
+            # Python floats once for the whole batch: indexing numpy rows per post costs more than scoring them.
+            for entry, row in zip(batch.entries, probabilities.tolist(), strict=True):
                 admitted = entry.item
                 progress = self.progress.get(admitted.partition)
                 if progress is None:
                     continue  # partition revoked meanwhile: its next owner re-reads it
-                scored = ScoredPost(admitted.post, admitted.event_time, (float(row[0]), float(row[1]), float(row[2])),
-                                    admitted.appended_at)
+                scored = ScoredPost(admitted.post, admitted.event_time, tuple(row), admitted.appended_at)
                 with contextlib.suppress(KeyError):
                     progress.finished(admitted.offset, scored)
             await self._apply_ready()
@@ -501,15 +543,19 @@ class Worker:
     def _count_applied(self, results: list[Outcome]) -> None:
         """Counts posts once, when the fence applied them (a duplicate range counts nothing)."""
         written = self.wall_clock()
+        labels: dict[str, int] = {}
+        latency = self.metrics.end_to_end
         for result in results:
             if isinstance(result, Rejection):
                 self.dead_lettered += 1
                 self.metrics.dead_letters.labels(result.reason.value).inc()
                 continue
-            self.scored += 1
-            self.metrics.posts_scored.labels(result.label).inc()
+            labels[result.label] = labels.get(result.label, 0) + 1
             if result.appended_at is not None:
-                self.metrics.end_to_end.observe(max(0.0, written - result.appended_at))
+                latency.observe(max(0.0, written - result.appended_at))
+        for label, count in labels.items():  # one labelled increment per label, not per post
+            self.scored += count
+            self.metrics.posts_scored.labels(label).inc(count)
 
     async def _commit(self, marks: dict[int, int]) -> None:
         from aiokafka import TopicPartition
@@ -529,6 +575,8 @@ class Worker:
         """Score everything queued, wait for in-flight batches, apply and commit, within ``budget_s``."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(budget_s):
+                while self._tokenizing:  # fetched posts still in the tokenizer reach the batcher first
+                    await asyncio.wait(list(self._tokenizing))
                 for batch in self.batcher.drain(self.clock()):
                     self._record_batch(batch)
                     self._ready.append(batch)

@@ -119,41 +119,80 @@ def dimension_values(post: Post, dimensions: Iterable[str]) -> list[tuple[str, s
 def increments_for(
     outcomes: Iterable[ScoredPost | Rejection], now: float, rules: BucketRules, keys: RedisKeys
 ) -> Increments:
-    increments = Increments()
+    """What a range of outcomes adds to Redis: totals, per-bucket counts by dimension value, samples.
+
+    Counts are summed per (dimension, value, bucket) in plain lists first and turned into keys
+    once per group: this runs on the event loop for every post, and building key strings and
+    nested dict entries per post and dimension was the largest cost of the worker's hot path.
+    """
+    totals: dict[str, int] = {}
+    rejected: dict[str, int] = {}
+    # (dimension, value, bucket start) -> [posts, negative, neutral, positive, sum of P(negative)]
+    groups: dict[tuple[str, str, int], list[float]] = {}
     # The best candidates per sample set, serialized only once the few that are kept are known:
     # JSON-encoding every negative post for every dimension was the most expensive part of a range.
-    offers: dict[str, list[tuple[float, int, Post]]] = {}
+    offers: dict[tuple[str, str, int], list[tuple[float, int, Post]]] = {}
+    first: int | None = None
+    dimensions = rules.dimensions
+    keep_samples = rules.sample_posts
     for outcome in outcomes:
         if isinstance(outcome, Rejection):
-            increments.add(keys.totals, "dead_lettered")
-            increments.add(keys.dead_letters, outcome.reason.value)
+            totals["dead_lettered"] = totals.get("dead_lettered", 0) + 1
+            reason = outcome.reason.value
+            rejected[reason] = rejected.get(reason, 0) + 1
             continue
-        increments.add(keys.totals, "scored")
-        increments.add(keys.totals, outcome.label)
+        label = outcome.label
+        totals["scored"] = totals.get("scored", 0) + 1
+        totals[label] = totals.get(label, 0) + 1
         event_time = min(outcome.event_time, now)
         if rules.is_late(event_time, now):
-            increments.add(keys.totals, "late")
+            totals["late"] = totals.get("late", 0) + 1
             continue
         start = rules.start_of(event_time)
-        increments.first[keys.first_bucket] = min(start, increments.first.get(keys.first_bucket, start))
-        for dimension, value in dimension_values(outcome.post, rules.dimensions):
-            key = keys.bucket(dimension, value, start)
-            increments.add(key, "posts")
-            increments.add(key, outcome.label)
-            increments.add_float(key, "p_negative_sum", outcome.probabilities[0])
-            increments.expiring.add(key)
-            increments.add_member(keys.dimension_values(start), f"{dimension}:{value}")
-            increments.expiring.add(keys.dimension_values(start))
-            if rules.sample_posts and outcome.label == "negative":
-                samples = keys.samples(dimension, value, start)
-                offers.setdefault(samples, []).append((outcome.probabilities[0], len(offers[samples]), outcome.post))
-                increments.expiring.add(samples)
-    for samples, candidates in offers.items():
+        first = start if first is None else min(first, start)
+        column = _LABEL_COLUMN[label]
+        p_negative = outcome.probabilities[0]
+        for dimension, value in dimension_values(outcome.post, dimensions):
+            group_key = (dimension, value, start)
+            counts = groups.get(group_key)
+            if counts is None:
+                counts = groups[group_key] = [0, 0, 0, 0, 0.0]
+            counts[0] += 1
+            counts[column] += 1
+            counts[4] += p_negative
+            if keep_samples and column == 1:
+                candidates = offers.setdefault(group_key, [])
+                candidates.append((p_negative, len(candidates), outcome.post))
+    increments = Increments()
+    if totals:
+        increments.counts[keys.totals] = totals
+    if rejected:
+        increments.counts[keys.dead_letters] = rejected
+    if first is not None:
+        increments.first[keys.first_bucket] = first
+    for (dimension, value, start), (posts, negative, neutral, positive, p_sum) in groups.items():
+        key = keys.bucket(dimension, value, start)
+        fields = {"posts": int(posts)}
+        for name, count in (("negative", negative), ("neutral", neutral), ("positive", positive)):
+            if count:
+                fields[name] = int(count)
+        increments.counts[key] = fields
+        increments.sums[key] = {"p_negative_sum": p_sum}
+        members = keys.dimension_values(start)
+        increments.add_member(members, f"{dimension}:{value}")
+        increments.expiring.update((key, members))
+    for (dimension, value, start), candidates in offers.items():
+        samples = keys.samples(dimension, value, start)
+        increments.expiring.add(samples)
         # The index breaks ties in arrival order and keeps posts from being compared.
-        for score, _, post in heapq.nlargest(rules.sample_posts, candidates, key=lambda c: (c[0], -c[1])):
+        for score, _, post in heapq.nlargest(keep_samples, candidates, key=lambda c: (c[0], -c[1])):
             increments.add_sample(samples, sample_member(post), score)
-    increments.keep_samples = rules.sample_posts
+    increments.keep_samples = keep_samples
     return increments
+
+
+# Columns of a group's counts; labels are the model's (negative, neutral, positive).
+_LABEL_COLUMN = {label: column for column, label in enumerate(LABELS, start=1)}
 
 
 # Long posts are cut in samples: an alert quotes them, it does not archive them.

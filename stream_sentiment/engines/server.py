@@ -15,11 +15,16 @@ worker asks for the new version the same way -- and keeps it while any connectio
 uses it. Versions are names in the server's own engine repository (never paths), and
 the model file's sha256 must equal the client's, so both sides serve the same bytes.
 
-Each connection has its own thread; a request takes a free engine stream, runs, and
-gives it back, so streams are never shared between threads. A call that fails is
-answered with ERROR and its stream rebuilt (the client's slot pool retries, as for
-any engine failure); a stream that cannot be rebuilt leaves rotation, and with none
-left every request is answered with ERROR, so workers fall back or pause.
+Each connection has its own thread, which only reads requests and writes answers.
+Each engine stream has one dispatcher thread (so a stream is never shared): it takes
+the oldest waiting request and, with it, the other waiting requests of the same length
+bucket, up to the largest batch -- requests from several workers then share one graph
+replay, and the more the GPU is behind, the fuller its calls. Nothing waits to be
+merged: a request that finds a stream idle runs at once. A call that fails is retried
+request by request, so only a request that fails alone is answered with ERROR (the
+client's slot pool retries or isolates the post, as for any engine failure); a stream
+whose rebuild fails leaves rotation, and with none left every request is answered with
+ERROR, so workers fall back or pause.
 
 The socket file is created mode 0600 in its folder: only the server's own user (the
 workers run as the same user) can connect.
@@ -30,22 +35,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import socket
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import start_http_server
 
 from stream_sentiment.config import Settings
 from stream_sentiment.engines import wire
-from stream_sentiment.engines.base import Engine
+from stream_sentiment.engines.base import Engine, TokenBatch
 from stream_sentiment.engines.manifest import VERSION_PATTERN, EngineRepository, EngineRepositoryError, EngineVersion
 
 log = logging.getLogger(__name__)
@@ -65,23 +71,46 @@ class EngineKey:
     max_rows: int
 
 
-@dataclass
+@dataclass(eq=False)
+class _Request:
+    batch: TokenBatch
+    queued: float = field(default_factory=time.perf_counter)
+    done: threading.Event = field(default_factory=threading.Event)
+    logits: np.ndarray | None = None
+    error: str | None = None
+
+    def fail(self, error: str) -> None:
+        self.error = error
+        self.done.set()
+
+
+@dataclass(eq=False)
 class _Hosted:
     key: EngineKey
     version: EngineVersion
     engine: Engine
-    free: queue.SimpleQueue[int] = field(default_factory=queue.SimpleQueue)
+    pending: deque[_Request] = field(default_factory=deque)
+    ready: threading.Condition = field(default_factory=threading.Condition)
     lost: set[int] = field(default_factory=set)
+    dispatchers: list[threading.Thread] = field(default_factory=list)
     clients: int = 0
     pinned: bool = False
-
-    def __post_init__(self) -> None:
-        for stream in range(self.engine.streams):
-            self.free.put(stream)
+    closing: bool = False
 
     @property
     def working(self) -> bool:
         return len(self.lost) < self.engine.streams
+
+    def take_group(self) -> list[_Request]:
+        """The oldest waiting request and the later ones of its bucket that fit beside it (lock held)."""
+        first = self.pending.popleft()
+        group, rows = [first], first.batch.rows
+        for request in list(self.pending):
+            if request.batch.bucket == first.batch.bucket and rows + request.batch.rows <= self.key.max_rows:
+                self.pending.remove(request)
+                group.append(request)
+                rows += request.batch.rows
+        return group
 
 
 class EngineServerMetrics:
@@ -91,13 +120,15 @@ class EngineServerMetrics:
         self.registry = r = CollectorRegistry()
         ns = "stream_sentiment"
         ProcessCollector(registry=r)
-        self.calls = Counter("engine_server_calls", "Engine calls served, by outcome (ok, engine_error, bad_request).",
+        self.calls = Counter("engine_server_calls", "Requests answered, by outcome (ok, engine_error, bad_request).",
                              ["outcome"], namespace=ns, registry=r)
+        self.batches = Counter("engine_server_batches", "Engine calls on the device: requests / batches is how "
+                               "many requests shared a call.", namespace=ns, registry=r)
         self.rows = Counter("engine_server_rows", "Posts scored by the engine server.", namespace=ns, registry=r)
         self.call_seconds = Histogram("engine_server_call_seconds", "One engine call on the device, copies included.",
                                       buckets=CALL_BUCKETS, namespace=ns, registry=r)
         self.stream_wait = Histogram("engine_server_stream_wait_seconds",
-                                     "How long a request waited for a free engine stream.",
+                                     "How long a request waited for an engine stream.",
                                      buckets=CALL_BUCKETS, namespace=ns, registry=r)
         self.clients = Gauge("engine_server_clients", "Open client connections (worker slots).",
                              namespace=ns, registry=r)
@@ -199,7 +230,7 @@ class EngineServer:
             thread.join(5)
         with self._load_lock:
             for hosted in self._hosted.values():
-                hosted.engine.deactivate()
+                self._unload(hosted)
             self._hosted.clear()
             self.metrics.engines.set(0)
         with contextlib.suppress(FileNotFoundError):
@@ -253,7 +284,21 @@ class EngineServer:
             raise
         log.info("loaded %s for buckets %s, %d rows in %.1f s", engine.describe(), list(key.buckets), key.max_rows,
                  time.perf_counter() - started)
-        return _Hosted(key, version, engine)
+        hosted = _Hosted(key, version, engine)
+        for stream in range(engine.streams):
+            thread = threading.Thread(target=self._dispatch, args=(hosted, stream), daemon=True,
+                                      name=f"engine-server-{key.version}-stream-{stream}")
+            thread.start()
+            hosted.dispatchers.append(thread)
+        return hosted
+
+    def _unload(self, hosted: _Hosted) -> None:
+        with hosted.ready:
+            hosted.closing = True
+            hosted.ready.notify_all()
+        for thread in hosted.dispatchers:
+            thread.join(self.settings.engine.call_timeout_s)
+        hosted.engine.deactivate()
 
     def _release(self, hosted: _Hosted) -> None:
         with self._load_lock:
@@ -266,7 +311,7 @@ class EngineServer:
             # The last worker let go (a finished hot swap's old version): free its GPU memory.
             del self._hosted[hosted.key]
             self.metrics.engines.set(len(self._hosted))
-            hosted.engine.deactivate()
+            self._unload(hosted)
             log.info("released %s", hosted.engine.describe())
 
     # -- connections ---------------------------------------------------------------------------
@@ -350,31 +395,70 @@ class EngineServer:
             wire.send_error(connection, f"a {batch.rows} x {batch.bucket} batch is outside what this client "
                                         f"announced (buckets {list(key.buckets)}, at most {key.max_rows} rows)")
             return
-        if not hosted.working:
+        request = _Request(batch)
+        with hosted.ready:
+            if hosted.working:
+                hosted.pending.append(request)
+                hosted.ready.notify()
+            else:
+                request.fail(f"no stream of {hosted.engine.describe()} works on the engine server")
+        if not request.done.wait(self.settings.engine.call_timeout_s):
+            with hosted.ready, contextlib.suppress(ValueError):
+                hosted.pending.remove(request)
+            request.fail("no engine stream answered in time")
+        if request.error is not None:
             self.metrics.calls.labels("engine_error").inc()
-            wire.send_error(connection, f"no stream of {hosted.engine.describe()} works on the engine server")
+            wire.send_error(connection, request.error)
             return
-        waited = time.perf_counter()
-        try:
-            stream = hosted.free.get(timeout=self.settings.engine.call_timeout_s)
-        except queue.Empty:
-            self.metrics.calls.labels("engine_error").inc()
-            wire.send_error(connection, "no engine stream came free in time")
-            return
+        assert request.logits is not None
+        self.metrics.calls.labels("ok").inc()
+        wire.send_frame(connection, wire.LOGITS, *wire.logits_parts(request.logits))
+
+    def _dispatch(self, hosted: _Hosted, stream: int) -> None:
+        """One stream's thread: run the next group of waiting requests, until unloaded or out of rotation."""
+        while True:
+            with hosted.ready:
+                while not hosted.pending and not hosted.closing:
+                    hosted.ready.wait()
+                if hosted.closing:
+                    return
+                group = hosted.take_group()
+            self._run(hosted, stream, group)
+            if stream in hosted.lost:
+                with hosted.ready:
+                    if not hosted.working:  # the last stream: nobody else will answer these
+                        while hosted.pending:
+                            hosted.pending.popleft().fail(f"no stream of {hosted.engine.describe()} works")
+                return
+
+    def _run(self, hosted: _Hosted, stream: int, group: list[_Request]) -> None:
         started = time.perf_counter()
-        self.metrics.stream_wait.observe(started - waited)
+        for request in group:
+            self.metrics.stream_wait.observe(started - request.queued)
+        if len(group) == 1:
+            batch = group[0].batch
+        else:
+            batch = TokenBatch(np.concatenate([r.batch.input_ids for r in group]),
+                               np.concatenate([r.batch.attention_mask for r in group]), group[0].batch.bucket)
         try:
             logits = hosted.engine.logits(batch, stream)
         except Exception as error:
-            self.metrics.calls.labels("engine_error").inc()
             self._rebuild(hosted, stream, error)
-            wire.send_error(connection, f"{type(error).__name__}: {error}")
+            if len(group) > 1 and stream not in hosted.lost:
+                for request in group:  # alone, so only the request at fault gets the error
+                    self._run(hosted, stream, [request])
+                return
+            for request in group:
+                request.fail(f"{type(error).__name__}: {error}")
             return
-        hosted.free.put(stream)
         self.metrics.call_seconds.observe(time.perf_counter() - started)
-        self.metrics.calls.labels("ok").inc()
+        self.metrics.batches.inc()
         self.metrics.rows.inc(batch.rows)
-        wire.send_frame(connection, wire.LOGITS, *wire.logits_parts(logits))
+        offset = 0
+        for request in group:
+            request.logits = logits[offset:offset + request.batch.rows]
+            offset += request.batch.rows
+            request.done.set()
 
     def _rebuild(self, hosted: _Hosted, stream: int, error: BaseException) -> None:
         log.warning("%s stream %d failed (%s): rebuilding", hosted.engine.describe(), stream, error)
@@ -382,10 +466,9 @@ class EngineServer:
             hosted.engine.rebuild(stream)
         except Exception:
             log.exception("%s stream %d could not be rebuilt: out of rotation", hosted.engine.describe(), stream)
-            hosted.lost.add(stream)
+            with hosted.ready:
+                hosted.lost.add(stream)
             self.metrics.lost_streams.inc()
-            return
-        hosted.free.put(stream)
 
 
 def _parse_hello(hello: dict[str, Any]) -> tuple[EngineKey, str | None]:

@@ -108,6 +108,10 @@ def _unpaired_surrogate(value: str) -> int | None:
     return None
 
 
+# One decoder for every record: ``json.loads`` with a keyword builds a new one per call.
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def decode_post(raw: bytes | None, limits: MessageLimits = MessageLimits()) -> Post | Rejection:
     """Validate one record value. Never raises on any input."""
     if not raw:
@@ -119,20 +123,22 @@ def decode_post(raw: bytes | None, limits: MessageLimits = MessageLimits()) -> P
     except UnicodeDecodeError as error:
         return Rejection(RejectReason.NOT_UTF8, f"invalid UTF-8 at byte {error.start}")
     try:
-        document = json.loads(decoded, parse_constant=_reject_constant)
+        document = _JSON.decode(decoded)
     except (ValueError, RecursionError) as error:
         return Rejection(RejectReason.NOT_JSON, str(error)[:200])
     if not isinstance(document, dict):
         return Rejection(RejectReason.NOT_AN_OBJECT, f"top level is {type(document).__name__}")
-    unknown = sorted(set(document) - KNOWN_FIELDS)
-    if unknown:
+    if not document.keys() <= KNOWN_FIELDS:
+        unknown = sorted(set(document) - KNOWN_FIELDS)
         return Rejection(RejectReason.UNKNOWN_FIELD, f"unknown field(s): {', '.join(unknown)[:200]}")
-    for name in sorted(KNOWN_FIELDS & document.keys()):
-        value = document[name]
-        if isinstance(value, str) and (position := _unpaired_surrogate(value)) is not None:
-            return Rejection(
-                RejectReason.INVALID_UNICODE, f"'{name}' holds an unpaired UTF-16 surrogate at character {position}"
-            )
+    # Valid UTF-8 cannot carry a surrogate: only a JSON \u escape can make one.
+    if "\\u" in decoded:
+        for name in sorted(KNOWN_FIELDS & document.keys()):
+            value = document[name]
+            if isinstance(value, str) and (position := _unpaired_surrogate(value)) is not None:
+                return Rejection(
+                    RejectReason.INVALID_UNICODE, f"'{name}' holds an unpaired UTF-16 surrogate at character {position}"
+                )
 
     if "id" not in document:
         return Rejection(RejectReason.MISSING_ID, "no 'id'")

@@ -16,6 +16,7 @@ import socket
 import stat
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from stream_sentiment.metrics import PipelineMetrics
 from stream_sentiment.service import open_engine
 from stream_sentiment.worker import Worker
 from tests.conftest import COMMITTED_ENGINE
+from tests.engines.failing_engine import FailsOnToken
 from tests.pipeline import pipeline_settings, produce_posts, run_until
 
 TEXTS = ["worst flight ever, never again", "lovely crew, thanks so much", "gate 12", "I hate waiting on hold"]
@@ -228,3 +230,40 @@ def test_preloading_an_unknown_version_fails_with_the_repository_error(repositor
     with EngineServer(_server_settings(repository, socket_path, version="v9"), open_engine) as server:
         with pytest.raises(EngineRepositoryError):
             server.preload()
+
+
+def test_concurrent_requests_of_one_bucket_share_a_device_call_and_a_failing_one_fails_alone(
+    repository, socket_path, engine_version
+):
+    tokenizer = PostTokenizer(engine_version)
+    poison_id = tokenizer.encode(["zebra"])[0][1]  # a token id only the poison post carries
+
+    def failing_open(settings: Settings):
+        version, engine = open_engine(settings)
+        return version, FailsOnToken(engine, poison_id)
+
+    texts = [[f"{t} #{i}" for t in TEXTS] for i in range(6)]
+    batches = [pad_to_bucket(tokenizer.encode(group), 32) for group in texts]
+    poisoned = [*batches[:3], pad_to_bucket(tokenizer.encode(["zebra", *TEXTS[1:]]), 32), *batches[4:]]
+    _, local = open_engine(Settings.load(engine={"repository": str(repository), "threads_per_stream": 1}))
+    # One device stream, six client slots sending at once: requests queue, and queued ones are merged.
+    with EngineServer(_server_settings(repository, socket_path, streams=1), failing_open) as server, local:
+        metrics = server.metrics
+        _, client = open_engine(_client_settings(repository, socket_path, streams=6))
+        with client, ThreadPoolExecutor(6) as pool:
+            for _ in range(5):
+                futures = [pool.submit(client.infer, batch, slot) for slot, batch in enumerate(batches)]
+                for future, batch in zip(futures, batches, strict=True):
+                    np.testing.assert_allclose(future.result(), local.infer(batch), atol=1e-6)
+            assert metrics.calls.labels("ok")._value.get() == 30
+            assert metrics.batches._value.get() < 30  # queued requests shared device calls
+            for _ in range(3):
+                futures = [pool.submit(client.infer, batch, slot) for slot, batch in enumerate(poisoned)]
+                for slot, (future, batch) in enumerate(zip(futures, poisoned, strict=True)):
+                    if slot == 3:  # only the request holding the poison post fails, merged or not
+                        with pytest.raises(EngineError, match="device-side assert"):
+                            future.result()
+                    else:
+                        np.testing.assert_allclose(future.result(), local.infer(batch), atol=1e-6)
+            assert server.hosted()[0]["lost_streams"] == []
+        assert metrics.calls.labels("engine_error")._value.get() == 3
