@@ -787,6 +787,12 @@ def child_main(role: str, index: int, conn: Connection, options: dict[str, Any])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us in order
     logging.basicConfig(level=logging.WARNING, format=f"[{role} {index}] %(levelname)s %(name)s: %(message)s")
     handler: Any = None
+    if role in ("engine-worker", "engine-server"):
+        from stream_sentiment.service import tune_interpreter
+
+        tune_interpreter()  # as `stream-sentiment run` and `engine-server` do
+        if options.get("switch_interval_ms"):
+            sys.setswitchinterval(options["switch_interval_ms"] / 1000)
     try:
         handler = CHILD_ROLES[role](index, options)
         conn.send({"event": "ready", **handler.describe()})
@@ -1035,7 +1041,8 @@ class Bench:
         args = self.args
         engine = [s for s in self.setups.values() if s.kind == "engine"]
         options = {"backend": args.backend, "streams": args.streams, "max_rows": args.max_rows,
-                   "ort_threads": args.ort_threads, "engine_buckets": list(version.manifest.buckets)}
+                   "ort_threads": args.ort_threads, "engine_buckets": list(version.manifest.buckets),
+                   "switch_interval_ms": args.switch_interval_ms}
         if any(s.served for s in engine) or "engine-only" in args.setups:
             server_options = {**options, "streams": args.server_streams, "server_socket": str(socket_path)}
             self.engine_server = Child(context, "engine-server", 0, server_options, "engine server")
@@ -1686,6 +1693,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--fetch-max-wait-ms", type=int, default=5, help="consumer fetch_max_wait_ms (Tansu waits it out)")
     add("--linger-ms", type=int, default=2, help="producer linger_ms (adds to the measured latency)")
     add("--session-timeout-ms", type=int, default=3000, help="consumer session timeout (Tansu rebalances on it)")
+    add("--switch-interval-ms", type=float, default=None,
+        help="GIL switch interval of our worker and engine-server processes (default: the service's, 0.5)")
     add("--tokenizer-threads", type=int, default=2, help="tokenizers (rayon) threads per process")
     add("--ort-threads", type=int, default=1, help="onnxruntime intra-op threads per stream (CPU smoke test)")
     add("--long-tweets", type=int, default=4, help="tweets joined into one `long` post")

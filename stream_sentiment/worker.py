@@ -54,6 +54,10 @@ Outcome = ScoredPost | Rejection
 # restart re-reads (and the fence skips): once a second is plenty, and spares
 # the group coordinator a commit per batch.
 COMMIT_INTERVAL_S = 1.0
+# Records decoded per turn of the fetch loop: decoding runs on the event loop, and 2,000 at once held it
+# ~30 ms, during which no engine completion or Redis answer was handled. A fetch-wait's worth at 100k
+# posts/s still fits in one turn.
+FETCH_MAX_RECORDS = 500
 # Fetches whose tokenization may be in flight at once: one in the tokenizer thread while the event loop
 # decodes the next fetch, one queued behind it. Serial, decode and tokenization added up per post; more
 # than two would only hold memory, as the thread takes them one at a time anyway.
@@ -334,7 +338,7 @@ class Worker:
             self._consumer.resume(*assigned)
         self.metrics.in_flight.set(in_flight)
         self.metrics.paused.set(int(paused))
-        batches = await self._consumer.getmany(timeout_ms=min(wait_ms, 100), max_records=2000)
+        batches = await self._consumer.getmany(timeout_ms=min(wait_ms, 100), max_records=FETCH_MAX_RECORDS)
         admitted = await self._admit(batches)
         if admitted:
             while len(self._tokenizing) >= TOKENIZE_AHEAD:
