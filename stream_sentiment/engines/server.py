@@ -72,16 +72,33 @@ class EngineKey:
 
 
 @dataclass(eq=False)
+class _Client:
+    """One connection's socket; answers come from whichever stream thread ran the request."""
+
+    connection: socket.socket
+    # The protocol has one request in flight per connection; the lock keeps a client that pipelines
+    # anyway from getting two answers interleaved byte by byte.
+    sending: threading.Lock = field(default_factory=threading.Lock)
+
+    def send(self, kind: bytes, *parts: bytes) -> None:
+        with self.sending, contextlib.suppress(OSError):  # a client gone meanwhile needs no answer
+            wire.send_frame(self.connection, kind, *parts)
+
+
+@dataclass(eq=False)
 class _Request:
     batch: TokenBatch
+    client: _Client
+    metrics: EngineServerMetrics
     queued: float = field(default_factory=time.perf_counter)
-    done: threading.Event = field(default_factory=threading.Event)
-    logits: np.ndarray | None = None
-    error: str | None = None
+
+    def answer(self, logits: np.ndarray) -> None:
+        self.metrics.calls.labels("ok").inc()
+        self.client.send(wire.LOGITS, *wire.logits_parts(logits))
 
     def fail(self, error: str) -> None:
-        self.error = error
-        self.done.set()
+        self.metrics.calls.labels("engine_error").inc()
+        self.client.send(wire.ERROR, error.encode("utf-8", "replace"))
 
 
 @dataclass(eq=False)
@@ -342,12 +359,13 @@ class EngineServer:
             hosted = self._handshake(connection)
             if hosted is None:
                 return
+            client = _Client(connection)
             while not self._closing.is_set():
                 kind, body = wire.recv_frame(connection)
                 if kind != wire.INFER:
-                    wire.send_error(connection, f"expected INFER, got {kind!r}")
+                    client.send(wire.ERROR, f"expected INFER, got {kind!r}".encode())
                     return
-                self._answer(connection, hosted, body)
+                self._queue(client, hosted, body)
         except (wire.WireError, OSError):
             pass  # the worker went away (or the server is closing): nothing to answer
         except Exception:
@@ -382,37 +400,27 @@ class EngineServer:
         })
         return hosted
 
-    def _answer(self, connection: socket.socket, hosted: _Hosted, body: memoryview) -> None:
+    def _queue(self, client: _Client, hosted: _Hosted, body: memoryview) -> None:
+        """Check a request and queue it for a stream thread, which answers it (one handoff, not two)."""
         try:
             batch = wire.parse_batch(body)
         except wire.WireError as error:
             self.metrics.calls.labels("bad_request").inc()
-            wire.send_error(connection, str(error))
+            client.send(wire.ERROR, str(error).encode())
             return
         key = hosted.key
         if batch.bucket not in key.buckets or batch.rows > key.max_rows:
             self.metrics.calls.labels("bad_request").inc()
-            wire.send_error(connection, f"a {batch.rows} x {batch.bucket} batch is outside what this client "
-                                        f"announced (buckets {list(key.buckets)}, at most {key.max_rows} rows)")
+            client.send(wire.ERROR, f"a {batch.rows} x {batch.bucket} batch is outside what this client announced "
+                                    f"(buckets {list(key.buckets)}, at most {key.max_rows} rows)".encode())
             return
-        request = _Request(batch)
+        request = _Request(batch, client, self.metrics)
         with hosted.ready:
             if hosted.working:
                 hosted.pending.append(request)
                 hosted.ready.notify()
-            else:
-                request.fail(f"no stream of {hosted.engine.describe()} works on the engine server")
-        if not request.done.wait(self.settings.engine.call_timeout_s):
-            with hosted.ready, contextlib.suppress(ValueError):
-                hosted.pending.remove(request)
-            request.fail("no engine stream answered in time")
-        if request.error is not None:
-            self.metrics.calls.labels("engine_error").inc()
-            wire.send_error(connection, request.error)
-            return
-        assert request.logits is not None
-        self.metrics.calls.labels("ok").inc()
-        wire.send_frame(connection, wire.LOGITS, *wire.logits_parts(request.logits))
+                return
+        request.fail(f"no stream of {hosted.engine.describe()} works on the engine server")
 
     def _dispatch(self, hosted: _Hosted, stream: int) -> None:
         """One stream's thread: run the next group of waiting requests, until unloaded or out of rotation."""
@@ -456,9 +464,8 @@ class EngineServer:
         self.metrics.rows.inc(batch.rows)
         offset = 0
         for request in group:
-            request.logits = logits[offset:offset + request.batch.rows]
+            request.answer(logits[offset:offset + request.batch.rows])
             offset += request.batch.rows
-            request.done.set()
 
     def _rebuild(self, hosted: _Hosted, stream: int, error: BaseException) -> None:
         log.warning("%s stream %d failed (%s): rebuilding", hosted.engine.describe(), stream, error)
