@@ -393,6 +393,8 @@ class EngineWorkerProcess:
             # Where a post's time goes: append -> fetch per post; bucket wait, engine call, Redis write per batch.
             "parts": {"kafka": np.asarray(worker.kafka_delays, dtype=np.float32),
                       **{name: np.asarray(h.samples, dtype=np.float32) for name, h in parts.items()}},
+            # After the stop: what this worker still held per partition (a run that ended short says where).
+            "partitions": {p: progress.summary() for p, progress in worker.progress.items()},
         }
 
     @staticmethod
@@ -733,7 +735,7 @@ class ProducerProcess:
             await asyncio.sleep(max(0.0, c["start_at"] - time.time()))
             cpu, started = time.process_time(), time.monotonic()
             sent, behind = 0, 0.0
-            deliveries = []
+            deliveries, targets = [], []
             while sent < count:
                 if rate is None:
                     due = min(count, sent + 256)
@@ -745,6 +747,7 @@ class ProducerProcess:
                     body = bodies[(c["offset"] + i) % len(bodies)]
                     deliveries.append(await producer.send(topic, head + str(i).encode() + b'", ' + body[1:],
                                                           partition=partition))
+                    targets.append(partition)
                 # Each tick's posts go to one partition, the next tick's to the next: real batches, all partitions.
                 partition = (partition + 1) % partitions
                 sent = due
@@ -766,8 +769,9 @@ class ProducerProcess:
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             log.warning("%d of %d sends failed, e.g. %r", len(failed), sent, failed[0])
+        per_partition = Counter(p for p, r in zip(targets, results, strict=True) if not isinstance(r, BaseException))
         return {"sent": sent - len(failed), "failed": len(failed), "seconds": seconds,
-                "cpu_seconds": time.process_time() - cpu, "behind_s": behind}
+                "cpu_seconds": time.process_time() - cpu, "behind_s": behind, "per_partition": dict(per_partition)}
 
 
 CHILD_ROLES = {"engine-worker": EngineWorkerProcess, "engine-server": EngineServerProcess,
@@ -989,6 +993,7 @@ class RunResult:
     fence: dict[str, float] = field(default_factory=dict)
     latency_parts_ms: dict[str, list[float]] = field(default_factory=dict)  # name -> [P50, P99]
     engine_server: dict[str, float] = field(default_factory=dict)
+    short_partitions: dict[str, Any] = field(default_factory=dict)  # partition -> produced, applied, held
     group_seconds: float = 0.0
     rebalances: int = 0
     wall_seconds: float = 0.0
@@ -1119,7 +1124,11 @@ class Bench:
         limit = 120.0 + count / 5000 if rate is None else count / rate + 60.0
         results = await asyncio.gather(*(producer.ask(command, limit) for producer, command in commands))
         seconds = max(r["seconds"] for r in results)
+        per_partition: Counter[int] = Counter()
+        for r in results:
+            per_partition.update(r["per_partition"])
         return {"sent": sum(r["sent"] for r in results), "failed": sum(r["failed"] for r in results),
+                "per_partition": dict(per_partition),
                 "seconds": seconds,
                 "rate": sum(r["sent"] for r in results) / max(seconds, 1e-9),
                 "cpu_seconds": sum(r["cpu_seconds"] for r in results),
@@ -1248,6 +1257,14 @@ class Bench:
         result = self.result(workload, setup, mode, rate, produced, counted, caught_up, progress, results,
                              infrastructure, gpu_util, group_seconds, time.monotonic() - wall_started)
         result.engine_server = served
+        if counted < produced["sent"] and setup.kind == "engine":
+            # Which partitions fell short, and whether their missing posts were ever fetched.
+            marks = {int(k): int(v) for k, v in (await redis.hgetall(f"{name}:offsets:{name}")).items()}
+            held = {p: s for r in results for p, s in r.get("partitions", {}).items()}
+            result.short_partitions = {
+                str(p): {"produced": n, "applied": marks.get(p, 0), "worker_held": held.get(p)}
+                for p, n in sorted(produced.get("per_partition", {}).items()) if marks.get(p, 0) < n}
+            self.say(f"        short: {result.short_partitions}")
         return result
 
     def result(self, workload: Workload, setup: Setup, mode: str, rate: float | None, produced: dict[str, float],

@@ -61,6 +61,11 @@ class PartitionProgress(Generic[Result]):
     def in_flight(self) -> int:
         return len(self._records)
 
+    def summary(self) -> dict[str, int | None]:
+        """Where the partition stands: its mark, records in flight, and the first one not yet finished."""
+        first_pending = next((offset for offset, value in self._records.items() if value is _PENDING), None)
+        return {"mark": self.mark, "in_flight": len(self._records), "first_unfinished": first_pending}
+
     def take_ready(self) -> ReadyRange[Result] | None:
         """The longest finished prefix as one range; nothing is removed until :meth:`applied`.
 

@@ -173,21 +173,24 @@ class Batcher(Generic[Item]):
         return {bucket: len(queue) for bucket, queue in self._queues.items()}
 
     def _due(self, now: float, engine_idle: bool) -> tuple[int, FlushReason] | None:
-        full = [b for b, q in self._queues.items() if len(q) >= self.policy.capacity(b)]
-        if full:
-            # Of several full buckets, the one whose head has waited longest.
-            return min(full, key=lambda b: self._queues[b][0].arrived), FlushReason.FULL
+        # Compared as "now >= arrived + wait", the same sum next_deadline()
+        # returns: "now - arrived >= wait" can round false at that very
+        # deadline, and a driver woken there would find nothing due, forever.
+        window = self.policy.window
+        due = [b for b, q in self._queues.items()
+               if q and (len(q) >= self.policy.capacity(b) or now >= q[0].arrived + window)]
+        if due:
+            # Full and expired buckets alike, oldest head first: were full ones served first, a rare
+            # length's expired posts would wait as long as busy buckets keep filling -- and hold back
+            # their partitions' Redis progress meanwhile.
+            bucket = min(due, key=lambda b: self._queues[b][0].arrived)
+            full = len(self._queues[bucket]) >= self.policy.capacity(bucket)
+            return bucket, FlushReason.FULL if full else FlushReason.WINDOW
         waiting = [b for b, q in self._queues.items() if q]
         if not waiting:
             return None
         oldest = min(waiting, key=lambda b: self._queues[b][0].arrived)
-        arrived = self._queues[oldest][0].arrived
-        # Compared as "now >= arrived + wait", the same sum next_deadline()
-        # returns: "now - arrived >= wait" can round false at that very
-        # deadline, and a driver woken there would find nothing due, forever.
-        if now >= arrived + self.policy.window:
-            return oldest, FlushReason.WINDOW
-        if engine_idle and now >= arrived + self.policy.timeout:
+        if engine_idle and now >= self._queues[oldest][0].arrived + self.policy.timeout:
             return oldest, FlushReason.TIMEOUT
         return None
 

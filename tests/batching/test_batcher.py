@@ -179,3 +179,19 @@ def test_property_no_post_waits_past_the_window_when_polled_on_time(arrivals):
             assert max(batch.waits()) <= POLICY.window + 1e-9
         now += gap
         batcher.add(index, tokens(length), now)
+
+
+def test_an_expired_post_of_a_rare_length_is_not_starved_by_buckets_that_keep_filling():
+    batcher: Batcher[str] = Batcher(POLICY)
+    batcher.add("rare", tokens(100), now=0.0)  # bucket 128, alone
+    served: list[list[str]] = []
+    for step in range(6):  # the engine takes one batch per step while the 32 bucket keeps filling
+        now = 0.020 * (step + 1)
+        for i in range(8):
+            batcher.add(f"s{step}-{i}", tokens(10), now=now)
+        batch = batcher.poll(now=now, engine_idle=False)
+        assert batch is not None
+        served.append([e.item for e in batch.entries])
+    # Expired at 0.050, older than every full batch's head: the next batch after that (at 0.060) is it.
+    assert served[2] == ["rare"]
+    assert all(len(batch) == 8 for i, batch in enumerate(served) if i != 2)
