@@ -210,7 +210,8 @@ class EngineServer:
         self._listener = listener
         self._spawn(self._accept_loop, "engine-server-accept")
         if self.settings.metrics_port:
-            start_http_server(self.settings.metrics_port, registry=self.metrics.registry)
+            # On the admin bind address (loopback by default), as a worker serves its own metrics.
+            start_http_server(self.settings.metrics_port, addr=self.settings.admin.host, registry=self.metrics.registry)
         log.info("engine server (%s, %d stream(s) per engine) listening on %s", self.settings.engine.backend,
                  self.settings.engine.streams, path)
         return self
