@@ -278,6 +278,10 @@ class Settings(BaseSettings):
         "Consumer-group session timeout: how long a dead worker holds its partitions; Kafka's default."))
     kafka_heartbeat_interval_ms: int = Field(default=3000, ge=100, description=(
         "Consumer heartbeat interval; a third of the session timeout, as Kafka recommends."))
+    kafka_gap_refetches: int = Field(default=2, ge=0, description=(
+        "Re-reads of a gap in a partition's offsets before it is skipped. A broker may hand out a later batch "
+        "before an earlier one is readable (seen with Tansu and two producers on one partition), and a skipped "
+        "gap is a post lost for good; 0 for compacted or transactional topics, whose gaps are real."))
     kafka_fetch_max_wait_ms: int = Field(default=20, ge=1, description=(
         "Longest the broker may hold a fetch waiting for data. Kafka answers as soon as data arrives, but some "
         "brokers (Tansu) wait it out, and it adds to latency; 20 ms costs only idle polls."))

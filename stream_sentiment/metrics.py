@@ -69,6 +69,8 @@ class PipelineMetrics:
         self.in_flight = Gauge("in_flight_posts", "Records fetched but not yet applied to Redis.",
                                namespace=ns, registry=r)
         self.paused = Gauge("consumer_paused", "1 while fetching is paused by backpressure.", namespace=ns, registry=r)
+        self.offset_gaps = Counter("offset_gaps", "Gaps in a partition's fetched offsets: re-read (refetched) or, "
+                                   "still there after the re-reads, skipped.", ["outcome"], namespace=ns, registry=r)
         self.alerts = Counter("alerts", "Alerts raised by this worker, by rule and dimension.",
                               ["rule", "dimension"], namespace=ns, registry=r)
         self.engine_info = Gauge("engine_info", "The engine serving posts (value 1).", ["backend", "version"],

@@ -54,8 +54,10 @@ def open_engine(
         from stream_sentiment.engines.server_backend import EngineServerEngine
 
         assert engine_settings.server_socket is not None  # the settings validator requires it
+        # The socket gives up a little before the slot pool does: a timed-out socket is a failure the pool
+        # rebuilds from (a reconnect), a call the pool timed out loses its slot for good.
         engine = EngineServerEngine(loaded, engine_settings.streams, socket_path=engine_settings.server_socket,
-                                    max_rows=settings.batching.max_rows, timeout_s=engine_settings.call_timeout_s)
+                                    max_rows=settings.batching.max_rows, timeout_s=0.9 * engine_settings.call_timeout_s)
     else:  # the settings type admits no other value; a guard for callers passing strings
         raise BackendUnavailableError(f"unknown backend {backend!r}")
     faults = engine_settings.fault_every_kth_call is not None or engine_settings.fault_broken_stream is not None

@@ -146,6 +146,8 @@ class Worker:
         # Applied marks not yet committed to Kafka; committed at most every COMMIT_INTERVAL_S.
         self._uncommitted: dict[int, int] = {}
         self._last_commit = 0.0
+        # partition -> (the offset a gap starts at, re-reads of it so far)
+        self._gap_rereads: dict[int, tuple[int, int]] = {}
         self._consumer: Any = None
         self._producer: Any = None
         self._sink: RedisSink | None = None
@@ -319,10 +321,15 @@ class Worker:
             for partition in gone:
                 self.progress.pop(partition, None)
                 self._uncommitted.pop(partition, None)  # no longer ours to commit
-            # Anything fetched but not applied belongs to the next owner now.
-            self.batcher.drain(self.clock())
-            kept = [b for b in self._ready if not any(e.item.partition in gone for e in b.entries)]
-            self._ready = deque(kept)
+            # What was fetched from the revoked partitions but not applied belongs to the next owner now;
+            # the posts of partitions this worker keeps stay queued (aiokafka revokes every partition at
+            # once today, but a kept post dropped here would block its partition for good).
+            kept: deque[FormedBatch[Admitted]] = deque()
+            for batch in [*self._ready, *self.batcher.drain(self.clock())]:
+                entries = tuple(e for e in batch.entries if e.item.partition not in gone)
+                if entries:
+                    kept.append(FormedBatch(batch.bucket, entries, batch.reason, batch.formed))
+            self._ready = kept
 
     async def _poll_once(self) -> None:
         now = self.clock()
@@ -341,16 +348,37 @@ class Worker:
         batches = await self._consumer.getmany(timeout_ms=min(wait_ms, 100), max_records=FETCH_MAX_RECORDS)
         admitted = await self._admit(batches)
         if admitted:
+            # A partition revoked (and maybe reassigned) meanwhile has a new progress: its posts are the next owner's.
+            owners = {a.partition: self.progress.get(a.partition) for a in admitted}
             while len(self._tokenizing) >= TOKENIZE_AHEAD:
                 await asyncio.wait([self._tokenizing[0]])
-            self._tokenize_then_queue(admitted)
+            self._tokenize_then_queue(admitted, owners)
         self._dispatch()
         await self._apply_ready()
 
-    def _tokenize_then_queue(self, admitted: list[Admitted]) -> None:
+    def _reread_gap(self, tp: Any, expected: int, got: int) -> bool:
+        """Seek back to a gap's start to read it again; False once it survived its re-reads (then it is skipped).
+
+        Offsets a partition skips are marked applied with the range that follows, so a gap accepted while
+        its records were only not yet readable loses them for good; a real gap (compaction, transaction
+        markers) costs ``kafka_gap_refetches`` extra fetches.
+        """
+        start, rereads = self._gap_rereads.get(tp.partition, (expected, 0))
+        if start != expected:
+            rereads = 0
+        if rereads < self.settings.kafka_gap_refetches:
+            self._gap_rereads[tp.partition] = (expected, rereads + 1)
+            self._consumer.seek(tp, expected)
+            self.metrics.offset_gaps.labels("refetched").inc()
+            return True
+        self._gap_rereads.pop(tp.partition, None)
+        self.metrics.offset_gaps.labels("skipped").inc()
+        log.warning("partition %d: offsets %d-%d still missing after %d re-read(s): skipped", tp.partition, expected,
+                    got - 1, rereads)
+        return False
+
+    def _tokenize_then_queue(self, admitted: list[Admitted], owners: dict[int, Any]) -> None:
         """Tokenize in the executor and queue the posts in the batcher when done; the fetch loop goes on."""
-        # A partition revoked (and maybe reassigned) meanwhile has a new progress: its posts are the next owner's.
-        owners = {a.partition: self.progress.get(a.partition) for a in admitted}
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._tokenize_executor, self._tokenize, [a.post.text for a in admitted])
 
@@ -384,6 +412,8 @@ class Worker:
             for record in records:
                 if record.offset < progress.mark:
                     continue  # fetched before the seek to the applied mark took effect
+                if record.offset > progress.next_offset and self._reread_gap(tp, progress.next_offset, record.offset):
+                    break  # the rest of this partition's fetch comes again, after the gap
                 progress.fetched(record.offset)
                 outcome = decode_post(record.value, self.limits)
                 if isinstance(outcome, Rejection):
@@ -473,7 +503,7 @@ class Worker:
                     progress.finished(admitted.offset, scored)
             await self._apply_ready()
         except Exception as error:  # a bug here must stop the worker, not vanish in a task
-            self._failure = error
+            self._failure = self._failure or error
         finally:
             pool.give_back(stream)
             self._dispatch()
@@ -577,7 +607,7 @@ class Worker:
 
     async def _drain(self, budget_s: float) -> None:
         """Score everything queued, wait for in-flight batches, apply and commit, within ``budget_s``."""
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout(budget_s):
                 while self._tokenizing:  # fetched posts still in the tokenizer reach the batcher first
                     await asyncio.wait(list(self._tokenizing))
@@ -590,3 +620,8 @@ class Worker:
                         break  # everything scored, or no working stream left (then nothing is applied)
                     await asyncio.gather(*list(self._inference), return_exceptions=True)
                 await self._apply_ready(force_commit=True)
+        except TimeoutError:
+            # Not lost: unapplied records are read again by the next owner. But say what was left.
+            log.warning("drain ran out of its %.1f s: %d tokenizer job(s), %d engine call(s) still running; %s",
+                        budget_s, len(self._tokenizing), len(self._inference),
+                        {p: progress.summary() for p, progress in self.progress.items() if progress.in_flight})

@@ -61,6 +61,11 @@ class PartitionProgress(Generic[Result]):
     def in_flight(self) -> int:
         return len(self._records)
 
+    @property
+    def next_offset(self) -> int:
+        """The offset the next fetched record should have: after the last one in flight, else the mark."""
+        return next(reversed(self._records)) + 1 if self._records else self.mark
+
     def summary(self) -> dict[str, int | None]:
         """Where the partition stands: its mark, records in flight, and the first one not yet finished."""
         first_pending = next((offset for offset, value in self._records.items() if value is _PENDING), None)

@@ -81,8 +81,14 @@ class _Client:
     sending: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, kind: bytes, *parts: bytes) -> None:
-        with self.sending, contextlib.suppress(OSError):  # a client gone meanwhile needs no answer
-            wire.send_frame(self.connection, kind, *parts)
+        with self.sending:
+            try:
+                wire.send_frame(self.connection, kind, *parts)
+            except OSError:
+                # Gone, or the frame went out half: either way the connection is done. Shutting it makes
+                # a client still waiting see EOF now (and reconnect) instead of after its timeout.
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
 
 
 @dataclass(eq=False)
@@ -106,6 +112,7 @@ class _Hosted:
     key: EngineKey
     version: EngineVersion
     engine: Engine
+    vocabulary: int
     pending: deque[_Request] = field(default_factory=deque)
     ready: threading.Condition = field(default_factory=threading.Condition)
     lost: set[int] = field(default_factory=set)
@@ -224,9 +231,7 @@ class EngineServer:
             repository = EngineRepository(settings.engine.repository, settings.engine.model)
             buckets = repository.load(settings.engine.version).manifest.buckets
         key = EngineKey(settings.engine.version, tuple(buckets), settings.batching.max_rows)
-        hosted = self._acquire(key, expected_sha256=None)
-        hosted.pinned = True
-        hosted.clients -= 1  # pinned instead of counted
+        self._acquire(key, expected_sha256=None, pin=True)
         return key
 
     def loaded(self, key: EngineKey) -> tuple[EngineVersion, Engine]:
@@ -270,7 +275,8 @@ class EngineServer:
 
     # -- engines -------------------------------------------------------------------------------
 
-    def _acquire(self, key: EngineKey, expected_sha256: str | None) -> _Hosted:
+    def _acquire(self, key: EngineKey, expected_sha256: str | None, *, pin: bool = False) -> _Hosted:
+        """The hosted engine for ``key``, loaded if need be, counted as used by one more client (or pinned)."""
         with self._load_lock:
             hosted = self._hosted.get(key)
             if hosted is None:
@@ -285,7 +291,10 @@ class EngineServer:
                     raise EngineRepositoryError(
                         f"the engine server's {hosted.version.label} has model sha256 {actual}, the worker's "
                         f"{expected_sha256}: the two repositories hold different builds")
-            hosted.clients += 1
+            if pin:
+                hosted.pinned = True
+            else:
+                hosted.clients += 1
             return hosted
 
     def _load(self, key: EngineKey) -> _Hosted:
@@ -302,7 +311,10 @@ class EngineServer:
             raise
         log.info("loaded %s for buckets %s, %d rows in %.1f s", engine.describe(), list(key.buckets), key.max_rows,
                  time.perf_counter() - started)
-        hosted = _Hosted(key, version, engine)
+        from tokenizers import Tokenizer
+
+        vocabulary = Tokenizer.from_file(str(version.tokenizer_path)).get_vocab_size()
+        hosted = _Hosted(key, version, engine, vocabulary)
         for stream in range(engine.streams):
             thread = threading.Thread(target=self._dispatch, args=(hosted, stream), daemon=True,
                                       name=f"engine-server-{key.version}-stream-{stream}")
@@ -410,10 +422,18 @@ class EngineServer:
             client.send(wire.ERROR, str(error).encode())
             return
         key = hosted.key
-        if batch.bucket not in key.buckets or batch.rows > key.max_rows:
+        problem = None
+        if batch.bucket not in key.buckets or not 1 <= batch.rows <= key.max_rows:
+            problem = (f"a {batch.rows} x {batch.bucket} batch is outside what this client announced "
+                       f"(buckets {list(key.buckets)}, 1 to {key.max_rows} rows)")
+        elif batch.input_ids.min() < 0 or batch.input_ids.max() >= hosted.vocabulary:
+            # Out-of-range ids would trip a device-side assert, and this process serves every worker.
+            problem = f"token ids outside the vocabulary (0 to {hosted.vocabulary - 1})"
+        elif batch.attention_mask.max() > 1:
+            problem = "attention mask values other than 0 and 1"
+        if problem is not None:
             self.metrics.calls.labels("bad_request").inc()
-            client.send(wire.ERROR, f"a {batch.rows} x {batch.bucket} batch is outside what this client announced "
-                                    f"(buckets {list(key.buckets)}, at most {key.max_rows} rows)".encode())
+            client.send(wire.ERROR, problem.encode())
             return
         request = _Request(batch, client, self.metrics)
         with hosted.ready:
@@ -430,6 +450,8 @@ class EngineServer:
                 while not hosted.pending and not hosted.closing:
                     hosted.ready.wait()
                 if hosted.closing:
+                    while hosted.pending:  # unloading: answer, rather than leave clients to their timeouts
+                        hosted.pending.popleft().fail(f"{hosted.engine.describe()} is being unloaded")
                     return
                 group = hosted.take_group()
             self._run(hosted, stream, group)
@@ -440,10 +462,11 @@ class EngineServer:
                             hosted.pending.popleft().fail(f"no stream of {hosted.engine.describe()} works")
                 return
 
-    def _run(self, hosted: _Hosted, stream: int, group: list[_Request]) -> None:
+    def _run(self, hosted: _Hosted, stream: int, group: list[_Request], *, retry: bool = False) -> None:
         started = time.perf_counter()
-        for request in group:
-            self.metrics.stream_wait.observe(started - request.queued)
+        if not retry:
+            for request in group:
+                self.metrics.stream_wait.observe(started - request.queued)
         if len(group) == 1:
             batch = group[0].batch
         else:
@@ -455,7 +478,7 @@ class EngineServer:
             self._rebuild(hosted, stream, error)
             if len(group) > 1 and stream not in hosted.lost:
                 for request in group:  # alone, so only the request at fault gets the error
-                    self._run(hosted, stream, [request])
+                    self._run(hosted, stream, [request], retry=True)
                 return
             for request in group:
                 request.fail(f"{type(error).__name__}: {error}")

@@ -242,9 +242,10 @@ def test_concurrent_requests_of_one_bucket_share_a_device_call_and_a_failing_one
         version, engine = open_engine(settings)
         return version, FailsOnToken(engine, poison_id)
 
-    texts = [[f"{t} #{i}" for t in TEXTS] for i in range(6)]
-    batches = [pad_to_bucket(tokenizer.encode(group), 32) for group in texts]
-    poisoned = [*batches[:3], pad_to_bucket(tokenizer.encode(["zebra", *TEXTS[1:]]), 32), *batches[4:]]
+    # Uneven rows and two buckets: a request gets back exactly its own rows, merged or not.
+    texts = [[f"{t} #{i}" for t in TEXTS[: 1 + i % 4]] for i in range(6)]
+    batches = [pad_to_bucket(tokenizer.encode(group), 32 if i % 2 else 64) for i, group in enumerate(texts)]
+    poisoned = [*batches[:3], pad_to_bucket(tokenizer.encode(["zebra", *TEXTS[1:]]), 64), *batches[4:]]
     _, local = open_engine(Settings.load(engine={"repository": str(repository), "threads_per_stream": 1}))
     # One device stream, six client slots sending at once: requests queue, and queued ones are merged.
     with EngineServer(_server_settings(repository, socket_path, streams=1), failing_open) as server, local:
@@ -267,3 +268,47 @@ def test_concurrent_requests_of_one_bucket_share_a_device_call_and_a_failing_one
                         np.testing.assert_allclose(future.result(), local.infer(batch), atol=1e-6)
             assert server.hosted()[0]["lost_streams"] == []
         assert metrics.calls.labels("engine_error")._value.get() == 3
+
+
+def test_a_group_takes_the_oldest_request_and_later_ones_of_its_bucket_up_to_the_largest_batch():
+    from types import SimpleNamespace
+
+    from stream_sentiment.engines.server import EngineKey, _Hosted, _Request
+
+    def request(rows: int, bucket: int) -> _Request:
+        ids = np.ones((rows, bucket), np.int64)
+        return _Request(TokenBatch(ids, ids, bucket), client=None, metrics=None)  # type: ignore[arg-type]
+
+    hosted = _Hosted(EngineKey("v1", (32, 64), 8), None, SimpleNamespace(streams=1), 30522)  # type: ignore[arg-type]
+    queued = [request(3, 32), request(4, 64), request(4, 32), request(1, 32), request(2, 32)]
+    hosted.pending.extend(queued)
+    assert hosted.take_group() == [queued[0], queued[2], queued[3]]  # 3 + 4 + 1 rows: 2 more would pass 8
+    assert list(hosted.pending) == [queued[1], queued[4]]  # the other bucket, and what did not fit, in order
+    assert hosted.take_group() == [queued[1]]
+    assert hosted.take_group() == [queued[4]]
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_they_reach_the_device(repository, socket_path, batch):
+    with EngineServer(_server_settings(repository, socket_path), open_engine) as server:
+        _, client = open_engine(_client_settings(repository, socket_path, streams=1))
+        with client:
+            for ids in (np.full((1, 32), 30522), np.full((1, 32), -1)):
+                bad = TokenBatch(ids.astype(np.int64), np.ones((1, 32), np.int64), 32)
+                with pytest.raises(EngineError, match="outside the vocabulary"):
+                    client.infer(bad, 0)
+            client.infer(batch, 0)
+        assert server.metrics.calls.labels("bad_request")._value.get() == 2
+
+
+def test_a_client_gone_while_its_request_waits_does_not_stop_the_server(repository, socket_path, batch):
+    with EngineServer(_server_settings(repository, socket_path, streams=1), open_engine) as server:
+        _, client = open_engine(_client_settings(repository, socket_path, streams=1))
+        with client:
+            connection = client._connections[0]
+            for _ in range(20):  # requests pile up behind one stream; then the connection goes
+                wire.send_frame(connection, wire.INFER, *wire.batch_parts(batch))
+            connection.close()
+            client._connections[0] = None
+            client.rebuild(0)  # a new connection, as the slot pool makes after a failure
+            np.testing.assert_allclose(client.infer(batch, 0).sum(axis=1), 1.0, atol=1e-5)
+        _until(lambda: server.metrics.clients._value.get() == 0)
