@@ -198,12 +198,7 @@ class EngineManager:
 
         def load() -> Engine:
             _, engine = self.open_engine(self.settings, version=version, **options)
-            engine.activate()
-            try:
-                engine.warm_up()
-            except BaseException:
-                engine.deactivate()
-                raise
+            engine.activate_warm()
             return engine
 
         return await asyncio.get_running_loop().run_in_executor(None, load)

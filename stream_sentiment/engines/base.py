@@ -85,6 +85,15 @@ class Engine(abc.ABC):
         self._activate_impl()
         self.is_active = True
 
+    def activate_warm(self) -> None:
+        """Activate and warm up; on a failure in the warm-up nothing is left active."""
+        self.activate()
+        try:
+            self.warm_up()
+        except BaseException:
+            self.deactivate()
+            raise
+
     def warm_up(self, rows: int = 1) -> None:
         """Run every bucket shape once on every slot, so no live batch pays for lazy init."""
         for stream in range(self.streams):

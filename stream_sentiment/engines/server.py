@@ -303,12 +303,7 @@ class EngineServer:
         settings = self.settings.model_copy(update={"engine": engine_settings, "batching": batching})
         version, engine = self.open_engine(settings)
         started = time.perf_counter()
-        engine.activate()
-        try:
-            engine.warm_up()
-        except BaseException:
-            engine.deactivate()
-            raise
+        engine.activate_warm()
         log.info("loaded %s for buckets %s, %d rows in %.1f s", engine.describe(), list(key.buckets), key.max_rows,
                  time.perf_counter() - started)
         from tokenizers import Tokenizer
