@@ -402,10 +402,14 @@ class EngineServer:
             wire.send_error(connection, f"{type(error).__name__}: {error}")
             return None
         engine = hosted.engine
-        wire.send_json(connection, wire.READY, {
-            "protocol": wire.PROTOCOL, "backend": engine.backend, "streams": engine.streams,
-            "labels": list(engine.labels), "describe": engine.describe(),
-        })
+        try:
+            wire.send_json(connection, wire.READY, {
+                "protocol": wire.PROTOCOL, "backend": engine.backend, "streams": engine.streams,
+                "labels": list(engine.labels), "describe": engine.describe(),
+            })
+        except OSError:
+            self._release(hosted)  # the worker left during the load: it holds nothing
+            raise
         return hosted
 
     def _queue(self, client: _Client, hosted: _Hosted, body: memoryview) -> None:
