@@ -212,7 +212,6 @@ class RecordingLabelledHistogram(RecordingHistogram):
 
     def __init__(self, inner: Any) -> None:
         super().__init__(inner)
-        self._labels: tuple[str, ...] = ()
 
     def labels(self, *values: str) -> RecordingLabelledHistogram:
         child = RecordingLabelledHistogram(self.inner.labels(*values))

@@ -90,6 +90,9 @@ class _Client:
                 with contextlib.suppress(OSError):
                     self.connection.shutdown(socket.SHUT_RDWR)
 
+    def error(self, text: str) -> None:
+        self.send(wire.ERROR, text.encode("utf-8", "replace"))
+
 
 @dataclass(eq=False)
 class _Request:
@@ -104,7 +107,7 @@ class _Request:
 
     def fail(self, error: str) -> None:
         self.metrics.calls.labels("engine_error").inc()
-        self.client.send(wire.ERROR, error.encode("utf-8", "replace"))
+        self.client.error(error)
 
 
 @dataclass(eq=False)
@@ -371,7 +374,7 @@ class EngineServer:
             while not self._closing.is_set():
                 kind, body = wire.recv_frame(connection)
                 if kind != wire.INFER:
-                    client.send(wire.ERROR, f"expected INFER, got {kind!r}".encode())
+                    client.error(f"expected INFER, got {kind!r}")
                     return
                 self._queue(client, hosted, body)
         except (wire.WireError, OSError):
@@ -394,7 +397,7 @@ class EngineServer:
             return None
         try:
             hello = wire.parse_json(body)
-            key, sha256 = _parse_hello(hello)
+            key, sha256 = _parse_hello(hello, self.settings.batching.max_rows)
             hosted = self._acquire(key, sha256)
         except Exception as error:  # a bad request or a failed load: the worker gets the reason
             log.warning("refused a client: %s", error)
@@ -418,7 +421,7 @@ class EngineServer:
             batch = wire.parse_batch(body)
         except wire.WireError as error:
             self.metrics.calls.labels("bad_request").inc()
-            client.send(wire.ERROR, str(error).encode())
+            client.error(str(error))
             return
         key = hosted.key
         problem = None
@@ -432,7 +435,7 @@ class EngineServer:
             problem = "attention mask values other than 0 and 1"
         if problem is not None:
             self.metrics.calls.labels("bad_request").inc()
-            client.send(wire.ERROR, problem.encode())
+            client.error(problem)
             return
         request = _Request(batch, client, self.metrics)
         with hosted.ready:
@@ -501,7 +504,9 @@ class EngineServer:
             self.metrics.lost_streams.inc()
 
 
-def _parse_hello(hello: dict[str, Any]) -> tuple[EngineKey, str | None]:
+def _parse_hello(hello: dict[str, Any], max_rows_limit: int) -> tuple[EngineKey, str | None]:
+    """The client's request, checked; ``max_rows_limit`` (the server's ``batching.max_rows``) bounds the
+    buffers and graphs a client can make the server allocate."""
     if hello.get("protocol") != wire.PROTOCOL:
         raise ValueError(f"protocol {hello.get('protocol')!r}, this server speaks {wire.PROTOCOL}")
     version, buckets, max_rows = hello.get("version"), hello.get("buckets"), hello.get("max_rows")
@@ -509,8 +514,9 @@ def _parse_hello(hello: dict[str, Any]) -> tuple[EngineKey, str | None]:
         raise ValueError(f"version must be a plain version name, got {version!r}")
     if not isinstance(buckets, list) or not buckets or not all(isinstance(b, int) and b > 0 for b in buckets):
         raise ValueError(f"buckets must be positive integers, got {buckets!r}")
-    if not isinstance(max_rows, int) or max_rows < 1:
-        raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
+    if not isinstance(max_rows, int) or not 1 <= max_rows <= max_rows_limit:
+        raise ValueError(f"max_rows must be an integer from 1 to the server's batching.max_rows "
+                         f"({max_rows_limit}), got {max_rows!r}")
     sha256 = hello.get("model_sha256")
     return EngineKey(version, tuple(buckets), max_rows), sha256 if isinstance(sha256, str) else None
 

@@ -183,6 +183,12 @@ def test_garbage_and_out_of_contract_requests_are_refused_and_the_server_keeps_s
                                              "max_rows": 8})
             kind, body = wire.recv_frame(raw)
             assert kind == wire.ERROR and "plain version name" in bytes(body).decode()
+        with socket.socket(socket.AF_UNIX) as raw:  # more rows than the server allocates for
+            raw.connect(str(socket_path))
+            wire.send_json(raw, wire.HELLO, {"protocol": wire.PROTOCOL, "version": "v1", "buckets": [32],
+                                             "max_rows": 10**9})
+            kind, body = wire.recv_frame(raw)
+            assert kind == wire.ERROR and "batching.max_rows (64)" in bytes(body).decode()
         _, client = open_engine(_client_settings(repository, socket_path, streams=1))
         with client:
             too_long = TokenBatch(np.zeros((2, 48), np.int64), np.ones((2, 48), np.int64), 48)
@@ -190,7 +196,7 @@ def test_garbage_and_out_of_contract_requests_are_refused_and_the_server_keeps_s
             kind, body = wire.recv_frame(client._connections[0])
             assert kind == wire.ERROR and "outside what this client announced" in bytes(body).decode()
             client.infer(batch, 0)  # the same connection still serves
-        assert server.metrics.calls.labels("bad_request")._value.get() == 2
+        assert server.metrics.calls.labels("bad_request")._value.get() == 3
 
 
 def test_a_second_server_on_a_live_socket_refuses_to_start(repository, socket_path):
