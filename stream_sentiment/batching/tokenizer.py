@@ -3,12 +3,27 @@
 Uses the Rust ``tokenizers`` library with ``encode_batch``, which releases the
 GIL and fans out over cores: the pipeline calls it from an executor so the
 event loop never tokenizes.
+
+For a BERT-style WordPiece tokenizer, posts of printable ASCII take a faster
+path (:class:`AsciiWordPieces`): split into words with one regex and look each
+word's pieces up in a memo, asking the Rust tokenizer only for words not seen
+yet. Social-media vocabulary repeats, so nearly every word is a hit; on the
+sample tweets this is ~3x less CPU per post than ``encode_batch_fast``, which
+spends most of its time normalizing and splitting (on a GPU host the CPU, not
+the GPU, limits long posts). Results equal the Rust tokenizer's exactly, by
+construction (the path only takes text whose normalization and splitting it
+mirrors, and checks itself on probes at start-up) and by test, on every sample
+tweet and on generated text.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import json
+import logging
+import re
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,6 +32,103 @@ from tokenizers import Tokenizer
 from stream_sentiment.batching.normalization import get_normalizer
 from stream_sentiment.engines.base import TokenBatch
 from stream_sentiment.engines.manifest import EngineVersion
+
+log = logging.getLogger(__name__)
+
+# What BertPreTokenizer does to lowercased printable ASCII: runs of letters and digits are words,
+# every other character but the space is punctuation and a word of its own (Rust's
+# is_ascii_punctuation is exactly the printable ASCII that is neither alphanumeric nor a space).
+_ASCII_WORDS = re.compile(r"[a-z0-9]+|[^a-z0-9 ]")
+
+# Texts the start-up self-check tokenizes both ways; any difference turns the fast path off.
+_PROBES = (
+    "", "a", "Hello, World!", "don't STOP me now!!! :-) #blessed @user http", "snake_case and kebab-case",
+    "CamelCase123abc 3.14159 $5,000 ~tilde~ `tick` {brace} |pipe| \\back\\slash", "##ing un##affable",
+    "x" * 101, "y" * 100, "supercalifragilisticexpialidocious antidisestablishmentarianism",
+    "word " * 300, "a!" * 200,
+)
+
+
+class AsciiWordPieces:
+    """Tokenizes printable-ASCII texts word by word from a memo of each word's WordPiece ids.
+
+    Only for a tokenizer this can mirror exactly -- BertNormalizer with lowercasing, BertPreTokenizer,
+    WordPiece, ``[CLS] A [SEP]`` -- see :meth:`for_tokenizer`. Texts it cannot take (non-ASCII,
+    control characters, anything that could hold an added token such as ``[MASK]``) are left to the
+    caller. Thread-safe; the memo is bounded and starts over when full.
+    """
+
+    MAX_WORDS = 1 << 16
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int, prefix: list[int], suffix: list[int],
+                 refused_characters: str) -> None:
+        self._tokenizer = tokenizer
+        self._prefix = prefix
+        self._suffix = suffix
+        self._keep = max_length - len(suffix)  # ids kept before the suffix, prefix included
+        self._refused = refused_characters
+        self._pieces: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Tokenizer, max_length: int) -> AsciiWordPieces | None:
+        """The fast path for ``tokenizer`` (truncating to ``max_length``), or None where it cannot be exact."""
+        config = json.loads(tokenizer.to_str())
+        normalizer, pre_tokenizer = config.get("normalizer") or {}, config.get("pre_tokenizer") or {}
+        model, post = config.get("model") or {}, config.get("post_processor") or {}
+        if (normalizer.get("type") != "BertNormalizer" or not normalizer.get("lowercase")
+                or pre_tokenizer.get("type") != "BertPreTokenizer" or model.get("type") != "WordPiece"):
+            return None
+        if post.get("type") == "BertProcessing":
+            prefix, suffix = [post["cls"][1]], [post["sep"][1]]
+        elif post.get("type") == "TemplateProcessing":
+            single = post.get("single") or []
+            if [next(iter(part)) for part in single] != ["SpecialToken", "Sequence", "SpecialToken"]:
+                return None
+            specials = post.get("special_tokens") or {}
+            prefix, suffix = (specials[single[i]["SpecialToken"]["id"]]["ids"] for i in (0, 2))
+        else:
+            return None
+        if max_length <= len(prefix) + len(suffix):
+            return None
+        # Added tokens are matched in the raw text before anything else; texts with any of their
+        # characters go the slow way (for BERT: "[", which ordinary posts rarely contain).
+        refused = "".join(sorted({t["content"][0] for t in config.get("added_tokens") or [] if t["content"]}))
+        fast = cls(tokenizer, max_length, list(prefix), list(suffix), refused)
+        probes = [text for text in _PROBES if fast.accepts(text)]
+        expected = [e.ids for e in tokenizer.encode_batch(probes)]
+        if fast.encode(probes) != expected:
+            log.warning("the ASCII tokenization fast path disagrees with the tokenizer on its probes; not used")
+            return None
+        return fast
+
+    def accepts(self, text: str) -> bool:
+        """Whether :meth:`encode` may be given ``text``."""
+        return text.isascii() and text.isprintable() and not any(c in text for c in self._refused)
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of ``texts``, every one of which :meth:`accepts`."""
+        words_of = [_ASCII_WORDS.findall(text.lower()) for text in texts]
+        with self._lock:
+            pieces = self._pieces
+            unseen = list({word for words in words_of for word in words if word not in pieces})
+            if unseen:
+                if len(pieces) + len(unseen) > self.MAX_WORDS:
+                    pieces.clear()  # rare: a stream of new words; the next batches refill it
+                    unseen = list({word for words in words_of for word in words})
+                for word, encoding in zip(unseen, self._tokenizer.encode_batch(unseen, add_special_tokens=False),
+                                          strict=True):
+                    pieces[word] = encoding.ids
+            encoded = []
+            for words in words_of:
+                ids = list(self._prefix)
+                for word in words:
+                    ids += pieces[word]
+                if len(ids) > self._keep:
+                    del ids[self._keep:]
+                ids += self._suffix
+                encoded.append(ids)
+        return encoded
 
 
 class PostTokenizer:
@@ -36,11 +148,31 @@ class PostTokenizer:
         self._tokenizer.enable_truncation(max_length=self.max_length)
         self._tokenizer.no_padding()
         self._encode_batch = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
+        self._ascii = AsciiWordPieces.for_tokenizer(self._tokenizer, self.max_length)
+
+    @property
+    def has_fast_path(self) -> bool:
+        return self._ascii is not None
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        normalized = [self._normalize(t) for t in texts]
+        if self._ascii is None:
+            return self._encode_slow(normalized)
+        accepts = self._ascii.accepts
+        slow = [i for i, text in enumerate(normalized) if not accepts(text)]
+        if not slow:
+            return self._ascii.encode(normalized)
+        encoded: list[list[int]] = [[]] * len(normalized)
+        fast = [i for i, text in enumerate(normalized) if accepts(text)] if len(slow) < len(normalized) else []
+        for indexes, results in ((fast, self._ascii.encode([normalized[i] for i in fast])),
+                                 (slow, self._encode_slow([normalized[i] for i in slow]))):
+            for index, ids in zip(indexes, results, strict=True):
+                encoded[index] = ids
+        return encoded
+
+    def _encode_slow(self, normalized: list[str]) -> list[list[int]]:
         # The fast variant skips character offsets, which nothing here reads: ~35% less per post.
-        encodings = self._encode_batch([self._normalize(t) for t in texts])
-        return [e.ids for e in encodings]
+        return [e.ids for e in self._encode_batch(normalized)]
 
     def bucket_for(self, length: int) -> int:
         """The smallest bucket that holds ``length`` tokens."""

@@ -1,0 +1,90 @@
+"""The ASCII fast path of PostTokenizer must give exactly the Rust tokenizer's ids."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer
+
+from stream_sentiment.batching.tokenizer import AsciiWordPieces, PostTokenizer
+from stream_sentiment.engines.manifest import load_engine_version
+from stream_sentiment.source.replay import sample_rows
+
+VERSION = Path(__file__).resolve().parents[2] / "engines" / "minilm-sentiment" / "v1"
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PostTokenizer:
+    return PostTokenizer(load_engine_version(VERSION, verify=False))
+
+
+def rust_ids(tokenizer: PostTokenizer, texts: list[str]) -> list[list[int]]:
+    """The definition: the Rust tokenizer alone, as PostTokenizer used it before the fast path."""
+    normalized = [tokenizer._normalize(text) for text in texts]
+    return [e.ids for e in tokenizer._tokenizer.encode_batch(normalized)]
+
+
+def test_the_committed_tokenizer_gets_the_fast_path(tokenizer):
+    assert tokenizer.has_fast_path
+
+
+def test_equals_the_tokenizer_on_every_sample_tweet_and_on_long_and_truncated_posts(tokenizer):
+    tweets = [row["text"] for row in sample_rows()]
+    rng = random.Random(7)
+    long_posts = [" ".join(rng.sample(tweets, 4)) for _ in range(500)]
+    truncated = [" ".join(rng.sample(tweets, 25)) for _ in range(50)]  # past max_length: cut before [SEP]
+    texts = tweets + long_posts + truncated
+    assert max(len(ids) for ids in tokenizer.encode(truncated)) == tokenizer.max_length
+    fast_share = sum(tokenizer._ascii.accepts(tokenizer._normalize(t)) for t in texts) / len(texts)
+    assert fast_share > 0.9  # the path is actually taken for most posts, not only for the fallback
+    for start in range(0, len(texts), 512):  # batches as the worker forms them, mixed fast and slow
+        batch = texts[start:start + 512]
+        assert tokenizer.encode(batch) == rust_ids(tokenizer, batch)
+
+
+TRICKY = ["[MASK] it", "a [SEP] b", "x" * 100, "x" * 101, "##ab", "naïve café", "tab\there", "\x7f", "_", "a_b",
+          "@user's #1 fan!!!", "", " ", "1,000.50$", "UPPER lower MiXeD", "can't won't", "🙂 ok"]
+
+
+def test_equals_the_tokenizer_on_tricky_text_in_one_mixed_batch(tokenizer):
+    assert tokenizer.encode(TRICKY) == rust_ids(tokenizer, TRICKY)
+
+
+PRINTABLE_ASCII = st.characters(min_codepoint=32, max_codepoint=126)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.text(alphabet=PRINTABLE_ASCII | st.sampled_from(list("aeiou sth'!_[]")) | st.characters(),
+                        max_size=120), min_size=1, max_size=8))
+def test_equals_the_tokenizer_on_generated_text(tokenizer, texts):
+    assert tokenizer.encode(texts) == rust_ids(tokenizer, texts)
+
+
+def test_a_full_memo_starts_over_and_stays_exact(tokenizer, monkeypatch):
+    fast = AsciiWordPieces.for_tokenizer(tokenizer._tokenizer, tokenizer.max_length)
+    monkeypatch.setattr(AsciiWordPieces, "MAX_WORDS", 20)
+    texts = [f"word{n} and more words {n * 7}" for n in range(30)]
+    for text in texts:
+        assert fast.encode([text]) == rust_ids(tokenizer, [text])
+        assert len(fast._pieces) <= 20
+
+
+def without(config: dict, path: tuple[str, ...], value: object) -> Tokenizer:
+    changed = json.loads(json.dumps(config))
+    node = changed
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return Tokenizer.from_str(json.dumps(changed))
+
+
+def test_tokenizers_it_cannot_mirror_get_no_fast_path(tokenizer):
+    config = json.loads(tokenizer._tokenizer.to_str())
+    for path, value in ((("normalizer", "lowercase"), False), (("pre_tokenizer", "type"), "Whitespace"),
+                        (("post_processor",), None)):
+        assert AsciiWordPieces.for_tokenizer(without(config, path, value), tokenizer.max_length) is None, path
