@@ -387,6 +387,8 @@ class EngineWorkerProcess:
                               for reason in ("full", "window", "timeout", "drain")},
             "fence": {outcome: metrics.value("stream_sentiment_fence_outcomes_total", {"outcome": outcome})
                       for outcome in ("applied", "duplicate", "out_of_order")},
+            "offset_gaps": {outcome: metrics.value("stream_sentiment_offset_gaps_total", {"outcome": outcome})
+                            for outcome in ("refetched", "skipped")},
             "cpu_seconds": channel.cpu_since_go(),
             "rebalances": channel.rebalances,
             # Where a post's time goes: append -> fetch per post; bucket wait, engine call, Redis write per batch.
@@ -990,6 +992,7 @@ class RunResult:
     cpu_s_per_1k: dict[str, float] = field(default_factory=dict)
     flush_reasons: dict[str, float] = field(default_factory=dict)
     fence: dict[str, float] = field(default_factory=dict)
+    offset_gaps: dict[str, float] = field(default_factory=dict)  # refetched / skipped (a skip loses posts)
     latency_parts_ms: dict[str, list[float]] = field(default_factory=dict)  # name -> [P50, P99]
     engine_server: dict[str, float] = field(default_factory=dict)
     short_partitions: dict[str, Any] = field(default_factory=dict)  # partition -> produced, applied, held
@@ -1290,11 +1293,13 @@ class Bench:
         batches = rows = 0.0
         reasons: Counter[str] = Counter()
         fence: Counter[str] = Counter()
+        gaps: Counter[str] = Counter()
         for r in results:
             for count, total in r.get("batches_by_bucket", {}).values():
                 batches, rows = batches + count, rows + total
             reasons.update(r.get("flush_reasons", {}))
             fence.update(r.get("fence", {}))
+            gaps.update(r.get("offset_gaps", {}))
         cpu = {"workers": sum(r["cpu_seconds"] for r in results), **infrastructure}
         if "cpu_seconds" in produced:
             cpu["producers"] = produced["cpu_seconds"]
@@ -1322,7 +1327,7 @@ class Bench:
             stage_ms_per_1k={k: round(v * 1000 * per_1k, 1) for k, v in stages.items()},
             cpu_s_per_1k={k: round(v * per_1k, 3) for k, v in cpu.items()},
             flush_reasons={k: v for k, v in reasons.items() if v}, fence={k: v for k, v in fence.items() if v},
-            latency_parts_ms=parts,
+            offset_gaps={k: v for k, v in gaps.items() if v}, latency_parts_ms=parts,
             group_seconds=round(group_seconds, 1), rebalances=sum(r["rebalances"] for r in results),
             wall_seconds=round(wall_seconds, 1),
         )
@@ -1338,7 +1343,8 @@ class Bench:
         state = "SATURATED" if r.saturated else ("drained" if r.drained else "stopped at the drain limit")
         state += ", exact" if r.exact else ""
         self.say(f"{r.workload:>6} {r.setup:>11} {r.row_name()}: {r.posts_per_s:,.0f} posts/s{latency}; "
-                 f"{r.counted}/{r.produced} counted ({state}); group {r.group_seconds} s, run {r.wall_seconds} s")
+                 f"{r.counted}/{r.produced} counted ({state}); group {r.group_seconds} s, run {r.wall_seconds} s"
+                 + (f"; offset gaps {r.offset_gaps}" if r.offset_gaps else ""))
         if r.latency_parts_ms and r.mode != "backlog":
             self.say("        P50/P99 ms: " + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in r.latency_parts_ms.items())
                      + (f"; engine server: {r.engine_server}" if r.engine_server else ""))
