@@ -143,6 +143,7 @@ class Worker:
         # Wakes _dispatch when the oldest queued post's timeout or window runs out, whatever the fetch loop does.
         self._flush_timer: asyncio.TimerHandle | None = None
         self._inference: set[asyncio.Task[None]] = set()
+        self._applier: asyncio.Task[None] | None = None
         # Applied marks not yet committed to Kafka; committed at most every COMMIT_INTERVAL_S.
         self._uncommitted: dict[int, int] = {}
         self._last_commit = 0.0
@@ -266,7 +267,7 @@ class Worker:
             ticker.cancel()
             if self._flush_timer is not None:
                 self._flush_timer.cancel()
-            for task in [*self._tokenizing, *self._inference]:
+            for task in [*self._tokenizing, *self._inference, *([self._applier] if self._applier else [])]:
                 task.cancel()
             await self._consumer.stop()
             await self._producer.stop()
@@ -354,7 +355,7 @@ class Worker:
                 await asyncio.wait([self._tokenizing[0]])
             self._tokenize_then_queue(admitted, owners)
         self._dispatch()
-        await self._apply_ready()
+        self._apply_in_background()
 
     def _reread_gap(self, tp: Any, expected: int, got: int) -> bool:
         """Seek back to a gap's start to read it again; False once it survived its re-reads (then it is skipped).
@@ -473,6 +474,7 @@ class Worker:
         self.metrics.record_batch(batch.bucket, batch.rows, batch.real_tokens, batch.reason.value, waited)
 
     async def _infer(self, batch: FormedBatch[Admitted], pool: SlotPool, stream: int) -> None:
+        holding_stream = True
         try:
             tokens = pad_to_bucket([e.token_ids for e in batch.entries], batch.bucket)
             try:
@@ -501,12 +503,17 @@ class Worker:
                 scored = ScoredPost(admitted.post, admitted.event_time, tuple(row), admitted.appended_at)
                 with contextlib.suppress(KeyError):
                     progress.finished(admitted.offset, scored)
+            # The stream is free once the batch is scored: the next batch need not wait for Redis.
+            holding_stream = False
+            pool.give_back(stream)
+            self._dispatch()
             await self._apply_ready()
         except Exception as error:  # a bug here must stop the worker, not vanish in a task
             self._failure = self._failure or error
         finally:
-            pool.give_back(stream)
-            self._dispatch()
+            if holding_stream:
+                pool.give_back(stream)
+                self._dispatch()
 
     async def _isolate_poison(self, batch: FormedBatch[Admitted]) -> None:
         """A batch fails on a working engine: halve it until the post at fault is alone, then dead-letter it.
@@ -544,6 +551,24 @@ class Worker:
             self.on_engine_down()
 
     # -- Redis and commits ------------------------------------------------------------------------
+
+    def _apply_in_background(self) -> None:
+        """Apply what is ready and commit when due, off the fetch loop.
+
+        Scored batches apply themselves; this catches the rest (dead letters, the commit interval).
+        Awaited inline, its Redis round trips and the once-a-second Kafka commit held up the next
+        fetch, and every post behind it: the tail of the append-to-fetch latency.
+        """
+        if self._applier is not None and not self._applier.done():
+            return  # the running one takes whatever is ready when it gets there; the next poll looks again
+
+        async def apply() -> None:
+            try:
+                await self._apply_ready()
+            except Exception as error:  # as in _infer: stop the worker
+                self._failure = self._failure or error
+
+        self._applier = asyncio.create_task(apply())
 
     async def _apply_ready(self, *, force_commit: bool = False) -> None:
         assert self._sink is not None
@@ -619,6 +644,8 @@ class Worker:
                     if not self._inference:
                         break  # everything scored, or no working stream left (then nothing is applied)
                     await asyncio.gather(*list(self._inference), return_exceptions=True)
+                if self._applier is not None:  # its commit, if one is running, lands before the last one
+                    await asyncio.wait([self._applier])
                 await self._apply_ready(force_commit=True)
         except TimeoutError:
             # Not lost: unapplied records are read again by the next owner. But say what was left.
