@@ -14,8 +14,9 @@ longer fits the settings: fewer optimization-profile sets than ``engine.streams`
 buckets than the worker batches by (``batching.buckets``, else the manifest's). Replicas sharing
 the volume serialise on a file lock, so one builds and the others reuse its plan.
 
-``run`` (the default command) does the above, then becomes ``stream-sentiment run``. Any other
-command goes to ``stream-sentiment`` untouched (``docker compose run worker-gpu engines list``).
+``run`` (the default command) does the above, then becomes ``stream-sentiment run``;
+``engine-server`` (compose's gpu-shared profile) does the same for the host's engine server. Any
+other command goes to ``stream-sentiment`` untouched (``docker compose run worker-gpu engines list``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ COMMAND = "stream-sentiment"
 PLAN_CACHE_ENV = "PLAN_CACHE_DIR"
 DEFAULT_PLAN_CACHE = Path("/var/cache/stream-sentiment/plans")
 LOCK_NAME = ".build.lock"
+# The commands that load the TensorRT engine, so need this GPU's plan first.
+PLAN_COMMANDS = ("run", "engine-server")
 
 
 def log(message: str) -> None:
@@ -151,7 +154,7 @@ def load_settings(run_args: list[str]) -> Settings:
 
 def main(argv: list[str]) -> None:
     args = argv or ["run"]
-    if args[0] == "run":
+    if args[0] in PLAN_COMMANDS:
         settings = load_settings(args[1:])
         if settings.engine.backend == "tensorrt":
             ensure_plan(settings, Path(os.environ.get(PLAN_CACHE_ENV) or DEFAULT_PLAN_CACHE))

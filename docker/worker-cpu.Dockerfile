@@ -23,7 +23,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     STREAM_SENTIMENT_ENGINE__REPOSITORY=/app/engines
 # A fixed, unprivileged uid: the worker needs no root, and volume ownership stays predictable.
-RUN useradd --system --uid 10001 --user-group --home-dir /app --no-create-home app
+RUN useradd --system --uid 10001 --user-group --home-dir /app --no-create-home app \
+    && mkdir -p /run/stream-sentiment && chown app:app /run/stream-sentiment
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 # The committed engine versions (checksummed by their manifests); plans/ folders are left out

@@ -31,8 +31,8 @@ COPY stream_sentiment ./stream_sentiment
 RUN pip install '.[tensorrt]' 'cuda-python>=12,<13' && rm -rf /src
 
 RUN useradd --system --uid 10001 --user-group --home-dir /app --no-create-home app \
-    && mkdir -p /var/cache/stream-sentiment/plans \
-    && chown -R app:app /var/cache/stream-sentiment
+    && mkdir -p /var/cache/stream-sentiment/plans /run/stream-sentiment \
+    && chown -R app:app /var/cache/stream-sentiment /run/stream-sentiment
 WORKDIR /app
 # Owned by the worker's user: the entrypoint links each version's plans/ into the cache volume.
 COPY --chown=app:app engines ./engines

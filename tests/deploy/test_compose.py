@@ -46,9 +46,11 @@ from tests.deploy.compose_files import (
     referenced_variables,
 )
 
-WORKERS = ("worker", "worker-gpu")
+WORKERS = ("worker", "worker-gpu", "worker-shared-gpu")
 ONE_SHOTS = ("kafka-init", "producer")  # restart only after a failure: a finished run stays finished
-HEALTHCHECKED = ("kafka", "redis", "worker", "worker-gpu", "prometheus", "grafana")
+HEALTHCHECKED = ("kafka", "redis", *WORKERS, "engine-server", "prometheus", "grafana")
+# Services built from the TensorRT image; the others that build use the CPU one.
+GPU_IMAGE_SERVICES = ("worker-gpu", "engine-server")
 CPU_DOCKERFILE = "docker/worker-cpu.Dockerfile"
 GPU_DOCKERFILE = "docker/worker-gpu.Dockerfile"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus.yml"
@@ -206,18 +208,26 @@ def test_a_misspelt_setting_is_caught() -> None:
         "STREAM_SENTIMENT_BATCHING__WINDOWMS"]
 
 
-@pytest.mark.parametrize("name", [*WORKERS, "producer"])
-def test_service_environment_loads_as_settings(
-    services: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def service_settings(services: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The settings the service's container starts with: its image's ENV, then its compose environment."""
     for key in list(os.environ):
         if key.startswith(ENV_PREFIX):
             monkeypatch.delenv(key)
-    image_env = dockerfile_env(REPO / (GPU_DOCKERFILE if name == "worker-gpu" else CPU_DOCKERFILE))
+    image_env = dockerfile_env(REPO / (GPU_DOCKERFILE if name in GPU_IMAGE_SERVICES else CPU_DOCKERFILE))
     for key, value in {**image_env, **environment_of(services[name])}.items():
         if key.startswith(ENV_PREFIX):
             monkeypatch.setenv(key, value)
-    settings = Settings.load()  # type checks and cross-field rules, as the container's start-up runs them
+    return Settings.load()  # type checks and cross-field rules, as the container's start-up runs them
+
+
+@pytest.mark.parametrize("name", [*WORKERS, "producer", "engine-server"])
+def test_service_environment_loads_as_settings(
+    services: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = service_settings(services, name, monkeypatch)
+    if name == "engine-server":  # no Kafka or Redis: it only scores what workers send
+        assert settings.engine.backend == "tensorrt" and settings.metrics_port is not None
+        return
     assert settings.bootstrap_servers == "kafka:9092"
     if name in WORKERS:
         # Reachable by Prometheus, which the admin server only allows with a token.
@@ -226,6 +236,8 @@ def test_service_environment_loads_as_settings(
         assert settings.redis_url.startswith("redis://redis:")
     if name == "worker-gpu":
         assert settings.engine.backend == "tensorrt"
+    if name == "worker-shared-gpu":
+        assert settings.engine.backend == "engine-server"
 
 
 def test_clients_address_the_services_they_depend_on(services: dict[str, Any]) -> None:
@@ -311,6 +323,27 @@ def test_worker_healthcheck_command_reports_readiness(services: dict[str, Any], 
         server.shutdown()
         server.server_close()
     assert (result.returncode == 0) is healthy, result.stderr.decode()
+
+
+@pytest.mark.parametrize("listening", [True, False])
+def test_engine_server_healthcheck_command_connects_to_its_socket(
+    services: dict[str, Any], tmp_path: Path, listening: bool
+) -> None:
+    import socket
+
+    test = services["engine-server"]["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "python"]
+    path = tmp_path / "engine.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    try:
+        if listening:
+            listener.bind(str(path))
+            listener.listen(1)
+        env = {**os.environ, f"{ENV_PREFIX}ENGINE{ENV_NESTED_DELIMITER}SERVER_SOCKET": str(path)}
+        result = subprocess.run([sys.executable, *test[2:]], env=env, capture_output=True, timeout=30)
+    finally:
+        listener.close()
+    assert (result.returncode == 0) is listening, result.stderr.decode()
 
 
 def test_gpu_worker_healthcheck_allows_for_the_plan_build(services: dict[str, Any]) -> None:
@@ -416,6 +449,48 @@ def test_gpu_plan_cache_volume_is_where_the_entrypoint_keeps_plans(services: dic
     assert entry[0] == Path(copied).name and copied.startswith("/usr/local/bin/")
     # The plan must be built for as many streams as the worker runs.
     assert f"{ENV_PREFIX}ENGINE{ENV_NESTED_DELIMITER}STREAMS" in environment_of(services["worker-gpu"])
+
+
+def test_shared_gpu_profile_wires_its_workers_to_the_engine_server(
+    services: dict[str, Any], prometheus_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, worker = services["engine-server"], services["worker-shared-gpu"]
+    assert server["profiles"] == worker["profiles"] == ["gpu-shared"]
+    # The GPU belongs to the server, which needs TensorRT; its workers use the CPU image and no GPU.
+    assert server["build"]["dockerfile"] == GPU_DOCKERFILE and worker["build"]["dockerfile"] == CPU_DOCKERFILE
+    assert any(d["driver"] == "nvidia" for d in server["deploy"]["resources"]["reservations"]["devices"])
+    assert "deploy" not in worker
+    assert worker["depends_on"]["engine-server"]["condition"] == "service_healthy"
+    assert server["command"] == ["engine-server"]
+
+    server_settings = service_settings(services, "engine-server", monkeypatch)
+    worker_settings = service_settings(services, "worker-shared-gpu", monkeypatch)
+    socket_path = worker_settings.engine.server_socket
+    assert server_settings.engine.server_socket == socket_path
+    # The server refuses a client asking for more rows than its own max_rows; buckets and version must match.
+    assert worker_settings.batching.max_rows <= server_settings.batching.max_rows
+    assert worker_settings.batching.buckets == server_settings.batching.buckets
+    assert worker_settings.engine.version == server_settings.engine.version
+
+    # Both containers mount one named volume where the socket's folder is ...
+    folder = str(Path(socket_path).parent)
+    mounts = [{v.split(":")[1]: v.split(":")[0] for v in service["volumes"]} for service in (server, worker)]
+    assert mounts[0].get(folder) is not None and mounts[0].get(folder) == mounts[1].get(folder)
+    # ... which both images create and give to the same unprivileged user, since the socket is mode 0600.
+    for dockerfile in (CPU_DOCKERFILE, GPU_DOCKERFILE):
+        runs = " ".join(a for k, a in dockerfile_instructions(REPO / dockerfile) if k == "RUN")
+        assert re.search(rf"mkdir -p [^&]*{re.escape(folder)}", runs), dockerfile
+        assert re.search(rf"chown (-R )?app:app [^&]*{re.escape(folder)}", runs), dockerfile
+        assert "useradd --system --uid 10001" in runs, dockerfile
+
+    # The server's plan is built by the entrypoint for as many streams as it runs, into the plan cache.
+    assert f"{ENV_PREFIX}ENGINE{ENV_NESTED_DELIMITER}STREAMS" in environment_of(server)
+    assert mounts[0].get(str(dockerfile_env(REPO / GPU_DOCKERFILE)["PLAN_CACHE_DIR"])) == "trt-plans"
+    # Prometheus scrapes the server's metrics port.
+    (job,) = [j for j in prometheus_config["scrape_configs"] if j["job_name"] == f"{WORKER_JOB}-engine-server"]
+    (config,) = job["dns_sd_configs"]
+    assert config["names"] == ["engine-server"] and config["port"] == server_settings.metrics_port
+    assert str(server_settings.metrics_port) in [str(port) for port in server["expose"]]
 
 
 # -- Prometheus ------------------------------------------------------------------------------------

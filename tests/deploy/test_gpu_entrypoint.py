@@ -183,7 +183,10 @@ def test_main_runs_the_worker_after_the_plan_and_passes_other_commands_through(
     with pytest.raises(ExecCalledError):
         entrypoint.main(["engines", "list"])
     assert calls[-1][2:] == ["engines", "list"] and len(ensured) == 1
+    with pytest.raises(ExecCalledError):
+        entrypoint.main(["engine-server"])  # the gpu-shared profile's engine server loads the plan too
+    assert calls[-1][2:] == ["engine-server"] and len(ensured) == 2
     monkeypatch.setenv(f"{ENV_PREFIX}ENGINE__BACKEND", "onnxruntime")
     with pytest.raises(ExecCalledError):
         entrypoint.main(["run"])
-    assert len(ensured) == 1, "only TensorRT needs a plan"
+    assert len(ensured) == 2, "only TensorRT needs a plan"
