@@ -143,13 +143,18 @@ def ensure_plan(
 
 
 def load_settings(run_args: list[str]) -> Settings:
-    """The settings ``stream-sentiment run`` will see: environment, and the ``--config`` file if given."""
+    """The settings the command will see: environment, the ``--config`` file if given, and the engine
+    flags ``engine-server`` takes (``--backend``, ``--streams``), so its plan has the streams it runs."""
     from stream_sentiment.config import Settings
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--backend", default=None)
+    parser.add_argument("--streams", type=int, default=None)
     known, _ = parser.parse_known_args(run_args)
-    return Settings.load(known.config)
+    engine = {key: value for key, value in (("backend", known.backend), ("streams", known.streams))
+              if value is not None}
+    return Settings.load(known.config, **({"engine": engine} if engine else {}))
 
 
 def main(argv: list[str]) -> None:

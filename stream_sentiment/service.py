@@ -144,7 +144,8 @@ def serve_engines(settings: Settings, *, preload: bool = True) -> None:
     """Run the host's engine server until SIGINT/SIGTERM (``stream-sentiment engine-server``).
 
     With ``preload`` the configured version (``engine.version``, ``batching.buckets``, ``batching.max_rows``)
-    is loaded and warmed before the socket is announced as ready, so the first worker does not wait.
+    is loaded and warmed before the socket is created, so the first worker does not wait and a socket that
+    accepts means a warm engine (compose's healthcheck relies on that).
     """
     import threading
 
@@ -155,11 +156,14 @@ def serve_engines(settings: Settings, *, preload: bool = True) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     server = EngineServer(settings, open_engine)
-    with server:
+    try:
         if preload:
             server.preload()
+        server.start()
         print(f"engine server ready on {server.socket_path}: {server.hosted()}", flush=True)
         stop.wait()
+    finally:
+        server.close()
 
 
 def read_stats(settings: Settings) -> dict[str, Any]:

@@ -144,6 +144,7 @@ class Worker:
         self._flush_timer: asyncio.TimerHandle | None = None
         self._inference: set[asyncio.Task[None]] = set()
         self._applier: asyncio.Task[None] | None = None
+        self._drains = 0  # drains running (shutdown, revoke): no background applies meanwhile
         # Applied marks not yet committed to Kafka; committed at most every COMMIT_INTERVAL_S.
         self._uncommitted: dict[int, int] = {}
         self._last_commit = 0.0
@@ -261,6 +262,8 @@ class Worker:
                     raise self._failure
                 await self._poll_once()
             await self._drain(settings.shutdown_timeout_s)
+            if self._failure is not None:  # recorded by a batch or the applier while draining
+                raise self._failure
         finally:
             # No new batches from here on: a cancelled batch's clean-up must not start another one.
             self._closing = True
@@ -559,8 +562,10 @@ class Worker:
         Awaited inline, its Redis round trips and the once-a-second Kafka commit held up the next
         fetch, and every post behind it: the tail of the append-to-fetch latency.
         """
-        if self._applier is not None and not self._applier.done():
-            return  # the running one takes whatever is ready when it gets there; the next poll looks again
+        if self._drains or (self._applier is not None and not self._applier.done()):
+            # A drain applies and commits last itself; a running applier takes whatever is ready when it
+            # gets there, and the next poll looks again.
+            return
 
         async def apply() -> None:
             try:
@@ -632,6 +637,7 @@ class Worker:
 
     async def _drain(self, budget_s: float) -> None:
         """Score everything queued, wait for in-flight batches, apply and commit, within ``budget_s``."""
+        self._drains += 1
         try:
             async with asyncio.timeout(budget_s):
                 while self._tokenizing:  # fetched posts still in the tokenizer reach the batcher first
@@ -645,10 +651,12 @@ class Worker:
                         break  # everything scored, or no working stream left (then nothing is applied)
                     await asyncio.gather(*list(self._inference), return_exceptions=True)
                 if self._applier is not None:  # its commit, if one is running, lands before the last one
-                    await asyncio.wait([self._applier])
+                    await asyncio.wait([self._applier])  # none starts while a drain runs
                 await self._apply_ready(force_commit=True)
         except TimeoutError:
             # Not lost: unapplied records are read again by the next owner. But say what was left.
             log.warning("drain ran out of its %.1f s: %d tokenizer job(s), %d engine call(s) still running; %s",
                         budget_s, len(self._tokenizing), len(self._inference),
                         {p: progress.summary() for p, progress in self.progress.items() if progress.in_flight})
+        finally:
+            self._drains -= 1

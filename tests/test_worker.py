@@ -207,3 +207,71 @@ def test_finer_buckets_opened_through_the_service_pad_less_and_count_exactly_onc
     real = metrics.value("stream_sentiment_batch_tokens_total", {"bucket": "16", "kind": "real"})
     computed = metrics.value("stream_sentiment_batch_tokens_total", {"bucket": "16", "kind": "computed"})
     assert produced * 5 <= real <= produced * 8 and computed == produced * 16
+
+
+def test_an_engine_stream_is_free_while_its_batch_is_written_to_redis(
+    kafka, topic_factory, redis_server, redis_factory, engine_version, monkeypatch
+):
+    """Redis is not the engine's business: with one stream, the next batch is scored during the last one's write."""
+    from stream_sentiment.engines.slots import SlotPool
+    from stream_sentiment.sinks.redis_sink import RedisSink
+
+    topic, settings = pipeline_settings(kafka, topic_factory, redis_server, "free", partitions=1,
+                                        batching={"max_rows": 8, "window_ms": 5, "timeout_ms": 1})
+    redis = redis_factory()
+    writing = 0
+    calls_during_a_write: list[bool] = []
+    real_apply, real_score = RedisSink.apply, SlotPool.score
+
+    async def slow_apply(self, *args, **kwargs):
+        nonlocal writing
+        writing += 1
+        try:
+            await asyncio.sleep(0.2)
+            return await real_apply(self, *args, **kwargs)
+        finally:
+            writing -= 1
+
+    async def watched_score(self, *args, **kwargs):
+        calls_during_a_write.append(writing > 0)
+        return await real_score(self, *args, **kwargs)
+
+    monkeypatch.setattr(RedisSink, "apply", slow_apply)
+    monkeypatch.setattr(SlotPool, "score", watched_score)
+    produced = asyncio.run(produce_posts(kafka.bootstrap_servers, topic, 40, 0, seed=31))
+    with OnnxRuntimeEngine(engine_version, streams=1, threads_per_stream=1) as engine:
+        asyncio.run(run_until(Worker(settings, engine, PostTokenizer(engine_version)), redis, "free", produced, 0,
+                              within=90))
+    assert int(redis.hget("free:totals", "scored")) == produced
+    # Five or more batches of at most 8 rows on one stream: while one batch is written (0.2 s), the next is
+    # scored. Were the stream held until its batch's write returned, no call could start during a write.
+    assert len(calls_during_a_write) >= 5 and sum(calls_during_a_write) >= 3, calls_during_a_write
+
+
+def test_a_redis_failure_while_applying_stops_the_worker(
+    kafka, topic_factory, redis_server, redis_factory, engine, engine_version, monkeypatch
+):
+    """Applies run in tasks (the batch's own, the background applier): their failure must still end run()."""
+    from stream_sentiment.sinks.redis_sink import RedisSink
+
+    topic, settings = pipeline_settings(kafka, topic_factory, redis_server, "fail", partitions=1)
+
+    async def failing_apply(self, *args, **kwargs):
+        raise ConnectionError("redis went away")
+
+    monkeypatch.setattr(RedisSink, "apply", failing_apply)
+    asyncio.run(produce_posts(kafka.bootstrap_servers, topic, 10, 1, seed=32))
+    worker = Worker(settings, engine, PostTokenizer(engine_version))
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop, consumer_options=FAST_GROUP_CONFIG))
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 60)
+        finally:
+            stop.set()
+            await asyncio.wait([task], timeout=30)
+
+    with pytest.raises(ConnectionError, match="redis went away"):
+        asyncio.run(scenario())
+    assert redis_factory().hget("fail:totals", "scored") is None  # nothing counted

@@ -74,6 +74,19 @@ def test_a_full_memo_starts_over_and_stays_exact(tokenizer, monkeypatch):
         assert len(fast._pieces) <= 20
 
 
+def test_words_longer_than_wordpiece_takes_are_unknown_and_not_memoized(tokenizer):
+    fast = AsciiWordPieces.for_tokenizer(tokenizer._tokenizer, tokenizer.max_length)
+    blobs = [f"spam {n:03d}" + "x" * 150 + " end" for n in range(50)]
+    assert fast.encode(blobs) == rust_ids(tokenizer, blobs)
+    assert not [word for word in fast._pieces if len(word) > 100]
+
+
+def test_a_tokenizer_that_truncates_on_the_left_gets_no_fast_path(tokenizer):
+    left = Tokenizer.from_str(tokenizer._tokenizer.to_str())
+    left.enable_truncation(tokenizer.max_length, direction="left")
+    assert AsciiWordPieces.for_tokenizer(left, tokenizer.max_length) is None
+
+
 def without(config: dict, path: tuple[str, ...], value: object) -> Tokenizer:
     changed = json.loads(json.dumps(config))
     node = changed

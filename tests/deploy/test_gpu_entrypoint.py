@@ -186,6 +186,10 @@ def test_main_runs_the_worker_after_the_plan_and_passes_other_commands_through(
     with pytest.raises(ExecCalledError):
         entrypoint.main(["engine-server"])  # the gpu-shared profile's engine server loads the plan too
     assert calls[-1][2:] == ["engine-server"] and len(ensured) == 2
+    with pytest.raises(ExecCalledError):
+        entrypoint.main(["engine-server", "--streams", "3"])  # the plan gets the streams the server runs
+    assert calls[-1][2:] == ["engine-server", "--streams", "3"] and ensured[-1].engine.streams == 3
+    ensured.pop()
     monkeypatch.setenv(f"{ENV_PREFIX}ENGINE__BACKEND", "onnxruntime")
     with pytest.raises(ExecCalledError):
         entrypoint.main(["run"])
