@@ -51,6 +51,9 @@ class BucketPoint:
     start: int
     posts: int
     negative: int
+    # False for the bucket still filling: its ratio is of the posts so far, and a chart should say so
+    # (a new bucket's first few posts often swing it to 0% or 100%).
+    complete: bool = True
 
     @property
     def negative_ratio(self) -> float | None:
@@ -146,13 +149,14 @@ class AnalystQueries:
         return rows[:limit]
 
     async def series(self, dimension: str, value: str, seconds: int, *, now: float | None = None) -> list[BucketPoint]:
-        """The dimension value's buckets over the last ``seconds``, oldest first (empty buckets included)."""
+        """The dimension value's buckets over the last ``seconds``, oldest first (empty buckets included;
+        the last, still filling, marked incomplete)."""
         now = time.time() if now is None else now
         starts = self._bucket_starts(seconds, now)
         pipe = self.client.pipeline(transaction=False)
         for start in starts:
             pipe.hmget(self.keys.bucket(dimension, value, start), "posts", "negative")
-        return [BucketPoint(start, int(posts or 0), int(negative or 0))
+        return [BucketPoint(start, int(posts or 0), int(negative or 0), complete=start + self.bucket_seconds <= now)
                 for start, (posts, negative) in zip(starts, await pipe.execute(), strict=True)]
 
     async def recent_alerts(self, count: int) -> list[AlertEntry]:

@@ -129,7 +129,7 @@ class AlertPage:
         return web.json_response(
             {"dimension": dimension, "value": value, "bucket_seconds": self.settings.bucket_seconds,
              "points": [{"start": p.start, "posts": p.posts, "negative": p.negative,
-                         "negative_ratio": p.negative_ratio} for p in points]},
+                         "negative_ratio": p.negative_ratio, "complete": p.complete} for p in points]},
             headers=SECURITY_HEADERS)
 
     async def _values(self, request: web.Request) -> web.Response:

@@ -106,5 +106,6 @@ def test_series_has_a_gap_where_a_bucket_had_no_posts(redis_factory):
         return points
 
     points = asyncio.run(run())
-    assert [(p.start, p.posts, p.negative_ratio) for p in points] == [
-        (1_700_000_000, 4, 0.25), (1_700_000_010, 0, None), (1_700_000_020, 2, 1.0)]
+    assert [(p.start, p.posts, p.negative_ratio, p.complete) for p in points] == [
+        (1_700_000_000, 4, 0.25, True), (1_700_000_010, 0, None, True),
+        (1_700_000_020, 2, 1.0, False)]  # 1_700_000_029: the last bucket is still filling

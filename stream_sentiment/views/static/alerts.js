@@ -146,11 +146,22 @@ function drawChart(series) {
     nodes.push(svg("line", { class: "alert-mark", x1: x(at), x2: x(at), y1: top, y2: height - bottom }));
   }
   let path = "";
+  let previous = null;  // the last complete point drawn, where the filling bucket's dashed segment starts
   for (const point of points) {
-    if (point.negative_ratio === null) { path += " "; continue; }  // no posts: a gap, not a zero
+    if (point.negative_ratio === null) { path += " "; previous = null; continue; }  // no posts: a gap, not a zero
+    const px = x(point.start), py = y(point.negative_ratio);
+    if (point.complete === false) {
+      // The bucket still filling: its ratio is of the posts so far, so it is drawn as provisional.
+      if (previous !== null) {
+        nodes.push(svg("path", { class: "line partial", d: `M${previous[0].toFixed(1)},${previous[1].toFixed(1)}L${px.toFixed(1)},${py.toFixed(1)}` }));
+      }
+      nodes.push(svg("circle", { class: "dot partial", cx: px, cy: py, r: 3 }));
+      continue;
+    }
     const command = path === "" || path.endsWith(" ") ? "M" : "L";
-    path += `${command}${x(point.start).toFixed(1)},${y(point.negative_ratio).toFixed(1)}`;
-    nodes.push(svg("circle", { class: "dot", cx: x(point.start), cy: y(point.negative_ratio), r: 2 }));
+    path += `${command}${px.toFixed(1)},${py.toFixed(1)}`;
+    nodes.push(svg("circle", { class: "dot", cx: px, cy: py, r: 2 }));
+    previous = [px, py];
   }
   nodes.push(svg("path", { class: "line", d: path.trim() || "M0,0" }));
   if (points.length) {
@@ -161,7 +172,8 @@ function drawChart(series) {
   const posts = points.reduce((sum, point) => sum + point.posts, 0);
   document.getElementById("chart-note").textContent =
     `${where(series.dimension, series.value)}: ${posts} posts in the last ${windowLabel(longestWindow)}, ` +
-    `${config.bucket_seconds}-second buckets; dashed line: the ${Math.round(config.ratio_threshold * 100)}% alert ratio`;
+    `${config.bucket_seconds}-second buckets (the hollow dot: the bucket still filling); ` +
+    `dashed line: the ${Math.round(config.ratio_threshold * 100)}% alert ratio`;
 }
 
 document.getElementById("dimension").addEventListener("change", (event) => {
