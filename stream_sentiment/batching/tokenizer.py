@@ -175,11 +175,13 @@ class PostTokenizer:
         if self._ascii is None:
             return self._encode_slow(normalized)
         accepts = self._ascii.accepts
-        slow = [i for i, text in enumerate(normalized) if not accepts(text)]
+        fast: list[int] = []
+        slow: list[int] = []
+        for index, text in enumerate(normalized):
+            (fast if accepts(text) else slow).append(index)
         if not slow:
             return self._ascii.encode(normalized)
         encoded: list[list[int]] = [[]] * len(normalized)
-        fast = [i for i, text in enumerate(normalized) if accepts(text)] if len(slow) < len(normalized) else []
         for indexes, results in ((fast, self._ascii.encode([normalized[i] for i in fast])),
                                  (slow, self._encode_slow([normalized[i] for i in slow]))):
             for index, ids in zip(indexes, results, strict=True):
