@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 from typing import Any
 
 from stream_sentiment.aggregation.buckets import LABELS, RedisKeys
@@ -12,6 +11,7 @@ from stream_sentiment.batching.tokenizer import PostTokenizer
 from stream_sentiment.config import Settings
 from stream_sentiment.engines.base import BackendUnavailableError, Engine
 from stream_sentiment.engines.manifest import EngineRepository, EngineVersion
+from stream_sentiment.interpreter import settle_heap, tune_interpreter
 from stream_sentiment.metrics import PipelineMetrics
 
 
@@ -69,18 +69,6 @@ def open_engine(
     return loaded, engine
 
 
-# CPython hands the GIL to a waiting thread only every 5 ms by default while the holder runs Python.
-# A busy worker's event loop runs Python most of the time, so each engine completion and tokenizer batch
-# waited up to 5 ms for the GIL, and so did the engine server's threads: on the H200 host a 2 ms engine
-# call took 4-10 ms as seen by the worker. 0.5 ms bounds that wait for a few more switches.
-GIL_SWITCH_INTERVAL_S = 0.0005
-
-
-def tune_interpreter() -> None:
-    """Process-wide interpreter settings for the serving processes (worker, engine server)."""
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-
-
 def stop_on_signals(stop: asyncio.Event) -> None:
     """SIGINT and SIGTERM set ``stop``, so the worker drains, applies and commits before exiting."""
     loop = asyncio.get_running_loop()
@@ -118,6 +106,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
             manager = EngineManager(settings, worker, open_engine, redis)
             queries = AnalystQueries(redis, RedisKeys(settings.redis_prefix), settings.aggregation.bucket_seconds)
             views = AlertPage(queries, page_settings(settings))
+            settle_heap()  # all of the above lives as long as the process: out of the collector's way
             async with AdminServer(settings.admin, manager, metrics, views):
                 try:
                     await worker.run(stop)
@@ -159,6 +148,7 @@ def serve_engines(settings: Settings, *, preload: bool = True) -> None:
     try:
         if preload:
             server.preload()
+        settle_heap()
         server.start()
         print(f"engine server ready on {server.socket_path}: {server.hosted()}", flush=True)
         stop.wait()

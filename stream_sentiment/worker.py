@@ -447,7 +447,7 @@ class Worker:
             delay = max(0.0, deadline - self.clock())
             self._flush_timer = asyncio.get_running_loop().call_later(delay, self._dispatch)
 
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+    def _tokenize(self, texts: list[str]) -> list[tuple[int, ...]]:
         with self.metrics.stage("tokenize"):
             return self.tokenizer.encode(texts)
 

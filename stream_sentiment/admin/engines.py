@@ -26,7 +26,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ from stream_sentiment.config import Settings
 from stream_sentiment.engines.base import Engine
 from stream_sentiment.engines.manifest import VERSION_PATTERN, EngineRepository, EngineVersion
 from stream_sentiment.engines.slots import SlotPool
+from stream_sentiment.interpreter import settle_heap
 from stream_sentiment.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,7 @@ class EngineManager:
         report["passed"] = True
         return report
 
-    async def _score_in_background(self, pool: SlotPool, token_ids: list[list[int]]) -> np.ndarray:
+    async def _score_in_background(self, pool: SlotPool, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Score validation posts in small chunks, resting between them, so live batches keep the cores.
 
         On a CPU host the candidate and the active engine share the same cores; a burst of validation
@@ -360,6 +361,7 @@ class EngineManager:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, pool.close)  # waits (bounded) for calls still running
         await loop.run_in_executor(None, pool.engine.deactivate)
+        settle_heap()  # an engine frozen with the start-up heap is freed only by a collection after an unfreeze
 
     async def _close_failed_pool(self, pool: SlotPool) -> None:
         with contextlib.suppress(Exception):  # it is broken already; release what can be released

@@ -15,6 +15,11 @@ the GPU, limits long posts). Results equal the Rust tokenizer's exactly, by
 construction (the path only takes text whose normalization and splitting it
 mirrors, and checks itself on probes at start-up) and by test, on every sample
 tweet and on generated text.
+
+Token ids come out as tuples of ints, not lists: the cyclic garbage collector stops
+tracking such a tuple the first time it sees it, so the thousands of posts in
+flight (and the memo's entries) cost a full collection nothing. Lists of ints are
+traversed, int by int, by every collection that reaches them.
 """
 
 from __future__ import annotations
@@ -65,14 +70,14 @@ class AsciiWordPieces:
                  refused_characters: str, unknown: list[int], max_word_chars: int) -> None:
         self._tokenizer = tokenizer
         self._prefix = prefix
-        self._suffix = suffix
+        self._suffix = tuple(suffix)
         self._keep = max_length - len(suffix)  # ids kept before the suffix, prefix included
         self._refused = refused_characters
         # WordPiece gives [UNK] to any longer word; such words are not memoized, so a flood of long
         # unique tokens (spam blobs up to the post size limit) cannot make the memo large.
-        self._unknown = unknown
+        self._unknown = tuple(unknown)
         self._max_word_chars = max_word_chars
-        self._pieces: dict[str, list[int]] = {}
+        self._pieces: dict[str, tuple[int, ...]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -111,7 +116,7 @@ class AsciiWordPieces:
                    int(model.get("max_input_chars_per_word", 100)))
         probes = [text for text in _PROBES if fast.accepts(text)]
         expected = [e.ids for e in tokenizer.encode_batch(probes)]
-        if fast.encode(probes) != expected:
+        if [list(ids) for ids in fast.encode(probes)] != expected:
             log.warning("the ASCII tokenization fast path disagrees with the tokenizer on its probes; not used")
             return None
         return fast
@@ -120,7 +125,7 @@ class AsciiWordPieces:
         """Whether :meth:`encode` may be given ``text``."""
         return text.isascii() and text.isprintable() and not any(c in text for c in self._refused)
 
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode(self, texts: Sequence[str]) -> list[tuple[int, ...]]:
         """Token ids of ``texts``, every one of which :meth:`accepts`."""
         words_of = [_ASCII_WORDS.findall(text.lower()) for text in texts]
         longest = self._max_word_chars
@@ -133,7 +138,7 @@ class AsciiWordPieces:
                     unseen = list({word for words in words_of for word in words if len(word) <= longest})
                 for word, encoding in zip(unseen, self._tokenizer.encode_batch(unseen, add_special_tokens=False),
                                           strict=True):
-                    pieces[word] = encoding.ids
+                    pieces[word] = tuple(encoding.ids)
             encoded = []
             get, unknown = pieces.get, self._unknown
             for words in words_of:
@@ -143,7 +148,7 @@ class AsciiWordPieces:
                 if len(ids) > self._keep:
                     del ids[self._keep:]
                 ids += self._suffix
-                encoded.append(ids)
+                encoded.append(tuple(ids))
         return encoded
 
 
@@ -170,7 +175,8 @@ class PostTokenizer:
     def has_fast_path(self) -> bool:
         return self._ascii is not None
 
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode(self, texts: Sequence[str]) -> list[tuple[int, ...]]:
+        """Token ids of each text, truncated to ``max_length`` (tuples: see the module's docstring)."""
         normalized = [self._normalize(t) for t in texts]
         if self._ascii is None:
             return self._encode_slow(normalized)
@@ -181,16 +187,16 @@ class PostTokenizer:
             (fast if accepts(text) else slow).append(index)
         if not slow:
             return self._ascii.encode(normalized)
-        encoded: list[list[int]] = [[]] * len(normalized)
+        encoded: list[tuple[int, ...]] = [()] * len(normalized)
         for indexes, results in ((fast, self._ascii.encode([normalized[i] for i in fast])),
                                  (slow, self._encode_slow([normalized[i] for i in slow]))):
             for index, ids in zip(indexes, results, strict=True):
                 encoded[index] = ids
         return encoded
 
-    def _encode_slow(self, normalized: list[str]) -> list[list[int]]:
+    def _encode_slow(self, normalized: list[str]) -> list[tuple[int, ...]]:
         # The fast variant skips character offsets, which nothing here reads: ~35% less per post.
-        return [e.ids for e in self._encode_batch(normalized)]
+        return [tuple(e.ids) for e in self._encode_batch(normalized)]
 
     def bucket_for(self, length: int) -> int:
         """The smallest bucket that holds ``length`` tokens."""

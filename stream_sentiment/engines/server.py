@@ -53,6 +53,7 @@ from stream_sentiment.config import Settings
 from stream_sentiment.engines import wire
 from stream_sentiment.engines.base import Engine, TokenBatch
 from stream_sentiment.engines.manifest import VERSION_PATTERN, EngineRepository, EngineRepositoryError, EngineVersion
+from stream_sentiment.interpreter import settle_heap
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +328,7 @@ class EngineServer:
         for thread in hosted.dispatchers:
             thread.join(self.settings.engine.call_timeout_s)
         hosted.engine.deactivate()
+        settle_heap()  # it may have been frozen with the start-up heap: only a collection after an unfreeze frees it
 
     def _release(self, hosted: _Hosted) -> None:
         with self._load_lock:

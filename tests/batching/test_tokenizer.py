@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 from pathlib import Path
@@ -23,10 +24,10 @@ def tokenizer() -> PostTokenizer:
     return PostTokenizer(load_engine_version(VERSION, verify=False))
 
 
-def rust_ids(tokenizer: PostTokenizer, texts: list[str]) -> list[list[int]]:
+def rust_ids(tokenizer: PostTokenizer, texts: list[str]) -> list[tuple[int, ...]]:
     """The definition: the Rust tokenizer alone, as PostTokenizer used it before the fast path."""
     normalized = [tokenizer._normalize(text) for text in texts]
-    return [e.ids for e in tokenizer._tokenizer.encode_batch(normalized)]
+    return [tuple(e.ids) for e in tokenizer._tokenizer.encode_batch(normalized)]
 
 
 def test_the_committed_tokenizer_gets_the_fast_path(tokenizer):
@@ -58,8 +59,10 @@ def test_equals_the_tokenizer_on_tricky_text_in_one_mixed_batch(tokenizer):
 PRINTABLE_ASCII = st.characters(min_codepoint=32, max_codepoint=126)
 
 
+# No lone surrogates: decoding rejects them (invalid_unicode) before a post reaches the tokenizer.
 @settings(max_examples=400, deadline=None)
-@given(st.lists(st.text(alphabet=PRINTABLE_ASCII | st.sampled_from(list("aeiou sth'!_[]")) | st.characters(),
+@given(st.lists(st.text(alphabet=PRINTABLE_ASCII | st.sampled_from(list("aeiou sth'!_[]"))
+                        | st.characters(exclude_categories=("Cs",)),
                         max_size=120), min_size=1, max_size=8))
 def test_equals_the_tokenizer_on_generated_text(tokenizer, texts):
     assert tokenizer.encode(texts) == rust_ids(tokenizer, texts)
@@ -101,3 +104,11 @@ def test_tokenizers_it_cannot_mirror_get_no_fast_path(tokenizer):
     for path, value in ((("normalizer", "lowercase"), False), (("pre_tokenizer", "type"), "Whitespace"),
                         (("post_processor",), None)):
         assert AsciiWordPieces.for_tokenizer(without(config, path, value), tokenizer.max_length) is None, path
+
+
+def test_token_ids_are_tuples_the_garbage_collector_stops_tracking(tokenizer):
+    # Posts in flight hold their ids until scored: as lists of ints, every collection walked them.
+    ids = tokenizer.encode(["an ordinary ascii tweet!", "naïve café"])  # the fast path and the Rust one
+    assert [type(x) for x in ids] == [tuple, tuple]
+    gc.collect()
+    assert not any(gc.is_tracked(x) for x in ids)
