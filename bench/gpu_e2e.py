@@ -276,6 +276,7 @@ class RunChannel:
 
     def close(self) -> None:
         self._loop.remove_reader(self.conn.fileno())
+        os.set_blocking(self.conn.fileno(), True)  # uvloop's add_reader leaves it non-blocking; recv() blocks
 
     async def report(self, partitions: Any, counted: Any) -> None:
         """Send the assignment every STATUS_INTERVAL_S until cancelled."""
