@@ -857,7 +857,8 @@ def child_main(role: str, index: int, conn: Connection, options: dict[str, Any])
             sys.setswitchinterval(options["switch_interval_ms"] / 1000)
     try:
         handler = CHILD_ROLES[role](index, options)
-        use_collector(python_gc=False)  # the engine is loaded and warm: as the service, settle the heap
+        if role in ("engine-worker", "engine-server"):
+            use_collector(python_gc=False)  # the engine is loaded and warm: as the service, settle the heap
         conn.send({"event": "ready", **handler.describe()})
         while True:
             command = conn.recv()
