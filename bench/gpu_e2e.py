@@ -99,8 +99,6 @@ SETUP_NAMES = ("ours", "ours-own", "ours-coarse", "ours-python-gc", "ours-uvloop
                "engine-only", "kafka-only")
 DEFAULT_SETUPS = ("ours", "ours-own", "pad-to-max", "hf-b64", "hf-b1", "engine-only", "kafka-only")
 # Set-ups whose workers send their batches to the engine server (the others: their own engine).
-# CPython's default young-generation threshold, for the ours-python-gc comparison.
-PYTHON_GC_YOUNG_THRESHOLD = 700
 SERVED_SETUPS = ("ours", "ours-coarse", "ours-python-gc", "ours-uvloop", "pad-to-max")
 WORKLOADS = ("tweets", "long")
 # Finer than the manifest's 32/64/128/256: tweets average ~26 tokens and the long posts ~98, so
@@ -832,15 +830,10 @@ def _die_with_parent() -> None:
 
 def use_collector(*, python_gc: bool) -> None:
     """The garbage collector for the next run: the service's (start-up heap frozen) or CPython's as it comes."""
-    from stream_sentiment.interpreter import GC_YOUNG_THRESHOLD, settle_heap
+    from stream_sentiment.interpreter import settle_heap, use_settled_collector
 
-    _, middle, old = gc.get_threshold()
-    if python_gc:
-        gc.unfreeze()
-        gc.set_threshold(PYTHON_GC_YOUNG_THRESHOLD, middle, old)
-    else:
-        gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
-        settle_heap()
+    use_settled_collector(not python_gc)
+    settle_heap()  # a no-op with CPython's collector
 
 
 def child_main(role: str, index: int, conn: Connection, options: dict[str, Any]) -> None:
@@ -1742,18 +1735,15 @@ def build_setups(args: argparse.Namespace, manifest_buckets: Sequence[int]) -> d
                 "timeout_ms": args.timeout_ms, "max_in_flight_posts": max(args.max_in_flight, args.max_rows),
                 "merge_smaller_on_timeout": not args.no_merge}
     largest = max(manifest_buckets)
+    bucketed = {**batching, "buckets": sorted(set(args.buckets) | {largest})}
     candidates = {
-        "ours": Setup("ours", "ours (buckets)", "engine",
-                      {**batching, "buckets": sorted(set(args.buckets) | {largest})}),
-        "ours-own": Setup("ours-own", "ours, an engine per worker", "engine",
-                          {**batching, "buckets": sorted(set(args.buckets) | {largest})}, served=False),
+        "ours": Setup("ours", "ours (buckets)", "engine", bucketed),
+        "ours-own": Setup("ours-own", "ours, an engine per worker", "engine", bucketed, served=False),
         "kafka-only": Setup("kafka-only", "Kafka + Redis only (floor)", "floor"),
         "ours-coarse": Setup("ours-coarse", "ours, manifest buckets", "engine",
                              {**batching, "buckets": list(manifest_buckets)}),
-        "ours-python-gc": Setup("ours-python-gc", "ours, CPython's GC", "engine",
-                                {**batching, "buckets": sorted(set(args.buckets) | {largest})}, python_gc=True),
-        "ours-uvloop": Setup("ours-uvloop", "ours, uvloop", "engine",
-                             {**batching, "buckets": sorted(set(args.buckets) | {largest})}, uvloop=True),
+        "ours-python-gc": Setup("ours-python-gc", "ours, CPython's GC", "engine", bucketed, python_gc=True),
+        "ours-uvloop": Setup("ours-uvloop", "ours, uvloop", "engine", bucketed, uvloop=True),
         "pad-to-max": Setup("pad-to-max", "(c) ours, pad to max", "engine", {**batching, "buckets": [largest]}),
         "hf-b64": Setup("hf-b64", "(b) HF pipeline, batch 64", "hf", backlog_cap=args.posts),
         "hf-b1": Setup("hf-b1", "(a) HF pipeline, batch 1", "hf", backlog_cap=min(args.posts, 20000)),

@@ -32,6 +32,7 @@ import sys
 
 GIL_SWITCH_INTERVAL_S = 0.0005
 GC_YOUNG_THRESHOLD = 10_000
+PYTHON_GC_YOUNG_THRESHOLD = 700  # CPython's default
 
 _heap_settling = False
 
@@ -43,12 +44,21 @@ def tune_interpreter(*, settle_heap_after_start: bool = True) -> None:
         settle_heap_after_start: also tune the garbage collector and let :func:`settle_heap` freeze the
             start-up heap (off: CPython's collector as it comes, for comparison in benchmarks).
     """
-    global _heap_settling
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    _heap_settling = settle_heap_after_start
-    if settle_heap_after_start:
-        _, middle, old = gc.get_threshold()
+    use_settled_collector(settle_heap_after_start)
+
+
+def use_settled_collector(enabled: bool) -> None:
+    """Heap settling on (young collections every 10,000 allocations, :func:`settle_heap` freezes) or off
+    (CPython's collector as it comes: nothing frozen, every 700 allocations)."""
+    global _heap_settling
+    _heap_settling = enabled
+    _, middle, old = gc.get_threshold()
+    if enabled:
         gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+    else:
+        gc.unfreeze()
+        gc.set_threshold(PYTHON_GC_YOUNG_THRESHOLD, middle, old)
 
 
 def settle_heap() -> None:

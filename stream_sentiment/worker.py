@@ -229,13 +229,13 @@ class Worker:
                 try:
                     await worker._on_revoked(revoked)
                 except Exception as error:
-                    worker._failure = worker._failure or error
+                    worker._fail(error)
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
                 try:
                     await worker._on_assigned(assigned)
                 except Exception as error:
-                    worker._failure = worker._failure or error
+                    worker._fail(error)
 
         settings = self.settings
         redis = Redis.from_url(settings.redis_url)
@@ -398,7 +398,7 @@ class Worker:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # a tokenizer failure must stop the worker, as it did inline
-                self._failure = self._failure or error
+                self._fail(error)
 
         task = asyncio.create_task(queue_when_tokenized())
         self._tokenizing.append(task)
@@ -512,7 +512,7 @@ class Worker:
             self._dispatch()
             await self._apply_ready()
         except Exception as error:  # a bug here must stop the worker, not vanish in a task
-            self._failure = self._failure or error
+            self._fail(error)
         finally:
             if holding_stream:
                 pool.give_back(stream)
@@ -553,6 +553,10 @@ class Worker:
         if self.on_engine_down is not None:
             self.on_engine_down()
 
+    def _fail(self, error: BaseException) -> None:
+        """A background task (batch, applier, tokenizer job, rebalance callback) failed: ``run()`` raises the first."""
+        self._failure = self._failure or error
+
     # -- Redis and commits ------------------------------------------------------------------------
 
     def _apply_in_background(self) -> None:
@@ -571,7 +575,7 @@ class Worker:
             try:
                 await self._apply_ready()
             except Exception as error:  # as in _infer: stop the worker
-                self._failure = self._failure or error
+                self._fail(error)
 
         self._applier = asyncio.create_task(apply())
 

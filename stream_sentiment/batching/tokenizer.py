@@ -153,7 +153,7 @@ class AsciiWordPieces:
 
 
 class PostTokenizer:
-    """Turns post texts into token-id lists no longer than the engine's ``max_length``.
+    """Turns post texts into token-id tuples no longer than the engine's ``max_length``.
 
     Truncation happens here, at admission: a post can never produce a batch
     wider than the largest bucket.
