@@ -78,16 +78,21 @@ def parse_timestamp(value: object) -> float | None:
     """Epoch seconds from a number or an ISO-8601 string (naive means UTC); None if invalid."""
     if isinstance(value, bool):
         return None
+    if isinstance(value, int) and not 0 <= value <= MAX_EPOCH_SECONDS:
+        # Checked before float(): an integer of a few hundred digits overflows a float.
+        return None
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.strip())
-        except ValueError:
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            seconds = parsed.timestamp()
+        except (ValueError, OverflowError, OSError):
+            # fromisoformat raises ValueError; timestamp() of a date at the calendar's edges with an
+            # offset can raise OverflowError or OSError.
             return None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        seconds = parsed.timestamp()
     else:
         return None
     if not math.isfinite(seconds) or not 0 <= seconds <= MAX_EPOCH_SECONDS:
@@ -106,6 +111,21 @@ def _unpaired_surrogate(value: str) -> int | None:
     except UnicodeEncodeError as error:
         return error.start
     return None
+
+
+def _shown(value: object) -> str:
+    """A short, safe rendering of a rejected value for the dead-letter detail.
+
+    Only strings and numbers are shown, and only their start: ``repr`` of the value itself could be
+    long, recurse through deep nesting, or (for an integer of more than 4,300 digits) raise.
+    """
+    if isinstance(value, str):
+        return repr(value[:64])
+    if isinstance(value, int) and abs(value) >= 10**64:
+        return "(an integer of more than 64 digits)"
+    if isinstance(value, int | float) or value is None:
+        return repr(value)
+    return f"(a JSON {type(value).__name__})"
 
 
 # One decoder for every record: ``json.loads`` with a keyword builds a new one per call.
@@ -160,8 +180,9 @@ def decode_post(raw: bytes | None, limits: MessageLimits = MessageLimits()) -> P
     if document.get("ts") is not None:
         ts = parse_timestamp(document["ts"])
         if ts is None:
-            shown = str(document["ts"])[:64]
-            return Rejection(RejectReason.BAD_TIMESTAMP, f"'ts' {shown!r} is not epoch seconds or ISO-8601")
+            return Rejection(
+                RejectReason.BAD_TIMESTAMP, f"'ts' {_shown(document['ts'])} is not epoch seconds or ISO-8601"
+            )
 
     optional: dict[str, str | None] = {}
     for name in OPTIONAL_STRING_FIELDS:

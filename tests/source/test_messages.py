@@ -136,3 +136,64 @@ json_values = st.recursive(
 def test_decoder_and_schema_agree_on_arbitrary_objects(document):
     accepted = isinstance(decode_post(json.dumps(document).encode()), Post)
     assert accepted == VALIDATOR.is_valid(document), document
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        "9" * 401,  # overflows a float: this record used to stop its partition for good
+        "-" + "9" * 401,
+        "1" + "0" * 4000,
+        '"0001-01-01T00:00:00+01:00"',  # before the epoch's calendar floor once the offset is applied
+        '"9999-12-31T23:59:59-01:00"',  # after year 9999 in UTC
+        "1e400",  # json reads this as inf
+        "[[[[[[[[[[1]]]]]]]]]]",
+        '{"a": 1}',
+    ],
+)
+def test_hostile_timestamps_are_bad_timestamps_not_crashes(ts):
+    raw = b'{"id":"a","text":"x","ts":' + ts.encode() + b"}"
+    result = decode_post(raw)
+    assert isinstance(result, Rejection), result
+    assert result.reason in (RejectReason.BAD_TIMESTAMP, RejectReason.NOT_JSON), result
+    assert len(result.detail) < 300
+
+
+# Any JSON value, including the ones a fuzzer of the wire would try: huge integers, deep nesting,
+# NaN-free floats at the extremes, surrogates and other odd text.
+hostile_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=10**300, max_value=10**1000)
+    | st.integers(min_value=-(10**1000), max_value=-(10**300))
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40)
+    | st.text(st.characters(codec=None, categories=["Cs", "Co", "Cc", "Zs", "Lo"]), max_size=10)
+    | st.sampled_from(["2026-11-22T09:30:00Z", "0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", ""])
+)
+hostile_values = st.recursive(
+    hostile_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+def _encode_any(document: object) -> bytes:
+    # ensure_ascii writes lone surrogates as \\u escapes, as a hostile producer would.
+    return json.dumps(document, ensure_ascii=True).encode()
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["id", "text", "ts", "topic", "region", "lang", "x"]), hostile_values))
+def test_decode_post_never_raises_on_any_json_value_in_any_field(document):
+    result = decode_post(_encode_any(document), MessageLimits(max_message_bytes=1_000_000))
+    assert isinstance(result, Post) or (isinstance(result, Rejection) and result.reason in RejectReason)
+
+
+@settings(max_examples=200, deadline=None)
+@given(hostile_values, st.integers(min_value=1, max_value=3000))
+def test_decode_post_never_raises_on_deeply_nested_values(value, depth):
+    raw = b'{"id":"a","text":"x","ts":' + b"[" * depth + _encode_any(value) + b"]" * depth + b"}"
+    result = decode_post(raw, MessageLimits(max_message_bytes=1_000_000))
+    assert isinstance(result, Rejection) and result.reason in (RejectReason.BAD_TIMESTAMP, RejectReason.NOT_JSON)
