@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Callable
 from contextvars import ContextVar
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -222,7 +223,7 @@ class AdminSettings(_Group):
         return self.token.get_secret_value() if self.token is not None else None
 
 
-def _checked(path: Path, read: Callable[[Path], Any]) -> dict[str, Any]:
+def _checked(path: Path | Traversable, read: Callable[[Path | Traversable], Any]) -> dict[str, Any]:
     # The stock sources name no file on a parse error and fail obscurely on a non-object top level.
     try:
         data = read(path)
@@ -234,12 +235,12 @@ def _checked(path: Path, read: Callable[[Path], Any]) -> dict[str, Any]:
 
 
 class _TomlFile(TomlConfigSettingsSource):
-    def _read_file(self, file_path: Path) -> dict[str, Any]:
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
         return _checked(file_path, super()._read_file)  # parsed with tomllib
 
 
 class _JsonFile(JsonConfigSettingsSource):
-    def _read_file(self, file_path: Path) -> dict[str, Any]:
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
         return _checked(file_path, super()._read_file)
 
 
