@@ -3,8 +3,9 @@
 ``/healthz``, ``/readyz`` and ``/metrics`` are open, as orchestrators and Prometheus scrape them without
 secrets. Every other path is refused with 401 unless it carries ``Authorization: Bearer <token>``: deny by
 default, so a route added later is guarded without anyone remembering to. The token is checked before the
-body is read, bodies are capped at ``max_body_bytes`` (413) before any JSON parsing, and version names are
-checked against the repository's name rule here, so a path such as ``../../etc`` never reaches the manager.
+body is read, bodies are capped at ``max_body_bytes`` (413) before any JSON parsing, a body that is not a JSON
+object (malformed or nested too deeply, whatever the limit) is 400, and version names are checked against the
+repository's name rule here, so a path such as ``../../etc`` never reaches the manager.
 
 With an :class:`~stream_sentiment.views.web.AlertPage` the server also serves the read-only alert page
 under ``/alerts``. It follows the same rules: where a token is configured, the page and its data need it,
@@ -238,6 +239,11 @@ class AdminServer:
             data = json.loads(body)
         except ValueError:  # JSONDecodeError and UnicodeDecodeError
             raise AdminError("the request body is not valid JSON") from None
+        except RecursionError:
+            # "[[[[..." or '{"a": {"a": ...': the parser recurses per level and gives up (at the interpreter's
+            # recursion limit) before it could find the body malformed, whatever max_body_bytes allows.
+            raise AdminError("the request body is not valid JSON or is nested too deeply; "
+                             "expected a flat JSON object") from None
         if not isinstance(data, dict):
             raise AdminError("the request body must be a JSON object")
         unknown = sorted(set(data) - allowed)

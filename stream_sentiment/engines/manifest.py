@@ -176,11 +176,21 @@ def write_manifest(folder: Path, manifest: EngineManifest) -> EngineManifest:
     return final
 
 
-def load_engine_version(folder: Path, *, verify: bool = True) -> EngineVersion:
+def load_engine_version(
+    folder: Path, *, verify: bool = True, model: str | None = None, version: str | None = None
+) -> EngineVersion:
     """Read a version folder's manifest and verify every file's sha256.
 
+    Args:
+        folder: the version folder.
+        verify: check every file's sha256 (False: only read the manifest).
+        model / version: what the folder is known as (a repository's ``<model>/<version>``); its
+            manifest must name the same, or the folder is refused. None: not checked, for a folder
+            loaded by path alone (a build's work folder, ``--engine DIR``).
+
     Raises:
-        EngineRepositoryError: no or malformed manifest, a listed file missing.
+        EngineRepositoryError: no or malformed manifest, a manifest naming another model or
+            version than ``model`` / ``version``, a listed file missing.
         ChecksumMismatchError: a file's content differs from the manifest.
     """
     manifest_path = folder / MANIFEST_NAME
@@ -190,6 +200,15 @@ def load_engine_version(folder: Path, *, verify: bool = True) -> EngineVersion:
         manifest = EngineManifest.from_dict(json.loads(manifest_path.read_text()))
     except json.JSONDecodeError as error:
         raise EngineRepositoryError(f"{manifest_path} is not valid JSON: {error}") from None
+    # A folder whose manifest names another version would serve under two names: the repository's
+    # (``/admin/engines``) and its manifest's (the worker, ``/readyz``, metrics, the engine server).
+    if (model is not None and manifest.model != model) or (version is not None and manifest.version != version):
+        known_as = "/".join(name for name in (model, version) if name is not None)
+        raise EngineRepositoryError(
+            f"{folder} is {known_as!r} in the engine repository, but its {MANIFEST_NAME} says model "
+            f"{manifest.model!r}, version {manifest.version!r}; the folder and its manifest must name the "
+            "same model and version"
+        )
     for required in (manifest.model_file, manifest.tokenizer_file):
         if required not in manifest.files:
             raise EngineRepositoryError(f"{manifest_path} does not pin {required}")
@@ -232,4 +251,5 @@ class EngineRepository:
         return path
 
     def load(self, version: str) -> EngineVersion:
-        return load_engine_version(self.path_of(version))
+        """``version``, checksums verified; refused if its manifest names another model or version."""
+        return load_engine_version(self.path_of(version), model=self.model, version=version)

@@ -303,6 +303,46 @@ def test_admin_routes_refuse_path_like_and_unknown_versions_and_load_nothing(red
     assert {e["version"]: e["state"] for e in listing["engines"]} == {"v1": "ACTIVE", "v2": "RETIRED"}
 
 
+def test_a_version_folder_whose_manifest_names_another_version_is_refused_with_422(redis_server, tmp_path):
+    # v9's manifest says it is v1, v8's that it is another model's: served, /admin/engines would call the
+    # engine v9 while /readyz and the metrics called it v1.
+    repository = _repository(tmp_path, {"v1": {}, "v9": {"version": "v1"}, "v8": {"model": "other-sentiment"}})
+    settings = Settings.load(redis_url=redis_server.url, redis_prefix="named", engine={"repository": repository},
+                             admin={"port": 0, "token": TOKEN})
+
+    async def scenario() -> list[tuple[int, dict[str, Any]]]:
+        _, engine = open_engine(settings)
+        with engine:
+            worker = Worker(settings, engine, PostTokenizer(engine.version))
+            manager = EngineManager(settings, worker, open_engine)
+            answers = []
+            async with AdminServer(settings.admin, manager, worker.metrics) as server, aiohttp.ClientSession() as http:
+                base, auth = f"http://127.0.0.1:{server.port}", {"Authorization": f"Bearer {TOKEN}"}
+                for version in ("v9", "v8"):
+                    async with http.post(f"{base}/admin/engines/activate", json={"version": version},
+                                         headers=auth) as response:
+                        answers.append((response.status, await response.json()))
+                async with http.get(f"{base}/admin/engines", headers=auth) as response:
+                    answers.append((response.status, await response.json()))
+                async with http.get(f"{base}/readyz") as response:
+                    answers.append((response.status, await response.json()))
+            assert set(manager.loaded) == {"v1"}  # nothing of the refused folders stays loaded
+            assert worker.metrics.value("stream_sentiment_engine_swaps_total",
+                                        {"action": "activate", "result": "refused"}) == 2
+            await manager.close()
+            return answers
+
+    (v9_status, v9), (v8_status, v8), (_, listing), (ready_status, ready) = asyncio.run(scenario())
+    folder = repository / "minilm-sentiment"
+    assert v9_status == 422 and str(folder / "v9") in v9["error"]
+    assert "'minilm-sentiment/v9'" in v9["error"] and "version 'v1'" in v9["error"]
+    assert v8_status == 422 and str(folder / "v8") in v8["error"] and "model 'other-sentiment'" in v8["error"]
+    # Both endpoints still agree on what serves.
+    assert listing["active"] == "v1" and ready_status == 200 and ready["details"]["engine"] == "v1"
+    assert {e["version"]: e["state"] for e in listing["engines"]} == {"v1": "ACTIVE", "v8": "RETIRED",
+                                                                        "v9": "RETIRED"}
+
+
 def test_a_post_the_engine_fails_on_is_isolated_and_dead_lettered_while_the_rest_are_scored(
     kafka, topic_factory, redis_server, redis_factory, engine_version
 ):

@@ -248,6 +248,39 @@ def test_malformed_bodies_are_400(payload: bytes) -> None:
     assert control.calls == []
 
 
+DEFAULT_MAX_BODY = AdminSettings().max_body_bytes
+RAISED_MAX_BODY = 1 << 20
+
+
+@pytest.mark.parametrize(("payload", "max_body"), [
+    (b"[" * 4000, DEFAULT_MAX_BODY),
+    (b'{"a":' * 800, DEFAULT_MAX_BODY),  # as deep as 4 KiB allows
+    (b"[" * 2000 + b"]" * 2000, DEFAULT_MAX_BODY),  # well-formed, but an array nested 2,000 deep
+    (b'{"version": ' + b"[" * 2000 + b"]" * 2000 + b"}", DEFAULT_MAX_BODY),
+    (b"[" * 100_000, RAISED_MAX_BODY),
+    (b'{"a":' * 100_000, RAISED_MAX_BODY),
+], ids=["open-arrays", "open-objects", "closed-arrays", "deep-version", "open-arrays-1MiB", "open-objects-1MiB"])
+def test_deeply_nested_bodies_are_400_not_500(payload: bytes, max_body: int) -> None:
+    assert len(payload) <= max_body  # within the limit: refused by parsing, not by the 413 check
+    control = RecordingControl()
+    status, body, _ = request(control, "POST", "/admin/engines/activate", data=payload,
+                              headers={**AUTH, "Content-Type": "application/json"},
+                              admin=settings(max_body_bytes=max_body))
+    assert status == 400
+    # Past the parser's depth: "... or is nested too deeply"; a shallower malformed one: the plain message.
+    assert body["error"].startswith("the request body is not valid JSON")
+    assert control.calls == []
+
+
+def test_a_deeply_nested_rollback_body_is_400() -> None:
+    control = RecordingControl()
+    status, body, _ = request(control, "POST", "/admin/engines/rollback", data=b"[" * 4000, headers=AUTH,
+                              admin=settings(max_body_bytes=DEFAULT_MAX_BODY))
+    assert status == 400
+    assert "nested too deeply" in body["error"]
+    assert control.calls == []
+
+
 # -- body size --------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from stream_sentiment.engines.manifest import (
     EngineRepository,
     EngineRepositoryError,
     load_engine_version,
+    write_manifest,
 )
 
 
@@ -69,6 +71,41 @@ def test_repository_lists_and_loads_versions(engine_copy: Path):
     assert repository.load("v1").manifest.version == "v1"
     with pytest.raises(EngineRepositoryError, match="unknown version"):
         repository.path_of("v9")
+
+
+def _copy_as(engine_copy: Path, name: str, **manifest_changes: str) -> EngineRepository:
+    """A repository holding the committed version and a copy named ``name`` with its manifest changed."""
+    folder = engine_copy.parent / name
+    shutil.copytree(engine_copy, folder)
+    data = {**json.loads((folder / "manifest.json").read_text()), **manifest_changes}
+    write_manifest(folder, EngineManifest.from_dict(data))  # checksums stay right: only the naming differs
+    return EngineRepository(engine_copy.parents[1], "minilm-sentiment")
+
+
+@pytest.mark.parametrize(("changes", "says"), [
+    ({"version": "v1"}, "model 'minilm-sentiment', version 'v1'"),
+    ({"version": "v9", "model": "distilbert-sentiment"}, "model 'distilbert-sentiment', version 'v9'"),
+], ids=["other-version", "other-model"])
+def test_repository_refuses_a_folder_whose_manifest_names_another_version(engine_copy: Path, changes, says):
+    repository = _copy_as(engine_copy, "v9", **changes)
+    assert repository.versions() == ["v1", "v9"]
+    with pytest.raises(EngineRepositoryError) as refused:
+        repository.load("v9")
+    message = str(refused.value)
+    assert str(engine_copy.parent / "v9") in message and "'minilm-sentiment/v9'" in message
+    assert says in message
+    assert repository.load("v1").manifest.version == "v1"  # the others still load
+
+
+def test_load_engine_version_checks_names_only_when_told_them(engine_copy: Path):
+    folder = engine_copy.parent / "v9"
+    _copy_as(engine_copy, "v9", version="v1")
+    assert load_engine_version(folder).manifest.version == "v1"  # a folder loaded by path alone
+    assert load_engine_version(folder, model="minilm-sentiment", version="v1").label == "minilm-sentiment/v1"
+    with pytest.raises(EngineRepositoryError, match="version 'v1'"):
+        load_engine_version(folder, verify=False, version="v9")
+    with pytest.raises(EngineRepositoryError, match=r"'other'.*model 'minilm-sentiment'"):
+        load_engine_version(folder, model="other")
 
 
 def test_buckets_must_cover_max_length():
