@@ -13,6 +13,8 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+# Redis lost the state this consumer group wrote: a person decides (recovery.on_redis_loss).
+EXIT_STATE_LOST = 4
 
 
 VADER_SHORTCUT = "vader"
@@ -393,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="everything on this machine: embedded broker and Redis, "
                                             "sample posts with a surge, live alerts")
     demo.add_argument("--duration", type=float, default=60.0, help="seconds, then everything stops")
-    demo.add_argument("--rate", type=float, default=100.0, help="sample posts per second")
+    demo.add_argument("--rate", type=float, default=50.0,
+                      help="sample posts per second (the surge adds 0.6 times as many)")
     demo.add_argument("--surge-topic", default="airline", help="the topic that turns negative")
     demo.add_argument("--surge-start", type=float, default=15.0, help="seconds after the start")
     demo.set_defaults(handler=_demo)
@@ -420,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     from stream_sentiment.engines.base import BackendUnavailableError
     from stream_sentiment.engines.manifest import EngineRepositoryError
     from stream_sentiment.modeling.evaluate import DataFormatError
+    from stream_sentiment.sinks.checkpoint import RedisOutageError, RedisStateLostError
 
     try:
         return int(args.handler(args))
@@ -435,6 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     except RedisConnectionError as error:
         print(f"stream-sentiment {args.command}: cannot reach Redis: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except RedisOutageError as error:
+        print(f"stream-sentiment {args.command}: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except RedisStateLostError as error:
+        print(f"stream-sentiment {args.command}: {error}", file=sys.stderr)
+        return EXIT_STATE_LOST
 
 
 if __name__ == "__main__":

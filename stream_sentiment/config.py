@@ -32,7 +32,8 @@ from stream_sentiment.engines.manifest import VERSION_PATTERN
 
 __all__ = [
     "ENV_NESTED_DELIMITER", "ENV_PREFIX", "AdminSettings", "AggregationSettings", "AlertSettings",
-    "BatchingSettings", "EngineSettings", "LimitSettings", "Settings", "settings_table",
+    "BatchingSettings", "EngineSettings", "LimitSettings", "RecoverySettings", "RedisSettings", "Settings",
+    "settings_table",
 ]  # fmt: skip
 
 ENV_PREFIX = "STREAM_SENTIMENT_"
@@ -141,7 +142,15 @@ class AggregationSettings(_Group):
     windows_seconds: tuple[Annotated[int, Field(gt=0)], ...] = Field(default=(60, 300, 900), min_length=1, description=(
         "Alert windows, each a multiple of bucket_seconds (kept sorted); 1/5/15 min catch fast and slow surges."))
     allowed_lateness_seconds: int = Field(default=60, ge=0, description=(
-        "How late (event time) a post may arrive and still count; 60 s covers producer batching and lag spikes."))
+        "How far behind its partition's stream time (the highest event time applied there) a post's bucket may "
+        "end and the post still count in it; later ones count as `late`. 60 s covers producer batching and lag."))
+    max_out_of_orderness_seconds: float = Field(default=3.0, ge=0, description=(
+        "How far a partition's watermark trails its stream time. Windows are judged for alerts once every "
+        "partition's watermark passes their end, and only posts that arrived before that count in alerts: a few "
+        "seconds, as in Flink's bounded out-of-orderness, keeps alerts fast (not the 60 s lateness)."))
+    idle_partition_seconds: float = Field(default=30.0, gt=0, description=(
+        "A partition with nothing new to read for this long (wall clock) stops holding back the group's "
+        "watermark until its next post. The one place where timing, not the log, decides: see docs/scaling.md."))
     dimensions: tuple[Dimension, ...] = Field(default=("global", "topic", "region"), min_length=1, description=(
         "What posts are counted by (global, topic, region); all three, so an alert says where a surge is."))
     bucket_ttl_seconds: int = Field(default=3600, ge=1, description=(
@@ -181,9 +190,26 @@ class AlertSettings(_Group):
         "Approximate MAXLEN of the Redis alert stream: plenty of history at bounded memory."))
     sample_posts: int = Field(default=3, ge=0, description=(
         "Example negative posts attached to an alert, so a reader sees why without a lookup."))
-    evaluation_delay_seconds: float = Field(default=10.0, ge=0, description=(
-        "Windows are judged this long after they close, so posts still in the pipeline (batching, "
-        "scoring, a consumer rebalance) land in their buckets first; one 10 s bucket by default."))
+
+
+class RedisSettings(_Group):
+    outage_limit_seconds: float = Field(default=300.0, gt=0, description=(
+        "How long a worker rides out Redis errors (consumption paused, not ready, retried with backoff) before "
+        "it exits with code 3; 5 minutes covers a failover or a restart with persistence."))
+    retry_max_seconds: float = Field(default=5.0, gt=0, description=(
+        "Longest wait between retries while Redis is down (backoff doubles from 0.1 s up to this)."))
+
+
+class RecoverySettings(_Group):
+    on_redis_loss: Literal["refuse", "rebuild"] = Field(default="refuse", description=(
+        "A partition Kafka has committed offsets for but Redis has no mark for means Redis lost its data (a "
+        "restart without persistence, a flush). `refuse`: exit with code 4 and say so, as counts would silently "
+        "restart from the commit. `rebuild`: re-read those partitions from their earliest retained offset and "
+        "count them again (event time makes the rebuilt buckets equal to the lost ones for retained data)."))
+    on_offset_regression: Literal["stop", "rebase"] = Field(default="stop", description=(
+        "A partition whose log now ends below the mark in Redis (a re-created topic, a broker restored empty). "
+        "`stop`: stop consuming that partition with an error (reported in logs, metrics and `stats --json`); "
+        "`rebase`: count the new log from its beginning."))
 
 
 class AdminSettings(_Group):
@@ -268,6 +294,9 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default=LimitSettings(), description="Message admission limits.")
     aggregation: AggregationSettings = Field(default=AggregationSettings(), description="Windowed counts.")
     alerts: AlertSettings = Field(default=AlertSettings(), description="Surge alerts.")
+    redis: RedisSettings = Field(default=RedisSettings(), description="Riding out Redis faults.")
+    recovery: RecoverySettings = Field(default=RecoverySettings(), description=(
+        "What to do when Redis lost its data or a partition's log restarted."))
     admin: AdminSettings = Field(default=AdminSettings(), description="Admin HTTP endpoint.")
     metrics_port: Port | None = Field(default=None, description=(
         "Prometheus metrics HTTP port; unset = no metrics server, so nothing listens unasked."))

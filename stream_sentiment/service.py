@@ -166,6 +166,7 @@ def read_stats(settings: Settings) -> dict[str, Any]:
         totals = client.hgetall(keys.totals)
         reasons = client.hgetall(keys.dead_letters)
         marks = client.hgetall(keys.offsets(settings.topic))
+        regressions = client.hgetall(keys.offset_regressions(settings.topic))
     finally:
         client.close()
     return {
@@ -176,4 +177,6 @@ def read_stats(settings: Settings) -> dict[str, Any]:
         "dead_lettered": int(totals.get("dead_lettered", 0)),
         "dead_lettered_by_reason": {reason: int(n) for reason, n in sorted(reasons.items())},
         "applied_offsets": {str(p): int(m) for p, m in sorted(marks.items(), key=lambda kv: int(kv[0]))},
+        # Partitions whose log was found to restart below the applied mark, and how often (recovery settings).
+        "offset_regressions": {str(p): int(n) for p, n in sorted(regressions.items(), key=lambda kv: int(kv[0]))},
     }

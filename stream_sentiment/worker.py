@@ -3,29 +3,39 @@
 Data path per record: decode and validate (bad ones to the dead-letter topic)
 -> tokenize in an executor -> length-bucket batcher -> an engine stream (each
 stream has one worker thread, so a session/context is never shared) -> the
-partition's progress buffer -> contiguous offset ranges applied to Redis
-through the fence (``sinks.redis_sink``) -> Kafka commit of the applied mark.
+checkpointing sink (``sinks.checkpoint``): contiguous offset ranges applied to
+Redis through the fence, with the partition's stream time -> Kafka commit of
+the applied mark. Alongside, the alert judge looks whether the group's
+event-time watermark passed a window end (``aggregation.monitor``).
 
 The event loop only coordinates: decoding is cheap and bounded by the message
 size limit, tokenization and inference run in executors. Fetching pauses
-while more than ``max_in_flight_posts`` records are unapplied, so memory stays
-bounded whatever the input rate.
+while more than ``max_in_flight_posts`` records are unapplied, while no engine
+stream works and while Redis does not answer, so memory stays bounded and
+nothing is lost whatever happens downstream.
 
-On assignment each partition is positioned at Redis's applied mark (not the
-possibly older Kafka commit), so a restarted or rebalanced worker resumes
-exactly where the shared state says; on revocation in-flight work is drained,
-applied and committed under one deadline, and anything it cannot finish is
-left to the next owner (the fence turns any late write from this worker into
-a no-op).
+On assignment each partition is claimed in Redis and positioned at Redis's
+applied mark (not the possibly older Kafka commit), so a restarted or
+rebalanced worker resumes exactly where the shared state says. A partition
+Kafka has commits for but Redis has no mark for means Redis lost its data
+(``recovery.on_redis_loss``); a partition whose log ends below its mark
+restarted (``recovery.on_offset_regression``): neither is ever skipped
+silently. On revocation in-flight work is drained, applied and committed under
+one deadline, and anything it cannot finish is left to the next owner (the
+fence turns any late write from this worker into a no-op).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import os
+import socket
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from stream_sentiment.aggregation.alerts import AlertRules
-from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys, ScoredPost, increments_for
+from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys, ScoredPost
 from stream_sentiment.aggregation.monitor import AlertMonitor
 from stream_sentiment.aggregation.progress import PartitionProgress
 from stream_sentiment.batching.batcher import Batcher, BatchingPolicy, FormedBatch
@@ -44,8 +54,9 @@ from stream_sentiment.config import Settings
 from stream_sentiment.engines.base import Engine
 from stream_sentiment.engines.slots import PoisonBatchError, RecoveryPolicy, SlotFailedError, SlotPool
 from stream_sentiment.metrics import PipelineMetrics
-from stream_sentiment.sinks.redis_sink import ApplyOutcome, RedisSink
-from stream_sentiment.source.dead_letters import SourceRecord, publish_dead_letter
+from stream_sentiment.sinks.checkpoint import TRANSIENT_REDIS_ERRORS, CheckpointingSink, RedisStateLostError
+from stream_sentiment.sinks.redis_sink import PartitionState, RedisSink
+from stream_sentiment.source.dead_letters import SourceRecord, publish_dead_letter, send_dead_letter
 from stream_sentiment.source.messages import MessageLimits, Post, Rejection, RejectReason, decode_post
 
 log = logging.getLogger(__name__)
@@ -62,6 +73,12 @@ FETCH_MAX_RECORDS = 500
 # decodes the next fetch, one queued behind it. Serial, decode and tokenization added up per post; more
 # than two would only hold memory, as the thread takes them one at a time anyway.
 TOKENIZE_AHEAD = 2
+# Longest the alert judge waits for an applied range before looking anyway (idle partitions, other workers'
+# progress). Judgements depend only on the log; this bounds how soon after the watermark they come.
+JUDGE_INTERVAL_S = 1.0
+# Shortest gap between two judge rounds: a busy worker applies many ranges a second, and one look at the
+# group's watermark per round trip is enough.
+JUDGE_MIN_GAP_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -94,7 +111,7 @@ class Worker:
         tokenizer: the engine version's tokenizer.
         metrics: where to count; a private registry when not given.
         clock: monotonic seconds, injectable for tests.
-        wall_clock: epoch seconds (event-time lateness).
+        wall_clock: epoch seconds: latency metrics and idle-partition detection only, never results.
     """
 
     def __init__(
@@ -125,10 +142,26 @@ class Worker:
                                     limits.max_field_chars)
         aggregation = settings.aggregation
         self.rules = BucketRules(aggregation.bucket_seconds, aggregation.allowed_lateness_seconds,
-                                 aggregation.dimensions, settings.alerts.sample_posts)
+                                 aggregation.dimensions, settings.alerts.sample_posts,
+                                 aggregation.max_out_of_orderness_seconds)
         self.keys = RedisKeys(settings.redis_prefix)
-        self.progress: dict[int, PartitionProgress[Outcome]] = {}
-        self._apply_locks: dict[int, asyncio.Lock] = {}
+        from redis.asyncio import Redis
+
+        # Connects lazily, on the first call inside run()'s event loop.
+        self._redis = Redis.from_url(settings.redis_url)
+        self.sink = CheckpointingSink(
+            RedisSink(self._redis, settings.redis_prefix, settings.topic, aggregation.bucket_ttl_seconds),
+            self.rules, self.keys, self.metrics, commit=self._commit,
+            outage_limit_s=settings.redis.outage_limit_seconds, retry_max_s=settings.redis.retry_max_seconds,
+            commit_interval_s=COMMIT_INTERVAL_S, clock=clock, wall_clock=wall_clock,
+        )
+        self.sink.on_resync = self._resync
+        self.sink.on_fenced = self._fenced
+        self.sink.on_lost = self._redis_lost
+        # Partitions whose log restarted below their mark and are not consumed (recovery.on_offset_regression).
+        self.regressed: set[int] = set()
+        # Wall-clock time each owned partition last had records: idle partitions stop holding back alerts.
+        self._last_record_at: dict[int, float] = {}
         # Formed batches waiting for a slot: handed back by a failed slot, or drained from the batcher.
         self._ready: deque[FormedBatch[Admitted]] = deque()
         # Recent live posts and the active engine's labels: the shadow sample a hot swap is checked on.
@@ -140,22 +173,36 @@ class Worker:
         self._monitor: AlertMonitor | None = None
         self._tokenize_executor = ThreadPoolExecutor(1, "tokenize")
         self._tokenizing: deque[asyncio.Task[None]] = deque()
+        # Dead letters on their way to the broker (their records finish once acknowledged).
+        self._publishing: set[asyncio.Task[None]] = set()
         # Wakes _dispatch when the oldest queued post's timeout or window runs out, whatever the fetch loop does.
         self._flush_timer: asyncio.TimerHandle | None = None
         self._inference: set[asyncio.Task[None]] = set()
         self._applier: asyncio.Task[None] | None = None
         self._drains = 0  # drains running (shutdown, revoke): no background applies meanwhile
-        # Applied marks not yet committed to Kafka; committed at most every COMMIT_INTERVAL_S.
-        self._uncommitted: dict[int, int] = {}
-        self._last_commit = 0.0
         # partition -> (the offset a gap starts at, re-reads of it so far)
         self._gap_rereads: dict[int, tuple[int, int]] = {}
         self._consumer: Any = None
         self._producer: Any = None
-        self._sink: RedisSink | None = None
+        self._fetch_paused = False
+        # Names this member in the owner tokens it claims partitions with (logs, the owners hash).
+        self._member_name = f"{socket.gethostname()}-{os.getpid()}"
         self._failure: BaseException | None = None
-        self.scored = 0
-        self.dead_lettered = 0
+
+    @property
+    def progress(self) -> dict[int, PartitionProgress[Outcome]]:
+        """Fetched-but-unapplied records of each partition this worker owns."""
+        return self.sink.progress
+
+    @property
+    def scored(self) -> int:
+        """Posts this worker counted in Redis (fence-applied)."""
+        return self.sink.scored
+
+    @property
+    def dead_lettered(self) -> int:
+        """Rejected records this worker counted in Redis."""
+        return self.sink.dead_lettered
 
     @property
     def engine(self) -> Engine:
@@ -210,7 +257,7 @@ class Worker:
         return {
             "engine": self.pool.version, "backend": self.engine.backend, "streams": self.engine.streams,
             "lost_streams": sorted(self.pool.lost), "engine_working": self.pool.healthy,
-            "partitions": sorted(self.progress),
+            "redis_up": not self.sink.redis_down, "partitions": sorted(self.progress),
         }
 
     # -- Kafka plumbing -------------------------------------------------------------------------
@@ -218,7 +265,6 @@ class Worker:
     async def run(self, stop: asyncio.Event, *, consumer_options: dict[str, Any] | None = None) -> None:
         """Consume until ``stop`` is set, then drain, apply and commit what was fetched."""
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-        from redis.asyncio import Redis
 
         worker = self
 
@@ -238,9 +284,7 @@ class Worker:
                     worker._fail(error)
 
         settings = self.settings
-        redis = Redis.from_url(settings.redis_url)
-        self._sink = RedisSink(redis, settings.redis_prefix, settings.topic,
-                               settings.aggregation.bucket_ttl_seconds)
+        redis = self._redis
         self._producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
         options = {
             "session_timeout_ms": settings.kafka_session_timeout_ms,
@@ -255,7 +299,7 @@ class Worker:
         await self._producer.start()
         await self._consumer.start()
         self._consumer.subscribe([settings.topic], listener=Listener())
-        ticker = asyncio.create_task(self._tick_alerts(self._alert_monitor(redis), stop))
+        ticker = asyncio.create_task(self._judge_alerts(self._alert_monitor(redis), stop))
         try:
             while not stop.is_set():
                 if self._failure is not None:
@@ -270,7 +314,8 @@ class Worker:
             ticker.cancel()
             if self._flush_timer is not None:
                 self._flush_timer.cancel()
-            for task in [*self._tokenizing, *self._inference, *([self._applier] if self._applier else [])]:
+            for task in [*self._tokenizing, *self._publishing, *self._inference,
+                         *([self._applier] if self._applier else [])]:
                 task.cancel()
             await self._consumer.stop()
             await self._producer.stop()
@@ -283,38 +328,140 @@ class Worker:
         rules = AlertRules(alerts.ratio_threshold, alerts.min_posts, alerts.surge_z, alerts.ewma_alpha,
                            alerts.cooldown_seconds)
         self._monitor = AlertMonitor(redis, self.keys, self.rules, self.settings.aggregation.windows_seconds, rules,
-                            engine_version=self.pool.version,
-                            stream_max_len=alerts.stream_max_len, delay_seconds=alerts.evaluation_delay_seconds,
-                            sample_posts=alerts.sample_posts)
+                                     topic=self.settings.topic, engine_version=self.pool.version,
+                                     stream_max_len=alerts.stream_max_len, sample_posts=alerts.sample_posts)
         return self._monitor
 
-    async def _tick_alerts(self, monitor: AlertMonitor, stop: asyncio.Event) -> None:
-        """Evaluate closed windows at every bucket boundary, posts or no posts."""
-        bucket = self.rules.bucket_seconds
+    async def _judge_alerts(self, monitor: AlertMonitor, stop: asyncio.Event) -> None:
+        """Judge the windows the group's watermark has passed, whenever a range is applied (or each second).
+
+        Which windows alert, and with what, depends only on the log (``aggregation.monitor``); this loop
+        only decides how soon after the watermark passes a window it is judged.
+        """
+        applied = self.sink.applied
+        idle_s = self.settings.aggregation.idle_partition_seconds
+        reported = False
         while not stop.is_set():
-            delay = bucket - self.wall_clock() % bucket + 0.01
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            if stop.is_set():
-                return
+                await asyncio.wait_for(applied.wait(), JUDGE_INTERVAL_S)
+            applied.clear()
+            partitions = self._consumer.partitions_for_topic(self.settings.topic) if self._consumer else None
+            if not partitions or self.sink.redis_down:
+                continue
             try:
-                for alert in await monitor.evaluate_closed(self.wall_clock()):
+                if not self._fetch_paused:  # a paused partition is not idle, only held back
+                    await self.sink.mark_idle(self._last_record_at, self.wall_clock(), idle_s)
+                for alert in await monitor.judge_due(len(partitions)):
                     self.metrics.alerts.labels(alert.rule, alert.stats.dimension).inc()
-            except Exception:  # Redis hiccup: the next boundary evaluates again
-                log.exception("alert evaluation failed")
+                if monitor.watermark is not None:
+                    self.metrics.watermark.set(monitor.watermark)
+                reported = False
+            except TRANSIENT_REDIS_ERRORS as error:
+                self.metrics.redis_errors.labels("judge").inc()
+                if not reported:  # the applier reports the outage itself; say once why alerts wait
+                    log.warning("alert judgement waits for Redis: %s", error)
+                    reported = True
+            await asyncio.sleep(JUDGE_MIN_GAP_S)
 
     async def _on_assigned(self, assigned: Any) -> None:
-        assert self._sink is not None
-        marks = await self._sink.applied_marks()
+        partitions = sorted(tp.partition for tp in assigned)
+        # A new token per assignment: once this member holds the partitions, writes of a previous owner that
+        # has not noticed its revoke (a stalled zombie) are refused by the fence.
+        generation = getattr(getattr(self._consumer, "_coordinator", None), "generation", "?")
+        owner = f"{self._member_name}:{generation}:{uuid.uuid4().hex[:12]}"
+        states = await self.sink.assign(partitions, owner)
+        now = self.wall_clock()
+        fresh, lost = [], []
         for tp in assigned:
-            if tp.partition in marks:
-                self._consumer.seek(tp, marks[tp.partition])
-                mark = marks[tp.partition]
+            self.regressed.discard(tp.partition)
+            self._last_record_at[tp.partition] = now
+            state = states.get(tp.partition)
+            if state is not None:
+                self._consumer.seek(tp, state.mark)
+                self.sink.track(tp.partition, state.mark, state.stream_time, in_redis=True)
+            elif await self._consumer.committed(tp) is not None:
+                # The group applied and committed records here, but Redis knows none of them.
+                lost.append(tp)
             else:
-                mark = await self._consumer.position(tp)
-            self.progress[tp.partition] = PartitionProgress(tp.partition, mark)
-            self._apply_locks.setdefault(tp.partition, asyncio.Lock())
-        log.info("assigned %s", sorted(tp.partition for tp in assigned))
+                fresh.append(tp)
+        if fresh:
+            # Never applied: start at the earliest retained offset, by an explicit seek. The consumer's own
+            # position() would do the same, but the fetcher may already have moved it past records it holds,
+            # which the mark would then skip.
+            for tp, beginning in (await self._consumer.beginning_offsets(fresh)).items():
+                self._consumer.seek(tp, beginning)
+                self.sink.track(tp.partition, beginning, None, in_redis=False)
+        for tp in lost:
+            await self._redis_lost(tp.partition)
+        log.info("assigned %s as %s", partitions, owner)
+
+    async def _redis_lost(self, partition: int) -> None:
+        """Redis has no mark for a partition this group applied: refuse, or recount it from the beginning."""
+        from aiokafka import TopicPartition
+
+        tp = TopicPartition(self.settings.topic, partition)
+        if self.settings.recovery.on_redis_loss == "refuse":
+            self._consumer.pause(tp)
+            self._fail(RedisStateLostError(
+                f"Redis ({self.settings.redis_url}, prefix {self.settings.redis_prefix!r}) has no offset mark for "
+                f"partition {partition} of {self.settings.topic!r}, but consumer group "
+                f"{self.settings.consumer_group!r} has applied and committed records there: Redis lost the counts "
+                "this group wrote (restarted without persistence, flushed, or another Redis or prefix). Resuming "
+                "from Kafka's commit would silently drop them. To count the retained log again, set "
+                "recovery.on_redis_loss = \"rebuild\" (STREAM_SENTIMENT_RECOVERY__ON_REDIS_LOSS=rebuild); to start "
+                "afresh from the commits on purpose, reset the group's offsets instead."))
+            return
+        beginning = (await self._consumer.beginning_offsets([tp]))[tp]
+        log.warning("partition %d: Redis lost its state; rebuilding from the earliest retained offset %d "
+                    "(recovery.on_redis_loss = rebuild)", partition, beginning)
+        self._consumer.seek(tp, beginning)
+        self.sink.track(partition, beginning, None, in_redis=False)
+
+    async def _check_offset_regressions(self, assigned: Any) -> None:
+        """A partition whose log now ends below its mark restarted (re-created topic, broker restored empty).
+
+        The fetch's high-water mark says where the log ends (Tansu answers fetches past the end with no
+        error, so a reset policy never fires); without this check its new records below the mark would be
+        skipped silently.
+        """
+        for tp in assigned:
+            progress = self.progress.get(tp.partition)
+            end = self._consumer.highwater(tp)
+            if progress is None or end is None or end >= progress.mark or tp.partition in self.regressed:
+                continue
+            self.metrics.offset_regressions.inc()
+            await self.sink.call_redis("regression", functools.partial(self.sink.redis.record_regression,
+                                                                       tp.partition))
+            if self.settings.recovery.on_offset_regression == "rebase":
+                beginning = (await self._consumer.beginning_offsets([tp]))[tp]
+                moved = await self.sink.call_redis("regression", functools.partial(
+                    self.sink.redis.rebase, tp.partition, progress.mark, beginning))
+                log.error("partition %d: its log ends at %d, below the mark %d: it restarted. Counting the new log "
+                          "from offset %d (recovery.on_offset_regression = rebase)%s", tp.partition, end,
+                          progress.mark, beginning, "" if moved else "; another worker moved the mark first")
+                if moved:
+                    self._consumer.seek(tp, beginning)
+                    self.sink.track(tp.partition, beginning, progress.stream_time, in_redis=True)
+                continue
+            self.regressed.add(tp.partition)
+            self._consumer.pause(tp)
+            log.error("partition %d: its log ends at offset %d, below the mark %d in Redis: the log restarted "
+                      "(a re-created topic, a broker restored empty). Not consuming it: its new records would "
+                      "be skipped below the mark. Set recovery.on_offset_regression = \"rebase\" to count the new "
+                      "log from its beginning.", tp.partition, end, progress.mark)
+
+    def _resync(self, partition: int, state: PartitionState) -> None:
+        """Redis's mark moved under this worker: resume the partition there (its in-flight posts are dropped)."""
+        from aiokafka import TopicPartition
+
+        self.sink.track(partition, state.mark, state.stream_time, in_redis=True)
+        self._consumer.seek(TopicPartition(self.settings.topic, partition), state.mark)
+
+    def _fenced(self, partition: int) -> None:
+        """Another member owns ``partition`` now: stop fetching it until the group's revoke arrives."""
+        from aiokafka import TopicPartition
+
+        self._consumer.pause(TopicPartition(self.settings.topic, partition))
 
     async def _on_revoked(self, revoked: Any) -> None:
         try:
@@ -323,8 +470,8 @@ class Worker:
         finally:
             gone = {tp.partition for tp in revoked}
             for partition in gone:
-                self.progress.pop(partition, None)
-                self._uncommitted.pop(partition, None)  # no longer ours to commit
+                self.sink.forget(partition)  # no longer ours to apply or commit
+                self._last_record_at.pop(partition, None)
             # What was fetched from the revoked partitions but not applied belongs to the next owner now;
             # the posts of partitions this worker keeps stay queued (aiokafka revokes every partition at
             # once today, but a kept post dropped here would block its partition for good).
@@ -341,15 +488,21 @@ class Worker:
         wait_ms = 100 if deadline is None else max(1, int((deadline - now) * 1000))
         in_flight = sum(p.in_flight for p in self.progress.values())
         assigned = self._consumer.assignment()
-        # No working engine stream: stop fetching; nothing is applied or committed, so nothing is lost.
-        paused = in_flight >= self.settings.batching.max_in_flight_posts or not self.pool.healthy
+        # No working engine stream, or Redis not answering: stop fetching; nothing is applied or committed,
+        # so nothing is lost. The consumer still polls, so the group keeps this member.
+        paused = (in_flight >= self.settings.batching.max_in_flight_posts or not self.pool.healthy
+                  or self.sink.redis_down)
+        self._fetch_paused = paused
         if paused:
             self._consumer.pause(*assigned)
         else:
-            self._consumer.resume(*assigned)
+            self._consumer.resume(*[tp for tp in assigned
+                                    if tp.partition in self.progress and tp.partition not in self.regressed])
         self.metrics.in_flight.set(in_flight)
         self.metrics.paused.set(int(paused))
         batches = await self._consumer.getmany(timeout_ms=min(wait_ms, 100), max_records=FETCH_MAX_RECORDS)
+        # What is assigned now: a rebalance may have run during the fetch.
+        await self._check_offset_regressions(self._consumer.assignment())
         admitted = await self._admit(batches)
         if admitted:
             # A partition revoked (and maybe reassigned) meanwhile has a new progress: its posts are the next owner's.
@@ -407,12 +560,17 @@ class Worker:
     async def _admit(self, batches: dict[Any, list[Any]]) -> list[Admitted]:
         """Decode and validate fetched records; rejected ones go to the dead-letter topic."""
         admitted: list[Admitted] = []
+        rejected: list[tuple[PartitionProgress[Outcome], SourceRecord, Rejection]] = []
         decode_started = time.perf_counter()
+        fetched_at = self.wall_clock()
         for tp, records in batches.items():
             self.metrics.records_fetched.inc(len(records))
             progress = self.progress.get(tp.partition)
             if progress is None:
                 continue
+            if records:
+                self._last_record_at[tp.partition] = fetched_at
+                self.sink.note_records(tp.partition)
             for record in records:
                 if record.offset < progress.mark:
                     continue  # fetched before the seek to the applied mark took effect
@@ -421,19 +579,46 @@ class Worker:
                 progress.fetched(record.offset)
                 outcome = decode_post(record.value, self.limits)
                 if isinstance(outcome, Rejection):
-                    # Publishing waits on the broker; that is not decode time.
-                    self.metrics.stage_seconds.labels("decode").inc(time.perf_counter() - decode_started)
-                    await publish_dead_letter(self._producer, self.settings.dead_letter_topic, SourceRecord(
+                    rejected.append((progress, SourceRecord(
                         record.topic, record.partition, record.offset, record.timestamp, record.key, record.value,
-                    ), outcome)
-                    progress.finished(record.offset, outcome)
-                    decode_started = time.perf_counter()
+                    ), outcome))
                     continue
                 appended_at = record.timestamp / 1000
-                event_time = outcome.ts if outcome.ts is not None else appended_at
+                # The log's own clock bounds a post's: a ts ahead of its record's Kafka timestamp (a producer's
+                # wrong clock, a hostile post) is clamped to it, so it cannot pull the stream time into the future.
+                event_time = appended_at if outcome.ts is None or outcome.ts > appended_at else outcome.ts
                 admitted.append(Admitted(tp.partition, record.offset, outcome, event_time, appended_at))
         self.metrics.stage_seconds.labels("decode").inc(time.perf_counter() - decode_started)
+        if rejected:
+            self._dead_letter(rejected)
         return admitted
+
+    def _dead_letter(self, rejected: list[tuple[PartitionProgress[Outcome], SourceRecord, Rejection]]) -> None:
+        """Publish a fetch's rejected records in one background task, off the fetch loop.
+
+        Each record is finished (and so may be applied and counted) only once the broker acknowledged its
+        dead letter: the DLQ stays at-least-once, the counters exactly once. Sent together, the records share
+        the producer's batches instead of one broker round trip each.
+        """
+        async def publish() -> None:
+            try:
+                topic = self.settings.dead_letter_topic
+                acks = [await send_dead_letter(self._producer, topic, record, rejection)
+                        for _, record, rejection in rejected]
+                await asyncio.gather(*acks)
+                for progress, record, rejection in rejected:
+                    if self.progress.get(record.partition) is progress:  # not revoked meanwhile
+                        with contextlib.suppress(KeyError):
+                            progress.finished(record.offset, rejection)
+                self._apply_in_background()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a broker that refuses dead letters stops the worker, loudly
+                self._fail(error)
+
+        task = asyncio.create_task(publish())
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
 
     def _arm_flush(self) -> None:
         """Call _dispatch when the batcher's next timeout or window is due (an engine slot is idle)."""
@@ -580,50 +765,7 @@ class Worker:
         self._applier = asyncio.create_task(apply())
 
     async def _apply_ready(self, *, force_commit: bool = False) -> None:
-        assert self._sink is not None
-        for partition, progress in list(self.progress.items()):
-            async with self._apply_locks[partition]:
-                if self.progress.get(partition) is not progress:
-                    continue
-                while (ready := progress.take_ready()) is not None:
-                    increments = increments_for(ready.results, self.wall_clock(), self.rules, self.keys)
-                    with self.metrics.stage("redis"):
-                        started = time.perf_counter()
-                        result = await self._sink.apply(partition, ready.first, ready.next_offset, increments)
-                        self.metrics.redis_apply.observe(time.perf_counter() - started)
-                    self.metrics.fence.labels(result.outcome.value).inc()
-                    if result.outcome is ApplyOutcome.OUT_OF_ORDER:
-                        raise RuntimeError(
-                            f"partition {partition}: Redis mark is {result.mark}, this worker had {ready.first}; "
-                            "another worker owns it"
-                        )
-                    progress.applied(ready)
-                    if result.outcome is ApplyOutcome.APPLIED:
-                        self._count_applied(ready.results)
-                    if self.progress.get(partition) is progress:  # not revoked while Redis answered
-                        self._uncommitted[partition] = progress.mark
-        due = self.clock() - self._last_commit >= COMMIT_INTERVAL_S
-        if self._uncommitted and (force_commit or due):
-            marks, self._uncommitted = self._uncommitted, {}
-            self._last_commit = self.clock()
-            await self._commit(marks)
-
-    def _count_applied(self, results: list[Outcome]) -> None:
-        """Counts posts once, when the fence applied them (a duplicate range counts nothing)."""
-        written = self.wall_clock()
-        labels: dict[str, int] = {}
-        latency = self.metrics.end_to_end
-        for result in results:
-            if isinstance(result, Rejection):
-                self.dead_lettered += 1
-                self.metrics.dead_letters.labels(result.reason.value).inc()
-                continue
-            labels[result.label] = labels.get(result.label, 0) + 1
-            if result.appended_at is not None:
-                latency.observe(max(0.0, written - result.appended_at))
-        for label, count in labels.items():  # one labelled increment per label, not per post
-            self.scored += count
-            self.metrics.posts_scored.labels(label).inc(count)
+        await self.sink.apply_ready(force_commit=force_commit)
 
     async def _commit(self, marks: dict[int, int]) -> None:
         from aiokafka import TopicPartition
@@ -644,8 +786,8 @@ class Worker:
         self._drains += 1
         try:
             async with asyncio.timeout(budget_s):
-                while self._tokenizing:  # fetched posts still in the tokenizer reach the batcher first
-                    await asyncio.wait(list(self._tokenizing))
+                while self._tokenizing or self._publishing:  # fetched records reach the batcher or the DLQ first
+                    await asyncio.wait([*self._tokenizing, *self._publishing])
                 for batch in self.batcher.drain(self.clock()):
                     self._record_batch(batch)
                     self._ready.append(batch)

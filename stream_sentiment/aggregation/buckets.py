@@ -1,16 +1,30 @@
-"""Event-time buckets: what one offset range adds to Redis.
+"""Event-time buckets: what one offset range adds to Redis, as a function of the log alone.
 
 Each scored post adds to one bucket per configured dimension (``global``,
 ``topic``, ``region``): label counts, a post count and the sum of P(negative),
 in the ``bucket_seconds``-wide bucket of its event time. Rolling windows
 (1 / 5 / 15 min) are read as sums of buckets, so a bucket is the only thing
-written. A post whose bucket closed more than ``allowed_lateness`` ago is
-counted as late instead (its window has been reported); a post stamped in the
-future (clock skew) counts as now. Dead-lettered records add to per-reason
-counters. The most negative posts of each bucket and dimension value are
-kept as samples (a small sorted set), so an alert can show what people said.
-All of it goes into one :class:`Increments`, applied with the partition's
-offset range in one atomic call.
+written. Dead-lettered records add to per-reason counters.
+
+Time is the partition's *stream time*: the highest event time applied so far in
+that partition, in offset order (Kafka Streams' term), stored in Redis with the
+partition's offset mark. Never the wall clock, so replaying the same records --
+after a crash, an outage, or a day later -- gives the same buckets. Per post,
+with the stream time including that post:
+
+* **late**: its bucket ended more than ``allowed_lateness`` before the stream
+  time; it counts in the totals as ``late`` and in no bucket.
+* **on time**: its bucket ends after the partition's *watermark*, the stream
+  time less ``max_out_of_orderness``. Only on-time posts add to a bucket's
+  ``on_time_*`` fields, its samples and the first-bucket marker: those are what
+  alerts judge, and once every partition's watermark has passed a window's end
+  they can no longer change (``aggregation.monitor``). A post between the two
+  counts in its bucket (views, totals) but not in alerts.
+
+The most negative on-time posts of each bucket and dimension value are kept as
+samples (a small sorted set), so an alert can show what people said. All of it
+goes into one :class:`Increments`, applied with the partition's offset range
+and new stream time in one atomic call.
 """
 
 from __future__ import annotations
@@ -22,57 +36,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from stream_sentiment.modeling.corpora import LABELS
+from stream_sentiment.sinks.keys import RedisKeys
 from stream_sentiment.sinks.redis_sink import Increments
 from stream_sentiment.source.messages import Post, Rejection
-
-
-@dataclass(frozen=True)
-class RedisKeys:
-    """Every Redis key the service writes, in one place (documented in docs/redis-schema.md)."""
-
-    prefix: str
-
-    @property
-    def totals(self) -> str:
-        return f"{self.prefix}:totals"
-
-    @property
-    def dead_letters(self) -> str:
-        return f"{self.prefix}:dead_lettered"
-
-    def bucket(self, dimension: str, value: str, start: int) -> str:
-        return f"{self.prefix}:agg:{dimension}:{value}:{start}"
-
-    def offsets(self, topic: str) -> str:
-        return f"{self.prefix}:offsets:{topic}"
-
-    @property
-    def first_bucket(self) -> str:
-        """Start of the earliest bucket ever written: windows reaching before it are incomplete."""
-        return f"{self.prefix}:first-bucket"
-
-    def samples(self, dimension: str, value: str, start: int) -> str:
-        """Sorted set of the bucket's most negative posts (JSON ``{"id", "text"}``, score P(negative))."""
-        return f"{self.prefix}:samples:{dimension}:{value}:{start}"
-
-    def dimension_values(self, start: int) -> str:
-        """Set of ``dimension:value`` members that have a bucket starting at ``start``."""
-        return f"{self.prefix}:dims:{start}"
-
-    @property
-    def alerts(self) -> str:
-        return f"{self.prefix}:alerts"
-
-    def alerts_evaluated(self, window_end: int) -> str:
-        return f"{self.prefix}:alerts:evaluated:{window_end}"
-
-    @property
-    def alert_baselines(self) -> str:
-        return f"{self.prefix}:alerts:baselines"
-
-    @property
-    def alert_last_active(self) -> str:
-        return f"{self.prefix}:alerts:last-active"
 
 
 @dataclass(frozen=True)
@@ -98,12 +64,24 @@ class BucketRules:
     dimensions: Sequence[str] = ("global", "topic", "region")
     # Most negative posts kept per bucket and dimension value, for alerts to quote; 0 keeps none.
     sample_posts: int = 0
+    # How far behind a partition's stream time its watermark trails: posts this much out of order still
+    # count in alerts.
+    max_out_of_orderness: float = 3.0
 
     def start_of(self, event_time: float) -> int:
         return math.floor(event_time / self.bucket_seconds) * self.bucket_seconds
 
-    def is_late(self, event_time: float, now: float) -> bool:
-        return self.start_of(event_time) + self.bucket_seconds + self.allowed_lateness < now
+    def is_late(self, event_time: float, stream_time: float) -> bool:
+        """Too late to count in a bucket: it ended more than the allowed lateness before ``stream_time``."""
+        return self.start_of(event_time) + self.bucket_seconds + self.allowed_lateness < stream_time
+
+    def is_on_time(self, event_time: float, stream_time: float) -> bool:
+        """Still counts in alerts: its bucket ends after the partition's watermark."""
+        return self.start_of(event_time) + self.bucket_seconds > stream_time - self.max_out_of_orderness
+
+    def watermark(self, stream_time: float) -> float:
+        """The event time up to which a partition's on-time posts are all applied."""
+        return stream_time - self.max_out_of_orderness
 
 
 def dimension_values(post: Post, dimensions: Iterable[str]) -> list[tuple[str, str]]:
@@ -116,18 +94,31 @@ def dimension_values(post: Post, dimensions: Iterable[str]) -> list[tuple[str, s
     return pairs
 
 
+@dataclass
+class RangeIncrements:
+    """What one offset range adds to Redis, and the partition's stream time after it."""
+
+    increments: Increments
+    stream_time: float | None
+
+
 def increments_for(
-    outcomes: Iterable[ScoredPost | Rejection], now: float, rules: BucketRules, keys: RedisKeys
-) -> Increments:
+    outcomes: Iterable[ScoredPost | Rejection], stream_time: float | None, rules: BucketRules, keys: RedisKeys
+) -> RangeIncrements:
     """What a range of outcomes adds to Redis: totals, per-bucket counts by dimension value, samples.
 
+    Args:
+        outcomes: the range's records in offset order.
+        stream_time: the partition's stream time before the range (None before its first post).
+
     Counts are summed per (dimension, value, bucket) in plain lists first and turned into keys
-    once per group: this runs on the event loop for every post, and building key strings and
-    nested dict entries per post and dimension was the largest cost of the worker's hot path.
+    once per group: this runs for every post, and building key strings and nested dict entries
+    per post and dimension was the largest cost of the worker's hot path.
     """
     totals: dict[str, int] = {}
     rejected: dict[str, int] = {}
-    # (dimension, value, bucket start) -> [posts, negative, neutral, positive, sum of P(negative)]
+    # (dimension, value, bucket start) ->
+    #   [posts, negative, neutral, positive, sum of P(negative), on-time posts, on-time negative, on-time sum]
     groups: dict[tuple[str, str, int], list[float]] = {}
     # The best candidates per sample set, serialized only once the few that are kept are known:
     # JSON-encoding every negative post for every dimension was the most expensive part of a range.
@@ -135,6 +126,7 @@ def increments_for(
     first: int | None = None
     dimensions = rules.dimensions
     keep_samples = rules.sample_posts
+    bucket_seconds = rules.bucket_seconds
     for outcome in outcomes:
         if isinstance(outcome, Rejection):
             totals["dead_lettered"] = totals.get("dead_lettered", 0) + 1
@@ -144,51 +136,66 @@ def increments_for(
         label = outcome.label
         totals["scored"] = totals.get("scored", 0) + 1
         totals[label] = totals.get(label, 0) + 1
-        event_time = min(outcome.event_time, now)
-        if rules.is_late(event_time, now):
+        event_time = outcome.event_time
+        if stream_time is None or event_time > stream_time:
+            stream_time = event_time
+        start = rules.start_of(event_time)
+        if start + bucket_seconds + rules.allowed_lateness < stream_time:
             totals["late"] = totals.get("late", 0) + 1
             continue
-        start = rules.start_of(event_time)
-        first = start if first is None else min(first, start)
+        on_time = start + bucket_seconds > stream_time - rules.max_out_of_orderness
+        if on_time:
+            first = start if first is None else min(first, start)
         column = _LABEL_COLUMN[label]
         p_negative = outcome.probabilities[0]
         for dimension, value in dimension_values(outcome.post, dimensions):
             group_key = (dimension, value, start)
             counts = groups.get(group_key)
             if counts is None:
-                counts = groups[group_key] = [0, 0, 0, 0, 0.0]
+                counts = groups[group_key] = [0, 0, 0, 0, 0.0, 0, 0, 0.0]
             counts[0] += 1
             counts[column] += 1
             counts[4] += p_negative
-            if keep_samples and column == 1:
-                candidates = offers.setdefault(group_key, [])
-                candidates.append((p_negative, len(candidates), outcome.post))
+            if on_time:
+                counts[5] += 1
+                counts[6] += column == 1
+                counts[7] += p_negative
+                if keep_samples and column == 1:
+                    candidates = offers.setdefault(group_key, [])
+                    candidates.append((p_negative, len(candidates), outcome.post))
     increments = Increments()
     if totals:
         increments.counts[keys.totals] = totals
     if rejected:
         increments.counts[keys.dead_letters] = rejected
     if first is not None:
-        increments.first[keys.first_bucket] = first
-    for (dimension, value, start), (posts, negative, neutral, positive, p_sum) in groups.items():
+        increments.lowest[keys.first_bucket] = first
+    for (dimension, value, start), counts in groups.items():
+        posts, negative, neutral, positive, p_sum, on_time_posts, on_time_negative, on_time_sum = counts
         key = keys.bucket(dimension, value, start)
         fields = {"posts": int(posts)}
-        for name, count in (("negative", negative), ("neutral", neutral), ("positive", positive)):
+        for name, count in (("negative", negative), ("neutral", neutral), ("positive", positive),
+                            ("on_time_posts", on_time_posts), ("on_time_negative", on_time_negative)):
             if count:
                 fields[name] = int(count)
         increments.counts[key] = fields
         increments.sums[key] = {"p_negative_sum": p_sum}
+        if on_time_posts:
+            increments.sums[key]["on_time_p_negative_sum"] = on_time_sum
         members = keys.dimension_values(start)
         increments.add_member(members, f"{dimension}:{value}")
         increments.expiring.update((key, members))
     for (dimension, value, start), candidates in offers.items():
         samples = keys.samples(dimension, value, start)
         increments.expiring.add(samples)
-        # The index breaks ties in arrival order and keeps posts from being compared.
-        for score, _, post in heapq.nlargest(keep_samples, candidates, key=lambda c: (c[0], -c[1])):
-            increments.add_sample(samples, sample_member(post), score)
+        # Only the best few and their ties are serialized. Ties are broken by the member, as the sorted set
+        # itself breaks them: then what a bucket keeps does not depend on how its posts were split into ranges.
+        cutoff = heapq.nlargest(keep_samples, candidates, key=lambda c: c[0])[-1][0]
+        tied = sorted(((score, sample_member(post)) for score, _, post in candidates if score >= cutoff), reverse=True)
+        for score, member in tied[:keep_samples]:
+            increments.add_sample(samples, member, score)
     increments.keep_samples = keep_samples
-    return increments
+    return RangeIncrements(increments, stream_time)
 
 
 # Columns of a group's counts; labels are the model's (negative, neutral, positive).

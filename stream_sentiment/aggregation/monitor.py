@@ -1,35 +1,98 @@
-"""Alert evaluation on wall-clock ticks, shared safely by every worker of the group.
+"""Alert judgement in event time: each window judged once, when the group's watermark passes its end.
 
-At each bucket boundary the windows that closed ``delay_seconds`` ago (1 / 5 /
-15 min ending at that boundary) are summed from their buckets and checked by
-:func:`alerts.evaluate` — whether or not posts are still arriving. The delay
-lets posts still in the pipeline reach their buckets before they are judged.
-A window that reaches back before the first bucket ever written is skipped
-(no alert, no baseline update): right after the service starts, windows are
-only partly filled, and a baseline learned from them makes every dimension
-look like a surge once they fill. Exactly one
-worker evaluates each boundary: the first to ``SET NX`` its marker. Baselines
-and cooldowns live in Redis, so whichever worker evaluates next sees them.
-Alerts are appended to a capped stream and published on a channel of the same
-name, each quoting the window's most negative posts (kept per bucket by the
-fenced writes, see ``buckets.sample_member``).
+Every partition's stream time (the highest event time applied, see ``buckets``)
+lives in Redis beside its offset mark. The group's *watermark* is the lowest
+stream time over the topic's partitions, less ``max_out_of_orderness``;
+partitions their owner marked idle (nothing new for ``idle_partition_seconds``)
+do not hold it back. Once the watermark reaches a window end, every on-time post
+of the windows ending there has been applied, and none can be added: the
+``on_time_*`` fields of their buckets are final. So a window's judgement is a
+function of the log alone, whatever worker judges it, whenever, after however
+many crashes.
+
+Window ends are judged in event-time order, one bucket boundary after another;
+every window length ending at a boundary is judged together. Claim, baselines,
+cooldowns, the ``XADD`` of its alerts and their ``PUBLISH`` happen in one Lua
+call, conditional on the last judged end still being the one this worker read
+(``judged-until``): a second worker, a retry after a crash, or a replay never
+adds, loses or doubles an alert. Pub/sub itself reaches only the subscribers
+connected at that moment: the stream is the durable feed.
+
+A window reaching back before the first bucket with on-time posts is not judged
+(no alert, no baseline update): windows that are only partly covered by data
+would otherwise teach the baseline an undercount.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from stream_sentiment.aggregation.alerts import Alert, AlertRules, AlertState, Baseline, WindowStats, evaluate
-from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys
+from stream_sentiment.aggregation.buckets import BucketRules
+from stream_sentiment.sinks.keys import RedisKeys
 
-# Seconds a bucket stays "open" beyond its allowed lateness: workers' clocks may differ a little.
-FINAL_MARGIN_S = 5
+# KEYS: judged-until, baselines hash, last-active hash, alert stream.
+# ARGV: expected judged-until ("" = none yet), new judged-until, baselines JSON object, last-active JSON object,
+#       alerts JSON list of [flat field list, published JSON], stream MAXLEN.
+_JUDGE_SCRIPT = """
+local judged = redis.call('GET', KEYS[1])
+if (judged or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+for f, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[2], f, v) end
+for f, v in pairs(cjson.decode(ARGV[4])) do redis.call('HSET', KEYS[3], f, v) end
+for _, alert in ipairs(cjson.decode(ARGV[5])) do
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', unpack(alert[1]))
+  redis.call('PUBLISH', KEYS[4], alert[2])
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class GroupTime:
+    """What Redis says about the group's progress in event time, read in one transaction."""
+
+    judged_until: int | None
+    first_bucket: int | None
+    stream_times: dict[int, float]
+    idle: frozenset[int]
+    state: AlertState
+
+
+def group_watermark(stream_times: dict[int, float], idle: frozenset[int], partitions: int,
+                    buckets: BucketRules) -> float | None:
+    """The lowest watermark of the partitions that are not idle; None while one of them has applied nothing.
+
+    Idle partitions are left out (Flink's ``withIdleness``). When every partition is idle, everything
+    written to the topic has been applied, so the watermark is the highest stream time: the windows the
+    data covers are judged, rather than waiting for posts that are not coming.
+    """
+    live = [p for p in range(partitions) if p not in idle]
+    if any(p not in stream_times for p in live):
+        return None
+    if live:
+        return buckets.watermark(min(stream_times[p] for p in live))
+    return max(stream_times.values()) if stream_times else None
 
 
 class AlertMonitor:
+    """Judges the windows the group's watermark has passed; any number of workers may call it concurrently.
+
+    Args:
+        client: a redis.asyncio client.
+        keys: the service's Redis keys.
+        buckets: the bucket rules the counts were written with.
+        windows: window lengths in seconds, multiples of the bucket width.
+        rules: the alert rules.
+        topic: the input topic, whose partitions' stream times make the watermark.
+        engine_version: quoted in each alert.
+        stream_max_len: approximate MAXLEN of the alert stream.
+        sample_posts: negative posts quoted per alert.
+    """
+
     def __init__(
         self,
         client: Any,
@@ -38,104 +101,174 @@ class AlertMonitor:
         windows: Sequence[int],
         rules: AlertRules,
         *,
+        topic: str = "posts",
         engine_version: str,
         stream_max_len: int = 10000,
-        delay_seconds: float = 0.0,
         sample_posts: int = 0,
     ) -> None:
         self.client = client
         self.keys = keys
         self.buckets = buckets
-        self.windows = tuple(windows)
+        self.windows = tuple(sorted(windows))
         self.rules = rules
+        self.topic = topic
         self.engine_version = engine_version
         self.stream_max_len = stream_max_len
-        self.delay_seconds = delay_seconds
         self.sample_posts = sample_posts
-        # (dimension:value, bucket start) -> counts of buckets that can no longer change.
+        self._judge = client.register_script(_JUDGE_SCRIPT)
+        # The group's watermark at the last look (None before every live partition has applied a post).
+        self.watermark: float | None = None
+        # (dimension:value, bucket start) -> on-time counts; final once read (see the module doc), so read once.
         self._final: dict[tuple[str, int], tuple[int, int, float]] = {}
 
-    async def evaluate_closed(self, now: float) -> list[Alert]:
-        """Evaluate the windows ending at the last boundary before ``now - delay``, once per group."""
-        end = self.buckets.start_of(now - self.delay_seconds)
-        claimed = await self.client.set(self.keys.alerts_evaluated(end), "1", nx=True, ex=2 * max(self.windows))
-        if not claimed:
-            return []
-        first = await self.client.get(self.keys.first_bucket)
-        if first is None:
-            return []
-        state = await self._load_state()
+    async def read_group_time(self) -> GroupTime:
+        """The judged end, first bucket, stream times, idle partitions and alert state, as one snapshot."""
+        keys = self.keys
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(keys.alerts_judged)
+        pipe.get(keys.first_bucket)
+        pipe.hgetall(keys.stream_times(self.topic))
+        pipe.hgetall(keys.idle_partitions(self.topic))
+        pipe.hgetall(keys.alert_baselines)
+        pipe.hgetall(keys.alert_last_active)
+        judged, first, stream_times, idle, baselines, last_active = await pipe.execute()
+        state = AlertState()
+        for name, raw in baselines.items():
+            window, dimension, value = _text(name).split("|", 2)
+            state.baselines[(int(window), dimension, value)] = Baseline(**json.loads(raw))
+        for name, raw in last_active.items():
+            rule, dimension, value = _text(name).split("|", 2)
+            state.last_active[(rule, dimension, value)] = float(raw)
+        return GroupTime(
+            judged_until=None if judged is None else int(judged),
+            first_bucket=None if first is None else int(first),
+            stream_times={int(p): float(t) for p, t in stream_times.items()},
+            idle=frozenset(int(p) for p in idle),
+            state=state,
+        )
+
+    async def judge_due(self, partitions: int) -> list[Alert]:
+        """Judge every window end the group's watermark has passed, in order; returns the alerts raised here.
+
+        Args:
+            partitions: how many partitions the topic has (each one's stream time counts).
+        """
         fired: list[Alert] = []
-        judged = [w for w in self.windows if end - w >= int(first)]  # others are not yet fully covered by data
-        if judged:
-            starts = list(range(end - max(judged), end, self.buckets.bucket_seconds))
-            present = await self.client.sunion([self.keys.dimension_values(s) for s in starts])
-            members = sorted(_text(m) for m in present)
-            counts = {member: await self._bucket_counts(member, starts, now) for member in members}
+        while True:
+            group = await self.read_group_time()
+            watermark = self.watermark = group_watermark(group.stream_times, group.idle, partitions, self.buckets)
+            if watermark is None or group.first_bucket is None:
+                return fired
+            done, raised = await self._judge_from(group, watermark)
+            fired.extend(raised)
+            if done:
+                return fired
+            # Another worker judged a window meanwhile: start again from what it wrote.
+
+    async def _judge_from(self, group: GroupTime, watermark: float) -> tuple[bool, list[Alert]]:
+        """Judge the ends after ``group.judged_until`` up to ``watermark``; False if another worker got there first."""
+        assert group.first_bucket is not None
+        step = self.buckets.bucket_seconds
+        first = group.first_bucket
+        committed = group.judged_until
+        cursor = committed if committed is not None else first + self.windows[0] - step
+        state = group.state
+        fired: list[Alert] = []
+        while cursor + step <= watermark:
+            end = cursor + step
+            alerts, changed = await self._judge_end(end, first, state)
+            if alerts or changed:
+                if not await self._commit(committed, end, state, changed, alerts):
+                    return False, fired
+                committed = end
+                fired.extend(alerts)
+            cursor = end
+        if cursor != committed and not await self._commit(committed, cursor, state, set(), []):
+            return False, fired
+        self._forget_before(cursor - self.windows[-1])
+        return True, fired
+
+    async def _judge_end(self, end: int, first: int, state: AlertState) -> tuple[list[Alert], set[tuple[str, ...]]]:
+        """Evaluate every window ending at ``end`` that data fully covers; ``state`` is updated in place.
+
+        Returns the alerts and the state entries touched (("b", window, dimension, value) baselines,
+        ("c", rule, dimension, value) cooldowns).
+        """
+        judged = [w for w in self.windows if end - w >= first]
+        if not judged:
+            return [], set()
+        step = self.buckets.bucket_seconds
+        starts = list(range(end - judged[-1], end, step))
+        present = await self.client.sunion([self.keys.dimension_values(s) for s in starts])
+        members = sorted(_text(m) for m in present)
+        fired: list[Alert] = []
+        changed: set[tuple[str, ...]] = set()
+        for member in members:
+            counts = await self._bucket_counts(member, starts)
+            dimension, value = member.split(":", 1)
             for window in judged:
-                for member in members:
-                    dimension, value = member.split(":", 1)
-                    in_window = [counts[member][s] for s in starts if s >= end - window]
-                    if not any(c[0] for c in in_window):
-                        continue  # no posts in this window: as before, only values seen in it are judged
-                    stats = WindowStats(window, dimension, value, sum(c[0] for c in in_window),
-                                        sum(c[1] for c in in_window), sum(c[2] for c in in_window))
-                    fired.extend(evaluate(stats, state, self.rules, now))
-        self._forget_before(end - max(self.windows))
-        await self._save_state(state)
-        for alert in fired:
-            await self._publish(alert, end)
-        return fired
+                in_window = [counts[s] for s in starts if s >= end - window]
+                posts = sum(c[0] for c in in_window)
+                if not posts:
+                    continue  # only values with posts in a window are judged
+                stats = WindowStats(window, dimension, value, posts, sum(c[1] for c in in_window),
+                                    sum(c[2] for c in in_window))
+                # Event time, not the wall clock: cooldowns and the alert's time are the window's end.
+                fired.extend(evaluate(stats, state, self.rules, float(end)))
+                if (window, dimension, value) in state.baselines:  # not while an incident holds it
+                    changed.add(("b", str(window), dimension, value))
+                changed.update(("c", rule, dimension, value) for rule in ("ratio", "surge")
+                               if (rule, dimension, value) in state.last_active)
+        return fired, changed
 
-    async def _bucket_counts(self, member: str, starts: list[int], now: float) -> dict[int, tuple[int, int, float]]:
-        """(posts, negative, sum of P(negative)) of each bucket; final buckets are read once, then cached.
+    async def _bucket_counts(self, member: str, starts: list[int]) -> dict[int, tuple[int, int, float]]:
+        """(on-time posts, on-time negative, on-time sum of P(negative)) of each bucket, read once each.
 
-        A bucket is final once no post can still be counted in it (its end plus the allowed lateness
-        has passed, with a margin for clock skew between workers). Without the cache every tick would
-        re-read every bucket of the longest window (90 per dimension value for 15 min) and stall the
-        worker's event loop more the longer it runs.
+        Every bucket of a judged window ended at or before the watermark, so its on-time fields are
+        final: caching them spares re-reading the 90 buckets of a 15-minute window at every boundary.
         """
         dimension, value = member.split(":", 1)
         missing = [s for s in starts if (member, s) not in self._final]
-        pipe = self.client.pipeline(transaction=False)
-        for start in missing:
-            pipe.hgetall(self.keys.bucket(dimension, value, start))
-        counts = {}
-        for start, fields in zip(missing, await pipe.execute(), strict=True):
-            fields = {_text(k): v for k, v in fields.items()}
-            counts[start] = (int(fields.get("posts", 0)), int(fields.get("negative", 0)),
-                             float(fields.get("p_negative_sum", 0.0)))
-            if start + self.buckets.bucket_seconds + self.buckets.allowed_lateness + FINAL_MARGIN_S < now:
-                self._final[(member, start)] = counts[start]
-        return {s: counts[s] if s in counts else self._final[(member, s)] for s in starts}
+        if missing:
+            pipe = self.client.pipeline(transaction=False)
+            for start in missing:
+                pipe.hmget(self.keys.bucket(dimension, value, start),
+                           "on_time_posts", "on_time_negative", "on_time_p_negative_sum")
+            for start, (posts, negative, p_sum) in zip(missing, await pipe.execute(), strict=True):
+                self._final[(member, start)] = (int(posts or 0), int(negative or 0), float(p_sum or 0.0))
+        return {s: self._final[(member, s)] for s in starts}
 
     def _forget_before(self, start: int) -> None:
         for key in [k for k in self._final if k[1] < start]:
             del self._final[key]
 
-    async def _load_state(self) -> AlertState:
-        baselines = await self.client.hgetall(self.keys.alert_baselines)
-        last_active = await self.client.hgetall(self.keys.alert_last_active)
-        state = AlertState()
-        for field, raw in baselines.items():
-            window, dimension, value = _text(field).split("|", 2)
-            state.baselines[(int(window), dimension, value)] = Baseline(**json.loads(raw))
-        for field, raw in last_active.items():
-            rule, dimension, value = _text(field).split("|", 2)
-            state.last_active[(rule, dimension, value)] = float(raw)
-        return state
+    async def _commit(self, expected: int | None, end: int, state: AlertState, changed: set[tuple[str, ...]],
+                      alerts: list[Alert]) -> bool:
+        baselines: dict[str, str] = {}
+        last_active: dict[str, str] = {}
+        for entry in changed:
+            kind, first_part, dimension, value = entry
+            if kind == "b":
+                baseline = state.baselines[(int(first_part), dimension, value)]
+                baselines[f"{first_part}|{dimension}|{value}"] = json.dumps(asdict(baseline))
+            else:
+                when = state.last_active[(first_part, dimension, value)]
+                last_active[f"{first_part}|{dimension}|{value}"] = repr(when)
+        records = []
+        for alert in alerts:
+            record = await self._record(alert, end)
+            records.append([[item for pair in record.items() for item in pair], json.dumps(record)])
+        # cjson reads {} and [] alike; an empty list or object must still be a JSON container.
+        result = await self._judge(
+            keys=[self.keys.alerts_judged, self.keys.alert_baselines, self.keys.alert_last_active, self.keys.alerts],
+            args=["" if expected is None else str(expected), str(end), json.dumps(baselines or {}),
+                  json.dumps(last_active or {}), json.dumps(records), self.stream_max_len],
+        )
+        return bool(result)
 
-    async def _save_state(self, state: AlertState) -> None:
-        baselines = {f"{w}|{d}|{v}": json.dumps(asdict(b)) for (w, d, v), b in state.baselines.items()}
-        last_active = {f"{r}|{d}|{v}": str(t) for (r, d, v), t in state.last_active.items()}
-        if baselines:
-            await self.client.hset(self.keys.alert_baselines, mapping=baselines)
-        if last_active:
-            await self.client.hset(self.keys.alert_last_active, mapping=last_active)
-
-    async def _publish(self, alert: Alert, window_end: int) -> None:
+    async def _record(self, alert: Alert, window_end: int) -> dict[str, str]:
         stats = alert.stats
-        record = {
+        return {
             "rule": alert.rule,
             "dimension": stats.dimension,
             "value": stats.value,
@@ -149,16 +282,14 @@ class AlertMonitor:
             "baseline_negative": f"{alert.baseline_mean:.2f}",
             "z": f"{alert.z:.2f}",
             "engine_version": self.engine_version,
+            # The window's end in event time: what the alert is about, the same in every replay.
             "at": f"{alert.at:.3f}",
             "samples": json.dumps(await self._samples(stats.dimension, stats.value, window_end, stats.window_seconds),
                                   ensure_ascii=False),
         }
-        await self.client.xadd(self.keys.alerts, record, maxlen=self.stream_max_len, approximate=True)
-        await self.client.publish(self.keys.alerts, json.dumps(record))
-
 
     async def _samples(self, dimension: str, value: str, window_end: int, window: int) -> list[dict[str, Any]]:
-        """The window's ``sample_posts`` most negative posts: ``[{"id", "text", "p_negative"}]``."""
+        """The window's ``sample_posts`` most negative on-time posts: ``[{"id", "text", "p_negative"}]``."""
         if not self.sample_posts:
             return []
         pipe = self.client.pipeline(transaction=False)
@@ -168,7 +299,8 @@ class AlertMonitor:
         for members in await pipe.execute():
             for member, score in members:
                 best[_text(member)] = max(float(score), best.get(_text(member), 0.0))
-        ranked = sorted(best.items(), key=lambda item: -item[1])[: self.sample_posts]
+        # Ties broken by the member itself, so every judge quotes the same posts.
+        ranked = sorted(best.items(), key=lambda item: (-item[1], item[0]))[: self.sample_posts]
         return [{**json.loads(member), "p_negative": round(score, 4)} for member, score in ranked]
 
 

@@ -39,11 +39,14 @@ class PartitionProgress(Generic[Result]):
         partition: the Kafka partition.
         mark: the next offset to apply (Redis's high-water mark, where the
             consumer was positioned).
+        stream_time: the highest event time applied before ``mark`` (None
+            before the partition's first post); moves with the mark.
     """
 
-    def __init__(self, partition: int, mark: int) -> None:
+    def __init__(self, partition: int, mark: int, stream_time: float | None = None) -> None:
         self.partition = partition
         self.mark = mark
+        self.stream_time = stream_time
         self._records: OrderedDict[int, object] = OrderedDict()
 
     def fetched(self, offset: int) -> None:

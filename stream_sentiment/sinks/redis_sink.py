@@ -27,15 +27,26 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-# KEYS[1] offsets hash; ARGV: partition, first, next, ttl, increments JSON.
+from stream_sentiment.sinks.keys import RedisKeys
+
+# KEYS: offsets hash, stream-time hash, idle hash, owners hash.
+# ARGV: partition, first, next, ttl, increments JSON, stream time after the range ("" = unchanged), owner token
+#       ("" = unfenced: tools and tests that write without a consumer group), "1" if the partition's mark must
+#       exist already (the worker resumed from it or applied before: a missing one means Redis lost its data).
 # increments: {"hash": {key: {field: int}}, "float": {key: {field: number}},
-#              "members": {key: [member, ...]}, "first": {key: value}, "expire": [key, ...],
+#              "members": {key: [member, ...]}, "lowest": {key: value}, "expire": [key, ...],
 #              "top": {key: {member: score}}, "keep": n}
-# - "first" keys are set only if absent (SET NX).
+# - "lowest" keys keep the lowest value ever written.
 # - "top" sorted sets keep only their n highest-scored members.
 # - every key in "expire" gets ttl seconds.
 _APPLY_SCRIPT = """
-local mark = redis.call('HGET', KEYS[1], ARGV[1])
+local p = ARGV[1]
+local owner = redis.call('HGET', KEYS[4], p)
+if ARGV[7] ~= '' and owner and owner ~= ARGV[7] then
+  return {'fenced', tonumber(redis.call('HGET', KEYS[1], p) or -1)}
+end
+local mark = redis.call('HGET', KEYS[1], p)
+if not mark and ARGV[8] == '1' then return {'lost', -1} end
 local first, nxt = tonumber(ARGV[2]), tonumber(ARGV[3])
 if mark then
   mark = tonumber(mark)
@@ -52,7 +63,10 @@ end
 for key, members in pairs(inc['members'] or {}) do
   for _, m in ipairs(members) do redis.call('SADD', key, m) end
 end
-for key, value in pairs(inc['first'] or {}) do redis.call('SET', key, value, 'NX') end
+for key, value in pairs(inc['lowest'] or {}) do
+  local current = redis.call('GET', key)
+  if not current or tonumber(value) < tonumber(current) then redis.call('SET', key, value) end
+end
 local keep = tonumber(inc['keep'] or 0)
 for key, members in pairs(inc['top'] or {}) do
   for m, score in pairs(members) do redis.call('ZADD', key, score, m) end
@@ -62,8 +76,25 @@ local ttl = tonumber(ARGV[4])
 if ttl > 0 then
   for _, key in ipairs(inc['expire'] or {}) do redis.call('EXPIRE', key, ttl) end
 end
-redis.call('HSET', KEYS[1], ARGV[1], nxt)
+redis.call('HSET', KEYS[1], p, nxt)
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[2], p, ARGV[6]) end
+redis.call('HDEL', KEYS[3], p)
 return {'applied', nxt}
+"""
+
+# Move a partition's mark to the start of a new log, if it is still where the caller saw it; count the regression.
+# KEYS: offsets hash, regressions hash; ARGV: partition, expected mark, new mark.
+_REBASE_SCRIPT = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+# Claim partitions for one owner (a worker's assignment): later writes with another token are refused.
+# KEYS[1] owners hash; ARGV: token, partition...
+_CLAIM_SCRIPT = """
+for i = 2, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], ARGV[1]) end
+return #ARGV - 1
 """
 
 
@@ -71,6 +102,18 @@ class ApplyOutcome(StrEnum):
     APPLIED = "applied"
     DUPLICATE = "duplicate"
     OUT_OF_ORDER = "out_of_order"
+    # Another member claimed the partition since this one did: nothing written.
+    FENCED = "fenced"
+    # The partition's mark should exist but does not: Redis lost its data. Nothing written.
+    LOST = "lost"
+
+
+@dataclass(frozen=True)
+class PartitionState:
+    """What Redis holds for one partition: the next offset to apply and the stream time reached."""
+
+    mark: int
+    stream_time: float | None
 
 
 @dataclass(frozen=True)
@@ -86,7 +129,7 @@ class Increments:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     sums: dict[str, dict[str, float]] = field(default_factory=dict)
     members: dict[str, set[str]] = field(default_factory=dict)
-    first: dict[str, int] = field(default_factory=dict)
+    lowest: dict[str, int] = field(default_factory=dict)
     expiring: set[str] = field(default_factory=set)
     samples: dict[str, dict[str, float]] = field(default_factory=dict)
     keep_samples: int = 0
@@ -110,8 +153,8 @@ class Increments:
     def to_json(self) -> str:
         # Lua's cjson turns [] into {} and back unpredictably: send a list only when non-empty.
         payload: dict[str, Any] = {"hash": self.counts, "float": self.sums}
-        if self.first:
-            payload["first"] = self.first
+        if self.lowest:
+            payload["lowest"] = self.lowest
         if self.members:
             payload["members"] = {key: sorted(values) for key, values in self.members.items()}
         if self.expiring:
@@ -119,7 +162,8 @@ class Increments:
         if self.samples and self.keep_samples > 0:
             # Only the best few per key travel: the script would trim the rest anyway.
             payload["top"] = {
-                key: dict(sorted(members.items(), key=lambda kv: -kv[1])[: self.keep_samples])
+                # Highest (score, member) first: the order in which the sorted set keeps them.
+                key: dict(sorted(members.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[: self.keep_samples])
                 for key, members in self.samples.items()
             }
             payload["keep"] = self.keep_samples
@@ -132,22 +176,65 @@ class RedisSink:
     def __init__(self, client: Any, prefix: str, topic: str, ttl_seconds: int) -> None:
         self._client = client
         self.prefix = prefix
-        self.offsets_key = f"{prefix}:offsets:{topic}"
+        keys = RedisKeys(prefix)
+        self.offsets_key = keys.offsets(topic)
+        self.stream_times_key = keys.stream_times(topic)
+        self.idle_key = keys.idle_partitions(topic)
+        self.owners_key = keys.owners(topic)
+        self.regressions_key = keys.offset_regressions(topic)
         self.ttl_seconds = ttl_seconds
         self._script = client.register_script(_APPLY_SCRIPT)
+        self._claim = client.register_script(_CLAIM_SCRIPT)
+        self._rebase = client.register_script(_REBASE_SCRIPT)
 
-    async def apply(self, partition: int, first: int, next_offset: int, increments: Increments) -> ApplyResult:
-        """Atomically add ``increments`` and move ``partition``'s mark from ``first`` to ``next_offset``."""
+    async def apply(
+        self, partition: int, first: int, next_offset: int, increments: Increments,
+        stream_time: float | None = None, owner: str = "", *, mark_expected: bool = False,
+    ) -> ApplyResult:
+        """Atomically add ``increments``, move ``partition``'s mark from ``first`` to ``next_offset`` and
+        its stream time to ``stream_time``; refused (``FENCED``) if another ``owner`` claimed it since, and
+        (``LOST``) if ``mark_expected`` but Redis has no mark for it."""
         if next_offset <= first:
             raise ValueError(f"empty or inverted range [{first}, {next_offset})")
         outcome, mark = await self._script(
-            keys=[self.offsets_key],
-            args=[str(partition), first, next_offset, self.ttl_seconds, increments.to_json()],
+            keys=[self.offsets_key, self.stream_times_key, self.idle_key, self.owners_key],
+            args=[str(partition), first, next_offset, self.ttl_seconds, increments.to_json(),
+                  "" if stream_time is None else repr(stream_time), owner, "1" if mark_expected else ""],
         )
         outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
         return ApplyResult(ApplyOutcome(outcome), int(mark))
 
+    async def claim(self, owner: str, partitions: list[int]) -> None:
+        """Make ``owner`` the only writer of ``partitions`` (a new assignment fences the previous owner)."""
+        if partitions:
+            await self._claim(keys=[self.owners_key], args=[owner, *map(str, partitions)])
+
+    async def record_regression(self, partition: int) -> None:
+        """Count a regression of ``partition``'s log below its mark (``stats --json``: ``offset_regressions``)."""
+        await self._client.hincrby(self.regressions_key, str(partition), 1)
+
+    async def rebase(self, partition: int, expected_mark: int, new_mark: int) -> bool:
+        """Move ``partition``'s mark from ``expected_mark`` to ``new_mark`` (the start of a new log); False if
+        the mark moved meanwhile."""
+        return bool(await self._rebase(keys=[self.offsets_key, self.regressions_key],
+                                       args=[str(partition), str(expected_mark), str(new_mark)]))
+
+    async def mark_idle(self, partitions: list[int]) -> None:
+        """Partitions with nothing new to read: they stop holding back the group's watermark until their
+        next range is applied."""
+        if partitions:
+            await self._client.hset(self.idle_key, mapping={str(p): 1 for p in partitions})
+
+    async def partition_states(self) -> dict[int, PartitionState]:
+        """Every partition's next offset to apply and stream time: where a worker resumes on assignment."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.hgetall(self.offsets_key)
+        pipe.hgetall(self.stream_times_key)
+        marks, stream_times = await pipe.execute()
+        times = {int(k): float(v) for k, v in stream_times.items()}
+        return {int(k): PartitionState(int(v), times.get(int(k))) for k, v in marks.items()}
+
     async def applied_marks(self) -> Mapping[int, int]:
-        """Every partition's next offset to apply: where a worker seeks on assignment."""
+        """Every partition's next offset to apply."""
         raw = await self._client.hgetall(self.offsets_key)
         return {int(k): int(v) for k, v in raw.items()}

@@ -1,4 +1,4 @@
-"""Alerts from Redis buckets on wall-clock ticks, against the suite's valkey-server."""
+"""Alerts judged in event time from Redis buckets, against the suite's valkey-server."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from stream_sentiment.sinks.redis_sink import RedisSink
 from stream_sentiment.source.messages import Post
 
 KEYS = RedisKeys("m")
-BUCKETS = BucketRules(bucket_seconds=1, allowed_lateness=3600, dimensions=("global", "topic"))
+# No out-of-orderness: a window is judged as soon as a partition's stream time reaches its end.
+BUCKETS = BucketRules(bucket_seconds=1, allowed_lateness=3600, dimensions=("global", "topic"), max_out_of_orderness=0)
 RULES = AlertRules(ratio_threshold=0.95, min_posts=10, surge_z=3.0, ewma_alpha=0.2, cooldown_seconds=5,
                    warmup_windows=3)
 T0 = 1_700_000_000
@@ -26,17 +27,25 @@ def _posts(second: int, total: int, negative: int) -> list[ScoredPost]:
     ]
 
 
-async def _scenario(redis_factory, seconds: list[tuple[int, int]], ticks: list[int], windows=(2,)):
+async def _apply_seconds(sink, seconds, *, partition=0, start=0, offset=0, stream_time=None, keys=KEYS,
+                         buckets=BUCKETS):
+    """Apply one range per second of (total, negative) posts; yields after each, like a worker's applier."""
+    for index, (total, negative) in enumerate(seconds, start=start):
+        ranged = increments_for(_posts(T0 + index, total, negative), stream_time, buckets, keys)
+        await sink.apply(partition, offset, offset + total, ranged.increments, ranged.stream_time)
+        offset, stream_time = offset + total, ranged.stream_time
+        yield index
+
+
+async def _scenario(redis_factory, seconds: list[tuple[int, int]], windows=(2,)):
     client = redis_factory(async_client=True)
     sink = RedisSink(client, "m", "posts", ttl_seconds=3600)
     monitor = AlertMonitor(client, KEYS, BUCKETS, windows=windows, rules=RULES, engine_version="v1")
-    offset = 0
-    for index, (total, negative) in enumerate(seconds):
-        increments = increments_for(_posts(T0 + index, total, negative), T0 + index + 1, BUCKETS, KEYS)
-        await sink.apply(0, offset, offset + total, increments)
-        offset += total
-    fired = [(tick, alert) for tick in ticks for alert in await monitor.evaluate_closed(T0 + tick + 0.01)]
-    again = await monitor.evaluate_closed(T0 + ticks[-1] + 0.5)  # same boundary: another worker's turn
+    other_worker = AlertMonitor(client, KEYS, BUCKETS, windows=windows, rules=RULES, engine_version="v1")
+    fired = []
+    async for second in _apply_seconds(sink, seconds):
+        fired.extend((second, alert) for alert in await monitor.judge_due(partitions=1))
+    again = [*await monitor.judge_due(partitions=1), *await other_worker.judge_due(partitions=1)]
     stream = await client.xrange(KEYS.alerts)
     await client.aclose()
     return fired, again, stream
@@ -45,55 +54,89 @@ async def _scenario(redis_factory, seconds: list[tuple[int, int]], ticks: list[i
 def test_a_surge_raises_one_alert_within_two_windows_not_a_storm(redis_factory):
     steady = [(20, 4 + s % 2) for s in range(12)]
     surge = [(20, 15)] * 6
-    fired, again, stream = asyncio.run(
-        _scenario(redis_factory, steady + surge, ticks=list(range(2, 12 + 6 + 1)))
-    )
-    surges = [(tick, a) for tick, a in fired if a.rule == "surge"]
-    # One alert per (dimension, value) for the whole six-second incident, not one per tick.
+    fired, again, stream = asyncio.run(_scenario(redis_factory, steady + surge))
+    surges = [(second, a) for second, a in fired if a.rule == "surge"]
+    # One alert per (dimension, value) for the whole six-second incident, not one per window.
     assert sorted((a.stats.dimension, a.stats.value) for _, a in surges) == [("global", "all"), ("topic", "airline")]
-    for tick, alert in surges:
-        assert 12 < tick <= 12 + 2 * 2  # the surge starts in second 12; windows are 2 s
+    for second, alert in surges:
+        assert T0 + 12 < alert.at <= T0 + 12 + 2 * 2  # the surge starts in second 12; windows are 2 s
+        assert second == alert.at - T0  # judged as soon as the stream reached the window's end
         assert alert.stats.negative_ratio >= 0.5 and alert.z >= 3.0
     assert all(a.rule == "surge" for _, a in fired)
-    assert again == []
+    assert again == []  # every window end is judged once, whoever looks again
     assert [entry[1]["rule"] for entry in stream] == ["surge", "surge"]
     assert stream[0][1]["engine_version"] == "v1"
+    assert {entry[1]["at"] for entry in stream} == {f"{surges[0][1].at:.3f}"}  # event time, not the wall clock
 
-def test_windows_close_and_alert_with_no_new_posts(redis_factory):
-    # All posts arrive in the first two seconds; the window ending at second 2 is only
-    # evaluated when the wall clock passes it, with nothing new arriving.
-    fired, _, stream = asyncio.run(_scenario(redis_factory, [(10, 10), (10, 10)], ticks=[2]))
-    assert [a.rule for _, a in fired] == ["ratio", "ratio"]  # global/all and topic/airline
-    assert {(a.stats.dimension, a.stats.value) for _, a in fired} == {("global", "all"), ("topic", "airline")}
-    assert len(stream) == 2
+
+def test_a_quiet_partition_holds_back_judgement_until_it_is_marked_idle(redis_factory):
+    async def scenario():
+        client = redis_factory(async_client=True)
+        sink = RedisSink(client, "m", "posts", ttl_seconds=3600)
+        monitor = AlertMonitor(client, KEYS, BUCKETS, windows=(2,), rules=RULES, engine_version="v1")
+        async for _ in _apply_seconds(sink, [(10, 10)] * 3, partition=0):
+            pass
+        waiting = await monitor.judge_due(partitions=2)  # partition 1 has applied nothing and is not idle
+        await sink.mark_idle([1])
+        judged = await monitor.judge_due(partitions=2)
+        await client.aclose()
+        return waiting, judged
+
+    waiting, judged = asyncio.run(scenario())
+    assert waiting == []
+    assert [a.rule for a in judged] == ["ratio", "ratio"]  # global/all and topic/airline, window ending at 2
+    assert {(a.stats.dimension, a.stats.value) for a in judged} == {("global", "all"), ("topic", "airline")}
+
+
+def test_the_slowest_partition_decides_when_a_window_is_judged(redis_factory):
+    async def scenario():
+        client = redis_factory(async_client=True)
+        sink = RedisSink(client, "m", "posts", ttl_seconds=3600)
+        monitor = AlertMonitor(client, KEYS, BUCKETS, windows=(2,), rules=RULES, engine_version="v1")
+        async for _ in _apply_seconds(sink, [(10, 10)] * 6, partition=0):
+            pass
+        async for _ in _apply_seconds(sink, [(10, 10)] * 2, partition=1):
+            pass
+        behind = await monitor.judge_due(partitions=2)  # partition 1's stream time is T0 + 1.5
+        async for _ in _apply_seconds(sink, [(10, 10)] * 4, partition=1, start=2, offset=20, stream_time=T0 + 1.5):
+            pass
+        caught_up = await monitor.judge_due(partitions=2)
+        await client.aclose()
+        return behind, caught_up
+
+    behind, caught_up = asyncio.run(scenario())
+    assert {a.at for a in behind} == set()  # the window ending at T0 + 2 needs partition 1 past it
+    # Then the windows ending at 2..5 are judged in order, on both partitions' posts (40 per window).
+    assert {a.stats.posts for a in caught_up} == {40}
+    assert [a.at for a in caught_up] == sorted(a.at for a in caught_up)
 
 
 def test_windows_reaching_back_before_the_first_data_are_not_judged(redis_factory):
     # Data starts at second 0; a 4 s window ending at second 2 is half empty: skipped,
-    # neither alerting nor teaching the baseline. The one ending at second 4 is judged.
-    fired, _, _ = asyncio.run(
-        _scenario(redis_factory, [(10, 10)] * 4, ticks=[2, 3, 4], windows=(4,))
-    )
-    assert {tick for tick, _ in fired} == {4}
+    # neither alerting nor teaching the baseline. The one ending at second 4 is judged first.
+    fired, _, _ = asyncio.run(_scenario(redis_factory, [(10, 10)] * 5, windows=(4,)))
+    assert {alert.at - T0 for _, alert in fired} == {4}
 
 
 def test_an_alert_quotes_the_windows_most_negative_posts(redis_factory):
-    rules = BucketRules(bucket_seconds=1, allowed_lateness=3600, dimensions=("global", "topic"), sample_posts=2)
+    rules = BucketRules(bucket_seconds=1, allowed_lateness=3600, dimensions=("global", "topic"), sample_posts=2,
+                        max_out_of_orderness=0)
 
     async def scenario():
         client = redis_factory(async_client=True)
         sink = RedisSink(client, "q", "posts", ttl_seconds=3600)
         keys = RedisKeys("q")
         monitor = AlertMonitor(client, keys, rules, windows=(2,), rules=RULES, engine_version="v1", sample_posts=2)
-        offset = 0
-        for second, p_negative in enumerate([0.8, 0.99]):
+        offset, stream_time = 0, None
+        for second, p_negative in enumerate([0.8, 0.99, 0.5]):
             posts = [ScoredPost(Post(f"s{second}-{i}", f"awful {second}-{i}", None, "airline"), T0 + second + 0.5,
                                 (p_negative - i / 100, 0.0, 1 - p_negative + i / 100)) for i in range(10)]
-            await sink.apply(0, offset, offset + 10, increments_for(posts, T0 + second + 1, rules, keys))
-            offset += 10
+            ranged = increments_for(posts, stream_time, rules, keys)
+            await sink.apply(0, offset, offset + 10, ranged.increments, ranged.stream_time)
+            offset, stream_time = offset + 10, ranged.stream_time
         # the samples set of a bucket keeps only the best two of its ten negative posts
         assert await client.zcard(keys.samples("topic", "airline", T0)) == 2
-        await monitor.evaluate_closed(T0 + 2.01)
+        await monitor.judge_due(partitions=1)
         stream = await client.xrange(keys.alerts)
         await client.aclose()
         return stream

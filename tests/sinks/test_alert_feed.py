@@ -80,16 +80,19 @@ def test_unreadable_samples_do_not_hide_the_alert():
 
 def test_follow_prints_an_alert_the_monitor_raised_from_scored_posts(redis_server, redis_factory, capsys):
     """End to end over real data: posts through the fenced sink, the alert monitor, then `alerts --follow`."""
-    buckets = BucketRules(bucket_seconds=1, allowed_lateness=3600, dimensions=("global", "topic"), sample_posts=3)
+    buckets = BucketRules(bucket_seconds=1, allowed_lateness=3600, dimensions=("global", "topic"), sample_posts=3,
+                          max_out_of_orderness=0)
     rules = AlertRules(ratio_threshold=0.6, min_posts=10, surge_z=3.0, ewma_alpha=0.2, cooldown_seconds=60)
     start = 1_800_000_000
 
     async def raise_alerts() -> None:
         client = redis_factory(async_client=True)
         await write_posts(client, "real", buckets, start + 0.5, {"airline": (20, 18)})
+        # A later post moves the partition's stream time past the window's end: the window is judged.
+        await write_posts(client, "real", buckets, start + 1.2, {"airline": (1, 0)}, offset=20)
         monitor = AlertMonitor(client, RedisKeys("real"), buckets, windows=(1,), rules=rules, engine_version="v1",
                                sample_posts=3)
-        assert len(await monitor.evaluate_closed(start + 1.01)) == 2  # topic=airline and global=all
+        assert len(await monitor.judge_due(partitions=1)) == 2  # topic=airline and global=all
         await client.aclose()
 
     writer = threading.Thread(target=lambda: (time.sleep(0.8), asyncio.run(raise_alerts())))

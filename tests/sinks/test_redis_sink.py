@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from stream_sentiment.sinks.redis_sink import ApplyOutcome, Increments, RedisSink
+from stream_sentiment.sinks.redis_sink import ApplyOutcome, Increments, PartitionState, RedisSink
 
 
 def _increments(negative: int, p_negative: float) -> Increments:
@@ -76,3 +76,47 @@ def test_concurrent_writers_of_one_range_apply_it_exactly_once(redis_factory):
     results, totals = asyncio.run(scenario())
     assert sorted(r.outcome for r in results) == [ApplyOutcome.APPLIED] + [ApplyOutcome.DUPLICATE] * 7
     assert totals == {"scored": "7"}
+
+
+def test_a_range_moves_the_stream_time_with_the_mark_and_lowest_keys_only_go_down(redis_factory):
+    async def scenario():
+        client = redis_factory(async_client=True)
+        sink = RedisSink(client, prefix="s", topic="posts", ttl_seconds=0)
+        first = Increments()
+        first.lowest["s:first-bucket"] = 1000
+        await sink.apply(0, 0, 10, first, stream_time=1005.5)
+        lower, higher = Increments(), Increments()
+        lower.lowest["s:first-bucket"] = 990
+        higher.lowest["s:first-bucket"] = 2000
+        await sink.apply(1, 0, 5, lower, stream_time=995.0)
+        await sink.apply(0, 10, 12, higher)  # no stream time given: it stays
+        states = await sink.partition_states()
+        bucket = await client.get("s:first-bucket")
+        await client.aclose()
+        return states, bucket
+
+    states, bucket = asyncio.run(scenario())
+    assert states == {0: PartitionState(12, 1005.5), 1: PartitionState(5, 995.0)}
+    assert bucket == "990"
+
+
+def test_a_partition_claimed_by_another_member_refuses_the_previous_owners_writes(redis_factory):
+    async def scenario():
+        client = redis_factory(async_client=True)
+        sink = RedisSink(client, prefix="o", topic="posts", ttl_seconds=0)
+        await sink.claim("worker-a:1:x", [0, 1])
+        owned = await sink.apply(0, 0, 10, _increments(1, 0.1), owner="worker-a:1:x")
+        await sink.claim("worker-b:2:y", [0])  # a rebalance gave partition 0 to worker b
+        zombie = await sink.apply(0, 10, 20, _increments(100, 1.0), owner="worker-a:1:x")
+        still_mine = await sink.apply(1, 0, 5, _increments(1, 0.1), owner="worker-a:1:x")
+        new_owner = await sink.apply(0, 10, 20, _increments(2, 0.2), owner="worker-b:2:y")
+        totals = await client.hgetall("t:totals")
+        await client.aclose()
+        return owned, zombie, still_mine, new_owner, totals
+
+    owned, zombie, still_mine, new_owner, totals = asyncio.run(scenario())
+    assert owned.outcome is ApplyOutcome.APPLIED
+    assert (zombie.outcome, zombie.mark) == (ApplyOutcome.FENCED, 10)
+    assert still_mine.outcome is ApplyOutcome.APPLIED
+    assert new_owner.outcome is ApplyOutcome.APPLIED
+    assert totals == {"scored": "4"}  # 1 + 1 + 2: nothing of the zombie's range

@@ -24,7 +24,9 @@ async def write_posts(client: Any, prefix: str, rules: BucketRules, at: float,
             text = f"{topic} post {i}: " + ("this is awful, cancelled again" if i < negative else "lovely trip")
             scored.append(ScoredPost(Post(f"{topic}-{at}-{i}", text, at, topic, region), at,
                                      NEGATIVE if i < negative else POSITIVE))
-    await sink.apply(0, offset, offset + len(scored), increments_for(scored, at + 1, rules, keys))
+    # Each call is judged on its own (no earlier stream time), so a view's history can be seeded in any order.
+    ranged = increments_for(scored, None, rules, keys)
+    await sink.apply(0, offset, offset + len(scored), ranged.increments, ranged.stream_time)
     return offset + len(scored)
 
 

@@ -57,7 +57,7 @@ def worker(kafka, topic_factory, redis_server, tmp_path) -> Iterator[tuple[str, 
         "redis_url": settings.redis_url, "redis_prefix": "browser",
         "kafka_session_timeout_ms": 2000, "kafka_heartbeat_interval_ms": 500,
         "aggregation": {"bucket_seconds": 1, "windows_seconds": [5, 10]},
-        "alerts": {"min_posts": 15, "evaluation_delay_seconds": 1, "cooldown_seconds": 60},
+        "alerts": {"min_posts": 15, "cooldown_seconds": 60},
         "admin": {"port": port, "token": TOKEN},
     }))
     log = (tmp_path / "worker.log").open("w")
