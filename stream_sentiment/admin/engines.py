@@ -134,7 +134,8 @@ class EngineManager:
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         details = self.worker.readiness()
         details["activating"] = self._activating
-        ready = bool(details["engine_working"])
+        # Not ready while no engine stream works or Redis does not answer: fetching is paused either way.
+        ready = bool(details["engine_working"]) and bool(details["redis_up"])
         return ready, details
 
     # -- activation steps ---------------------------------------------------------------------------
