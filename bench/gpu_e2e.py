@@ -237,18 +237,18 @@ class HeldWorker(Worker):
         super().__init__(*args, **kwargs)
         self.go = asyncio.Event()
         self.kafka_delays: list[float] = []
+        fetch = self.source.fetch
 
-    async def _admit(self, batches: dict[Any, list[Any]]) -> list[Any]:
-        admitted = await super()._admit(batches)
-        fetched = time.time()
-        self.kafka_delays.extend(fetched - a.appended_at for a in admitted)
-        return admitted
+        async def held_fetch(timeout_ms: int, *, paused: bool) -> list[Any]:
+            if not self.go.is_set():
+                await asyncio.sleep(0.01)
+                return []
+            admitted = await fetch(timeout_ms, paused=paused)
+            fetched = time.time()
+            self.kafka_delays.extend(fetched - a.appended_at for a in admitted)
+            return admitted
 
-    async def _poll_once(self) -> None:
-        if not self.go.is_set():
-            await asyncio.sleep(0.01)
-            return
-        await super()._poll_once()
+        self.source.fetch = held_fetch  # type: ignore[method-assign]
 
 
 class RunChannel:

@@ -304,9 +304,10 @@ class Settings(BaseSettings):
         "Longest an offset commit may take before it counts as failed; 5 s rides out a leader change."))
     shutdown_timeout_s: float = Field(default=10.0, gt=0, description=(
         "Longest a graceful shutdown drains in-flight work; 10 s fits inside the usual 30 s stop grace period."))
-    kafka_session_timeout_ms: int = Field(default=10000, ge=1000, description=(
-        "Consumer-group session timeout: how long a dead worker holds its partitions; Kafka's default."))
-    kafka_heartbeat_interval_ms: int = Field(default=3000, ge=100, description=(
+    kafka_session_timeout_ms: int = Field(default=6000, ge=1000, description=(
+        "Consumer-group session timeout: how long a dead (kill -9) worker holds its partitions before the group "
+        "gives them to another; 6 s, the least a Kafka broker accepts by default, keeps recovery under 10 s."))
+    kafka_heartbeat_interval_ms: int = Field(default=2000, ge=100, description=(
         "Consumer heartbeat interval; a third of the session timeout, as Kafka recommends."))
     kafka_gap_refetches: int = Field(default=2, ge=0, description=(
         "Re-reads of a gap in a partition's offsets before it is skipped. A broker may hand out a later batch "

@@ -228,7 +228,7 @@ def test_a_broker_restarted_empty_is_reported_and_never_skipped_silently(
         stats = read_stats(settings)
     assert stats["offset_regressions"] == {"0": 1}
     if policy == "stop":
-        assert stats["scored"] == 30 and worker.regressed == {0}  # not consumed, and said so
+        assert stats["scored"] == 30 and worker.source.regressed == {0}  # not consumed, and said so
         assert stats["applied_offsets"] == {"0": 30}
     else:
         assert stats["scored"] == 35 and stats["applied_offsets"] == {"0": 5}

@@ -3,12 +3,11 @@
 A broker can hand out a later record batch before an earlier one is readable (the test broker, Tansu,
 does it with two producers on one partition); skipping such a gap would mark its records applied
 without counting them. The race cannot be produced on demand against a real broker, so this drives
-the worker's admission step directly with records and a consumer that only records seeks.
+the Kafka source's admission step directly with records and a consumer that only records seeks.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -42,12 +41,12 @@ def _worker(engine_version, rereads: int) -> tuple[Worker, SeekRecorder]:
     worker = Worker(settings, engine, PostTokenizer(engine_version), metrics=PipelineMetrics())
     worker.progress[0] = PartitionProgress(0, mark=10)
     consumer = SeekRecorder()
-    worker._consumer = consumer
+    worker.source.consumer = consumer
     return worker, consumer
 
 
 def _admit(worker: Worker, offsets: list[int]) -> list[int]:
-    return [a.offset for a in asyncio.run(worker._admit({TP: [_record(o) for o in offsets]}))]
+    return [a.offset for a in worker.source._admit({TP: [_record(o) for o in offsets]})]
 
 
 def test_a_gap_is_read_again_and_admitted_once_its_records_arrive(engine_version):

@@ -90,6 +90,15 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1
 """
 
+# Count a regression of a partition's log once, however many workers (or re-assignments) find it at that mark.
+# KEYS: regressions hash (partition -> count), regression marks hash (partition -> mark found below); ARGV: p, mark.
+_REGRESSION_SCRIPT = """
+if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+return 1
+"""
+
 # Claim partitions for one owner (a worker's assignment): later writes with another token are refused.
 # KEYS[1] owners hash; ARGV: token, partition...
 _CLAIM_SCRIPT = """
@@ -186,6 +195,7 @@ class RedisSink:
         self._script = client.register_script(_APPLY_SCRIPT)
         self._claim = client.register_script(_CLAIM_SCRIPT)
         self._rebase = client.register_script(_REBASE_SCRIPT)
+        self._regression = client.register_script(_REGRESSION_SCRIPT)
 
     async def apply(
         self, partition: int, first: int, next_offset: int, increments: Increments,
@@ -209,9 +219,11 @@ class RedisSink:
         if partitions:
             await self._claim(keys=[self.owners_key], args=[owner, *map(str, partitions)])
 
-    async def record_regression(self, partition: int) -> None:
-        """Count a regression of ``partition``'s log below its mark (``stats --json``: ``offset_regressions``)."""
-        await self._client.hincrby(self.regressions_key, str(partition), 1)
+    async def record_regression(self, partition: int, mark: int) -> bool:
+        """Count a regression of ``partition``'s log below ``mark`` (``stats --json``: ``offset_regressions``);
+        False if it was counted already (another worker, or this one after a rebalance, found it first)."""
+        return bool(await self._regression(keys=[self.regressions_key, f"{self.regressions_key}:marks"],
+                                           args=[str(partition), str(mark)]))
 
     async def rebase(self, partition: int, expected_mark: int, new_mark: int) -> bool:
         """Move ``partition``'s mark from ``expected_mark`` to ``new_mark`` (the start of a new log); False if
