@@ -76,7 +76,7 @@ def main() -> int:
                "STREAM_SENTIMENT_TOPIC": TOPIC, "STREAM_SENTIMENT_REDIS_URL": redis_server.url,
                "STREAM_SENTIMENT_REDIS_PREFIX": "rec", "STREAM_SENTIMENT_ADMIN__PORT": "0"}
         client = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)
-        log = Path(redis_server.workdir) / "workers.log"
+        log = Path(os.environ.get("RECOVERY_LOG", str(Path(redis_server.workdir) / "workers.log")))
 
         def start() -> subprocess.Popen:
             return subprocess.Popen([sys.executable, "-m", "stream_sentiment.cli", "run"], cwd=REPO, env=env,
@@ -106,13 +106,19 @@ def main() -> int:
                 victim.send_signal(signal.SIGKILL)
                 killed = time.monotonic()
                 victim.wait()
+                reassigned = None
                 while any(marks().get(p, 0) <= before.get(p, 0) for p in owned):
+                    if reassigned is None and all(owners().get(p) != member for p in owned):
+                        reassigned = time.monotonic() - killed  # the survivor claimed them
                     if time.monotonic() - killed > 120:
                         raise SystemExit(f"partitions {owned} not resumed in 120 s:\n{log.read_text()[-3000:]}")
                     time.sleep(0.05)
                 recovered = time.monotonic() - killed
-                rounds.append({"partitions": owned, "recovery_s": round(recovered, 2)})
-                print(f"killed a worker owning {owned}: consumed again after {recovered:.2f} s", flush=True)
+                reassigned = recovered if reassigned is None else reassigned
+                rounds.append({"partitions": owned, "reassigned_s": round(reassigned, 2),
+                               "recovery_s": round(recovered, 2)})
+                print(f"killed a worker owning {owned}: reassigned after {reassigned:.2f} s, consumed again after "
+                      f"{recovered:.2f} s", flush=True)
                 workers.append(start())
             producer.stop.set()
             producer.join()

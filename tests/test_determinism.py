@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,9 +24,8 @@ import redis as redis_lib
 from aiokafka import AIOKafkaProducer
 
 from stream_sentiment.embedded import EmbeddedRedis, free_port
-from stream_sentiment.engines.manifest import EngineManifest, write_manifest
 from stream_sentiment.source.replay import sample_rows
-from tests.conftest import COMMITTED_ENGINE
+from tests.conftest import engine_repository
 
 REPO = Path(__file__).resolve().parents[1]
 PARTITIONS = 3
@@ -77,16 +75,6 @@ async def _produce(bootstrap: str, topic: str, records: list[tuple[int, bytes]],
         await producer.flush()
     finally:
         await producer.stop()
-
-
-def _repository(root: Path) -> Path:
-    """v1 and v1-copy (the same weights under another version name): a hot swap must change nothing."""
-    for name in ("v1", "v1-copy"):
-        folder = root / "minilm-sentiment" / name
-        shutil.copytree(COMMITTED_ENGINE, folder, ignore=shutil.ignore_patterns("plans"))
-        data = {**json.loads((folder / "manifest.json").read_text()), "version": name}
-        write_manifest(folder, EngineManifest.from_dict(data))
-    return root
 
 
 class Run:
@@ -192,7 +180,8 @@ def test_the_same_log_gives_the_same_state_through_kills_an_outage_a_rebalance_a
     later = topic_factory(partitions=PARTITIONS)
     kafka.create_topic(f"{later}.dlq", 1)
     asyncio.run(_produce(kafka.bootstrap_servers, later, records, 24 * 3600 * 1000))  # appended a day later
-    repository = _repository(tmp_path / "engines")
+    # v1 and v1-copy (the same weights under another version name): a hot swap must change nothing.
+    repository = engine_repository(tmp_path / "engines", {"v1": {}, "v1-copy": {}})
     # The last boundary the data covers: every partition ends idle, so judgement reaches the highest stream time.
     event_end = (int(latest) // BUCKET_S) * BUCKET_S
     with EmbeddedRedis(persistent=True) as redis_server:

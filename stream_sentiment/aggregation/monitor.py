@@ -53,13 +53,12 @@ return 1
 
 @dataclass(frozen=True)
 class GroupTime:
-    """What Redis says about the group's progress in event time, read in one transaction."""
+    """Where the group stands in event time, read in one transaction."""
 
     judged_until: int | None
     first_bucket: int | None
     stream_times: dict[int, float]
     idle: frozenset[int]
-    state: AlertState
 
 
 def group_watermark(stream_times: dict[int, float], idle: frozenset[int], partitions: int,
@@ -122,16 +121,31 @@ class AlertMonitor:
         self._final: dict[tuple[str, int], tuple[int, int, float]] = {}
 
     async def read_group_time(self) -> GroupTime:
-        """The judged end, first bucket, stream times, idle partitions and alert state, as one snapshot."""
+        """The judged end, first bucket, stream times and idle partitions, as one snapshot."""
         keys = self.keys
         pipe = self.client.pipeline(transaction=True)
         pipe.get(keys.alerts_judged)
         pipe.get(keys.first_bucket)
         pipe.hgetall(keys.stream_times(self.topic))
         pipe.hgetall(keys.idle_partitions(self.topic))
-        pipe.hgetall(keys.alert_baselines)
-        pipe.hgetall(keys.alert_last_active)
-        judged, first, stream_times, idle, baselines, last_active = await pipe.execute()
+        judged, first, stream_times, idle = await pipe.execute()
+        return GroupTime(
+            judged_until=None if judged is None else int(judged),
+            first_bucket=None if first is None else int(first),
+            stream_times={int(p): float(t) for p, t in stream_times.items()},
+            idle=frozenset(int(p) for p in idle),
+        )
+
+    async def _read_state(self) -> tuple[int | None, AlertState]:
+        """Baselines and cooldowns with the judged end they belong to, as one snapshot.
+
+        Read only when a window is due: the hashes grow with the dimension values seen.
+        """
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(self.keys.alerts_judged)
+        pipe.hgetall(self.keys.alert_baselines)
+        pipe.hgetall(self.keys.alert_last_active)
+        judged, baselines, last_active = await pipe.execute()
         state = AlertState()
         for name, raw in baselines.items():
             window, dimension, value = _text(name).split("|", 2)
@@ -139,13 +153,14 @@ class AlertMonitor:
         for name, raw in last_active.items():
             rule, dimension, value = _text(name).split("|", 2)
             state.last_active[(rule, dimension, value)] = float(raw)
-        return GroupTime(
-            judged_until=None if judged is None else int(judged),
-            first_bucket=None if first is None else int(first),
-            stream_times={int(p): float(t) for p, t in stream_times.items()},
-            idle=frozenset(int(p) for p in idle),
-            state=state,
-        )
+        return (None if judged is None else int(judged)), state
+
+    def _judged_or_start(self, group: GroupTime) -> int:
+        """The last judged end, or (none yet) the end before the first one data fully covers."""
+        assert group.first_bucket is not None
+        if group.judged_until is not None:
+            return group.judged_until
+        return group.first_bucket + self.windows[0] - self.buckets.bucket_seconds
 
     async def judge_due(self, partitions: int) -> list[Alert]:
         """Judge every window end the group's watermark has passed, in order; returns the alerts raised here.
@@ -159,20 +174,25 @@ class AlertMonitor:
             watermark = self.watermark = group_watermark(group.stream_times, group.idle, partitions, self.buckets)
             if watermark is None or group.first_bucket is None:
                 return fired
-            done, raised = await self._judge_from(group, watermark)
+            if self._judged_or_start(group) + self.buckets.bucket_seconds > watermark:
+                return fired  # nothing due
+            judged, state = await self._read_state()
+            if judged != group.judged_until:
+                continue  # another worker judged meanwhile
+            done, raised = await self._judge_from(group, state, watermark)
             fired.extend(raised)
             if done:
                 return fired
             # Another worker judged a window meanwhile: start again from what it wrote.
 
-    async def _judge_from(self, group: GroupTime, watermark: float) -> tuple[bool, list[Alert]]:
+    async def _judge_from(self, group: GroupTime, state: AlertState,
+                          watermark: float) -> tuple[bool, list[Alert]]:
         """Judge the ends after ``group.judged_until`` up to ``watermark``; False if another worker got there first."""
         assert group.first_bucket is not None
         step = self.buckets.bucket_seconds
         first = group.first_bucket
         committed = group.judged_until
-        cursor = committed if committed is not None else first + self.windows[0] - step
-        state = group.state
+        cursor = self._judged_or_start(group)
         fired: list[Alert] = []
         while cursor + step <= watermark:
             end = cursor + step

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -31,22 +30,12 @@ from stream_sentiment.engines.manifest import EngineManifest, load_engine_versio
 from stream_sentiment.engines.onnxruntime_backend import OnnxRuntimeEngine
 from stream_sentiment.service import open_engine
 from stream_sentiment.worker import Worker
-from tests.conftest import COMMITTED_ENGINE
+from tests.conftest import engine_repository
 from tests.engines.failing_engine import FailsOnToken
 from tests.pipeline import pipeline_settings, produce_posts
 from tests.services import FAST_GROUP_CONFIG, consume_records
 
 TOKEN = "hot-swap-token"
-
-
-def _repository(root: Path, versions: dict[str, dict[str, Any]]) -> Path:
-    """An engine repository of copies of the committed version, each with manifest changes."""
-    for name, changes in versions.items():
-        folder = root / "minilm-sentiment" / name
-        shutil.copytree(COMMITTED_ENGINE, folder, ignore=shutil.ignore_patterns("plans"))
-        data = {**json.loads((folder / "manifest.json").read_text()), "version": name, **changes}
-        write_manifest(folder, EngineManifest.from_dict(data))
-    return root
 
 
 async def _with_worker(
@@ -114,7 +103,7 @@ class SteadyProducer:
 def test_activate_and_rollback_cycles_under_load_count_every_post_once(
     kafka, topic_factory, redis_server, redis_factory, tmp_path
 ):
-    repository = _repository(tmp_path, {"v1": {}, "v2": {}})
+    repository = engine_repository(tmp_path, {"v1": {}, "v2": {}})
     topic, settings = pipeline_settings(
         kafka, topic_factory, redis_server, "hs", partitions=3,
         engine={"repository": repository, "threads_per_stream": 1},
@@ -175,7 +164,7 @@ def test_a_version_that_fails_validation_is_refused_and_the_old_one_keeps_servin
     kafka, topic_factory, redis_server, redis_factory, tmp_path, broken, reason
 ):
     changes = {"labels": ["positive", "neutral", "negative"]} if broken == "swapped-labels" else {}
-    repository = _repository(tmp_path, {"v1": {}, "swapped": changes})
+    repository = engine_repository(tmp_path, {"v1": {}, "swapped": changes})
     if broken == "negated-head":
         _negate_classifier(repository / "minilm-sentiment" / "swapped")
     prefix = f"vf-{broken}"
@@ -272,7 +261,7 @@ def test_with_every_stream_broken_and_no_fallback_nothing_is_counted_or_committe
 
 
 def test_admin_routes_refuse_path_like_and_unknown_versions_and_load_nothing(redis_server, engine_version, tmp_path):
-    repository = _repository(tmp_path, {"v1": {}, "v2": {}})
+    repository = engine_repository(tmp_path, {"v1": {}, "v2": {}})
     settings = Settings.load(redis_url=redis_server.url, redis_prefix="sec", engine={"repository": repository},
                              admin={"port": 0, "token": TOKEN})
 
@@ -306,7 +295,7 @@ def test_admin_routes_refuse_path_like_and_unknown_versions_and_load_nothing(red
 def test_a_version_folder_whose_manifest_names_another_version_is_refused_with_422(redis_server, tmp_path):
     # v9's manifest says it is v1, v8's that it is another model's: served, /admin/engines would call the
     # engine v9 while /readyz and the metrics called it v1.
-    repository = _repository(tmp_path, {"v1": {}, "v9": {"version": "v1"}, "v8": {"model": "other-sentiment"}})
+    repository = engine_repository(tmp_path, {"v1": {}, "v9": {"version": "v1"}, "v8": {"model": "other-sentiment"}})
     settings = Settings.load(redis_url=redis_server.url, redis_prefix="named", engine={"repository": repository},
                              admin={"port": 0, "token": TOKEN})
 
