@@ -65,6 +65,8 @@ def _double_array(keys: Mapping[bytes, int]) -> list[int]:
         for byte in key:
             node = node.children.setdefault(byte, _Node())
         node.value = value
+    if not root.children:  # an empty map: the root's block, every label a miss
+        return [0] * 256
     units = [0]
     used = [True]
     bases: set[int] = set()
