@@ -164,6 +164,10 @@ class SentimentClassifier(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, num_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.pool(input_ids, attention_mask)))
+
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The encoder's token states, mean-pooled over the mask (the sentence embedding)."""
         mask = attention_mask.to(self.classifier.weight.dtype)
         # Large negative rather than -inf: fp16 softmax over -inf rows gives NaN.
         additive = ((1.0 - mask) * -10000.0)[:, None, None, :]
@@ -171,8 +175,7 @@ class SentimentClassifier(nn.Module):
         for layer in self.encoder.layer:
             hidden = layer(hidden, additive, self.fused_attention)
         summed = (hidden * mask[:, :, None]).sum(dim=1)
-        pooled = summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-        return self.classifier(self.dropout(pooled))
+        return summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
 def load_base_weights(model: SentimentClassifier, safetensors_path: Path) -> list[str]:

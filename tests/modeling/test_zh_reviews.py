@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from stream_sentiment.modeling.zh_reviews import label_reviews, split_of
+
+
+def _lines() -> dict[str, list[str]]:
+    positive = [f"好评 {i}" for i in range(300)] + ["质量很好", "质量很好 ", "", "优点："]
+    negative = [f"差评 {i}" for i in range(300)] + ["优点：", "太差了", "太差了"]
+    return {"positive": positive, "negative": negative}
+
+
+def test_duplicates_collapse_conflicts_and_empty_lines_are_dropped():
+    reviews, stats = label_reviews(_lines())
+    texts = Counter(r.text for r in reviews)
+    assert texts["质量很好"] == 1 and texts["太差了"] == 1
+    assert "优点：" not in texts
+    assert stats["dropped_in_both"] == 1 and stats["dropped_empty"] == 1
+    assert stats["unique_positive"] == 302 and stats["unique_negative"] == 302
+    assert stats["kept"] == len(reviews) == 602
+    assert {r.label for r in reviews if r.text == "太差了"} == {"negative"}
+
+
+def test_the_split_is_a_function_of_the_text_alone():
+    lines = _lines()
+    shuffled = {label: random.Random(3).sample(texts, len(texts)) for label, texts in reversed(lines.items())}
+    first, _ = label_reviews(lines)
+    second, _ = label_reviews(shuffled)
+    assert [(r.text, r.label, r.split) for r in first] == [(r.text, r.label, r.split) for r in second]
+    assert all(r.split == split_of(r.key) for r in first)
+
+
+def test_split_shares_are_about_80_10_10_and_pinned():
+    shares = Counter(split_of(f"review {i}") for i in range(20_000))
+    assert abs(shares["test"] / 20_000 - 0.10) < 0.01
+    assert abs(shares["dev"] / 20_000 - 0.10) < 0.01
+    # Pinned: a change of hash, bucket size or order would silently move texts between splits.
+    pinned = {"k0": "dev", "k18": "test", "k21": "dev", "k39": "test", "这个手机很好用": "train"}
+    assert {key: split_of(key) for key in pinned} == pinned
