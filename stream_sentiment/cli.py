@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     from stream_sentiment.admin.server import AdminSecurityError
     from stream_sentiment.engines.base import BackendUnavailableError
     from stream_sentiment.engines.manifest import EngineRepositoryError
-    from stream_sentiment.modeling.evaluate import DataFormatError
+    from stream_sentiment.engines.scoring import DataFormatError
     from stream_sentiment.sinks.checkpoint import RedisOutageError, RedisStateLostError
 
     try:

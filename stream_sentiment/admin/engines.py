@@ -211,7 +211,7 @@ class EngineManager:
         ``previous`` is this loaded engine's last report: its golden score is reused (the shadow
         sample, recent live traffic, is always scored again).
         """
-        from stream_sentiment.modeling.evaluate import read_labelled_file
+        from stream_sentiment.engines.scoring import read_jsonl_labelled
 
         admin = self.settings.admin
         manifest = pool.engine.version.manifest
@@ -240,7 +240,7 @@ class EngineManager:
             report["golden"] = {**previous["golden"], "scored_at_load": True}
             accuracy = previous["golden"]["accuracy"]
         else:
-            texts, gold = read_labelled_file(pool.engine.version.file(manifest.golden["file"]))
+            texts, gold = read_jsonl_labelled(pool.engine.version.file(manifest.golden["file"]), manifest.labels)
             probabilities = await self._score_in_background(pool, self.worker.tokenizer.encode(texts))
             labels = list(manifest.labels)
             hits = [labels[int(i)] == g for i, g in zip(probabilities.argmax(1), gold, strict=True)]
@@ -274,7 +274,7 @@ class EngineManager:
         bounded wait so a saturated worker still validates), and the rest after it keeps validation
         to ``admin.validation_duty_cycle`` of the time.
         """
-        from stream_sentiment.modeling.evaluate import score_token_ids
+        from stream_sentiment.engines.scoring import score_token_ids
 
         loop = asyncio.get_running_loop()
         buckets = pool.engine.version.manifest.buckets

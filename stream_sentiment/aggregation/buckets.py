@@ -35,7 +35,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from stream_sentiment.modeling.corpora import LABELS
+from stream_sentiment.labels import LABELS
 from stream_sentiment.sinks.keys import RedisKeys
 from stream_sentiment.sinks.redis_sink import Increments
 from stream_sentiment.source.messages import Post, Rejection

