@@ -47,7 +47,9 @@ from stream_sentiment.batching.scheduler import Scheduler
 from stream_sentiment.batching.tokenizer import PostTokenizer
 from stream_sentiment.config import Settings
 from stream_sentiment.engines.base import Engine
+from stream_sentiment.engines.manifest import EngineRepositoryError
 from stream_sentiment.engines.slots import SlotPool
+from stream_sentiment.labels import LABELS
 from stream_sentiment.metrics import PipelineMetrics
 from stream_sentiment.sinks.checkpoint import TRANSIENT_REDIS_ERRORS, CheckpointingSink, Outcome
 from stream_sentiment.sinks.redis_sink import RedisSink
@@ -90,10 +92,16 @@ class Worker:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        manifest = engine.version.manifest
+        if tuple(manifest.labels) != LABELS:
+            # Redis counts by these labels and reads P(negative) from the first column.
+            raise EngineRepositoryError(
+                f"engine {manifest.model}/{manifest.version} outputs {list(manifest.labels)}; the service counts "
+                f"{list(LABELS)}, in that order")
         self.settings = settings
         self.tokenizer = tokenizer
         self.metrics = metrics if metrics is not None else PipelineMetrics()
-        self.metrics.set_engine(engine.backend, engine.version.manifest.version)
+        self.metrics.set_engine(engine.backend, manifest.version)
         self.clock = clock
         self.wall_clock = wall_clock
         aggregation = settings.aggregation

@@ -293,3 +293,21 @@ def test_a_redis_error_that_is_no_outage_while_applying_stops_the_worker(
     with pytest.raises(ResponseError, match="OOM"):
         asyncio.run(scenario())
     assert redis_factory().hget("fail:totals", "scored") is None  # nothing counted
+
+
+def test_an_engine_whose_labels_differ_from_the_services_is_refused(engine_copy):
+    """Redis counts by negative/neutral/positive and reads P(negative) from the first column."""
+    from stream_sentiment.engines.manifest import (
+        EngineManifest,
+        EngineRepositoryError,
+        load_engine_version,
+        write_manifest,
+    )
+    from stream_sentiment.labels import LABELS
+
+    data = json.loads((engine_copy / "manifest.json").read_text())
+    write_manifest(engine_copy, EngineManifest.from_dict({**data, "labels": ["positive", "neutral", "negative"]}))
+    version = load_engine_version(engine_copy)
+    with pytest.raises(EngineRepositoryError, match="outputs \\['positive', 'neutral', 'negative'\\]"):
+        Worker(Settings.load(), OnnxRuntimeEngine(version), PostTokenizer(version))
+    assert tuple(data["labels"]) == LABELS  # the committed engine's are the service's
