@@ -71,13 +71,14 @@ class BucketRules:
     def start_of(self, event_time: float) -> int:
         return math.floor(event_time / self.bucket_seconds) * self.bucket_seconds
 
-    def is_late(self, event_time: float, stream_time: float) -> bool:
-        """Too late to count in a bucket: it ended more than the allowed lateness before ``stream_time``."""
-        return self.start_of(event_time) + self.bucket_seconds + self.allowed_lateness < stream_time
+    def is_late(self, start: int, stream_time: float) -> bool:
+        """Too late to count in the bucket starting at ``start``: it ended more than the allowed lateness
+        before ``stream_time``."""
+        return start + self.bucket_seconds + self.allowed_lateness < stream_time
 
-    def is_on_time(self, event_time: float, stream_time: float) -> bool:
-        """Still counts in alerts: its bucket ends after the partition's watermark."""
-        return self.start_of(event_time) + self.bucket_seconds > stream_time - self.max_out_of_orderness
+    def is_on_time(self, start: int, stream_time: float) -> bool:
+        """Still counts in alerts: the bucket starting at ``start`` ends after the partition's watermark."""
+        return start + self.bucket_seconds > stream_time - self.max_out_of_orderness
 
     def watermark(self, stream_time: float) -> float:
         """The event time up to which a partition's on-time posts are all applied."""
@@ -126,7 +127,6 @@ def increments_for(
     first: int | None = None
     dimensions = rules.dimensions
     keep_samples = rules.sample_posts
-    bucket_seconds = rules.bucket_seconds
     for outcome in outcomes:
         if isinstance(outcome, Rejection):
             totals["dead_lettered"] = totals.get("dead_lettered", 0) + 1
@@ -140,10 +140,10 @@ def increments_for(
         if stream_time is None or event_time > stream_time:
             stream_time = event_time
         start = rules.start_of(event_time)
-        if start + bucket_seconds + rules.allowed_lateness < stream_time:
+        if rules.is_late(start, stream_time):
             totals["late"] = totals.get("late", 0) + 1
             continue
-        on_time = start + bucket_seconds > stream_time - rules.max_out_of_orderness
+        on_time = rules.is_on_time(start, stream_time)
         if on_time:
             first = start if first is None else min(first, start)
         column = _LABEL_COLUMN[label]

@@ -142,11 +142,11 @@ def _reference_increments(outcomes, stream_time, rules, keys):
         increments.add(keys.totals, outcome.label)
         event_time = outcome.event_time
         stream_time = event_time if stream_time is None else max(stream_time, event_time)
-        if rules.is_late(event_time, stream_time):
+        start = rules.start_of(event_time)
+        if rules.is_late(start, stream_time):
             increments.add(keys.totals, "late")
             continue
-        start = rules.start_of(event_time)
-        on_time = rules.is_on_time(event_time, stream_time)
+        on_time = rules.is_on_time(start, stream_time)
         if on_time:
             increments.lowest[keys.first_bucket] = min(start, increments.lowest.get(keys.first_bucket, start))
         for dimension, value in dimension_values(outcome.post, rules.dimensions):
