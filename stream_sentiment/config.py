@@ -249,7 +249,8 @@ class AdminSettings(_Group):
         return self.token.get_secret_value() if self.token is not None else None
 
 
-def _checked(path: Path | Traversable, read: Callable[[Path | Traversable], Any]) -> dict[str, Any]:
+def _checked(path: Path | Traversable, read: Callable[..., Any]) -> dict[str, Any]:
+    # ``read`` is loosely typed because pydantic-settings releases differ in its parameter type.
     # The stock sources name no file on a parse error and fail obscurely on a non-object top level.
     try:
         data = read(path)
