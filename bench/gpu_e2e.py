@@ -572,7 +572,7 @@ def hf_classifier(version: EngineVersion) -> Any:
     from transformers import BertConfig, BertModel, BertPreTrainedModel
     from transformers.modeling_outputs import SequenceClassifierOutput
 
-    from stream_sentiment.engines.onnx_weights import weights_for_version
+    from stream_sentiment.engine_build.onnx_weights import weights_for_version
 
     weights = weights_for_version(version)
     labels = version.manifest.labels

@@ -97,8 +97,8 @@ def exclusive(lock_path: Path) -> Iterator[None]:
 
 def plan_for_this_gpu(version_dir: Path) -> Path:
     """Where the TensorRT backend will look for the plan of ``version_dir`` on GPU 0."""
+    from stream_sentiment.engine_build.tensorrt_build import current_gpu, import_tensorrt, plan_path
     from stream_sentiment.engines.manifest import load_engine_version
-    from stream_sentiment.engines.tensorrt_build import current_gpu, import_tensorrt, plan_path
 
     # verify=False: the worker checks every checksum when it loads the version anyway.
     version = load_engine_version(version_dir, verify=False)

@@ -35,8 +35,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _build_engine(args: argparse.Namespace) -> int:
+    from stream_sentiment.engine_build.tensorrt_build import build_plan, import_tensorrt
     from stream_sentiment.engines.manifest import load_engine_version
-    from stream_sentiment.engines.tensorrt_build import build_plan, import_tensorrt
 
     if args.streams < 1:
         print(f"stream-sentiment build-engine: --streams must be at least 1, not {args.streams}", file=sys.stderr)

@@ -40,8 +40,8 @@ class OnnxRuntimeEngine(Engine):
     def _load_model(self) -> bytes | str:
         manifest = self.version.manifest
         if manifest.precision == "int8":
+            from stream_sentiment.engine_build.qdq_rewrite import cached_unsigned_model
             from stream_sentiment.engines.manifest import PLANS_DIR
-            from stream_sentiment.engines.qdq_rewrite import cached_unsigned_model
 
             sha = manifest.files[manifest.model_file]
             return str(cached_unsigned_model(self.version.model_path, sha, self.version.path / PLANS_DIR))

@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from stream_sentiment.engine_build.tensorrt_build import current_gpu, import_tensorrt, plan_path
 from stream_sentiment.engines.base import BackendUnavailableError, Engine, EngineError, TokenBatch
 from stream_sentiment.engines.manifest import EngineVersion
-from stream_sentiment.engines.tensorrt_build import current_gpu, import_tensorrt, plan_path
 
 # TensorRT wants one logger per process (a second one only logs a warning), and an
 # engine reloaded on every version swap would otherwise bring a new one each time.

@@ -146,8 +146,8 @@ class TorchCudaEngine(Engine):
         self._slots = [self._new_slot() for _ in range(self.streams)]
 
     def _load_model(self) -> Any:
+        from stream_sentiment.engine_build.onnx_weights import weights_for_version
         from stream_sentiment.engines.minilm_torch import EncoderConfig, SentimentClassifier
-        from stream_sentiment.engines.onnx_weights import weights_for_version
 
         torch = self._torch
         try:

@@ -44,8 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from stream_sentiment.engine_build.qdq_rewrite import _dequantized
 from stream_sentiment.engines.manifest import EngineVersion
-from stream_sentiment.engines.qdq_rewrite import _dequantized
 
 # Not in the graph: only row 0 of the token-type table survives constant folding.
 TYPE_VOCAB_SIZE = 2

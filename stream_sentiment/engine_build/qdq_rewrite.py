@@ -211,7 +211,7 @@ def _rewrite_into(model_path: Path, target: Path) -> bool:
     try:
         partial = temporary(".partial")
         child = subprocess.run(  # noqa: S603 - our own module, run by this interpreter
-            [sys.executable, "-m", "stream_sentiment.engines.qdq_rewrite", str(model_path), str(partial)],
+            [sys.executable, "-m", "stream_sentiment.engine_build.qdq_rewrite", str(model_path), str(partial)],
             check=False,
             capture_output=True,
         )

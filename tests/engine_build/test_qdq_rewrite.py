@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from stream_sentiment.engines.qdq_rewrite import (
+from stream_sentiment.engine_build.qdq_rewrite import (
     cached_unsigned_model,
     private_temp_folder,
     signed_to_unsigned_activations,
