@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from stream_sentiment.engine_build.qdq_rewrite import _dequantized
+from stream_sentiment.engine_build.qdq_rewrite import dequantized
 from stream_sentiment.engines.manifest import EngineVersion
 
 # Not in the graph: only row 0 of the token-type table survives constant folding.
@@ -123,7 +123,7 @@ class _Graph:
             return self._to_array(self.initializers[name])
         node = self.producer.get(name)
         if node is not None and node.op_type == "DequantizeLinear" and node.input[0] in self.initializers:
-            return _dequantized(node, self.initializers)
+            return dequantized(node, self.initializers)
         return None
 
     def through_qdq(self, name: str) -> list[Any]:

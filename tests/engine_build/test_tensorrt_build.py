@@ -9,7 +9,8 @@ import json
 import pytest
 
 from stream_sentiment.cli import main
-from stream_sentiment.engine_build.tensorrt_build import GpuIdentity, PhaseBars, PlanInfo, build_plan
+from stream_sentiment.engine_build.tensorrt_build import PhaseBars, build_plan
+from stream_sentiment.engines.plans import GpuIdentity, PlanInfo
 from tests.engines.fake_tensorrt import FakeTensorRTBuilder
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None

@@ -22,10 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from stream_sentiment.engine_build.tensorrt_build import GpuIdentity, PlanInfo, plan_path
 from stream_sentiment.engines import tensorrt_backend
 from stream_sentiment.engines.base import BackendUnavailableError, EngineError, TokenBatch, softmax
 from stream_sentiment.engines.manifest import load_engine_version
+from stream_sentiment.engines.plans import GpuIdentity, PlanInfo, plan_path
 from stream_sentiment.engines.tensorrt_backend import TensorRTEngine
 from tests.engines.fake_tensorrt import (
     CudaThroughCudart,
