@@ -46,6 +46,12 @@ acceptance targets. ``--json`` gets everything, rewritten after every run.
     # CPU smoke test of the orchestration (no GPU):
     python3 bench/gpu_e2e.py --backend onnxruntime --workers 2 --producers 1 --posts 300 \\
         --rates 50 --seconds 5 --setups ours --workloads tweets
+
+Why one file of ~1900 lines: it is a benchmark script, not part of the package, run by path on the
+lent GPU host (``scripts/device_gpu_e2e.sh``), and every child process (one role each,
+``CHILD_ROLES``) is started with multiprocessing's ``spawn``, which re-imports this file as the
+child's main module. The roles, the set-ups and the report share one set of options and result
+records; as a package it would need ``bench/`` on every child's import path.
 """
 
 from __future__ import annotations
