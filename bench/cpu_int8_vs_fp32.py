@@ -32,10 +32,10 @@ sys.path.insert(0, str(REPO))
 
 from stream_sentiment.batching.batcher import Batcher, BatchingPolicy  # noqa: E402
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket  # noqa: E402
+from stream_sentiment.engine_build.qdq_rewrite import strip_quantization  # noqa: E402
 from stream_sentiment.engines.base import TokenBatch  # noqa: E402
 from stream_sentiment.engines.manifest import load_engine_version  # noqa: E402
 from stream_sentiment.engines.onnxruntime_backend import OnnxRuntimeEngine  # noqa: E402
-from stream_sentiment.engines.qdq_rewrite import strip_quantization  # noqa: E402
 from stream_sentiment.modeling.corpora import read_vader_tweets  # noqa: E402
 
 

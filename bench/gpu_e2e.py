@@ -46,6 +46,12 @@ acceptance targets. ``--json`` gets everything, rewritten after every run.
     # CPU smoke test of the orchestration (no GPU):
     python3 bench/gpu_e2e.py --backend onnxruntime --workers 2 --producers 1 --posts 300 \\
         --rates 50 --seconds 5 --setups ours --workloads tweets
+
+Why one file of ~1900 lines: it is a benchmark script, not part of the package, run by path on the
+lent GPU host (``scripts/device_gpu_e2e.sh``), and every child process (one role each,
+``CHILD_ROLES``) is started with multiprocessing's ``spawn``, which re-imports this file as the
+child's main module. The roles, the set-ups and the report share one set of options and result
+records; as a package it would need ``bench/`` on every child's import path.
 """
 
 from __future__ import annotations
@@ -437,33 +443,33 @@ class EngineWorkerProcess:
             "partitions": {p: progress.summary() for p, progress in worker.progress.items()},
         }
 
-    @staticmethod
-    def _batches(token_ids: Sequence[Sequence[int]], buckets: Sequence[int],
-                 capacity: Any) -> list[tuple[list[int], TokenBatch]]:
-        """Posts (by index) in batches of their smallest bucket, ``capacity(bucket)`` rows at most."""
-        grid = sorted(buckets)
-        by_bucket: dict[int, list[int]] = {}
-        for index, ids in enumerate(token_ids):
-            by_bucket.setdefault(grid[bisect.bisect_left(grid, max(1, len(ids)))], []).append(index)
-        batches = []
-        for bucket, indices in sorted(by_bucket.items()):
-            rows = capacity(bucket)
-            for start in range(0, len(indices), rows):
-                chunk = indices[start:start + rows]
-                batches.append((chunk, pad_to_bucket([token_ids[i] for i in chunk], bucket)))
-        return batches
-
     def _predict(self, texts: list[str]) -> list[int]:
         token_ids = self.tokenizer.encode(texts)
         labels = [0] * len(texts)
         rows = self.options["max_rows"]
-        for indices, batch in self._batches(token_ids, self.version.manifest.buckets, lambda _: rows):
+        for indices, batch in bucketed_batches(token_ids, self.version.manifest.buckets, lambda _: rows):
             for index, row in zip(indices, self.engine.infer(batch, 0), strict=True):
                 labels[index] = int(np.argmax(row))
         return labels
 
     def _engine_only(self, command: dict[str, Any]) -> dict[str, Any]:
         return engine_only_run(self.engine, self.tokenizer, self.options["max_rows"], command)
+
+
+def bucketed_batches(token_ids: Sequence[Sequence[int]], buckets: Sequence[int],
+                     capacity: Any) -> list[tuple[list[int], TokenBatch]]:
+    """Posts (by index) in batches of their smallest bucket, ``capacity(bucket)`` rows at most."""
+    grid = sorted(buckets)
+    by_bucket: dict[int, list[int]] = {}
+    for index, ids in enumerate(token_ids):
+        by_bucket.setdefault(grid[bisect.bisect_left(grid, max(1, len(ids)))], []).append(index)
+    batches = []
+    for bucket, indices in sorted(by_bucket.items()):
+        rows = capacity(bucket)
+        for start in range(0, len(indices), rows):
+            chunk = indices[start:start + rows]
+            batches.append((chunk, pad_to_bucket([token_ids[i] for i in chunk], bucket)))
+    return batches
 
 
 def _device_info(engine: Engine) -> dict[str, Any]:
@@ -481,8 +487,8 @@ def engine_only_run(engine: Engine, tokenizer: PostTokenizer, max_rows: int, com
     token_ids = tokenizer.encode([json.loads(body)["text"] for body in bodies])
     max_tokens = command["max_tokens"]
     # The batcher's rule: a bucket's batch holds at most max_tokens padded tokens.
-    batches = [b for _, b in EngineWorkerProcess._batches(token_ids, command["buckets"],
-                                                          lambda bucket: max(1, min(max_rows, max_tokens // bucket)))]
+    batches = [b for _, b in bucketed_batches(token_ids, command["buckets"],
+                                              lambda bucket: max(1, min(max_rows, max_tokens // bucket)))]
     stats = [(b.rows, b.rows * b.bucket, b.rows * b.bucket**2, float(b.attention_mask.sum()),
               float((b.attention_mask.sum(axis=1).astype(np.float64) ** 2).sum())) for b in batches]
     shapes = {(b.bucket, b.rows): b for b in batches}
@@ -572,7 +578,7 @@ def hf_classifier(version: EngineVersion) -> Any:
     from transformers import BertConfig, BertModel, BertPreTrainedModel
     from transformers.modeling_outputs import SequenceClassifierOutput
 
-    from stream_sentiment.engines.onnx_weights import weights_for_version
+    from stream_sentiment.engine_build.onnx_weights import weights_for_version
 
     weights = weights_for_version(version)
     labels = version.manifest.labels

@@ -6,7 +6,7 @@ for, so it is built at start-up, not into the image, and kept in ``PLAN_CACHE_DI
 volume) so it is built once per GPU rather than once per container. Every engine version's
 ``plans/`` folder is made a symlink to ``<cache>/<model>/<version>``: that is where
 ``stream-sentiment build-engine`` writes and where the TensorRT backend looks
-(``tensorrt_build.plan_path``), so neither needs to know about the cache, and a version
+(``engines.plans.plan_path``), so neither needs to know about the cache, and a version
 activated later through the admin endpoint finds its plans in the volume too.
 
 A plan is built only when the cache has none for this GPU and TensorRT version, or when it no
@@ -98,7 +98,7 @@ def exclusive(lock_path: Path) -> Iterator[None]:
 def plan_for_this_gpu(version_dir: Path) -> Path:
     """Where the TensorRT backend will look for the plan of ``version_dir`` on GPU 0."""
     from stream_sentiment.engines.manifest import load_engine_version
-    from stream_sentiment.engines.tensorrt_build import current_gpu, import_tensorrt, plan_path
+    from stream_sentiment.engines.plans import current_gpu, import_tensorrt, plan_path
 
     # verify=False: the worker checks every checksum when it loads the version anyway.
     version = load_engine_version(version_dir, verify=False)

@@ -106,7 +106,7 @@ def score(engine: Engine, batches: list[tuple[list[int], TokenBatch]], total: in
 def fp32_reference(version: EngineVersion, batches: list[tuple[list[int], TokenBatch]], total: int) -> np.ndarray:
     import onnxruntime as ort
 
-    from stream_sentiment.engines.qdq_rewrite import strip_quantization
+    from stream_sentiment.engine_build.qdq_rewrite import strip_quantization
 
     session = ort.InferenceSession(strip_quantization(version.model_path), providers=["CPUExecutionProvider"])
     out = np.zeros((total, 3), dtype=np.float32)

@@ -8,7 +8,7 @@ batches finish their records in the checkpointing sink (``sinks.checkpoint``:
 contiguous offset ranges applied to Redis through the fence with the
 partition's stream time, then the Kafka commit). Alongside, the alert judge
 looks whether the group's event-time watermark passed a window end
-(``aggregation.monitor``).
+(``aggregation.judge``, which runs ``aggregation.monitor``).
 
 The event loop only coordinates: decoding is cheap and bounded by the message
 size limit, tokenization and inference run in executors. Fetching pauses
@@ -38,9 +38,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from stream_sentiment.aggregation.alerts import AlertRules
 from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys, ScoredPost
-from stream_sentiment.aggregation.monitor import AlertMonitor
+from stream_sentiment.aggregation.judge import AlertJudge
 from stream_sentiment.aggregation.progress import PartitionProgress
 from stream_sentiment.batching.batcher import Batcher, Pending
 from stream_sentiment.batching.scheduler import Scheduler
@@ -51,7 +50,7 @@ from stream_sentiment.engines.manifest import EngineRepositoryError
 from stream_sentiment.engines.slots import SlotPool
 from stream_sentiment.labels import LABELS
 from stream_sentiment.metrics import PipelineMetrics
-from stream_sentiment.sinks.checkpoint import TRANSIENT_REDIS_ERRORS, CheckpointingSink, Outcome
+from stream_sentiment.sinks.checkpoint import CheckpointingSink, Outcome
 from stream_sentiment.sinks.redis_sink import RedisSink
 from stream_sentiment.source.dead_letters import SourceRecord
 from stream_sentiment.source.kafka_source import Admitted, KafkaSource
@@ -62,12 +61,6 @@ log = logging.getLogger(__name__)
 # restart re-reads (and the fence skips): once a second is plenty, and spares
 # the group coordinator a commit per batch.
 COMMIT_INTERVAL_S = 1.0
-# Longest the alert judge waits for an applied range before looking anyway (idle partitions, other workers'
-# progress). Judgements depend only on the log; this bounds how soon after the watermark they come.
-JUDGE_INTERVAL_S = 1.0
-# Shortest gap between two judge rounds: a busy worker applies many ranges a second, and one look at the
-# group's watermark per round trip is enough.
-JUDGE_MIN_GAP_S = 0.2
 
 
 class Worker:
@@ -123,7 +116,7 @@ class Worker:
         self.source = KafkaSource(settings, self.sink, self.metrics, fail=self._fail, wall_clock=wall_clock)
         self.scheduler = Scheduler(settings, engine, tokenizer, self.metrics, on_scored=self._scored,
                                    on_poison=self._poisoned, fail=self._fail, clock=clock)
-        self._monitor: AlertMonitor | None = None
+        self._judge: AlertJudge | None = None
         self._applier: asyncio.Task[None] | None = None
         self._drains = 0  # drains running (shutdown, revoke): no background applies meanwhile
 
@@ -178,8 +171,8 @@ class Worker:
 
     def swap_pool(self, pool: SlotPool) -> tuple[SlotPool, float]:
         """Cut over to ``pool`` (see :meth:`Scheduler.swap_pool`); alerts judged from now on name its version."""
-        if self._monitor is not None:
-            self._monitor.engine_version = pool.version
+        if self._judge is not None:
+            self._judge.engine_version = pool.version
         return self.scheduler.swap_pool(pool)
 
     @contextlib.asynccontextmanager
@@ -201,7 +194,10 @@ class Worker:
     async def run(self, stop: asyncio.Event, *, consumer_options: dict[str, Any] | None = None) -> None:
         """Consume until ``stop`` is set, then drain, apply and commit what was fetched."""
         await self.source.start(self._on_revoked, consumer_options)
-        ticker = asyncio.create_task(self._judge_alerts(self._alert_monitor(), stop))
+        self._judge = AlertJudge.for_settings(self.settings, self._redis, self.keys, self.rules,
+                                              engine_version=self.pool.version, sink=self.sink, source=self.source,
+                                              metrics=self.metrics, wall_clock=self.wall_clock)
+        ticker = asyncio.create_task(self._judge.run(stop))
         try:
             while not stop.is_set():
                 if self._failure is not None:
@@ -265,48 +261,6 @@ class Worker:
     def _fail(self, error: BaseException) -> None:
         """A background task (batch, applier, tokenizer job, rebalance callback) failed: ``run()`` raises the first."""
         self._failure = self._failure or error
-
-    def _alert_monitor(self) -> AlertMonitor:
-        alerts = self.settings.alerts
-        rules = AlertRules(alerts.ratio_threshold, alerts.min_posts, alerts.surge_z, alerts.ewma_alpha,
-                           alerts.cooldown_seconds)
-        self._monitor = AlertMonitor(
-            self._redis, self.keys, self.rules, self.settings.aggregation.windows_seconds, rules,
-            topic=self.settings.topic, engine_version=self.pool.version, stream_max_len=alerts.stream_max_len,
-            sample_posts=alerts.sample_posts,
-        )
-        return self._monitor
-
-    async def _judge_alerts(self, monitor: AlertMonitor, stop: asyncio.Event) -> None:
-        """Judge the windows the group's watermark has passed, whenever a range is applied (or each second).
-
-        Which windows alert, and with what, depends only on the log (``aggregation.monitor``); this loop
-        only decides how soon after the watermark passes a window it is judged.
-        """
-        applied = self.sink.applied
-        idle_s = self.settings.aggregation.idle_partition_seconds
-        reported = False
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(applied.wait(), JUDGE_INTERVAL_S)
-            applied.clear()
-            partitions = self.source.partition_count()
-            if not partitions or self.sink.redis_down:
-                continue
-            try:
-                if not self.source.paused:  # a paused partition is not idle, only held back
-                    await self.sink.mark_idle(self.source.last_record_at, self.wall_clock(), idle_s)
-                for alert in await monitor.judge_due(partitions):
-                    self.metrics.alerts.labels(alert.rule, alert.stats.dimension).inc()
-                if monitor.watermark is not None:
-                    self.metrics.watermark.set(monitor.watermark)
-                reported = False
-            except TRANSIENT_REDIS_ERRORS as error:
-                self.metrics.redis_errors.labels("judge").inc()
-                if not reported:  # the applier reports the outage itself; say once why alerts wait
-                    log.warning("alert judgement waits for Redis: %s", error)
-                    reported = True
-            await asyncio.sleep(JUDGE_MIN_GAP_S)
 
     async def _on_revoked(self, gone: set[int]) -> None:
         """Partitions ``gone`` are being revoked: drain, apply and commit their posts under one deadline."""

@@ -5,7 +5,8 @@ One ``InferenceSession`` per stream, each with its own intra-op thread pool of
 pool. The INT8 model is a Q/DQ graph in TensorRT's form (signed, symmetric
 activations); it is rewritten at load time, exactly, into the unsigned form
 whose Q/DQ pairs ORT's x86 optimizer fuses into integer kernels (see
-``qdq_rewrite``).
+``engine_build.qdq_rewrite``; ``engines.rewrite_cache`` runs it in a child process
+and caches its output per model checksum).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class OnnxRuntimeEngine(Engine):
         manifest = self.version.manifest
         if manifest.precision == "int8":
             from stream_sentiment.engines.manifest import PLANS_DIR
-            from stream_sentiment.engines.qdq_rewrite import cached_unsigned_model
+            from stream_sentiment.engines.rewrite_cache import cached_unsigned_model
 
             sha = manifest.files[manifest.model_file]
             return str(cached_unsigned_model(self.version.model_path, sha, self.version.path / PLANS_DIR))

@@ -16,15 +16,8 @@ uses it. Versions are names in the server's own engine repository (never paths),
 the model file's sha256 must equal the client's, so both sides serve the same bytes.
 
 Each connection has its own thread, which only reads requests and writes answers.
-Each engine stream has one dispatcher thread (so a stream is never shared): it takes
-the oldest waiting request and, with it, the other waiting requests of the same length
-bucket, up to the largest batch -- requests from several workers then share one graph
-replay, and the more the GPU is behind, the fuller its calls. Nothing waits to be
-merged: a request that finds a stream idle runs at once. A call that fails is retried
-request by request, so only a request that fails alone is answered with ERROR (the
-client's slot pool retries or isolates the post, as for any engine failure); a stream
-whose rebuild fails leaves rotation, and with none left every request is answered with
-ERROR, so workers fall back or pause.
+Each engine stream has one dispatcher thread, which merges waiting requests of one
+length bucket into a call and answers them (:mod:`stream_sentiment.engines.server_dispatch`).
 
 The socket file is created mode 0600 in its folder: only the server's own user (the
 workers run as the same user) can connect.
@@ -39,131 +32,22 @@ import socket
 import stat
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import start_http_server
 
 from stream_sentiment.config import Settings
 from stream_sentiment.engines import wire
-from stream_sentiment.engines.base import Engine, TokenBatch
+from stream_sentiment.engines.base import Engine
 from stream_sentiment.engines.manifest import VERSION_PATTERN, EngineRepository, EngineRepositoryError, EngineVersion
-from stream_sentiment.interpreter import settle_heap
+from stream_sentiment.engines.server_dispatch import Client, EngineKey, EngineServerMetrics, HostedEngine, Request
 
 log = logging.getLogger(__name__)
 
 OpenEngine = Callable[[Settings], tuple[EngineVersion, Engine]]
 SERVER_BACKEND = "engine-server"
-# Latency buckets for one engine call on a GPU: tens of microseconds to a slow, large batch.
-CALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.5, 2.0)
-
-
-@dataclass(frozen=True)
-class EngineKey:
-    """What a client serves: an engine is shared only by clients asking for the same shapes."""
-
-    version: str
-    buckets: tuple[int, ...]
-    max_rows: int
-
-
-@dataclass(eq=False)
-class _Client:
-    """One connection's socket; answers come from whichever stream thread ran the request."""
-
-    connection: socket.socket
-    # The protocol has one request in flight per connection; the lock keeps a client that pipelines
-    # anyway from getting two answers interleaved byte by byte.
-    sending: threading.Lock = field(default_factory=threading.Lock)
-
-    def send(self, kind: bytes, *parts: bytes) -> None:
-        with self.sending:
-            try:
-                wire.send_frame(self.connection, kind, *parts)
-            except OSError:
-                # Gone, or the frame went out half: either way the connection is done. Shutting it makes
-                # a client still waiting see EOF now (and reconnect) instead of after its timeout.
-                with contextlib.suppress(OSError):
-                    self.connection.shutdown(socket.SHUT_RDWR)
-
-    def error(self, text: str) -> None:
-        self.send(wire.ERROR, text.encode("utf-8", "replace"))
-
-
-@dataclass(eq=False)
-class _Request:
-    batch: TokenBatch
-    client: _Client
-    metrics: EngineServerMetrics
-    queued: float = field(default_factory=time.perf_counter)
-
-    def answer(self, logits: np.ndarray) -> None:
-        self.metrics.calls.labels("ok").inc()
-        self.client.send(wire.LOGITS, *wire.logits_parts(logits))
-
-    def fail(self, error: str) -> None:
-        self.metrics.calls.labels("engine_error").inc()
-        self.client.error(error)
-
-
-@dataclass(eq=False)
-class _Hosted:
-    key: EngineKey
-    version: EngineVersion
-    engine: Engine
-    vocabulary: int
-    pending: deque[_Request] = field(default_factory=deque)
-    ready: threading.Condition = field(default_factory=threading.Condition)
-    lost: set[int] = field(default_factory=set)
-    dispatchers: list[threading.Thread] = field(default_factory=list)
-    clients: int = 0
-    pinned: bool = False
-    closing: bool = False
-
-    @property
-    def working(self) -> bool:
-        return len(self.lost) < self.engine.streams
-
-    def take_group(self) -> list[_Request]:
-        """The oldest waiting request and the later ones of its bucket that fit beside it (lock held)."""
-        first = self.pending.popleft()
-        group, rows = [first], first.batch.rows
-        for request in list(self.pending):
-            if request.batch.bucket == first.batch.bucket and rows + request.batch.rows <= self.key.max_rows:
-                self.pending.remove(request)
-                group.append(request)
-                rows += request.batch.rows
-        return group
-
-
-class EngineServerMetrics:
-    """The server's Prometheus metrics, in a registry of their own."""
-
-    def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
-        ns = "stream_sentiment"
-        ProcessCollector(registry=r)
-        self.calls = Counter("engine_server_calls", "Requests answered, by outcome (ok, engine_error, bad_request).",
-                             ["outcome"], namespace=ns, registry=r)
-        self.batches = Counter("engine_server_batches", "Engine calls on the device: requests / batches is how "
-                               "many requests shared a call.", namespace=ns, registry=r)
-        self.rows = Counter("engine_server_rows", "Posts scored by the engine server.", namespace=ns, registry=r)
-        self.call_seconds = Histogram("engine_server_call_seconds", "One engine call on the device, copies included.",
-                                      buckets=CALL_BUCKETS, namespace=ns, registry=r)
-        self.stream_wait = Histogram("engine_server_stream_wait_seconds",
-                                     "How long a request waited for an engine stream.",
-                                     buckets=CALL_BUCKETS, namespace=ns, registry=r)
-        self.clients = Gauge("engine_server_clients", "Open client connections (worker slots).",
-                             namespace=ns, registry=r)
-        self.engines = Gauge("engine_server_engines", "Engines loaded (one per version and shape set).",
-                             namespace=ns, registry=r)
-        self.lost_streams = Gauge("engine_server_lost_streams", "Engine streams out of rotation, over all engines.",
-                                  namespace=ns, registry=r)
 
 
 class EngineServer:
@@ -189,7 +73,7 @@ class EngineServer:
         self.socket_path = Path(settings.engine.server_socket)
         self.open_engine = open_engine
         self.metrics = metrics if metrics is not None else EngineServerMetrics()
-        self._hosted: dict[EngineKey, _Hosted] = {}
+        self._hosted: dict[EngineKey, HostedEngine] = {}
         # Loads are rare and slow; one at a time keeps GPU memory predictable. Serving never takes it.
         self._load_lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -279,7 +163,7 @@ class EngineServer:
 
     # -- engines -------------------------------------------------------------------------------
 
-    def _acquire(self, key: EngineKey, expected_sha256: str | None, *, pin: bool = False) -> _Hosted:
+    def _acquire(self, key: EngineKey, expected_sha256: str | None, *, pin: bool = False) -> HostedEngine:
         """The hosted engine for ``key``, loaded if need be, counted as used by one more client (or pinned)."""
         with self._load_lock:
             hosted = self._hosted.get(key)
@@ -301,7 +185,7 @@ class EngineServer:
                 hosted.clients += 1
             return hosted
 
-    def _load(self, key: EngineKey) -> _Hosted:
+    def _load(self, key: EngineKey) -> HostedEngine:
         engine_settings = self.settings.engine.model_copy(update={"version": key.version})
         batching = self.settings.batching.model_copy(update={"buckets": key.buckets, "max_rows": key.max_rows})
         settings = self.settings.model_copy(update={"engine": engine_settings, "batching": batching})
@@ -313,28 +197,18 @@ class EngineServer:
         from tokenizers import Tokenizer
 
         vocabulary = Tokenizer.from_file(str(version.tokenizer_path)).get_vocab_size()
-        hosted = _Hosted(key, version, engine, vocabulary)
-        for stream in range(engine.streams):
-            thread = threading.Thread(target=self._dispatch, args=(hosted, stream), daemon=True,
-                                      name=f"engine-server-{key.version}-stream-{stream}")
-            thread.start()
-            hosted.dispatchers.append(thread)
+        hosted = HostedEngine(key, version, engine, vocabulary, self.metrics)
+        hosted.start()
         return hosted
 
-    def _unload(self, hosted: _Hosted) -> None:
-        with hosted.ready:
-            hosted.closing = True
-            hosted.ready.notify_all()
-        for thread in hosted.dispatchers:
-            thread.join(self.settings.engine.call_timeout_s)
-        hosted.engine.deactivate()
-        settle_heap()  # it may have been frozen with the start-up heap: only a collection after an unfreeze frees it
+    def _unload(self, hosted: HostedEngine) -> None:
+        hosted.unload(self.settings.engine.call_timeout_s)
 
-    def _release(self, hosted: _Hosted) -> None:
+    def _release(self, hosted: HostedEngine) -> None:
         with self._load_lock:
             self._release_locked(hosted, counted=True)
 
-    def _release_locked(self, hosted: _Hosted, *, counted: bool) -> None:
+    def _release_locked(self, hosted: HostedEngine, *, counted: bool) -> None:
         if counted:
             hosted.clients -= 1
         if hosted.clients <= 0 and not hosted.pinned and self._hosted.get(hosted.key) is hosted:
@@ -366,13 +240,13 @@ class EngineServer:
             self._spawn(self._serve, "engine-server-client", connection)
 
     def _serve(self, connection: socket.socket) -> None:
-        hosted: _Hosted | None = None
+        hosted: HostedEngine | None = None
         self.metrics.clients.inc()
         try:
             hosted = self._handshake(connection)
             if hosted is None:
                 return
-            client = _Client(connection)
+            client = Client(connection)
             while not self._closing.is_set():
                 kind, body = wire.recv_frame(connection)
                 if kind != wire.INFER:
@@ -392,7 +266,7 @@ class EngineServer:
             if hosted is not None:
                 self._release(hosted)
 
-    def _handshake(self, connection: socket.socket) -> _Hosted | None:
+    def _handshake(self, connection: socket.socket) -> HostedEngine | None:
         kind, body = wire.recv_frame(connection)
         if kind != wire.HELLO:
             wire.send_error(connection, f"expected HELLO, got {kind!r}")
@@ -417,8 +291,8 @@ class EngineServer:
             raise
         return hosted
 
-    def _queue(self, client: _Client, hosted: _Hosted, body: memoryview) -> None:
-        """Check a request and queue it for a stream thread, which answers it (one handoff, not two)."""
+    def _queue(self, client: Client, hosted: HostedEngine, body: memoryview) -> None:
+        """Check a request and hand it to the engine's stream threads (:meth:`HostedEngine.submit`)."""
         try:
             batch = wire.parse_batch(body)
         except wire.WireError as error:
@@ -439,72 +313,7 @@ class EngineServer:
             self.metrics.calls.labels("bad_request").inc()
             client.error(problem)
             return
-        request = _Request(batch, client, self.metrics)
-        with hosted.ready:
-            if hosted.working:
-                hosted.pending.append(request)
-                hosted.ready.notify()
-                return
-        request.fail(f"no stream of {hosted.engine.describe()} works on the engine server")
-
-    def _dispatch(self, hosted: _Hosted, stream: int) -> None:
-        """One stream's thread: run the next group of waiting requests, until unloaded or out of rotation."""
-        while True:
-            with hosted.ready:
-                while not hosted.pending and not hosted.closing:
-                    hosted.ready.wait()
-                if hosted.closing:
-                    while hosted.pending:  # unloading: answer, rather than leave clients to their timeouts
-                        hosted.pending.popleft().fail(f"{hosted.engine.describe()} is being unloaded")
-                    return
-                group = hosted.take_group()
-            self._run(hosted, stream, group)
-            if stream in hosted.lost:
-                with hosted.ready:
-                    if not hosted.working:  # the last stream: nobody else will answer these
-                        while hosted.pending:
-                            hosted.pending.popleft().fail(f"no stream of {hosted.engine.describe()} works")
-                return
-
-    def _run(self, hosted: _Hosted, stream: int, group: list[_Request], *, retry: bool = False) -> None:
-        started = time.perf_counter()
-        if not retry:
-            for request in group:
-                self.metrics.stream_wait.observe(started - request.queued)
-        if len(group) == 1:
-            batch = group[0].batch
-        else:
-            batch = TokenBatch(np.concatenate([r.batch.input_ids for r in group]),
-                               np.concatenate([r.batch.attention_mask for r in group]), group[0].batch.bucket)
-        try:
-            logits = hosted.engine.logits(batch, stream)
-        except Exception as error:
-            self._rebuild(hosted, stream, error)
-            if len(group) > 1 and stream not in hosted.lost:
-                for request in group:  # alone, so only the request at fault gets the error
-                    self._run(hosted, stream, [request], retry=True)
-                return
-            for request in group:
-                request.fail(f"{type(error).__name__}: {error}")
-            return
-        self.metrics.call_seconds.observe(time.perf_counter() - started)
-        self.metrics.batches.inc()
-        self.metrics.rows.inc(batch.rows)
-        offset = 0
-        for request in group:
-            request.answer(logits[offset:offset + request.batch.rows])
-            offset += request.batch.rows
-
-    def _rebuild(self, hosted: _Hosted, stream: int, error: BaseException) -> None:
-        log.warning("%s stream %d failed (%s): rebuilding", hosted.engine.describe(), stream, error)
-        try:
-            hosted.engine.rebuild(stream)
-        except Exception:
-            log.exception("%s stream %d could not be rebuilt: out of rotation", hosted.engine.describe(), stream)
-            with hosted.ready:
-                hosted.lost.add(stream)
-            self.metrics.lost_streams.inc()
-
+        hosted.submit(Request(batch, client, self.metrics))
 
 def _parse_hello(hello: dict[str, Any], max_rows_limit: int) -> tuple[EngineKey, str | None]:
     """The client's request, checked; ``max_rows_limit`` (the server's ``batching.max_rows``) bounds the

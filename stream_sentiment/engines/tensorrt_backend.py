@@ -7,7 +7,7 @@ shape of Polygraphy's TensorRT runner and TensorRT's ``common_runtime.py``:
   because a context holds per-inference state and must never be shared by threads;
 * the plan has one *set* of optimization profiles per stream, one profile per bucket it was
   built for in each (the manifest's, or ``build-engine --buckets``; every serving bucket must
-  be among them; see ``tensorrt_build``): TensorRT's docs allow a profile to be used by
+  be among them; see ``engine_build.tensorrt_build``): TensorRT's docs allow a profile to be used by
   only one context at a time, so slot ``s`` uses set ``s % profile_sets`` and a batch's
   profile is ``set * len(plan buckets) + bucket_index``. A plan with fewer sets than streams
   still runs (TensorRT 10 may tolerate sharing) with a warning to rebuild it. A slot
@@ -38,25 +38,13 @@ import numpy as np
 
 from stream_sentiment.engines.base import BackendUnavailableError, Engine, EngineError, TokenBatch
 from stream_sentiment.engines.manifest import EngineVersion
-from stream_sentiment.engines.tensorrt_build import current_gpu, import_tensorrt, plan_path
+from stream_sentiment.engines.plans import current_gpu, import_cudart, import_tensorrt, plan_path
 
 # TensorRT wants one logger per process (a second one only logs a warning), and an
 # engine reloaded on every version swap would otherwise bring a new one each time.
 _LOGGERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 log = logging.getLogger(__name__)
-
-
-def import_cudart() -> Any:
-    """cuda-python's runtime module, in its current layout or the pre-12.8 one."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python < 12.8 layout
-        except ImportError as error:
-            raise BackendUnavailableError("cuda-python is not installed (pip install cuda-python)") from error
-    return cudart
 
 
 def cuda_call(cudart: Any, name: str, *args: Any) -> Any:
@@ -146,7 +134,7 @@ class TensorRTEngine(Engine):
         trt / cudart: the tensorrt and cuda-python runtime modules; imported on
             activation when not given.
         plan: plan bytes or a plan path; by default the plan built for this GPU and
-            TensorRT version (``tensorrt_build.plan_path``) and its JSON sidecar.
+            TensorRT version (``engines.plans.plan_path``) and its JSON sidecar.
         device: CUDA device ordinal.
     """
 

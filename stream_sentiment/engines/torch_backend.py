@@ -1,7 +1,7 @@
 """PyTorch on CUDA (``torch-cuda``): the version's model in FP16/BF16, replayed as CUDA graphs.
 
 The GPU backend for machines without TensorRT. The weights come out of the
-version's ONNX (``onnx_weights``: for the INT8 version, the dequantized INT8
+version's ONNX (``engine_build.onnx_weights``: for the INT8 version, the dequantized INT8
 weights), so it serves exactly the committed version, in half precision and
 with unquantized activations.
 
@@ -146,8 +146,10 @@ class TorchCudaEngine(Engine):
         self._slots = [self._new_slot() for _ in range(self.streams)]
 
     def _load_model(self) -> Any:
+        # Build tooling at activation, unavoidably: the repository commits only the ONNX graph (no torch
+        # checkpoint), so the module's float weights are recovered from it each time a version is loaded.
+        from stream_sentiment.engine_build.onnx_weights import weights_for_version
         from stream_sentiment.engines.minilm_torch import EncoderConfig, SentimentClassifier
-        from stream_sentiment.engines.onnx_weights import weights_for_version
 
         torch = self._torch
         try:

@@ -22,7 +22,6 @@ partition to the mark, not to the (possibly older) committed offset.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -245,8 +244,3 @@ class RedisSink:
         marks, stream_times = await pipe.execute()
         times = {int(k): float(v) for k, v in stream_times.items()}
         return {int(k): PartitionState(int(v), times.get(int(k))) for k, v in marks.items()}
-
-    async def applied_marks(self) -> Mapping[int, int]:
-        """Every partition's next offset to apply."""
-        raw = await self._client.hgetall(self.offsets_key)
-        return {int(k): int(v) for k, v in raw.items()}

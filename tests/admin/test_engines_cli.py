@@ -148,17 +148,19 @@ def test_a_missing_token_file_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_run_passes_the_admin_flags_to_the_settings(token_file: Path) -> None:
-    from stream_sentiment.cli import _run_settings, build_parser
+    from stream_sentiment.cli import build_parser
+    from stream_sentiment.cli.service import run_settings
 
     args = build_parser().parse_args(["run", "--admin-host", "0.0.0.0", "--admin-port", "9000",
                                       "--admin-token-file", str(token_file)])
-    admin = _run_settings(args).admin  # type: ignore[attr-defined]
+    admin = run_settings(args).admin  # type: ignore[attr-defined]
     assert (admin.host, admin.port, admin.token_file, admin.read_token()) == ("0.0.0.0", 9000, token_file, TOKEN)
 
 
 def test_run_takes_the_issues_token_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stream_sentiment.cli import _run_settings, build_parser
+    from stream_sentiment.cli import build_parser
+    from stream_sentiment.cli.service import run_settings
 
     monkeypatch.setenv("STREAM_SENTIMENT_ADMIN_TOKEN", TOKEN)
-    admin = _run_settings(build_parser().parse_args(["run"])).admin  # type: ignore[attr-defined]
+    admin = run_settings(build_parser().parse_args(["run"])).admin  # type: ignore[attr-defined]
     assert (admin.host, admin.port, admin.read_token()) == ("127.0.0.1", 8081, TOKEN)

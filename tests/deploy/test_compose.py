@@ -399,11 +399,11 @@ def test_dockerfiles_copy_files_that_reach_the_build_context(dockerfile: str) ->
 
 def test_dockerignore_sends_the_package_and_engines_but_not_plans_or_secrets() -> None:
     patterns = dockerignore_patterns()
-    for path in ("pyproject.toml", "README.md", "stream_sentiment/cli.py", "docker/gpu_entrypoint.py",
+    for path in ("pyproject.toml", "README.md", "stream_sentiment/cli/__init__.py", "docker/gpu_entrypoint.py",
                  "engines/minilm-sentiment/v1/model.int8.onnx", "engines/minilm-sentiment/v1/manifest.json"):
         assert in_build_context(path, patterns), path
     for path in (".env", ".git/HEAD", "tests/conftest.py", "engines/minilm-sentiment/v1/plans/h100-sm90.plan",
-                 "stream_sentiment/__pycache__/cli.cpython-311.pyc", "docker-compose.yml"):
+                 "stream_sentiment/__pycache__/config.cpython-311.pyc", "docker-compose.yml"):
         assert not in_build_context(path, patterns), path
 
 

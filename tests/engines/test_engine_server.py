@@ -279,13 +279,14 @@ def test_concurrent_requests_of_one_bucket_share_a_device_call_and_a_failing_one
 def test_a_group_takes_the_oldest_request_and_later_ones_of_its_bucket_up_to_the_largest_batch():
     from types import SimpleNamespace
 
-    from stream_sentiment.engines.server import EngineKey, _Hosted, _Request
+    from stream_sentiment.engines.server_dispatch import EngineKey, EngineServerMetrics, HostedEngine, Request
 
-    def request(rows: int, bucket: int) -> _Request:
+    def request(rows: int, bucket: int) -> Request:
         ids = np.ones((rows, bucket), np.int64)
-        return _Request(TokenBatch(ids, ids, bucket), client=None, metrics=None)  # type: ignore[arg-type]
+        return Request(TokenBatch(ids, ids, bucket), client=None, metrics=None)  # type: ignore[arg-type]
 
-    hosted = _Hosted(EngineKey("v1", (32, 64), 8), None, SimpleNamespace(streams=1), 30522)  # type: ignore[arg-type]
+    hosted = HostedEngine(EngineKey("v1", (32, 64), 8), None, SimpleNamespace(streams=1), 30522,  # type: ignore[arg-type]
+                          EngineServerMetrics())
     queued = [request(3, 32), request(4, 64), request(4, 32), request(1, 32), request(2, 32)]
     hosted.pending.extend(queued)
     assert hosted.take_group() == [queued[0], queued[2], queued[3]]  # 3 + 4 + 1 rows: 2 more would pass 8

@@ -25,8 +25,8 @@ import pytest
 from stream_sentiment.engines import tensorrt_backend
 from stream_sentiment.engines.base import BackendUnavailableError, EngineError, TokenBatch, softmax
 from stream_sentiment.engines.manifest import load_engine_version
+from stream_sentiment.engines.plans import GpuIdentity, PlanInfo, plan_path
 from stream_sentiment.engines.tensorrt_backend import TensorRTEngine
-from stream_sentiment.engines.tensorrt_build import GpuIdentity, PlanInfo, plan_path
 from tests.engines.fake_tensorrt import (
     CudaThroughCudart,
     FakeCudaRuntime,
@@ -443,8 +443,8 @@ def test_real_cuda_memory_and_streams_with_the_fake_network(engine_version):
 def test_gpu_plan_scores_like_onnxruntime(engine_copy):
     """GPU smoke test: build the plan for this GPU, score on two streams, agree with the CPU engine."""
     from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
+    from stream_sentiment.engine_build.tensorrt_build import build_plan
     from stream_sentiment.engines.onnxruntime_backend import OnnxRuntimeEngine
-    from stream_sentiment.engines.tensorrt_build import build_plan
 
     version = load_engine_version(engine_copy)
     assert build_plan(version, streams=2, opt_rows=4, max_rows=16).profile_sets == 2

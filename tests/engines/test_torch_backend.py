@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
+from stream_sentiment.engine_build.onnx_weights import expected_shapes, weights_for_version
+from stream_sentiment.engine_build.qdq_rewrite import strip_quantization
 from stream_sentiment.engines.base import BackendUnavailableError, EngineError, TokenBatch, softmax
-from stream_sentiment.engines.onnx_weights import expected_shapes, weights_for_version
-from stream_sentiment.engines.qdq_rewrite import strip_quantization
 from stream_sentiment.engines.torch_backend import TorchCudaEngine, graph_batch_sizes, graph_rows_for
 
 

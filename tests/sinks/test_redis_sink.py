@@ -29,12 +29,12 @@ def test_ranges_apply_once_in_order_and_replays_are_skipped(redis_factory):
             await client.hgetall("t:agg:global:all:1000"),
             await client.hgetall("t:totals"),
             await client.ttl("t:agg:global:all:1000"),
-            await sink.applied_marks(),
+            await sink.partition_states(),
         )
         await client.aclose()
         return first, second, replay, replay_tail, other_partition, state
 
-    first, second, replay, replay_tail, other, (aggregate, totals, ttl, marks) = asyncio.run(scenario())
+    first, second, replay, replay_tail, other, (aggregate, totals, ttl, states) = asyncio.run(scenario())
     assert (first.outcome, second.outcome) == (ApplyOutcome.APPLIED, ApplyOutcome.APPLIED)
     assert (replay.outcome, replay.mark) == (ApplyOutcome.DUPLICATE, 25)
     assert replay_tail.outcome is ApplyOutcome.DUPLICATE
@@ -43,7 +43,7 @@ def test_ranges_apply_once_in_order_and_replays_are_skipped(redis_factory):
     assert float(aggregate["p_negative_sum"]) == 2.25
     assert totals["scored"] == "6"
     assert 0 < ttl <= 600
-    assert marks == {0: 25, 1: 5}
+    assert {partition: state.mark for partition, state in states.items()} == {0: 25, 1: 5}
 
 
 def test_overlapping_or_gapped_ranges_write_nothing(redis_factory):

@@ -44,8 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from stream_sentiment.engine_build.qdq_rewrite import dequantized
 from stream_sentiment.engines.manifest import EngineVersion
-from stream_sentiment.engines.qdq_rewrite import _dequantized
 
 # Not in the graph: only row 0 of the token-type table survives constant folding.
 TYPE_VOCAB_SIZE = 2
@@ -123,7 +123,7 @@ class _Graph:
             return self._to_array(self.initializers[name])
         node = self.producer.get(name)
         if node is not None and node.op_type == "DequantizeLinear" and node.input[0] in self.initializers:
-            return _dequantized(node, self.initializers)
+            return dequantized(node, self.initializers)
         return None
 
     def through_qdq(self, name: str) -> list[Any]:

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
-from stream_sentiment.engines.manifest import EngineVersion
-from stream_sentiment.engines.onnx_weights import (
+from stream_sentiment.engine_build.onnx_weights import (
     ExtractedWeights,
     expected_shapes,
     extract_weights,
     weights_for_version,
 )
-from stream_sentiment.engines.qdq_rewrite import strip_quantization
+from stream_sentiment.engine_build.qdq_rewrite import strip_quantization
+from stream_sentiment.engines.manifest import EngineVersion
 
 POSTS = [
     "I absolutely love this, best day ever! :)",

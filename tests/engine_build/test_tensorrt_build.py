@@ -9,7 +9,8 @@ import json
 import pytest
 
 from stream_sentiment.cli import main
-from stream_sentiment.engines.tensorrt_build import GpuIdentity, PhaseBars, PlanInfo, build_plan
+from stream_sentiment.engine_build.tensorrt_build import PhaseBars, build_plan
+from stream_sentiment.engines.plans import GpuIdentity, PlanInfo
 from tests.engines.fake_tensorrt import FakeTensorRTBuilder
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -87,7 +88,7 @@ def test_streams_below_one_and_refused_profiles_are_errors(engine_copy):
 
 @pytest.mark.parametrize(("flags", "streams"), [([], 1), (["--streams", "3"], 3)])
 def test_build_engine_passes_streams_to_build_plan(engine_copy, monkeypatch, capsys, flags, streams):
-    from stream_sentiment.engines import tensorrt_build
+    from stream_sentiment.engine_build import tensorrt_build
 
     calls = []
 
@@ -110,7 +111,7 @@ def test_build_engine_refuses_streams_below_one(engine_copy, capsys):
 @pytest.fixture
 def fake_builder(monkeypatch) -> FakeTensorRTBuilder:
     """build-engine runs against the fake builder, on a made-up GPU (no cuda-python here)."""
-    from stream_sentiment.engines import tensorrt_build
+    from stream_sentiment.engine_build import tensorrt_build
 
     fake = FakeTensorRTBuilder()
     monkeypatch.setattr(tensorrt_build, "import_tensorrt", lambda: fake)

@@ -16,11 +16,11 @@ bucket_index``, and stream ``s`` uses set ``s % profile_sets``. Build time
 grows with the number of sets (each profile is tuned on its own).
 
 Plans are specific to a GPU model, compute capability and TensorRT version;
-they are stored under ``<version>/plans/`` with those three in the file name
-and a JSON sidecar (which records ``profile_sets``), and never committed. The
-set count is *not* in the file name: there is one plan per GPU and TensorRT
-version, and the newest ``build-engine`` wins; rebuild with ``--streams`` equal
-to ``engine.streams`` (or more) when that setting grows.
+where one is stored and its JSON sidecar (which records ``profile_sets``) are
+in ``engines.plans``, which the TensorRT backend reads too. The set count is
+*not* in the file name: there is one plan per GPU and TensorRT version, and the
+newest ``build-engine`` wins; rebuild with ``--streams`` equal to
+``engine.streams`` (or more) when that setting grows.
 
 A build takes minutes, so ``build_plan`` draws the builder's own progress
 reports (``trt.IProgressMonitor``: nested phases of steps) as tqdm bars on
@@ -30,77 +30,16 @@ stderr, one per active phase; ``build-engine --no-progress`` turns them off.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from stream_sentiment.engines.base import BackendUnavailableError
-from stream_sentiment.engines.manifest import PLANS_DIR, EngineVersion
-
-INSTALL_HINT = (
-    "TensorRT is not installed. build-engine needs an NVIDIA GPU with TensorRT 10 "
-    "(pip install 'stream-sentiment[tensorrt]', or a TensorRT container); the CPU "
-    "engine (onnxruntime) needs no plan."
-)
-
-
-@dataclass(frozen=True)
-class GpuIdentity:
-    name: str
-    compute_capability: str
-
-    @property
-    def slug(self) -> str:
-        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
-
-
-@dataclass(frozen=True)
-class PlanInfo:
-    """The sidecar written next to a plan: what it was built for and from."""
-
-    plan_file: str
-    gpu: str
-    compute_capability: str
-    tensorrt_version: str
-    engine_version: str
-    buckets: list[int]
-    min_rows: int
-    opt_rows: int
-    max_rows: int
-    build_seconds: float
-    # Copies of the per-bucket profiles, one per execution context; sidecars written
-    # before this field existed describe plans with a single set.
-    profile_sets: int = 1
-
-
-def import_tensorrt() -> Any:
-    try:
-        import tensorrt
-    except ImportError as error:
-        raise BackendUnavailableError(INSTALL_HINT) from error
-    return tensorrt
-
-
-def current_gpu(device: int = 0) -> GpuIdentity:
-    """Name and compute capability of ``device``, through cuda-python's runtime API."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python < 12.8 layout
-        except ImportError as error:
-            raise BackendUnavailableError("cuda-python is not installed (pip install cuda-python)") from error
-    status, props = cudart.cudaGetDeviceProperties(device)
-    if int(status) != 0:
-        raise BackendUnavailableError(f"no CUDA device {device}: {status}")
-    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-    return GpuIdentity(name=name.strip("\x00 "), compute_capability=f"{props.major}.{props.minor}")
+from stream_sentiment.engines.manifest import EngineVersion
+from stream_sentiment.engines.plans import GpuIdentity, PlanInfo, current_gpu, import_tensorrt, plan_path
 
 
 class PhaseBars:
@@ -172,11 +111,6 @@ def progress_monitor(trt: Any, output: TextIO | None = None) -> Any:
             self.bars.phase_finish(phase_name)
 
     return TqdmProgressMonitor()
-
-
-def plan_path(version: EngineVersion, gpu: GpuIdentity, tensorrt_version: str) -> Path:
-    cc = gpu.compute_capability.replace(".", "")
-    return version.path / PLANS_DIR / f"{gpu.slug}-sm{cc}-trt{tensorrt_version}.plan"
 
 
 def build_plan(

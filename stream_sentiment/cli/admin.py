@@ -1,0 +1,87 @@
+"""``engines list|activate|rollback``: a thin client of a running worker's ``/admin/engines`` routes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from stream_sentiment.cli.common import ADMIN_TOKEN_ENV, EXIT_UNAVAILABLE, EXIT_USAGE, Commands
+
+
+def _admin_base_url(host: str, port: int) -> str:
+    # A wildcard bind is reached through loopback from this machine.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _engines(args: argparse.Namespace) -> int:
+    """Prints the JSON answer; the exit code follows the HTTP status."""
+    import os
+
+    from stream_sentiment.admin.client import AdminClient, AdminUnreachableError
+    from stream_sentiment.config import Settings
+
+    name = f"stream-sentiment engines {args.action}"
+    try:
+        token = (args.admin_token_file.read_text(encoding="utf-8").strip() if args.admin_token_file
+                 else os.environ.get(ADMIN_TOKEN_ENV, "").strip()) or None
+    except OSError as error:
+        print(f"{name}: cannot read the admin token file: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    url = args.admin_url
+    if url is None or token is None:  # the settings (env, config file) fill in what the flags left out
+        admin = Settings.load(args.config).admin
+        token = token if token is not None else admin.read_token()
+        if url is None:
+            if admin.port == 0:
+                print(f"{name}: admin.port is 0 (any free port); pass --admin-url", file=sys.stderr)
+                return EXIT_USAGE
+            url = _admin_base_url(admin.host, admin.port)
+    try:
+        client = AdminClient(url, token, timeout=args.timeout)
+    except ValueError as error:
+        print(f"{name}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    calls = {"list": client.engines, "rollback": client.rollback,
+             "activate": lambda: client.activate(args.version)}
+    try:
+        status, answer = calls[args.action]()
+    except AdminUnreachableError as error:
+        print(f"{name}: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    print(json.dumps(answer, indent=2))
+    if 200 <= status < 300:
+        return 0
+    print(f"{name}: refused ({status}): {answer.get('error', answer)}", file=sys.stderr)
+    return 1
+
+
+def _add_admin_client_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    # On an action sub-parser the defaults are SUPPRESSed, so they do not overwrite flags given before the action.
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--admin-url", default=default(None),
+                        help="the worker's admin endpoint (default: http://<admin.host>:<admin.port> from settings)")
+    parser.add_argument("--admin-token-file", type=Path, default=default(None),
+                        help=f"file holding the admin bearer token (else ${ADMIN_TOKEN_ENV} or the settings)")
+    parser.add_argument("--config", type=Path, default=default(None), help="TOML or JSON settings file")
+    parser.add_argument("--timeout", type=float, default=default(300.0),
+                        help="seconds to wait for an answer (an activation loads and validates first)")
+
+
+def add_commands(commands: Commands) -> None:
+    engines = commands.add_parser("engines", help="list, activate or roll back engine versions "
+                                                  "through a running worker's admin endpoint")
+    _add_admin_client_flags(engines, suppress=False)
+    actions = engines.add_subparsers(dest="action", required=True)
+    for action, help_text in (("list", "versions in the repository, their states and the active one"),
+                              ("activate", "load, validate and switch to a version (waits for the result)"),
+                              ("rollback", "switch back to the previous engine")):
+        sub = actions.add_parser(action, help=help_text)
+        _add_admin_client_flags(sub, suppress=True)  # the flags may come before or after the action
+        if action == "activate":
+            sub.add_argument("version", help="version name inside the engine repository (not a path)")
+    engines.set_defaults(handler=_engines)

@@ -1,0 +1,163 @@
+"""``produce``, ``alerts``, ``top``, ``demo`` and ``stats``: posts into the topic, alerts and totals out of Redis."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from stream_sentiment.cli.common import EXIT_USAGE, Commands, add_connection_flags, connection_settings, int_list
+
+
+def _produce(args: argparse.Namespace) -> int:
+    import asyncio
+    import itertools
+
+    from aiokafka import AIOKafkaProducer
+    from tqdm import tqdm
+
+    from stream_sentiment.source.replay import Surge, file_posts, replay, sample_posts
+
+    settings = connection_settings(args)
+    if args.file:
+        values = file_posts(args.file)
+    else:
+        values = (json.dumps(p).encode() for p in sample_posts(args.seed))
+    surge = None
+    if args.surge_topic or args.surge_region:
+        surge = Surge(args.surge_topic, args.surge_region, args.surge_start, args.surge_duration, args.surge_rate)
+
+    async def send() -> dict[str, int]:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)  # type: ignore[attr-defined]
+        await producer.start()
+        try:
+            with tqdm(total=args.count, desc="produce", unit="post", file=sys.stderr,
+                      disable=args.no_progress) as bar:
+                return await replay(producer, settings.topic, itertools.islice(values, None),  # type: ignore[attr-defined]
+                                    rate=args.rate, count=args.count, surge=surge, progress=bar.update)
+        finally:
+            await producer.stop()
+
+    print(json.dumps(asyncio.run(send())))
+    return 0
+
+
+def _alerts(args: argparse.Namespace) -> int:
+    from redis import Redis
+
+    from stream_sentiment.aggregation.buckets import RedisKeys
+    from stream_sentiment.sinks.alert_feed import deadline, follow, format_alert, recent
+
+    settings = connection_settings(args)
+    client = Redis.from_url(settings.redis_url, decode_responses=True)  # type: ignore[attr-defined]
+    stream = RedisKeys(settings.redis_prefix).alerts  # type: ignore[attr-defined]
+    try:
+        last = "$"
+        for entry_id, fields in recent(client, stream, args.last):
+            print(format_alert(fields), flush=True)
+            last = entry_id
+        if args.follow:
+            for _, fields in follow(client, stream, after=last, until=deadline(args.duration)):
+                print(format_alert(fields), flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.close()
+    return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from redis.asyncio import Redis
+
+    from stream_sentiment.aggregation.buckets import RedisKeys
+    from stream_sentiment.views.queries import AnalystQueries
+    from stream_sentiment.views.terminal import run_top
+
+    settings = connection_settings(args)
+    windows = args.windows or settings.aggregation.windows_seconds  # type: ignore[attr-defined]
+    if any(w <= 0 for w in windows) or args.limit < 1 or args.refresh <= 0:
+        print("stream-sentiment top: --windows, --limit and --refresh must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    min_posts = args.min_posts if args.min_posts is not None else settings.alerts.min_posts  # type: ignore[attr-defined]
+    client = Redis.from_url(settings.redis_url, socket_timeout=10)  # type: ignore[attr-defined]
+    queries = AnalystQueries(client, RedisKeys(settings.redis_prefix),  # type: ignore[attr-defined]
+                             settings.aggregation.bucket_seconds)  # type: ignore[attr-defined]
+    try:
+        asyncio.run(run_top(client, queries, windows, limit=args.limit, min_posts=min_posts,
+                            refresh_seconds=args.refresh, once=args.once, duration=args.duration))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from stream_sentiment.demo import main as demo
+
+    return demo(args.duration, args.rate, args.surge_topic, args.surge_start)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from stream_sentiment.service import read_stats
+
+    stats = read_stats(connection_settings(args))  # type: ignore[arg-type]
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        for key, value in stats.items():
+            print(f"{key:>24}: {value}")
+    return 0
+
+
+def add_commands(commands: Commands) -> None:
+    produce = commands.add_parser("produce", help="replay posts (a file or the bundled samples) at a rate")
+    add_connection_flags(produce)
+    produce.add_argument("--file", type=Path, default=None,
+                         help="JSONL post messages (sent as they are) or CSV with a text column; "
+                              "default: the bundled sample tweets")
+    produce.add_argument("--rate", type=float, default=100.0, help="posts per second (0 = as fast as possible)")
+    produce.add_argument("--count", type=int, default=None, help="stop after this many (default: the whole file; "
+                                                                 "samples repeat forever)")
+    produce.add_argument("--seed", type=int, default=0, help="sample order")
+    produce.add_argument("--surge-topic", default=None, help="inject a surge of negative posts with this topic")
+    produce.add_argument("--surge-region", default=None, help="... and/or this region")
+    produce.add_argument("--surge-start", type=float, default=30.0, help="seconds after the start")
+    produce.add_argument("--surge-duration", type=float, default=30.0, help="seconds")
+    produce.add_argument("--surge-rate", type=float, default=200.0, help="extra posts per second during the surge")
+    produce.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    produce.set_defaults(handler=_produce)
+
+    alerts = commands.add_parser("alerts", help="print the alert feed readably")
+    add_connection_flags(alerts)
+    alerts.add_argument("--last", type=int, default=20, help="show the last N alerts first")
+    alerts.add_argument("--follow", action="store_true", help="then print new alerts as they arrive")
+    alerts.add_argument("--duration", type=float, default=None, help="stop following after this many seconds")
+    alerts.set_defaults(handler=_alerts)
+
+    top = commands.add_parser("top", help="live table of the most negative dimension values per window")
+    add_connection_flags(top)
+    top.add_argument("--windows", type=int_list, default=None,
+                     help="comma-separated window lengths in seconds (default: aggregation.windows_seconds)")
+    top.add_argument("--limit", type=int, default=10, help="rows per window")
+    top.add_argument("--min-posts", type=int, default=None,
+                     help="leave out values with fewer posts in the window (default: alerts.min_posts)")
+    top.add_argument("--refresh", type=float, default=2.0, help="seconds between redraws")
+    top.add_argument("--once", action="store_true", help="print the table once and exit (for scripts)")
+    top.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    top.set_defaults(handler=_top)
+
+    demo = commands.add_parser("demo", help="everything on this machine: embedded broker and Redis, "
+                                            "sample posts with a surge, live alerts")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds, then everything stops")
+    demo.add_argument("--rate", type=float, default=50.0,
+                      help="sample posts per second (the surge adds 0.6 times as many)")
+    demo.add_argument("--surge-topic", default="airline", help="the topic that turns negative")
+    demo.add_argument("--surge-start", type=float, default=15.0, help="seconds after the start")
+    demo.set_defaults(handler=_demo)
+
+    stats = commands.add_parser("stats", help="totals from Redis")
+    add_connection_flags(stats)
+    stats.add_argument("--json", action="store_true", help="one JSON object")
+    stats.set_defaults(handler=_stats)
