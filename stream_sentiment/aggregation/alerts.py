@@ -89,8 +89,14 @@ class AlertState:
     last_active: dict[tuple[str, str, str], float] = field(default_factory=dict)
 
 
-def evaluate(stats: WindowStats, state: AlertState, rules: AlertRules, now: float) -> list[Alert]:
-    """Alerts this window raises (after cooldown); updates ``state`` in place."""
+def evaluate(stats: WindowStats, state: AlertState, rules: AlertRules, now: float, *,
+             partial: bool = False) -> list[Alert]:
+    """Alerts this window raises (after cooldown); updates ``state`` in place.
+
+    ``partial``: the window reaches back before the first data. Its negative *share* is still a fair
+    reading, so the ratio rule applies; its *count* is short, so the surge rule does not, and the
+    baseline does not learn from it.
+    """
     key = (stats.window_seconds, stats.dimension, stats.value)
     baseline = state.baselines.get(key, Baseline())
     candidates = []
@@ -99,7 +105,7 @@ def evaluate(stats: WindowStats, state: AlertState, rules: AlertRules, now: floa
     z = baseline.z_score(stats.negative) if warmed_up else math.nan
     if stats.posts >= rules.min_posts and stats.negative_ratio >= rules.ratio_threshold:
         candidates.append(Alert("ratio", stats, baseline.mean, z, now))
-    if stats.posts >= rules.min_posts and warmed_up and z >= rules.surge_z:
+    if stats.posts >= rules.min_posts and warmed_up and not partial and z >= rules.surge_z:
         candidates.append(Alert("surge", stats, baseline.mean, z, now))
     fired = []
     for alert in candidates:
@@ -107,6 +113,6 @@ def evaluate(stats: WindowStats, state: AlertState, rules: AlertRules, now: floa
         if last is None or now - last >= rules.cooldown_seconds:
             fired.append(alert)
         state.last_active[alert.cooldown_key] = now
-    if not candidates:  # an incident does not move the baseline
+    if not candidates and not partial:  # an incident does not move the baseline
         state.baselines[key] = baseline.updated(stats.negative, rules.ewma_alpha)
     return fired

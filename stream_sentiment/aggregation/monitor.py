@@ -18,9 +18,11 @@ call, conditional on the last judged end still being the one this worker read
 adds, loses or doubles an alert. Pub/sub itself reaches only the subscribers
 connected at that moment: the stream is the durable feed.
 
-A window reaching back before the first bucket with on-time posts is not judged
-(no alert, no baseline update): windows that are only partly covered by data
-would otherwise teach the baseline an undercount.
+A window reaching back before the first bucket with on-time posts is judged by
+the ratio rule only: its negative share is a fair reading, its count is short,
+so it neither raises a surge alert nor teaches the baseline. (A surge soon after
+the stream starts is caught by its share, not only after the first window that
+data fully covers.)
 """
 
 from __future__ import annotations
@@ -156,11 +158,11 @@ class AlertMonitor:
         return (None if judged is None else int(judged)), state
 
     def _judged_or_start(self, group: GroupTime) -> int:
-        """The last judged end, or (none yet) the end before the first one data fully covers."""
+        """The last judged end, or (none yet) the first bucket's start: its end is the first one judged."""
         assert group.first_bucket is not None
         if group.judged_until is not None:
             return group.judged_until
-        return group.first_bucket + self.windows[0] - self.buckets.bucket_seconds
+        return group.first_bucket
 
     async def judge_due(self, partitions: int) -> list[Alert]:
         """Judge every window end the group's watermark has passed, in order; returns the alerts raised here.
@@ -209,14 +211,14 @@ class AlertMonitor:
         return True, fired
 
     async def _judge_end(self, end: int, first: int, state: AlertState) -> tuple[list[Alert], set[tuple[str, ...]]]:
-        """Evaluate every window ending at ``end`` that data fully covers; ``state`` is updated in place.
+        """Evaluate every window ending at ``end``; ``state`` is updated in place.
+
+        A window reaching back before ``first`` is partial (see :func:`alerts.evaluate`).
 
         Returns the alerts and the state entries touched (("b", window, dimension, value) baselines,
         ("c", rule, dimension, value) cooldowns).
         """
-        judged = [w for w in self.windows if end - w >= first]
-        if not judged:
-            return [], set()
+        judged = list(self.windows)
         step = self.buckets.bucket_seconds
         starts = list(range(end - judged[-1], end, step))
         present = await self.client.sunion([self.keys.dimension_values(s) for s in starts])
@@ -234,7 +236,7 @@ class AlertMonitor:
                 stats = WindowStats(window, dimension, value, posts, sum(c[1] for c in in_window),
                                     sum(c[2] for c in in_window))
                 # Event time, not the wall clock: cooldowns and the alert's time are the window's end.
-                fired.extend(evaluate(stats, state, self.rules, float(end)))
+                fired.extend(evaluate(stats, state, self.rules, float(end), partial=end - window < first))
                 if (window, dimension, value) in state.baselines:  # not while an incident holds it
                     changed.add(("b", str(window), dimension, value))
                 changed.update(("c", rule, dimension, value) for rule in ("ratio", "surge")

@@ -89,33 +89,52 @@ def test_a_quiet_partition_holds_back_judgement_until_it_is_marked_idle(redis_fa
 
 
 def test_the_slowest_partition_decides_when_a_window_is_judged(redis_factory):
+    # Second 0 is quiet on both partitions, every later second all negative.
     async def scenario():
         client = redis_factory(async_client=True)
         sink = RedisSink(client, "m", "posts", ttl_seconds=3600)
         monitor = AlertMonitor(client, KEYS, BUCKETS, windows=(2,), rules=RULES, engine_version="v1")
-        async for _ in _apply_seconds(sink, [(10, 10)] * 6, partition=0):
+        async for _ in _apply_seconds(sink, [(10, 0)] + [(10, 10)] * 5, partition=0):
             pass
-        async for _ in _apply_seconds(sink, [(10, 10)] * 2, partition=1):
+        async for _ in _apply_seconds(sink, [(10, 0), (10, 10)], partition=1):
             pass
         behind = await monitor.judge_due(partitions=2)  # partition 1's stream time is T0 + 1.5
+        judged_behind = int(await client.get(KEYS.alerts_judged))
         async for _ in _apply_seconds(sink, [(10, 10)] * 4, partition=1, start=2, offset=20, stream_time=T0 + 1.5):
             pass
         caught_up = await monitor.judge_due(partitions=2)
         await client.aclose()
-        return behind, caught_up
+        return behind, judged_behind, caught_up
 
-    behind, caught_up = asyncio.run(scenario())
-    assert {a.at for a in behind} == set()  # the window ending at T0 + 2 needs partition 1 past it
-    # Then the windows ending at 2..5 are judged in order, on both partitions' posts (40 per window).
-    assert {a.stats.posts for a in caught_up} == {40}
-    assert [a.at for a in caught_up] == sorted(a.at for a in caught_up)
+    behind, judged_behind, caught_up = asyncio.run(scenario())
+    # Only the end at T0 + 1 is judged (quiet); the one at T0 + 2 needs partition 1 past it.
+    assert (behind, judged_behind) == ([], T0 + 1)
+    # Then the windows ending at 2..5 are judged in order, on both partitions' posts (40 per window):
+    # the first all-negative one alerts, the cooldown holds the rest back.
+    assert [(a.at - T0, a.stats.posts) for a in caught_up] == [(3, 40), (3, 40)]
 
 
-def test_windows_reaching_back_before_the_first_data_are_not_judged(redis_factory):
-    # Data starts at second 0; a 4 s window ending at second 2 is half empty: skipped,
-    # neither alerting nor teaching the baseline. The one ending at second 4 is judged first.
+def test_windows_reaching_back_before_the_first_data_are_judged_by_their_share_only(redis_factory):
+    # Data starts at second 0. A 4 s window ending at second 1 holds one second of posts: all negative,
+    # so its share raises a ratio alert at once (the cooldown holds the next ones back) ...
     fired, _, _ = asyncio.run(_scenario(redis_factory, [(10, 10)] * 5, windows=(4,)))
-    assert {alert.at - T0 for _, alert in fired} == {4}
+    assert [(alert.rule, alert.stats.dimension, alert.at - T0, alert.stats.posts) for _, alert in fired] == [
+        ("ratio", "global", 1, 10), ("ratio", "topic", 1, 10)]
+
+    # ... but a partial window's count is short: no surge alert, and the baseline learns nothing from it.
+    async def baselines_after(seconds):
+        client = redis_factory(async_client=True)
+        sink = RedisSink(client, "p", "posts", ttl_seconds=3600)
+        keys = RedisKeys("p")
+        monitor = AlertMonitor(client, keys, BUCKETS, windows=(4,), rules=RULES, engine_version="v1")
+        async for _ in _apply_seconds(sink, seconds, keys=keys):
+            await monitor.judge_due(partitions=1)
+        baselines = {k: json.loads(v)["windows"] for k, v in (await client.hgetall(keys.alert_baselines)).items()}
+        await client.aclose()
+        return baselines
+
+    # Quiet posts for seconds 0..5: ends 1, 2 and 3 are partial; only ends 4 and 5 teach the baseline.
+    assert asyncio.run(baselines_after([(10, 1)] * 6)) == {"4|global|all": 2, "4|topic|airline": 2}
 
 
 def test_an_alert_quotes_the_windows_most_negative_posts(redis_factory):
@@ -128,12 +147,14 @@ def test_an_alert_quotes_the_windows_most_negative_posts(redis_factory):
         keys = RedisKeys("q")
         monitor = AlertMonitor(client, keys, rules, windows=(2,), rules=RULES, engine_version="v1", sample_posts=2)
         offset, stream_time = 0, None
+        # Second 0 has too few posts to judge alone (min_posts 10): the first alert is the window of 0..1.
         for second, p_negative in enumerate([0.8, 0.99, 0.5]):
+            count = 5 if second == 0 else 10
             posts = [ScoredPost(Post(f"s{second}-{i}", f"awful {second}-{i}", None, "airline"), T0 + second + 0.5,
-                                (p_negative - i / 100, 0.0, 1 - p_negative + i / 100)) for i in range(10)]
+                                (p_negative - i / 100, 0.0, 1 - p_negative + i / 100)) for i in range(count)]
             ranged = increments_for(posts, stream_time, rules, keys)
-            await sink.apply(0, offset, offset + 10, ranged.increments, ranged.stream_time)
-            offset, stream_time = offset + 10, ranged.stream_time
+            await sink.apply(0, offset, offset + count, ranged.increments, ranged.stream_time)
+            offset, stream_time = offset + count, ranged.stream_time
         # the samples set of a bucket keeps only the best two of its ten negative posts
         assert await client.zcard(keys.samples("topic", "airline", T0)) == 2
         await monitor.judge_due(partitions=1)
