@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One device-tool call: fine-tune multilingual-e5-small (issue 15) in several configurations
+# at once on the GPU, keep the run with the best selection score (tweet-validation macro-F1,
+# review-dev polar accuracy, out-of-domain dev polar accuracy; never a test set), and bring
+# back its trained weights (fp16, word embeddings excluded: they stay frozen) in <16 MiB shards.
+#
+# Expects the carried folder written by
+#   python -m stream_sentiment.modeling.train_e5 prepare --carry .carry/e5
+# Usage on the device machine:  bash scripts/device_train_e5.sh "$OUT" [seconds per run]
+set -euo pipefail
+out=${1:?output folder}
+budget=${2:-500}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OMP_NUM_THREADS=2
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c 'import torch; print("torch", torch.__version__)' | tee -a "$out/gpu.txt"
+runs=/tmp/runs-e5; mkdir -p $runs
+# Sweep 1 (2026-12-03): lr 3e-5/5e-5/8e-5, review loss polar/full, review weight 0.5, layer-lr decay
+# 0.9, 3 epochs, batch 32: every run was still improving at epoch 3. Sweep 2 (below) trains longer,
+# with bigger batches (six processes time-slice one GPU: fewer, larger steps finish sooner).
+declare -A sweep=(
+  [both-polar-lr8e-5-bs64-ep6]="--learning-rate 8e-5 --batch-size 64 --epochs 6 --layer-lr-decay 0.9"
+  [both-polar-lr5e-5-bs32-ep5]="--learning-rate 5e-5 --epochs 5 --layer-lr-decay 0.9"
+  [both-polar-rw2-lr8e-5-bs64-ep6]="--learning-rate 8e-5 --batch-size 64 --epochs 6 --layer-lr-decay 0.9 --review-weight 2"
+  [both-full-rw2-lr8e-5-bs64-ep6]="--learning-rate 8e-5 --batch-size 64 --epochs 6 --layer-lr-decay 0.9 --review-weight 2 --review-loss full"
+  [reviews-full-lr8e-5-bs64-ep6]="--learning-rate 8e-5 --batch-size 64 --epochs 6 --layer-lr-decay 0.9 --corpora reviews --review-loss full"
+)
+for name in "${!sweep[@]}"; do
+  # shellcheck disable=SC2086
+  timeout "$budget" python3 -m stream_sentiment.modeling.train_e5 train --carry .carry/e5 --device cuda \
+    --output "$runs/$name" ${sweep[$name]} > "$runs/$name.log" 2>&1 &
+done
+wait || true
+for f in "$runs"/*.log; do echo "== $f"; grep -v '%|' "$f" | tail -3 | cut -c1-600; done | tee "$out/runs.txt"
+python3 - "$runs" "$out" <<'PY'
+import json, shutil, sys
+from pathlib import Path
+runs, out = Path(sys.argv[1]), Path(sys.argv[2])
+records = {}
+for record in sorted(runs.glob("*/training.json")):
+    records[record.parent.name] = json.loads(record.read_text())
+(out / "sweep.json").write_text(json.dumps(records, indent=1))
+best = max(records, key=lambda name: records[name]["selection_score"])
+print("chosen", best, records[best]["selection_score"], "epoch", records[best]["best_epoch"])
+for path in (runs / best).iterdir():
+    shutil.copy2(path, out / path.name)
+PY
+ls -la "$out"
