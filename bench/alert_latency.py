@@ -6,8 +6,8 @@ The demo prints every alert with the seconds since it started; the latency of a 
 ``topic=airline`` alert's time less the surge's start. Prints one JSON object: per-run latencies and their
 median.
 
-With the demo's own start (15 s) the first 30-second window that data fully covers ends some 30 s after the
-first post, so the latency there includes the demo's warm-up; a later start measures the judgement itself.
+Windows reaching back before the first post are judged by their negative share (``aggregation.monitor``),
+so the demo's own start (15 s) and a later one (40 s) measure the same thing: the judgement itself.
 
     python bench/alert_latency.py --runs 5 --duration 45
     python bench/alert_latency.py --runs 5 --duration 70 --surge-start 40
