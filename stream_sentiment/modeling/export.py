@@ -87,6 +87,7 @@ def export_engine_version(
     normalization: str,
     max_length: int,
     build_info: dict[str, object],
+    languages: tuple[str, ...] = ("en",),
 ) -> EngineManifest:
     """Write an FP32 engine version folder (ONNX + tokenizer + manifest)."""
     destination.mkdir(parents=True, exist_ok=True)
@@ -95,8 +96,11 @@ def export_engine_version(
     max_error = check_against_torch(model, onnx_path)
     if max_error > 1e-3:
         raise RuntimeError(f"ONNX export disagrees with PyTorch: max |logit diff| {max_error}")
-    for name in TOKENIZER_FILES:
-        shutil.copy2(checkpoint_dir / name, destination / name)
+    if not (checkpoint_dir / "tokenizer.json").exists():
+        raise FileNotFoundError(f"no tokenizer.json in {checkpoint_dir}")
+    for name in TOKENIZER_FILES:  # a SentencePiece model has tokenizer.json alone
+        if (checkpoint_dir / name).exists():
+            shutil.copy2(checkpoint_dir / name, destination / name)
     manifest = EngineManifest(
         model=model_name,
         version=version,
@@ -106,6 +110,7 @@ def export_engine_version(
         tokenizer_file="tokenizer.json",
         text_normalization=normalization,
         max_length=max_length,
+        languages=languages,
         build={**build_info, "onnx_opset": OPSET, "torch": torch.__version__,
                "export_max_abs_logit_diff_vs_torch": max_error},
     )

@@ -114,11 +114,59 @@ def ffn_down_projections(model_path: Path) -> list[str]:
     return found
 
 
+def quantize_weights_only(model_path: Path, node_names: Sequence[str]) -> int:
+    """Store the weights of the MatMuls ``node_names`` as int8 (per output channel, symmetric) behind a
+    DequantizeLinear, their activations staying float; returns how many weights were converted.
+
+    For the FFN down-projections that full Q/DQ quantization hurts (:func:`ffn_down_projections`):
+    their *activations* are what int8 cannot hold, their weights are ordinary. This quarters their
+    size on disk; ONNX Runtime dequantizes them once at load (``qdq_rewrite``), TensorRT runs them as
+    weight-only INT8, so the arithmetic is the FP32 model's up to the weights' rounding.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    wanted = set(node_names)
+    converted = []
+    for node in graph.node:
+        if node.name not in wanted or node.op_type != "MatMul":
+            continue
+        for position, name in enumerate(node.input):
+            if name not in initializers:
+                continue
+            weight = numpy_helper.to_array(initializers[name]).astype(np.float32)  # [in, out]
+            scale = np.abs(weight).max(axis=0) / 127.0
+            scale[scale == 0] = 1.0
+            quantized = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
+            graph.initializer.extend([
+                numpy_helper.from_array(quantized, f"{name}_int8"),
+                numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
+                numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{name}_zero_point"),
+            ])
+            converted.append(helper.make_node(
+                "DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"],
+                [f"{name}_dequantized"], name=f"{name}_DequantizeLinear", axis=1))
+            node.input[position] = f"{name}_dequantized"
+    for position, dequantize in enumerate(converted):  # constants only: first in topological order
+        graph.node.insert(position, dequantize)
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    onnx.save(model, str(model_path))
+    return len(converted)
+
+
 def quantize_model(
-    fp32: EngineVersion, texts: Sequence[str], method: str, destination: Path, *, show_progress: bool = True
+    fp32: EngineVersion, texts: Sequence[str], method: str, destination: Path, *, show_progress: bool = True,
+    down_projections: str = "float",
 ) -> Path:
     """Write a Q/DQ INT8 copy of ``fp32``'s ONNX to ``destination`` using ``method`` calibration.
 
+    ``down_projections``: ``float`` keeps the FFN down-projections FP32 (:func:`ffn_down_projections`),
+    ``int8-weights`` stores their weights as int8 (:func:`quantize_weights_only`).
     With ``show_progress``, a bar on stderr counts the calibration batches ORT has run.
     """
     from onnxruntime.quantization import (
@@ -143,13 +191,14 @@ def quantize_model(
         # no contrib-op fusions), so the Q/DQ graph stays standard ONNX that
         # TensorRT's parser accepts.
         quant_pre_process(str(fp32.model_path), str(prepared), skip_symbolic_shape=False)
+        kept_float = ffn_down_projections(prepared)
         quantize_static(
             str(prepared),
             str(destination),
             _UniformReader(PostTokenizer(fp32), texts, progress=bar.update),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(OPS_TO_QUANTIZE),
-            nodes_to_exclude=ffn_down_projections(prepared),
+            nodes_to_exclude=kept_float,
             per_channel=True,
             reduce_range=False,
             activation_type=QuantType.QInt8,
@@ -166,17 +215,23 @@ def quantize_model(
                 "DedicatedQDQPair": True,
             },
         )
+    if down_projections == "int8-weights":
+        quantize_weights_only(destination, kept_float)
+    elif down_projections != "float":
+        raise ValueError(f"down_projections: float or int8-weights, not {down_projections!r}")
     return destination
 
 
 def candidate_version(
-    fp32: EngineVersion, texts: Sequence[str], method: str, folder: Path, *, show_progress: bool = True
+    fp32: EngineVersion, texts: Sequence[str], method: str, folder: Path, *, show_progress: bool = True,
+    down_projections: str = "float",
 ) -> EngineVersion:
     """Quantize ``fp32`` with ``method`` into a complete (uncommitted) INT8 version folder."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    quantize_model(fp32, texts, method, folder / "model.int8.onnx", show_progress=show_progress)
+    quantize_model(fp32, texts, method, folder / "model.int8.onnx", show_progress=show_progress,
+                   down_projections=down_projections)
     for name in fp32.manifest.files:
         if not name.endswith(".onnx"):
             shutil.copy2(fp32.path / name, folder / name)
@@ -209,8 +264,10 @@ def compare_methods(
     workdir: Path,
     *,
     show_progress: bool = True,
+    down_projections: str = "float",
+    methods: Sequence[str] = METHODS,
 ) -> dict[str, object]:
-    """Quantize with every method and measure each against FP32 on the selection sets.
+    """Quantize with each of ``methods`` and measure each against FP32 on the selection sets.
 
     With ``show_progress``, each calibration pass and each scoring run draws a bar on stderr.
     """
@@ -220,10 +277,11 @@ def compare_methods(
         "fp32": {name: _summary(gold, reference[name], reference[name])
                  for name, (_, gold) in selection_sets.items()}
     }
-    for method in METHODS:
+    for method in methods:
         started = time.perf_counter()
         folder = workdir / f"{fp32.manifest.version.removesuffix('-fp32')}-int8-{method}"
-        candidate = candidate_version(fp32, calibration_texts, method, folder, show_progress=show_progress)
+        candidate = candidate_version(fp32, calibration_texts, method, folder, show_progress=show_progress,
+                                      down_projections=down_projections)
         seconds = time.perf_counter() - started
         results[method] = {
             "calibration_seconds": round(seconds, 1),
@@ -249,15 +307,17 @@ def _summary(gold: list[str], probabilities: np.ndarray, reference: np.ndarray) 
 AGREEMENT_TOLERANCE = 0.005
 
 
-def choose_method(results: dict[str, object], selection_set: str) -> str:
-    """The method whose labels agree most with FP32 on ``selection_set``.
+def choose_method(results: dict[str, object], *selection_sets: str) -> str:
+    """The method whose labels agree most with FP32 on ``selection_sets`` (their mean agreement).
 
     Min-max wins unless another method agrees better by more than
     ``AGREEMENT_TOLERANCE``: it is the simplest, calibrates 4x faster and is
     deterministic under any batch order.
     """
     def agreement(method: str) -> float:
-        return float(results[method][selection_set]["agreement_with_fp32"])  # type: ignore[index]
+        values = [float(results[method][name]["agreement_with_fp32"])  # type: ignore[index]
+                  for name in selection_sets]
+        return sum(values) / len(values)
 
     best = max(METHODS, key=agreement)
     return best if agreement(best) - agreement("minmax") > AGREEMENT_TOLERANCE else "minmax"

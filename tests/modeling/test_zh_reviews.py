@@ -39,3 +39,13 @@ def test_split_shares_are_about_80_10_10_and_pinned():
     # Pinned: a change of hash, bucket size or order would silently move texts between splits.
     pinned = {"k0": "dev", "k18": "test", "k21": "dev", "k39": "test", "这个手机很好用": "train"}
     assert {key: split_of(key) for key in pinned} == pinned
+
+
+def test_calibration_reviews_are_chosen_by_text_hash_not_by_order():
+    from stream_sentiment.modeling.zh_reviews import calibration_reviews
+
+    train = [r for r in label_reviews(_lines())[0] if r.split == "train"]
+    chosen = calibration_reviews(train, 50)
+    assert len(chosen) == 50 == len(set(chosen))
+    assert calibration_reviews(list(reversed(train)), 50) == chosen
+    assert calibration_reviews(train, 10) == chosen[:10]
