@@ -33,11 +33,11 @@ def _format(fields: Mapping[str, str]) -> str:
         f"window {fields.get('window_seconds')}s  negative {negative}/{posts} ({ratio:.0%})  "
         f"{versus}  engine {fields.get('engine_version')}"
     )
-    return "\n".join([headline, *(_sample_line(sample) for sample in _samples(fields)[:SAMPLES_SHOWN])])
+    # Every sample the entry stores (``alerts.sample_posts``, 3 by default), as the web page shows them:
+    # what a reader sees in one view is what the other shows too.
+    return "\n".join([headline, *(_sample_line(sample) for sample in _samples(fields))])
 
 
-# Two quotes tell a reader what a surge is about; the stream entry keeps more.
-SAMPLES_SHOWN = 2
 SAMPLE_CHARS = 100
 
 

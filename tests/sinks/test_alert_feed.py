@@ -60,17 +60,18 @@ def test_an_entry_this_service_did_not_write_is_shown_raw_not_a_crash(redis_serv
     assert capsys.readouterr().out.startswith("unreadable alert entry: {'rule': 'surge'")
 
 
-def test_an_alert_quotes_two_sample_posts_under_its_line():
+def test_an_alert_quotes_every_stored_sample_post_under_its_line():
     samples = [
         {"id": "p1", "text": "flight   cancelled\nagain, no refund", "p_negative": 0.98},
         {"id": "p2", "text": "x" * 150, "p_negative": 0.97},
-        {"id": "p3", "text": "third is not shown", "p_negative": 0.9},
+        {"id": "p3", "text": "the third is shown too", "p_negative": 0.9},
     ]
     lines = format_alert({**ALERT, "samples": json.dumps(samples)}).splitlines()
     assert lines[0].startswith("2026-11-22 09:30:00Z  SURGE  topic=airline")
     assert lines[1:] == [
         '    e.g. "flight cancelled again, no refund"  (post p1, P(negative) 0.98)',
         f'    e.g. "{"x" * 99}…"  (post p2, P(negative) 0.97)',
+        '    e.g. "the third is shown too"  (post p3, P(negative) 0.9)',
     ]
 
 
@@ -106,6 +107,6 @@ def test_follow_prints_an_alert_the_monitor_raised_from_scored_posts(redis_serve
     assert [line.split("  ")[2] for line in headlines] == ["global=all", "topic=airline"], lines
     airline = lines.index(headlines[1])
     assert headlines[1].endswith("RATIO  topic=airline  window 1s  negative 18/20 (90%)  no baseline yet  engine v1")
-    quotes = lines[airline + 1: airline + 3]
-    assert len(quotes) == 2 and all(q.startswith('    e.g. "airline post ') and "awful" in q for q in quotes), lines
+    quotes = lines[airline + 1:]
+    assert len(quotes) == 3 and all(q.startswith('    e.g. "airline post ') and "awful" in q for q in quotes), lines
     assert all(q.endswith("P(negative) 0.9)") for q in quotes), quotes

@@ -44,7 +44,7 @@ function showAlert(alert, fresh) {
   const numbers = element("div", "numbers",
     `negative ${Math.round(alert.negative_ratio * 100)}% (${alert.negative}/${alert.posts} posts) · ${versus}`);
   item.append(head, numbers);
-  for (const sample of (Array.isArray(alert.samples) ? alert.samples : []).slice(0, 2)) {
+  for (const sample of (Array.isArray(alert.samples) ? alert.samples : [])) {  // all stored, as `alerts` prints
     item.append(element("div", "sample", `“${sample.text}” (P(negative) ${sample.p_negative})`));
   }
   item.addEventListener("click", () => { pickedByHand = true; select(`${alert.dimension}:${alert.value}`); });
