@@ -47,19 +47,24 @@ def _alerts(args: argparse.Namespace) -> int:
     from redis import Redis
 
     from stream_sentiment.aggregation.buckets import RedisKeys
-    from stream_sentiment.sinks.alert_feed import deadline, follow, format_alert, recent
+    from stream_sentiment.sinks.alert_feed import deadline, follow, following_line, format_alert, newest_id, recent
 
     settings = connection_settings(args)
     client = Redis.from_url(settings.redis_url, decode_responses=True)  # type: ignore[attr-defined]
     stream = RedisKeys(settings.redis_prefix).alerts  # type: ignore[attr-defined]
     try:
-        last = "$"
-        for entry_id, fields in recent(client, stream, args.last):
+        shown = recent(client, stream, args.last)
+        for _, fields in shown:
             print(format_alert(fields), flush=True)
-            last = entry_id
         if args.follow:
+            last = shown[-1][0] if shown else newest_id(client, stream)
+            # stderr: stdout stays one alert per entry for scripts; a person sees both.
+            print(following_line(settings.redis_url, stream, last, shown=len(shown),  # type: ignore[attr-defined]
+                                 duration=args.duration), file=sys.stderr, flush=True)
             for _, fields in follow(client, stream, after=last, until=deadline(args.duration)):
                 print(format_alert(fields), flush=True)
+        elif not shown:
+            print(f"no alerts in {stream!r} yet (--follow waits for new ones)", file=sys.stderr)
     except KeyboardInterrupt:
         pass
     finally:

@@ -11,7 +11,7 @@ from stream_sentiment.aggregation.alerts import AlertRules
 from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys
 from stream_sentiment.aggregation.monitor import AlertMonitor
 from stream_sentiment.cli import main
-from stream_sentiment.sinks.alert_feed import format_alert
+from stream_sentiment.sinks.alert_feed import format_alert, public_url
 from tests.views.seed import write_posts
 
 ALERT = {
@@ -49,8 +49,36 @@ def test_alerts_follow_prints_new_alerts_as_they_arrive(redis_server, redis_fact
                  "--follow", "--duration", "2.5"])
     writer.join()
     assert code == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
     assert [line.split("  ")[2] for line in lines] == ["topic=airline", "topic=trains"]
+    # Before the first new alert it said what it follows, where, and from which entry (on stderr: stdout is alerts).
+    first_id = client.xrange("follow:alerts")[0][0]
+    assert err.splitlines()[0] == (
+        f"following alert stream 'follow:alerts' on {redis_server.url} after the 1 shown above (entry {first_id}) "
+        "for 2.5 s; new alerts print as workers raise them (a window is judged seconds after it closes)")
+
+
+def test_follow_from_now_says_so_and_an_empty_feed_says_it_is_empty(redis_server, redis_factory, capsys):
+    client = redis_factory()
+    assert main(["alerts", "--redis-url", redis_server.url, "--redis-prefix", "quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err == "no alerts in 'quiet:alerts' yet (--follow waits for new ones)\n"
+    assert main(["alerts", "--redis-url", redis_server.url, "--redis-prefix", "quiet", "--follow",
+                 "--duration", "0.1"]) == 0
+    err = capsys.readouterr().err
+    assert "'quiet:alerts'" in err and "from its first entry (it has none yet)" in err
+    newest = client.xadd("quiet:alerts", ALERT)
+    assert main(["alerts", "--redis-url", redis_server.url, "--redis-prefix", "quiet", "--last", "0", "--follow",
+                 "--duration", "0.1"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and f"from now (after entry {newest}) for 0.1 s" in err
+
+
+def test_a_redis_password_never_shows_in_messages():
+    assert public_url("redis://analyst:hunter2@redis.internal:6380/0") == "redis://analyst:***@redis.internal:6380/0"
+    assert public_url("rediss://:hunter2@redis.internal/1") == "rediss://:***@redis.internal/1"
+    assert public_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
 def test_an_entry_this_service_did_not_write_is_shown_raw_not_a_crash(redis_server, redis_factory, capsys):
