@@ -7,7 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from stream_sentiment.cli.common import EXIT_USAGE, Commands, add_connection_flags, connection_settings, int_list
+from stream_sentiment.cli.common import (
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    Commands,
+    add_connection_flags,
+    connection_settings,
+    int_list,
+)
 
 
 def _produce(args: argparse.Namespace) -> int:
@@ -17,11 +24,14 @@ def _produce(args: argparse.Namespace) -> int:
     from aiokafka import AIOKafkaProducer
     from tqdm import tqdm
 
-    from stream_sentiment.source.replay import Surge, file_posts, replay, sample_posts
+    from stream_sentiment.source.replay import Surge, file_post_count, file_posts, replay, sample_posts
 
     settings = connection_settings(args)
+    total = args.count  # the bar's total: known for a file or a --count; the samples repeat forever
     if args.file:
         values = file_posts(args.file)
+        in_file = file_post_count(args.file)
+        total = in_file if total is None else min(total, in_file)
     else:
         values = (json.dumps(p).encode() for p in sample_posts(args.seed))
     surge = None
@@ -32,15 +42,23 @@ def _produce(args: argparse.Namespace) -> int:
         producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)  # type: ignore[attr-defined]
         await producer.start()
         try:
-            with tqdm(total=args.count, desc="produce", unit="post", file=sys.stderr,
+            with tqdm(total=total, desc="produce", unit="post", file=sys.stderr,
                       disable=args.no_progress) as bar:
+
+                def progress(replayed: int, surged: int) -> None:
+                    bar.update(replayed - bar.n)
+                    if surge is not None:  # surge posts come on top of the bar's total: shown beside it
+                        bar.set_postfix(surge=surged, refresh=False)
+
                 return await replay(producer, settings.topic, itertools.islice(values, None),  # type: ignore[attr-defined]
-                                    rate=args.rate, count=args.count, surge=surge, progress=bar.update)
+                                    rate=args.rate, count=args.count, surge=surge, progress=progress)
         finally:
             await producer.stop()
 
-    print(json.dumps(asyncio.run(send())))
-    return 0
+    # sent: every record the broker took, surge posts included; replayed + surge = sent + failed.
+    summary = asyncio.run(send())
+    print(json.dumps(summary))
+    return 0 if summary["failed"] == 0 else EXIT_UNAVAILABLE
 
 
 def _alerts(args: argparse.Namespace) -> int:
