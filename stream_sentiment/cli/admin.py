@@ -7,13 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from stream_sentiment.cli.common import ADMIN_TOKEN_ENV, EXIT_UNAVAILABLE, EXIT_USAGE, Commands
-
-
-def _admin_base_url(host: str, port: int) -> str:
-    # A wildcard bind is reached through loopback from this machine.
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+from stream_sentiment.cli.common import ADMIN_TOKEN_ENV, EXIT_UNAVAILABLE, EXIT_USAGE, Commands, admin_base_url
 
 
 def _engines(args: argparse.Namespace) -> int:
@@ -40,7 +34,7 @@ def _engines(args: argparse.Namespace) -> int:
             if admin.port == 0:
                 print(f"{name}: admin.port is 0 (any free port); pass --admin-url", file=sys.stderr)
                 return EXIT_USAGE
-            url = _admin_base_url(admin.host, admin.port)
+            url = admin_base_url(admin.host, admin.port)
     try:
         client = AdminClient(url, token, timeout=args.timeout)
     except ValueError as error:

@@ -6,12 +6,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from stream_sentiment.cli.common import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     Commands,
     add_connection_flags,
+    admin_base_url,
     connection_settings,
     int_list,
 )
@@ -61,7 +63,31 @@ def _produce(args: argparse.Namespace) -> int:
     return 0 if summary["failed"] == 0 else EXIT_UNAVAILABLE
 
 
+def _page_url(args: argparse.Namespace) -> int:
+    """``alerts --page-url``: the alert page's address, signed in by a token in its #fragment where one is set.
+
+    For screenshots and monitors: a headless browser opening it lands on the page, not on the sign-in form.
+    The fragment never reaches a server or its logs; the page drops it from the address bar once read.
+    """
+    from urllib.parse import quote
+
+    settings: Any = connection_settings(args)
+    admin = settings.admin
+    if args.admin_url is None and admin.port == 0:
+        print("stream-sentiment alerts: admin.port is 0 (any free port); pass --admin-url", file=sys.stderr)
+        return EXIT_USAGE
+    base = (args.admin_url or admin_base_url(admin.host, admin.port)).rstrip("/")
+    token = admin.read_token()
+    print(f"{base}/alerts" + (f"#token={quote(token, safe='')}" if token else ""))
+    if token:
+        print("stream-sentiment alerts: this URL carries the admin token (in its #fragment, which the browser "
+              "never sends to a server); treat it as the token", file=sys.stderr)
+    return 0
+
+
 def _alerts(args: argparse.Namespace) -> int:
+    if args.page_url:
+        return _page_url(args)
     from redis import Redis
 
     from stream_sentiment.aggregation.buckets import RedisKeys
@@ -157,6 +183,12 @@ def add_commands(commands: Commands) -> None:
     alerts.add_argument("--last", type=int, default=20, help="show the last N alerts first")
     alerts.add_argument("--follow", action="store_true", help="then print new alerts as they arrive")
     alerts.add_argument("--duration", type=float, default=None, help="stop following after this many seconds")
+    alerts.add_argument("--page-url", action="store_true",
+                        help="print the web alert page's URL and exit; where an admin token is set (settings, "
+                             "$STREAM_SENTIMENT_ADMIN_TOKEN) it carries it as #token=..., so a script or headless "
+                             "browser opens the page signed in")
+    alerts.add_argument("--admin-url", default=None,
+                        help="the worker serving the page (default: http://<admin.host>:<admin.port> from settings)")
     alerts.set_defaults(handler=_alerts)
 
     top = commands.add_parser("top", help="live table of the most negative dimension values per window")

@@ -41,7 +41,7 @@ SIGN_IN_PATH = "/alerts/sign-in"
 STATIC_PREFIX = "/alerts/static/"
 # A Redis stream entry id, the only Last-Event-ID this feed ever sends.
 STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
-STATIC_FILES = {"alerts.js": "text/javascript", "alerts.css": "text/css"}
+STATIC_FILES = {"alerts.js": "text/javascript", "sign-in.js": "text/javascript", "alerts.css": "text/css"}
 # Scripts and styles come only from this server: alert texts are posts from the internet.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",

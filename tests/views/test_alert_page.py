@@ -8,10 +8,12 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 from pydantic import SecretStr
 
 from stream_sentiment.admin.server import VIEW_COOKIE, AdminServer
 from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys
+from stream_sentiment.cli import main
 from stream_sentiment.config import AdminSettings
 from stream_sentiment.metrics import PipelineMetrics
 from stream_sentiment.views.queries import AnalystQueries
@@ -194,3 +196,21 @@ def test_an_open_feed_does_not_hold_up_the_server_stopping(redis_factory):
         return stopped
 
     assert asyncio.run(run()) < 5.0
+
+
+@pytest.mark.parametrize(("env", "flags", "expected"), [
+    ({"STREAM_SENTIMENT_ADMIN_TOKEN": "s3cret+/="}, [], "http://127.0.0.1:8081/alerts#token=s3cret%2B%2F%3D"),
+    ({"STREAM_SENTIMENT_ADMIN__TOKEN": "t", "STREAM_SENTIMENT_ADMIN__HOST": "0.0.0.0",
+      "STREAM_SENTIMENT_ADMIN__PORT": "9000"}, [], "http://127.0.0.1:9000/alerts#token=t"),
+    ({}, ["--admin-url", "http://worker-2:8081/"], "http://worker-2:8081/alerts"),
+], ids=["token", "wildcard-bind", "no-token"])
+def test_page_url_prints_where_the_page_is_with_the_token_in_its_fragment(env, flags, expected, monkeypatch, capsys):
+    for name in ("STREAM_SENTIMENT_ADMIN_TOKEN", "STREAM_SENTIMENT_ADMIN__TOKEN", "STREAM_SENTIMENT_ADMIN__HOST",
+                 "STREAM_SENTIMENT_ADMIN__PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["alerts", "--page-url", *flags]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected + "\n"
+    assert ("carries the admin token" in err) == ("#token=" in expected)

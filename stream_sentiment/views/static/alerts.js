@@ -3,6 +3,12 @@
 // are only ever set as textContent, never parsed as HTML.
 "use strict";
 
+// A token handed over in the URL's fragment (#token=..., see sign-in.js) has done its job once the page
+// loads: it leaves the address bar and the history, so it is not bookmarked, shared or screenshotted.
+if (new URLSearchParams(location.hash.slice(1)).has("token")) {
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
 const config = JSON.parse(document.body.dataset.config);
 const longestWindow = Math.max(...config.windows);
 const MAX_FEED_ITEMS = 200;
