@@ -155,8 +155,10 @@ def test_the_feed_sends_recent_alerts_then_new_ones_and_resumes_after_a_reconnec
         async with _server(client, None, backlog=10) as server, aiohttp.ClientSession() as http:
             async with http.get(f"{server.url}/alerts/feed") as response:
                 assert response.headers["Content-Type"].startswith("text/event-stream")
-                [backlog] = await _events(response, 1)
+                [backlog, caught_up] = await _events(response, 2)
                 assert backlog["id"] == first and backlog["event"] == "alert"
+                # The backlog is complete: the page opens on its newest alert, not the first one replayed.
+                assert caught_up["event"] == "caught-up" and json.loads(caught_up["data"]) == {"backlog": 1}
                 alert = json.loads(backlog["data"])
                 assert alert["dimension"] == "topic" and alert["value"] == "airline" and alert["posts"] == 40
                 assert alert["samples"][0]["text"] == "flight cancelled again, awful"
@@ -167,13 +169,15 @@ def test_the_feed_sends_recent_alerts_then_new_ones_and_resumes_after_a_reconnec
             third = await client.xadd(stream, {**alert_record("topic", "weather", now), "z": "nan"})
             # The browser reconnects with the last id it saw: only what it missed comes, nothing twice.
             async with http.get(f"{server.url}/alerts/feed", headers={"Last-Event-ID": second}) as response:
-                [missed] = await _events(response, 1)
+                [caught_up, missed] = await _events(response, 2)
+                assert json.loads(caught_up["data"]) == {"backlog": 0}  # a resumed feed replays no backlog
                 assert missed["id"] == third
                 assert json.loads(missed["data"], parse_constant=_refuse)["z"] is None
             # An id this feed never sent: the backlog again, not a reader stuck on failing XREADs.
             async with http.get(f"{server.url}/alerts/feed", headers={"Last-Event-ID": "zzz"}) as response:
-                replayed = await _events(response, 3)
-                assert [event["id"] for event in replayed] == [first, second, third]
+                replayed = await _events(response, 4)
+                assert [event.get("id") for event in replayed] == [first, second, third, None]
+                assert replayed[-1]["event"] == "caught-up"
         await client.aclose()
 
     asyncio.run(run())
