@@ -46,10 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         return _delegate(DELEGATED[argv[0]][0], argv[1:])
     args = build_parser().parse_args(argv)
+    from aiokafka.errors import KafkaConnectionError
     from pydantic import ValidationError
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoPermissionError
 
     from stream_sentiment.admin.server import AdminSecurityError
+    from stream_sentiment.clients import ServiceConfigError, ServiceConnectionError, describe_redis_error
     from stream_sentiment.engines.base import BackendUnavailableError
     from stream_sentiment.engines.manifest import EngineRepositoryError
     from stream_sentiment.engines.scoring import DataFormatError
@@ -60,14 +63,22 @@ def main(argv: list[str] | None = None) -> int:
     except BackendUnavailableError as error:
         print(f"stream-sentiment {args.command}: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except (EngineRepositoryError, DataFormatError, FileNotFoundError, ValidationError, AdminSecurityError) as error:
+    except ServiceConnectionError as error:  # names the side (Kafka or Redis) and the reason
+        print(f"stream-sentiment {args.command}: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (EngineRepositoryError, DataFormatError, FileNotFoundError, ValidationError, AdminSecurityError,
+            ServiceConfigError) as error:
         print(f"stream-sentiment {args.command}: {error}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as error:  # e.g. the admin port is taken
         print(f"stream-sentiment {args.command}: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except RedisConnectionError as error:
-        print(f"stream-sentiment {args.command}: cannot reach Redis: {error}", file=sys.stderr)
+    except (RedisConnectionError, NoPermissionError) as error:
+        failure = describe_redis_error(error)
+        print(f"stream-sentiment {args.command}: {failure or f'Redis: cannot reach it: {error}'}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KafkaConnectionError as error:
+        print(f"stream-sentiment {args.command}: Kafka: cannot reach it: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except RedisOutageError as error:
         print(f"stream-sentiment {args.command}: {error}", file=sys.stderr)
