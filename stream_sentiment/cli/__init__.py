@@ -4,8 +4,8 @@ Sub-commands import their modules lazily, so ``evaluate`` on the CPU path
 never imports torch, and ``--help`` is instant. Each command group lives in
 its own module with its handlers and flags: ``model`` (evaluate,
 build-engine), ``service`` (run, engine-server), ``admin`` (engines),
-``tools`` (produce, alerts, top, demo, stats); ``train`` and ``calibrate``
-are handed to ``modeling/`` whole.
+``tools`` (produce, alerts, top, demo, stats), ``infra`` (services, topics
+create); ``train`` and ``calibrate`` are handed to ``modeling/`` whole.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stream_sentiment.cli import admin, model, service, tools
+from stream_sentiment.cli import admin, infra, model, service, tools
 from stream_sentiment.cli.common import EXIT_STATE_LOST, EXIT_UNAVAILABLE, EXIT_USAGE
 
 __all__ = ["EXIT_STATE_LOST", "EXIT_UNAVAILABLE", "EXIT_USAGE", "build_parser", "main"]
@@ -34,7 +34,7 @@ DELEGATED = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stream-sentiment", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (model, service, admin, tools):  # the order of the commands in --help
+    for group in (model, service, admin, tools, infra):  # the order of the commands in --help
         group.add_commands(commands)
     for name, (_, help_text) in DELEGATED.items():
         commands.add_parser(name, help=help_text, add_help=False)
