@@ -155,18 +155,29 @@ def _hosts(bootstrap_servers: str) -> list[tuple[str, int]]:
 async def diagnose_kafka(settings: Settings) -> str | None:
     """Why no bootstrap server accepts a connection with these settings; None if one does."""
     from aiokafka.conn import create_conn
+    from aiokafka.protocol.metadata import MetadataRequest
 
     options = kafka_security_options(settings.kafka)
     reasons = []
     for host, port in _hosts(settings.bootstrap_servers):
+        address = f"{host}:{port}"
         try:
             conn = await asyncio.wait_for(
                 create_conn(host, port, request_timeout_ms=int(DIAGNOSIS_TIMEOUT_S * 1000), **options),
                 DIAGNOSIS_TIMEOUT_S)
         except Exception as error:  # every failure is a reason to report
-            reasons.append(_kafka_reason(settings.kafka, f"{host}:{port}", error))
+            reasons.append(_kafka_reason(settings.kafka, address, error))
             continue
-        conn.close()
+        try:  # what a bootstrap asks first; a broker that wants SASL refuses it on a plain connection
+            request = MetadataRequest[0]([]) if isinstance(MetadataRequest, list) else MetadataRequest([])
+            await asyncio.wait_for(conn.send(request), DIAGNOSIS_TIMEOUT_S)
+        except Exception as error:
+            reasons.append(f"{address} accepted the connection but not the first request ({error or type(error)}; "
+                           f"security_protocol {settings.kafka.security_protocol}): the broker may require SASL "
+                           "authentication or TLS")
+            continue
+        finally:
+            conn.close()
         return None
     return "; ".join(reasons) or f"no bootstrap server in {settings.bootstrap_servers!r}"
 
@@ -188,10 +199,14 @@ def _kafka_reason(kafka: KafkaSettings, address: str, error: Exception) -> str:
         return f"cannot connect to {address}: {error}"
     if isinstance(error, TimeoutError):
         return f"no answer from {address} within {DIAGNOSIS_TIMEOUT_S:g}s (security_protocol {protocol})"
-    if kafka.sasl and not isinstance(error, KafkaConnectionError):
-        detail = str(error) if isinstance(error, KafkaError) else f"the broker ended the exchange: {error!r}"
+    if kafka.sasl:
+        # aiokafka raises what it tripped over (a KeyError on a SCRAM error reply, a closed connection when the
+        # broker offers no such mechanism); the broker's own reason stays in its log.
+        detail = (str(error) if isinstance(error, KafkaError) and not isinstance(error, KafkaConnectionError)
+                  else f"the broker rejected the exchange: {type(error).__name__} {error}")
         return (f"SASL {kafka.sasl_mechanism} authentication as {kafka.sasl_username!r} at {address} failed "
-                f"({detail}): check the user name and password, and that the broker enables this mechanism")
+                f"({detail}): check the user name and password, that the broker enables {kafka.sasl_mechanism}, "
+                f"and that the listener speaks {kafka.security_protocol}")
     if isinstance(error, KafkaConnectionError):
         return (f"{address} closed the connection while connecting (security_protocol {protocol}): the listener may "
                 "want another security_protocol, or a client certificate (kafka.ssl_cert_file)")
