@@ -223,6 +223,8 @@ def test_every_command_works_against_tls_kafka_and_tls_redis_with_an_acl_user(
         assert worker.wait(timeout=60) == 0, Path(log.name).read_text()
     output = Path(log.name).read_text()
     assert "assigned" in output and PASSWORD not in output
+    # The ACL user has only the ss:* keys and channels: the worker (counts, marks, alert judge) needs no more.
+    assert "NOPERM" not in output and "no permissions" not in output, output
 
 
 @pytest.mark.parametrize(("command", "variable", "value", "side", "reason"), [
