@@ -28,12 +28,11 @@ DEFAULT_RATE = 50.0
 SURGE_FACTOR = 0.6
 
 
-async def _follow_alerts(redis_url: str, stream: str, stop: asyncio.Event, started: float) -> int:
-    from redis.asyncio import Redis
-
+async def _follow_alerts(settings: Settings, stream: str, stop: asyncio.Event, started: float) -> int:
+    from stream_sentiment.clients import async_redis_client
     from stream_sentiment.sinks.alert_feed import format_alert
 
-    client = Redis.from_url(redis_url, decode_responses=True)
+    client = async_redis_client(settings, decode_responses=True)
     shown, last = 0, "0"
     try:
         while not stop.is_set():
@@ -51,8 +50,7 @@ async def _follow_alerts(redis_url: str, stream: str, stop: asyncio.Event, start
 async def _run(
     settings: Settings, duration: float, rate: float, surge_topic: str, surge_start: float
 ) -> dict[str, Any]:
-    from aiokafka import AIOKafkaProducer
-
+    from stream_sentiment.clients import kafka_producer, start_kafka
     from stream_sentiment.service import read_stats, run_worker, stop_on_signals
     from stream_sentiment.source.replay import Surge, replay, sample_posts
 
@@ -65,9 +63,9 @@ async def _run(
                   rate=rate * SURGE_FACTOR)
     worker = asyncio.create_task(run_worker(settings, stop))
     alert_stream = f"{settings.redis_prefix}:alerts"
-    alerts = asyncio.create_task(_follow_alerts(settings.redis_url, alert_stream, stop, started))
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)
-    await producer.start()
+    alerts = asyncio.create_task(_follow_alerts(settings, alert_stream, stop, started))
+    producer = kafka_producer(settings, linger_ms=5)
+    await start_kafka(producer, settings)
     values = (json.dumps(p).encode() for p in sample_posts(seed=0))
     sending = asyncio.create_task(replay(producer, settings.topic, values, rate=rate, count=None, surge=surge))
     print(f"demo: producing ~{rate:.0f} posts/s; a negative surge for topic={surge_topic!r} starts at "
