@@ -201,6 +201,7 @@ def test_the_multilingual_engine_maps_too_its_weight_only_down_projections_inclu
     assert (weights.config["num_hidden_layers"], weights.config["hidden_size"]) == (12, 384)
     assert weights.config["vocab_size"] == 41_575
     session = ort.InferenceSession(strip_quantization(version.model_path), providers=["CPUExecutionProvider"])
-    batch = pad_to_bucket(PostTokenizer(version).encode([*POSTS, "航班又延误了三个小时，太让人失望了", "今天天气不错"]), 32)
+    posts = [*POSTS, "航班又延误了三个小时，太让人失望了", "今天天气不错"]
+    batch = pad_to_bucket(PostTokenizer(version).encode(posts), 32)
     (expected,) = session.run(["logits"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
     np.testing.assert_allclose(numpy_forward(weights, batch.input_ids, batch.attention_mask), expected, atol=2e-3)
