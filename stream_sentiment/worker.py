@@ -102,10 +102,10 @@ class Worker:
                                  aggregation.dimensions, settings.alerts.sample_posts,
                                  aggregation.max_out_of_orderness_seconds)
         self.keys = RedisKeys(settings.redis_prefix)
-        from redis.asyncio import Redis
+        from stream_sentiment.clients import async_redis_client
 
         # Connects lazily, on the first call inside run()'s event loop.
-        self._redis = Redis.from_url(settings.redis_url)
+        self._redis = async_redis_client(settings)
         self._failure: BaseException | None = None
         self.sink = CheckpointingSink(
             RedisSink(self._redis, settings.redis_prefix, settings.topic, aggregation.bucket_ttl_seconds),
@@ -193,7 +193,12 @@ class Worker:
 
     async def run(self, stop: asyncio.Event, *, consumer_options: dict[str, Any] | None = None) -> None:
         """Consume until ``stop`` is set, then drain, apply and commit what was fetched."""
-        await self.source.start(self._on_revoked, consumer_options)
+        try:
+            await self.source.start(self._on_revoked, consumer_options)
+        except BaseException:  # e.g. the broker refused the certificate or password: nothing else to stop
+            self.scheduler.close()
+            await self._redis.aclose()
+            raise
         self._judge = AlertJudge.for_settings(self.settings, self._redis, self.keys, self.rules,
                                               engine_version=self.pool.version, sink=self.sink, source=self.source,
                                               metrics=self.metrics, wall_clock=self.wall_clock)

@@ -4,8 +4,8 @@ Sub-commands import their modules lazily, so ``evaluate`` on the CPU path
 never imports torch, and ``--help`` is instant. Each command group lives in
 its own module with its handlers and flags: ``model`` (evaluate,
 build-engine), ``service`` (run, engine-server), ``admin`` (engines),
-``tools`` (produce, alerts, top, demo, stats); ``train`` and ``calibrate``
-are handed to ``modeling/`` whole.
+``tools`` (produce, alerts, top, demo, stats), ``infra`` (services, topics
+create); ``train`` and ``calibrate`` are handed to ``modeling/`` whole.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stream_sentiment.cli import admin, model, service, tools
+from stream_sentiment.cli import admin, infra, model, service, tools
 from stream_sentiment.cli.common import EXIT_STATE_LOST, EXIT_UNAVAILABLE, EXIT_USAGE
 
 __all__ = ["EXIT_STATE_LOST", "EXIT_UNAVAILABLE", "EXIT_USAGE", "build_parser", "main"]
@@ -34,7 +34,7 @@ DELEGATED = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stream-sentiment", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (model, service, admin, tools):  # the order of the commands in --help
+    for group in (model, service, admin, tools, infra):  # the order of the commands in --help
         group.add_commands(commands)
     for name, (_, help_text) in DELEGATED.items():
         commands.add_parser(name, help=help_text, add_help=False)
@@ -46,10 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         return _delegate(DELEGATED[argv[0]][0], argv[1:])
     args = build_parser().parse_args(argv)
+    from aiokafka.errors import KafkaConnectionError
     from pydantic import ValidationError
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoPermissionError
 
     from stream_sentiment.admin.server import AdminSecurityError
+    from stream_sentiment.clients import ServiceConfigError, ServiceConnectionError, describe_redis_error
     from stream_sentiment.engines.base import BackendUnavailableError
     from stream_sentiment.engines.manifest import EngineRepositoryError
     from stream_sentiment.engines.scoring import DataFormatError
@@ -60,14 +63,22 @@ def main(argv: list[str] | None = None) -> int:
     except BackendUnavailableError as error:
         print(f"stream-sentiment {args.command}: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except (EngineRepositoryError, DataFormatError, FileNotFoundError, ValidationError, AdminSecurityError) as error:
+    except ServiceConnectionError as error:  # names the side (Kafka or Redis) and the reason
+        print(f"stream-sentiment {args.command}: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (EngineRepositoryError, DataFormatError, FileNotFoundError, ValidationError, AdminSecurityError,
+            ServiceConfigError) as error:
         print(f"stream-sentiment {args.command}: {error}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as error:  # e.g. the admin port is taken
         print(f"stream-sentiment {args.command}: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except RedisConnectionError as error:
-        print(f"stream-sentiment {args.command}: cannot reach Redis: {error}", file=sys.stderr)
+    except (RedisConnectionError, NoPermissionError) as error:
+        failure = describe_redis_error(error)
+        print(f"stream-sentiment {args.command}: {failure or f'Redis: cannot reach it: {error}'}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KafkaConnectionError as error:
+        print(f"stream-sentiment {args.command}: Kafka: cannot reach it: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except RedisOutageError as error:
         print(f"stream-sentiment {args.command}: {error}", file=sys.stderr)

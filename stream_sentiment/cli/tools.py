@@ -23,9 +23,9 @@ def _produce(args: argparse.Namespace) -> int:
     import asyncio
     import itertools
 
-    from aiokafka import AIOKafkaProducer
     from tqdm import tqdm
 
+    from stream_sentiment.clients import kafka_producer, start_kafka
     from stream_sentiment.source.replay import Surge, file_post_count, file_posts, replay, sample_posts
 
     settings = connection_settings(args)
@@ -41,8 +41,8 @@ def _produce(args: argparse.Namespace) -> int:
         surge = Surge(args.surge_topic, args.surge_region, args.surge_start, args.surge_duration, args.surge_rate)
 
     async def send() -> dict[str, int]:
-        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)  # type: ignore[attr-defined]
-        await producer.start()
+        producer = kafka_producer(settings, linger_ms=5)  # type: ignore[arg-type]
+        await start_kafka(producer, settings)  # type: ignore[arg-type]
         try:
             with tqdm(total=total, desc="produce", unit="post", file=sys.stderr,
                       disable=args.no_progress) as bar:
@@ -88,13 +88,12 @@ def _page_url(args: argparse.Namespace) -> int:
 def _alerts(args: argparse.Namespace) -> int:
     if args.page_url:
         return _page_url(args)
-    from redis import Redis
-
     from stream_sentiment.aggregation.buckets import RedisKeys
+    from stream_sentiment.clients import redis_client
     from stream_sentiment.sinks.alert_feed import deadline, follow, following_line, format_alert, newest_id, recent
 
     settings = connection_settings(args)
-    client = Redis.from_url(settings.redis_url, decode_responses=True)  # type: ignore[attr-defined]
+    client = redis_client(settings, decode_responses=True)  # type: ignore[arg-type]
     stream = RedisKeys(settings.redis_prefix).alerts  # type: ignore[attr-defined]
     try:
         shown = recent(client, stream, args.last)
@@ -119,9 +118,8 @@ def _alerts(args: argparse.Namespace) -> int:
 def _top(args: argparse.Namespace) -> int:
     import asyncio
 
-    from redis.asyncio import Redis
-
     from stream_sentiment.aggregation.buckets import RedisKeys
+    from stream_sentiment.clients import async_redis_client
     from stream_sentiment.views.queries import AnalystQueries
     from stream_sentiment.views.terminal import run_top
 
@@ -131,7 +129,7 @@ def _top(args: argparse.Namespace) -> int:
         print("stream-sentiment top: --windows, --limit and --refresh must be positive", file=sys.stderr)
         return EXIT_USAGE
     min_posts = args.min_posts if args.min_posts is not None else settings.alerts.min_posts  # type: ignore[attr-defined]
-    client = Redis.from_url(settings.redis_url, socket_timeout=10)  # type: ignore[attr-defined]
+    client = async_redis_client(settings, socket_timeout=10)  # type: ignore[arg-type]
     queries = AnalystQueries(client, RedisKeys(settings.redis_prefix),  # type: ignore[attr-defined]
                              settings.aggregation.bucket_seconds)  # type: ignore[attr-defined]
     try:

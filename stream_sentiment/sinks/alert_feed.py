@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 
 def format_alert(fields: Mapping[str, str]) -> str:
@@ -84,20 +83,11 @@ def following_line(redis_url: str, stream: str, after: str, *, shown: int, durat
         start = f"after the {shown} shown above (entry {after})"
     else:
         start = f"from now (after entry {after})"
+    from stream_sentiment.clients import redacted_url
+
     until = f" for {duration:g} s" if duration is not None else "; Ctrl-C stops"
-    return (f"following alert stream {stream!r} on {public_url(redis_url)} {start}{until}; "
+    return (f"following alert stream {stream!r} on {redacted_url(redis_url)} {start}{until}; "
             "new alerts print as workers raise them (a window is judged seconds after it closes)")
-
-
-def public_url(url: str) -> str:
-    """``url`` without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def follow(

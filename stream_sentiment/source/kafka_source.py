@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stream_sentiment.aggregation.progress import PartitionProgress
+from stream_sentiment.clients import kafka_consumer, kafka_producer, redacted_url, start_kafka
 from stream_sentiment.config import Settings
 from stream_sentiment.metrics import PipelineMetrics
 from stream_sentiment.sinks.checkpoint import CheckpointingSink, Outcome, RedisStateLostError
@@ -106,7 +107,7 @@ class KafkaSource:
     async def start(self, on_revoked: Callable[[set[int]], Awaitable[None]],
                     consumer_options: dict[str, Any] | None = None) -> None:
         """Connect, subscribe; ``on_revoked`` drains the worker's in-flight posts of revoked partitions."""
-        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+        from aiokafka import ConsumerRebalanceListener
 
         source = self
 
@@ -131,19 +132,23 @@ class KafkaSource:
                     source._fail(error)
 
         settings = self.settings
-        self.producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+        self.producer = kafka_producer(settings, acks="all")
         options = {
             "session_timeout_ms": settings.kafka_session_timeout_ms,
             "heartbeat_interval_ms": settings.kafka_heartbeat_interval_ms,
             "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
             **(consumer_options or {}),
         }
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers, group_id=settings.consumer_group,
-            enable_auto_commit=False, auto_offset_reset="earliest", **options,
+        self.consumer = kafka_consumer(
+            settings, group_id=settings.consumer_group, enable_auto_commit=False, auto_offset_reset="earliest",
+            **options,
         )
-        await self.producer.start()
-        await self.consumer.start()
+        try:  # a certificate or password the broker refuses fails here, with the reason (exit code 3)
+            await start_kafka(self.producer, settings)
+            await start_kafka(self.consumer, settings)
+        except BaseException:
+            await self.stop()
+            raise
         self.consumer.subscribe([settings.topic], listener=Listener())
 
     async def stop(self) -> None:
@@ -200,7 +205,7 @@ class KafkaSource:
         if settings.recovery.on_redis_loss == "refuse":
             self.consumer.pause(tp)
             self._fail(RedisStateLostError(
-                f"Redis ({settings.redis_url}, prefix {settings.redis_prefix!r}) has no offset mark for "
+                f"Redis ({redacted_url(settings.redis_url)}, prefix {settings.redis_prefix!r}) has no offset mark for "
                 f"partition {partition} of {settings.topic!r}, but consumer group {settings.consumer_group!r} has "
                 "applied and committed records there: Redis lost the counts this group wrote (restarted without "
                 "persistence, flushed, or another Redis or prefix). Resuming from Kafka's commit would silently "

@@ -187,3 +187,21 @@ def test_a_graph_that_is_not_the_classifier_is_refused(tmp_path):
     onnx.save(helper.make_model(graph), str(path))
     with pytest.raises(ValueError, match="not a SentimentClassifier export"):
         extract_weights(path)
+
+
+def test_the_multilingual_engine_maps_too_its_weight_only_down_projections_included():
+    """The 12-layer e5 version: int8-weight down-projections behind a DequantizeLinear, a SentencePiece vocabulary."""
+    import onnxruntime as ort
+
+    from stream_sentiment.engines.manifest import load_engine_version
+    from tests.conftest import REPO
+
+    version = load_engine_version(REPO / "engines" / "multilingual-sentiment" / "v1")
+    weights = weights_for_version(version)
+    assert (weights.config["num_hidden_layers"], weights.config["hidden_size"]) == (12, 384)
+    assert weights.config["vocab_size"] == 41_575
+    session = ort.InferenceSession(strip_quantization(version.model_path), providers=["CPUExecutionProvider"])
+    posts = [*POSTS, "航班又延误了三个小时，太让人失望了", "今天天气不错"]
+    batch = pad_to_bucket(PostTokenizer(version).encode(posts), 32)
+    (expected,) = session.run(["logits"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
+    np.testing.assert_allclose(numpy_forward(weights, batch.input_ids, batch.attention_mask), expected, atol=2e-3)
