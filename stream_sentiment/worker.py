@@ -208,7 +208,7 @@ class Worker:
                 if self._failure is not None:
                     raise self._failure
                 await self._poll_once()
-            await self._drain(self.settings.shutdown_timeout_s)
+            await self._shut_down()
             if self._failure is not None:  # recorded by a batch or the applier while draining
                 raise self._failure
         finally:
@@ -218,6 +218,27 @@ class Worker:
                 self._applier.cancel()
             await self.source.stop()
             await self._redis.aclose()
+
+    async def _shut_down(self) -> None:
+        """Drain, apply and commit what was fetched, saying before and after what that was.
+
+        An operator stopping a worker (or the demo ending) sees what it finished and what it left to the
+        next owner, instead of a process that goes quiet.
+        """
+        budget = self.settings.shutdown_timeout_s
+        fetched = sum(p.in_flight for p in self.progress.values())
+        scored, dead = self.scored, self.dead_lettered
+        started = self.clock()
+        log.info("worker stopping: draining %d fetched posts (up to %.0f s), then applying and committing them",
+                 fetched, budget)
+        await self._drain(budget)
+        left = {p: progress.in_flight for p, progress in self.progress.items() if progress.in_flight}
+        log.info("worker stopped: the drain applied %d scored and %d dead-lettered posts in %.1f s%s; "
+                 "this run applied %d scored and %d dead-lettered in all; applied marks %s",
+                 self.scored - scored, self.dead_lettered - dead, self.clock() - started,
+                 f", and left {sum(left.values())} to be read again by the next owner (partitions {sorted(left)})"
+                 if left else ", nothing left over", self.scored, self.dead_lettered,
+                 {p: progress.mark for p, progress in sorted(self.progress.items())})
 
     async def _poll_once(self) -> None:
         in_flight = sum(p.in_flight for p in self.progress.values())

@@ -311,3 +311,43 @@ def test_an_engine_whose_labels_differ_from_the_services_is_refused(engine_copy)
     with pytest.raises(EngineRepositoryError, match="outputs \\['positive', 'neutral', 'negative'\\]"):
         Worker(Settings.load(), OnnxRuntimeEngine(version), PostTokenizer(version))
     assert tuple(data["labels"]) == LABELS  # the committed engine's are the service's
+
+
+def test_a_stopping_worker_logs_what_it_drains_and_what_it_applied(
+    kafka, topic_factory, redis_server, redis_factory, engine, engine_version, caplog
+):
+    """Stopped while posts are in flight, the worker says what it is draining, then what the drain applied."""
+    import logging
+    import re
+
+    topic, settings = pipeline_settings(kafka, topic_factory, redis_server, "bye", partitions=2)
+    redis = redis_factory()
+    produced = asyncio.run(produce_posts(kafka.bootstrap_servers, topic, 200, 1, seed=41))
+    worker = Worker(settings, engine, PostTokenizer(engine_version))
+
+    async def scenario() -> int:
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop, consumer_options=FAST_GROUP_CONFIG))
+        async with asyncio.timeout(60):  # stop as soon as posts are fetched but not all applied
+            while not sum(p.in_flight for p in worker.progress.values()):
+                await asyncio.sleep(0.01)
+        in_flight = sum(p.in_flight for p in worker.progress.values())
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        return in_flight
+
+    with caplog.at_level(logging.INFO, logger="stream_sentiment.worker"):
+        asyncio.run(scenario())
+    messages = [r.getMessage() for r in caplog.records if r.name == "stream_sentiment.worker"]
+    stopping = next(m for m in messages if m.startswith("worker stopping:"))
+    stopped = next(m for m in messages if m.startswith("worker stopped:"))
+    fetched = int(re.search(r"draining (\d+) fetched posts \(up to 10 s\)", stopping).group(1))
+    drained = re.search(r"the drain applied (\d+) scored and (\d+) dead-lettered posts in [\d.]+ s, "
+                        r"nothing left over; this run applied (\d+) scored and (\d+) dead-lettered in all", stopped)
+    assert drained is not None, stopped
+    # The drain applied exactly what was fetched when the worker was told to stop, and the run's totals are Redis's.
+    assert fetched > 0 and int(drained.group(1)) + int(drained.group(2)) == fetched
+    totals = redis.hgetall("bye:totals")
+    assert (int(drained.group(3)), int(drained.group(4))) == (int(totals.get("scored", 0)),
+                                                              int(totals.get("dead_lettered", 0)))
+    assert int(drained.group(3)) + int(drained.group(4)) <= produced

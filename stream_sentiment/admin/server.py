@@ -2,10 +2,14 @@
 
 ``/healthz``, ``/readyz`` and ``/metrics`` are open, as orchestrators and Prometheus scrape them without
 secrets. Every other path is refused with 401 unless it carries ``Authorization: Bearer <token>``: deny by
-default, so a route added later is guarded without anyone remembering to. The token is checked before the
-body is read, bodies are capped at ``max_body_bytes`` (413) before any JSON parsing, a body that is not a JSON
-object (malformed or nested too deeply, whatever the limit) is 400, and version names are checked against the
-repository's name rule here, so a path such as ``../../etc`` never reaches the manager.
+default, so a route added later is guarded without anyone remembering to. A worker started without a token
+answers 403 instead, saying so: no token the caller could send would help, and a 401 would read as the
+caller's fault. Refusals name the side in ``{"token": ...}`` (:data:`TOKEN_NOT_CONFIGURED`,
+:data:`TOKEN_MISSING`, :data:`TOKEN_REJECTED`) for clients such as ``stream-sentiment engines``.
+The token is checked before the body is read, bodies are capped at ``max_body_bytes`` (413) before any JSON
+parsing, a body that is not a JSON object (malformed or nested too deeply, whatever the limit) is 400, and
+version names are checked against the repository's name rule here, so a path such as ``../../etc`` never
+reaches the manager.
 
 With an :class:`~stream_sentiment.views.web.AlertPage` the server also serves the read-only alert page
 under ``/alerts``. It follows the same rules: where a token is configured, the page and its data need it,
@@ -37,7 +41,8 @@ from stream_sentiment.engines.manifest import VERSION_PATTERN
 from stream_sentiment.metrics import PipelineMetrics
 from stream_sentiment.views.web import PAGE_PATH, SIGN_IN_PATH, STATIC_PREFIX, VIEW_PREFIX, AlertPage, sign_in_page
 
-__all__ = ["OPEN_PATHS", "AdminSecurityError", "AdminServer", "is_loopback"]
+__all__ = ["OPEN_PATHS", "TOKEN_MISSING", "TOKEN_NOT_CONFIGURED", "TOKEN_REJECTED", "AdminSecurityError", "AdminServer",
+           "is_loopback"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,10 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 VIEW_COOKIE = "stream_sentiment_view"
 VIEW_COOKIE_MAX_AGE_S = 12 * 3600
+# Which side a token refusal is about (the ``token`` field of the answer).
+TOKEN_NOT_CONFIGURED = "not_configured"  # the worker has none: its admin routes are off  # noqa: S105
+TOKEN_MISSING = "missing"  # the request carries none  # noqa: S105
+TOKEN_REJECTED = "rejected"  # the request's is not the worker's  # noqa: S105
 
 
 class AdminSecurityError(ValueError):
@@ -182,11 +191,20 @@ class AdminServer:
             return await handler(request)
         if self._views is not None and _is_view_path(request.path):
             return await self._view_auth(request, handler)
-        challenge = {"WWW-Authenticate": "Bearer"}
         if self._token_digest is None:
-            return _error(401, "no admin token is configured", challenge)
+            return web.json_response({"token": TOKEN_NOT_CONFIGURED, "error": (
+                "this worker has no admin token configured, so its admin routes are off whatever the request "
+                "carries; start the worker with STREAM_SENTIMENT_ADMIN_TOKEN or --admin-token-file to use them")},
+                status=403)
         if not self._bearer_valid(request):
-            return _error(401, "missing or invalid bearer token", challenge)
+            challenge = {"WWW-Authenticate": "Bearer"}
+            if not request.headers.get("Authorization", "").strip():
+                return web.json_response({"token": TOKEN_MISSING, "error": (
+                    "this request carries no admin token; send the worker's token as "
+                    "'Authorization: Bearer <token>'")}, status=401, headers=challenge)
+            return web.json_response({"token": TOKEN_REJECTED, "error": (
+                "this request's admin token is not the one this worker was started with")},
+                status=401, headers=challenge)
         return await handler(request)
 
     def _bearer_valid(self, request: web.Request) -> bool:

@@ -7,13 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from stream_sentiment.cli.common import ADMIN_TOKEN_ENV, EXIT_UNAVAILABLE, EXIT_USAGE, Commands
-
-
-def _admin_base_url(host: str, port: int) -> str:
-    # A wildcard bind is reached through loopback from this machine.
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+from stream_sentiment.cli.common import ADMIN_TOKEN_ENV, EXIT_UNAVAILABLE, EXIT_USAGE, Commands, admin_base_url
 
 
 def _engines(args: argparse.Namespace) -> int:
@@ -30,15 +24,17 @@ def _engines(args: argparse.Namespace) -> int:
     except OSError as error:
         print(f"{name}: cannot read the admin token file: {error}", file=sys.stderr)
         return EXIT_USAGE
+    source = (f"--admin-token-file {args.admin_token_file}" if args.admin_token_file else f"${ADMIN_TOKEN_ENV}")
     url = args.admin_url
     if url is None or token is None:  # the settings (env, config file) fill in what the flags left out
         admin = Settings.load(args.config).admin
-        token = token if token is not None else admin.read_token()
+        if token is None:
+            token, source = admin.read_token(), "the settings (admin.token / admin.token_file)"
         if url is None:
             if admin.port == 0:
                 print(f"{name}: admin.port is 0 (any free port); pass --admin-url", file=sys.stderr)
                 return EXIT_USAGE
-            url = _admin_base_url(admin.host, admin.port)
+            url = admin_base_url(admin.host, admin.port)
     try:
         client = AdminClient(url, token, timeout=args.timeout)
     except ValueError as error:
@@ -55,7 +51,27 @@ def _engines(args: argparse.Namespace) -> int:
     if 200 <= status < 300:
         return 0
     print(f"{name}: refused ({status}): {answer.get('error', answer)}", file=sys.stderr)
+    hint = _token_hint(status, answer, url, source if token is not None else None)
+    if hint:
+        print(f"{name}: {hint}", file=sys.stderr)
     return 1
+
+
+def _token_hint(status: int, answer: dict[str, object], url: str, source: str | None) -> str | None:
+    """Which side lacks the admin token, and what to do there (``source``: where this command's came from)."""
+    side = answer.get("token")
+    if side == "not_configured" or (status == 403 and side is None and source is not None):
+        sent = f"this command's token (from {source}) is not at fault" if source else "this command sent none"
+        return (f"the worker at {url} was started without an admin token, so it refuses every admin call "
+                f"({sent}); restart the worker with {ADMIN_TOKEN_ENV} or --admin-token-file set, "
+                "then give this command the same token")
+    if status != 401:
+        return None
+    if source is None:
+        return (f"this command has no admin token: set {ADMIN_TOKEN_ENV} or pass --admin-token-file with the "
+                f"token the worker at {url} was started with")
+    return (f"the worker at {url} has a different admin token than this command's (from {source}); "
+            "use the token the worker was started with")
 
 
 def _add_admin_client_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:

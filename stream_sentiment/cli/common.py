@@ -35,6 +35,13 @@ def connection_settings(args: argparse.Namespace) -> object:
     return Settings.load(args.config, **overrides)
 
 
+def admin_base_url(host: str, port: int) -> str:
+    """The URL this machine reaches a worker's admin server at (``admin.host``, ``admin.port``)."""
+    # A wildcard bind is reached through loopback from this machine.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())

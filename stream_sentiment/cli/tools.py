@@ -6,8 +6,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from stream_sentiment.cli.common import EXIT_USAGE, Commands, add_connection_flags, connection_settings, int_list
+from stream_sentiment.cli.common import (
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    Commands,
+    add_connection_flags,
+    admin_base_url,
+    connection_settings,
+    int_list,
+)
 
 
 def _produce(args: argparse.Namespace) -> int:
@@ -17,11 +26,14 @@ def _produce(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from stream_sentiment.clients import kafka_producer, start_kafka
-    from stream_sentiment.source.replay import Surge, file_posts, replay, sample_posts
+    from stream_sentiment.source.replay import Surge, file_post_count, file_posts, replay, sample_posts
 
     settings = connection_settings(args)
+    total = args.count  # the bar's total: known for a file or a --count; the samples repeat forever
     if args.file:
         values = file_posts(args.file)
+        in_file = file_post_count(args.file)
+        total = in_file if total is None else min(total, in_file)
     else:
         values = (json.dumps(p).encode() for p in sample_posts(args.seed))
     surge = None
@@ -32,33 +44,70 @@ def _produce(args: argparse.Namespace) -> int:
         producer = kafka_producer(settings, linger_ms=5)  # type: ignore[arg-type]
         await start_kafka(producer, settings)  # type: ignore[arg-type]
         try:
-            with tqdm(total=args.count, desc="produce", unit="post", file=sys.stderr,
+            with tqdm(total=total, desc="produce", unit="post", file=sys.stderr,
                       disable=args.no_progress) as bar:
+
+                def progress(replayed: int, surged: int) -> None:
+                    bar.update(replayed - bar.n)
+                    if surge is not None:  # surge posts come on top of the bar's total: shown beside it
+                        bar.set_postfix(surge=surged, refresh=False)
+
                 return await replay(producer, settings.topic, itertools.islice(values, None),  # type: ignore[attr-defined]
-                                    rate=args.rate, count=args.count, surge=surge, progress=bar.update)
+                                    rate=args.rate, count=args.count, surge=surge, progress=progress)
         finally:
             await producer.stop()
 
-    print(json.dumps(asyncio.run(send())))
+    # sent: every record the broker took, surge posts included; replayed + surge = sent + failed.
+    summary = asyncio.run(send())
+    print(json.dumps(summary))
+    return 0 if summary["failed"] == 0 else EXIT_UNAVAILABLE
+
+
+def _page_url(args: argparse.Namespace) -> int:
+    """``alerts --page-url``: the alert page's address, signed in by a token in its #fragment where one is set.
+
+    For screenshots and monitors: a headless browser opening it lands on the page, not on the sign-in form.
+    The fragment never reaches a server or its logs; the page drops it from the address bar once read.
+    """
+    from urllib.parse import quote
+
+    settings: Any = connection_settings(args)
+    admin = settings.admin
+    if args.admin_url is None and admin.port == 0:
+        print("stream-sentiment alerts: admin.port is 0 (any free port); pass --admin-url", file=sys.stderr)
+        return EXIT_USAGE
+    base = (args.admin_url or admin_base_url(admin.host, admin.port)).rstrip("/")
+    token = admin.read_token()
+    print(f"{base}/alerts" + (f"#token={quote(token, safe='')}" if token else ""))
+    if token:
+        print("stream-sentiment alerts: this URL carries the admin token (in its #fragment, which the browser "
+              "never sends to a server); treat it as the token", file=sys.stderr)
     return 0
 
 
 def _alerts(args: argparse.Namespace) -> int:
+    if args.page_url:
+        return _page_url(args)
     from stream_sentiment.aggregation.buckets import RedisKeys
     from stream_sentiment.clients import redis_client
-    from stream_sentiment.sinks.alert_feed import deadline, follow, format_alert, recent
+    from stream_sentiment.sinks.alert_feed import deadline, follow, following_line, format_alert, newest_id, recent
 
     settings = connection_settings(args)
     client = redis_client(settings, decode_responses=True)  # type: ignore[arg-type]
     stream = RedisKeys(settings.redis_prefix).alerts  # type: ignore[attr-defined]
     try:
-        last = "$"
-        for entry_id, fields in recent(client, stream, args.last):
+        shown = recent(client, stream, args.last)
+        for _, fields in shown:
             print(format_alert(fields), flush=True)
-            last = entry_id
         if args.follow:
+            last = shown[-1][0] if shown else newest_id(client, stream)
+            # stderr: stdout stays one alert per entry for scripts; a person sees both.
+            print(following_line(settings.redis_url, stream, last, shown=len(shown),  # type: ignore[attr-defined]
+                                 duration=args.duration), file=sys.stderr, flush=True)
             for _, fields in follow(client, stream, after=last, until=deadline(args.duration)):
                 print(format_alert(fields), flush=True)
+        elif not shown:
+            print(f"no alerts in {stream!r} yet (--follow waits for new ones)", file=sys.stderr)
     except KeyboardInterrupt:
         pass
     finally:
@@ -132,6 +181,12 @@ def add_commands(commands: Commands) -> None:
     alerts.add_argument("--last", type=int, default=20, help="show the last N alerts first")
     alerts.add_argument("--follow", action="store_true", help="then print new alerts as they arrive")
     alerts.add_argument("--duration", type=float, default=None, help="stop following after this many seconds")
+    alerts.add_argument("--page-url", action="store_true",
+                        help="print the web alert page's URL and exit; where an admin token is set (settings, "
+                             "$STREAM_SENTIMENT_ADMIN_TOKEN) it carries it as #token=..., so a script or headless "
+                             "browser opens the page signed in")
+    alerts.add_argument("--admin-url", default=None,
+                        help="the worker serving the page (default: http://<admin.host>:<admin.port> from settings)")
     alerts.set_defaults(handler=_alerts)
 
     top = commands.add_parser("top", help="live table of the most negative dimension values per window")

@@ -33,11 +33,11 @@ def _format(fields: Mapping[str, str]) -> str:
         f"window {fields.get('window_seconds')}s  negative {negative}/{posts} ({ratio:.0%})  "
         f"{versus}  engine {fields.get('engine_version')}"
     )
-    return "\n".join([headline, *(_sample_line(sample) for sample in _samples(fields)[:SAMPLES_SHOWN])])
+    # Every sample the entry stores (``alerts.sample_posts``, 3 by default), as the web page shows them:
+    # what a reader sees in one view is what the other shows too.
+    return "\n".join([headline, *(_sample_line(sample) for sample in _samples(fields))])
 
 
-# Two quotes tell a reader what a surge is about; the stream entry keeps more.
-SAMPLES_SHOWN = 2
 SAMPLE_CHARS = 100
 
 
@@ -62,10 +62,38 @@ def recent(client: Any, stream: str, count: int) -> list[tuple[str, dict[str, st
     return list(reversed(client.xrevrange(stream, count=count))) if count > 0 else []
 
 
+def newest_id(client: Any, stream: str) -> str:
+    """The id of the stream's newest entry, ``0-0`` when it has none: where following "from now" starts.
+
+    A concrete id, not ``$``: ``$`` is re-read as "now" by every XREAD, so an alert appended between two
+    blocking reads would be skipped.
+    """
+    newest = client.xrevrange(stream, count=1)
+    return str(newest[0][0]) if newest else "0-0"
+
+
+def following_line(redis_url: str, stream: str, after: str, *, shown: int, duration: float | None) -> str:
+    """What ``alerts --follow`` says before it waits: which Redis, which stream, from where, for how long.
+
+    Said at once because the first alert may be minutes away, and silence reads as a hang.
+    """
+    if after == "0-0":
+        start = "from its first entry (it has none yet)"
+    elif shown:
+        start = f"after the {shown} shown above (entry {after})"
+    else:
+        start = f"from now (after entry {after})"
+    from stream_sentiment.clients import redacted_url
+
+    until = f" for {duration:g} s" if duration is not None else "; Ctrl-C stops"
+    return (f"following alert stream {stream!r} on {redacted_url(redis_url)} {start}{until}; "
+            "new alerts print as workers raise them (a window is judged seconds after it closes)")
+
+
 def follow(
-    client: Any, stream: str, *, after: str = "$", until: Callable[[], bool] = lambda: False, block_ms: int = 1000
+    client: Any, stream: str, *, after: str, until: Callable[[], bool] = lambda: False, block_ms: int = 1000
 ) -> Iterator[tuple[str, dict[str, str]]]:
-    """New alerts as they arrive (XREAD BLOCK), until ``until()`` is true."""
+    """New alerts after entry ``after`` as they arrive (XREAD BLOCK), until ``until()`` is true."""
     last = after
     while not until():
         for _, entries in client.xread({stream: last}, block=block_ms, count=100) or []:

@@ -14,6 +14,7 @@ surge topic/region, on top of the normal stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import importlib.util
 import io
@@ -22,7 +23,7 @@ import json
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,15 @@ def file_posts(path: Path) -> Iterator[bytes]:
                     yield line.rstrip(b"\r\n")
 
 
+def file_post_count(path: Path) -> int:
+    """How many records :func:`file_posts` will send from ``path``: the total a progress bar can show."""
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            return sum(1 for _ in csv.DictReader(handle))
+    with path.open("rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
 async def replay(
     producer: Any,
     topic: str,
@@ -119,27 +129,53 @@ async def replay(
     rate: float,
     count: int | None,
     surge: Surge | None = None,
-    progress: Any = None,
+    progress: Callable[[int, int], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> dict[str, int]:
-    """Send ``count`` values (all, if None) at ``rate`` per second, plus surge posts while it is active."""
+    """Send ``count`` values (all, if None) at ``rate`` per second, plus surge posts while it is active.
+
+    Args:
+        progress: called after each replayed value with the values replayed and the surge posts sent so far.
+        stop: ends the replay early (the demo's deadline); what was sent is flushed and counted.
+
+    Returns:
+        ``sent``: every record the broker acknowledged, surge posts included; ``replayed`` and ``surge``:
+        how many of each were sent; ``failed``: records the broker did not take (not in ``sent``).
+    """
     started = time.monotonic()
     sent = surged = 0
+    failed: list[int] = [0]  # counted by the delivery callbacks
+
+    def delivered(future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            failed[0] += 1
+
+    async def send(value: bytes) -> None:
+        (await producer.send(topic, value=value)).add_done_callback(delivered)
+
     surge_values = (json.dumps(p).encode() for p in surge_posts(surge)) if surge else None
     for value in itertools.islice(values, count):
+        if stop is not None and stop.is_set():
+            break
         elapsed = time.monotonic() - started
         if surge and surge_values and surge.active(elapsed):
             # Catch up to the surge rate, but never more than one second's worth at once,
             # so a stalled producer cannot turn into a flood.
             due = min(int((elapsed - surge.start) * surge.rate) - surged, int(surge.rate))
             for _ in range(max(0, due)):
-                await producer.send(topic, value=next(surge_values))
+                await send(next(surge_values))
                 surged += 1
-        await producer.send(topic, value=value)
+        await send(value)
         sent += 1
         if progress:
-            progress(1)
+            progress(sent, surged)
         ahead = sent / rate - (time.monotonic() - started) if rate > 0 else 0
         if ahead > 0:
-            await asyncio.sleep(ahead)
+            if stop is None:
+                await asyncio.sleep(ahead)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), ahead)
     await producer.flush()
-    return {"sent": sent, "surge": surged}
+    await asyncio.sleep(0)  # the delivery callbacks of the last batch run
+    return {"sent": sent + surged - failed[0], "replayed": sent, "surge": surged, "failed": failed[0]}

@@ -1,9 +1,10 @@
 """The web alert page, served by the worker's HTTP server under ``/alerts``.
 
 * ``GET /alerts`` -- the page: a live alert feed and a chart of one dimension value's negative ratio.
-* ``GET /alerts/feed`` -- Server-Sent Events: the last alerts, then each new one as the alert monitor of
-  any worker appends it to ``P:alerts``. Each event's id is the stream entry id, so a browser that
-  reconnects (``Last-Event-ID``) resumes where it stopped instead of missing or repeating alerts.
+* ``GET /alerts/feed`` -- Server-Sent Events: the last alerts (oldest first), a ``caught-up`` event, then
+  each new one as the alert monitor of any worker appends it to ``P:alerts``. Each alert's event id is the
+  stream entry id, so a browser that reconnects (``Last-Event-ID``) resumes where it stopped instead of
+  missing or repeating alerts.
 * ``GET /alerts/api/series`` and ``/alerts/api/values`` -- the chart's data (JSON).
 
 Everything here only reads Redis. Who may read is decided by the admin server's middleware (see
@@ -41,7 +42,8 @@ SIGN_IN_PATH = "/alerts/sign-in"
 STATIC_PREFIX = "/alerts/static/"
 # A Redis stream entry id, the only Last-Event-ID this feed ever sends.
 STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
-STATIC_FILES = {"alerts.js": "text/javascript", "alerts.css": "text/css"}
+STATIC_FILES = {"alerts.js": "text/javascript", "chart.js": "text/javascript", "sign-in.js": "text/javascript",
+                "alerts.css": "text/css"}
 # Scripts and styles come only from this server: alert texts are posts from the internet.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
@@ -169,6 +171,8 @@ class AlertPage:
             last_id = backlog[-1].id if backlog else "0-0"
         for entry in backlog:
             await response.write(_event(entry))
+        # The backlog comes oldest first; this tells the page it has them all, so it can open on the newest.
+        await response.write(f"event: caught-up\ndata: {json.dumps({'backlog': len(backlog)})}\n\n".encode())
         quiet_since = time.monotonic()
         while not self._closing.is_set():
             try:

@@ -25,11 +25,12 @@ TOKEN_ENVS = ("STREAM_SENTIMENT_ADMIN_TOKEN", "STREAM_SENTIMENT_ADMIN__TOKEN")
 class ServerThread:
     """An AdminServer on its own event loop in a thread, so the blocking CLI can call it from the test."""
 
-    def __init__(self, control: RecordingControl) -> None:
+    def __init__(self, control: RecordingControl, token: str | None = TOKEN) -> None:
         self.control = control
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.server = AdminServer(AdminSettings(port=0, token=SecretStr(TOKEN)), control, PipelineMetrics())
+        self.server = AdminServer(AdminSettings(port=0, token=SecretStr(token) if token else None), control,
+                                  PipelineMetrics())
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
@@ -115,10 +116,42 @@ def test_a_path_like_version_is_refused(
     assert live.control.calls == []
 
 
-def test_no_token_exits_1_with_401(live: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_token_exits_1_with_401_and_says_this_command_lacks_it(
+    live: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["engines", "--admin-url", live.url, "list"]) == 1
-    assert "401" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "refused (401)" in err
+    assert f"this command has no admin token: set STREAM_SENTIMENT_ADMIN_TOKEN or pass --admin-token-file with " \
+           f"the token the worker at {live.url} was started with" in err
     assert live.control.calls == []
+
+
+def test_a_wrong_token_is_named_with_where_it_came_from(
+    live: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wrong = tmp_path / "old-token"
+    wrong.write_text("last-years-token\n")
+    assert main(["engines", "--admin-url", live.url, "--admin-token-file", str(wrong), "list"]) == 1
+    err = capsys.readouterr().err
+    assert f"has a different admin token than this command's (from --admin-token-file {wrong})" in err
+    assert "last-years-token" not in err
+
+
+def test_a_worker_without_a_token_is_named_as_the_side_to_fix(
+    token_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A worker started without a token refuses every admin call: the message must not blame the client."""
+    with ServerThread(RecordingControl(), token=None) as worker:
+        assert main(["engines", "--admin-url", worker.url, "--admin-token-file", str(token_file), "list"]) == 1
+        err = capsys.readouterr().err
+        assert "refused (403): this worker has no admin token configured" in err
+        assert f"the worker at {worker.url} was started without an admin token" in err
+        assert f"this command's token (from --admin-token-file {token_file}) is not at fault" in err
+        assert main(["engines", "--admin-url", worker.url, "list"]) == 1
+        assert "(this command sent none); restart the worker with STREAM_SENTIMENT_ADMIN_TOKEN" in \
+               capsys.readouterr().err
+        assert worker.control.calls == []
 
 
 def test_the_default_url_comes_from_the_settings(

@@ -134,7 +134,12 @@ def test_admin_routes_refuse_without_the_right_token(headers: dict[str, str]) ->
     status, body, response_headers = request(control, "GET", "/admin/engines", headers=headers)
     assert status == 401
     assert response_headers["WWW-Authenticate"] == "Bearer"
-    assert "error" in body
+    # The answer says whether the request had no token or the wrong one: the caller's side either way.
+    if headers:
+        assert body == {"token": "rejected",
+                        "error": "this request's admin token is not the one this worker was started with"}
+    else:
+        assert body["token"] == "missing" and "carries no admin token" in body["error"]
     assert control.calls == []
 
 
@@ -154,12 +159,16 @@ def test_token_from_a_file(tmp_path: Path) -> None:
     assert status == 200
 
 
-def test_without_a_configured_token_every_admin_call_is_refused() -> None:
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer anything"}], ids=["no-token", "a-token"])
+def test_without_a_configured_token_every_admin_call_is_refused_as_the_workers_side(headers: dict[str, str]) -> None:
     control = RecordingControl()
-    status, body, _ = request(control, "POST", "/admin/engines/activate", json={"version": "v2"},
-                              headers={"Authorization": "Bearer anything"}, admin=AdminSettings(port=0))
-    assert status == 401
-    assert body == {"error": "no admin token is configured"}
+    status, body, response_headers = request(control, "POST", "/admin/engines/activate", json={"version": "v2"},
+                                             headers=headers, admin=AdminSettings(port=0))
+    # 403, not 401: no token the caller could send would help, so nothing asks it to authenticate.
+    assert status == 403 and "WWW-Authenticate" not in response_headers
+    assert body["token"] == "not_configured"
+    assert body["error"].startswith("this worker has no admin token configured, so its admin routes are off")
+    assert "STREAM_SENTIMENT_ADMIN_TOKEN" in body["error"]
     assert control.calls == []
 
 

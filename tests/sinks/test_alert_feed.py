@@ -11,7 +11,7 @@ from stream_sentiment.aggregation.alerts import AlertRules
 from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys
 from stream_sentiment.aggregation.monitor import AlertMonitor
 from stream_sentiment.cli import main
-from stream_sentiment.sinks.alert_feed import format_alert
+from stream_sentiment.sinks.alert_feed import following_line, format_alert
 from tests.views.seed import write_posts
 
 ALERT = {
@@ -49,8 +49,35 @@ def test_alerts_follow_prints_new_alerts_as_they_arrive(redis_server, redis_fact
                  "--follow", "--duration", "2.5"])
     writer.join()
     assert code == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
     assert [line.split("  ")[2] for line in lines] == ["topic=airline", "topic=trains"]
+    # Before the first new alert it said what it follows, where, and from which entry (on stderr: stdout is alerts).
+    first_id = client.xrange("follow:alerts")[0][0]
+    assert err.splitlines()[0] == (
+        f"following alert stream 'follow:alerts' on {redis_server.url} after the 1 shown above (entry {first_id}) "
+        "for 2.5 s; new alerts print as workers raise them (a window is judged seconds after it closes)")
+
+
+def test_follow_from_now_says_so_and_an_empty_feed_says_it_is_empty(redis_server, redis_factory, capsys):
+    client = redis_factory()
+    assert main(["alerts", "--redis-url", redis_server.url, "--redis-prefix", "quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err == "no alerts in 'quiet:alerts' yet (--follow waits for new ones)\n"
+    assert main(["alerts", "--redis-url", redis_server.url, "--redis-prefix", "quiet", "--follow",
+                 "--duration", "0.1"]) == 0
+    err = capsys.readouterr().err
+    assert "'quiet:alerts'" in err and "from its first entry (it has none yet)" in err
+    newest = client.xadd("quiet:alerts", ALERT)
+    assert main(["alerts", "--redis-url", redis_server.url, "--redis-prefix", "quiet", "--last", "0", "--follow",
+                 "--duration", "0.1"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and f"from now (after entry {newest}) for 0.1 s" in err
+
+
+def test_a_redis_password_never_shows_in_the_following_line():
+    line = following_line("redis://analyst:hunter2@redis.internal:6380/0", "ss:alerts", "0-0", shown=0, duration=None)
+    assert "redis://analyst:***@redis.internal:6380/0" in line and "hunter2" not in line
 
 
 def test_an_entry_this_service_did_not_write_is_shown_raw_not_a_crash(redis_server, redis_factory, capsys):
@@ -60,17 +87,18 @@ def test_an_entry_this_service_did_not_write_is_shown_raw_not_a_crash(redis_serv
     assert capsys.readouterr().out.startswith("unreadable alert entry: {'rule': 'surge'")
 
 
-def test_an_alert_quotes_two_sample_posts_under_its_line():
+def test_an_alert_quotes_every_stored_sample_post_under_its_line():
     samples = [
         {"id": "p1", "text": "flight   cancelled\nagain, no refund", "p_negative": 0.98},
         {"id": "p2", "text": "x" * 150, "p_negative": 0.97},
-        {"id": "p3", "text": "third is not shown", "p_negative": 0.9},
+        {"id": "p3", "text": "the third is shown too", "p_negative": 0.9},
     ]
     lines = format_alert({**ALERT, "samples": json.dumps(samples)}).splitlines()
     assert lines[0].startswith("2026-11-22 09:30:00Z  SURGE  topic=airline")
     assert lines[1:] == [
         '    e.g. "flight cancelled again, no refund"  (post p1, P(negative) 0.98)',
         f'    e.g. "{"x" * 99}…"  (post p2, P(negative) 0.97)',
+        '    e.g. "the third is shown too"  (post p3, P(negative) 0.9)',
     ]
 
 
@@ -106,6 +134,6 @@ def test_follow_prints_an_alert_the_monitor_raised_from_scored_posts(redis_serve
     assert [line.split("  ")[2] for line in headlines] == ["global=all", "topic=airline"], lines
     airline = lines.index(headlines[1])
     assert headlines[1].endswith("RATIO  topic=airline  window 1s  negative 18/20 (90%)  no baseline yet  engine v1")
-    quotes = lines[airline + 1: airline + 3]
-    assert len(quotes) == 2 and all(q.startswith('    e.g. "airline post ') and "awful" in q for q in quotes), lines
+    quotes = lines[airline + 1:]
+    assert len(quotes) == 3 and all(q.startswith('    e.g. "airline post ') and "awful" in q for q in quotes), lines
     assert all(q.endswith("P(negative) 0.9)") for q in quotes), quotes

@@ -7,7 +7,7 @@ import json
 
 from stream_sentiment.cli import main
 from stream_sentiment.source.messages import Post, decode_post
-from stream_sentiment.source.replay import Surge, sample_posts, surge_posts
+from stream_sentiment.source.replay import Surge, file_post_count, sample_posts, surge_posts
 from tests.services import consume_records
 
 
@@ -30,8 +30,35 @@ def test_produce_command_sends_samples_and_a_surge(kafka, topic_factory, capsys)
                  "--surge-rate", "500", "--no-progress"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["sent"] == 300 and summary["surge"] > 0
-    records = asyncio.run(consume_records(kafka.bootstrap_servers, topic, 300 + summary["surge"], f"g-{topic}"))
+    # sent counts every record, the surge's included: what a consumer of the topic will see.
+    assert summary["replayed"] == 300 and summary["surge"] > 0 and summary["failed"] == 0
+    assert summary["sent"] == 300 + summary["surge"]
+    records = asyncio.run(consume_records(kafka.bootstrap_servers, topic, summary["sent"], f"g-{topic}"))
     posts = [decode_post(r.value) for r in records]
     assert all(isinstance(p, Post) for p in posts)
     assert sum(p.id.startswith("surge-") and p.topic == "phones" for p in posts) == summary["surge"]
+
+
+def test_produce_from_a_file_shows_its_total_and_counts_what_it_sent(kafka, topic_factory, tmp_path, capsys):
+    topic = topic_factory(partitions=1)
+    posts = tmp_path / "posts.jsonl"
+    posts.write_text("".join(json.dumps({"id": f"p{i}", "text": f"post {i}"}) + "\n" + ("\n" if i == 2 else "")
+                             for i in range(5)))
+    code = main(["produce", "--bootstrap-servers", kafka.bootstrap_servers, "--topic", topic, "--file", str(posts),
+                 "--rate", "0"])
+    assert code == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1]) == {"sent": 5, "replayed": 5, "surge": 0, "failed": 0}
+    assert "5/5" in err  # the progress bar knew the file's total (the blank line is not a post)
+    # --count smaller than the file: the bar's total is the count.
+    code = main(["produce", "--bootstrap-servers", kafka.bootstrap_servers, "--topic", topic, "--file", str(posts),
+                 "--rate", "0", "--count", "3"])
+    assert code == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["sent"] == 3 and "3/3" in err
+
+
+def test_a_csv_file_counts_its_rows_not_its_lines(tmp_path):
+    posts = tmp_path / "posts.csv"
+    posts.write_text('id,text\n1,"two\nlines"\n2,one line\n', encoding="utf-8")
+    assert file_post_count(posts) == 2

@@ -8,10 +8,12 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 from pydantic import SecretStr
 
 from stream_sentiment.admin.server import VIEW_COOKIE, AdminServer
 from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys
+from stream_sentiment.cli import main
 from stream_sentiment.config import AdminSettings
 from stream_sentiment.metrics import PipelineMetrics
 from stream_sentiment.views.queries import AnalystQueries
@@ -106,7 +108,7 @@ def test_without_a_token_the_loopback_page_is_open_and_the_admin_routes_stay_shu
             async with http.get(f"{server.url}/alerts/static/..%2F..%2Fconfig.py") as response:
                 assert response.status == 404
             async with http.get(f"{server.url}/admin/engines") as response:
-                assert response.status == 401
+                assert response.status == 403  # the worker has no token: its side, said as such
             # A web page that points its own name at 127.0.0.1 (DNS rebinding) is not this machine's user.
             async with http.get(f"{server.url}/alerts/api/values", headers={"Host": "evil.example"}) as response:
                 assert response.status == 403
@@ -153,8 +155,10 @@ def test_the_feed_sends_recent_alerts_then_new_ones_and_resumes_after_a_reconnec
         async with _server(client, None, backlog=10) as server, aiohttp.ClientSession() as http:
             async with http.get(f"{server.url}/alerts/feed") as response:
                 assert response.headers["Content-Type"].startswith("text/event-stream")
-                [backlog] = await _events(response, 1)
+                [backlog, caught_up] = await _events(response, 2)
                 assert backlog["id"] == first and backlog["event"] == "alert"
+                # The backlog is complete: the page opens on its newest alert, not the first one replayed.
+                assert caught_up["event"] == "caught-up" and json.loads(caught_up["data"]) == {"backlog": 1}
                 alert = json.loads(backlog["data"])
                 assert alert["dimension"] == "topic" and alert["value"] == "airline" and alert["posts"] == 40
                 assert alert["samples"][0]["text"] == "flight cancelled again, awful"
@@ -165,13 +169,15 @@ def test_the_feed_sends_recent_alerts_then_new_ones_and_resumes_after_a_reconnec
             third = await client.xadd(stream, {**alert_record("topic", "weather", now), "z": "nan"})
             # The browser reconnects with the last id it saw: only what it missed comes, nothing twice.
             async with http.get(f"{server.url}/alerts/feed", headers={"Last-Event-ID": second}) as response:
-                [missed] = await _events(response, 1)
+                [caught_up, missed] = await _events(response, 2)
+                assert json.loads(caught_up["data"]) == {"backlog": 0}  # a resumed feed replays no backlog
                 assert missed["id"] == third
                 assert json.loads(missed["data"], parse_constant=_refuse)["z"] is None
             # An id this feed never sent: the backlog again, not a reader stuck on failing XREADs.
             async with http.get(f"{server.url}/alerts/feed", headers={"Last-Event-ID": "zzz"}) as response:
-                replayed = await _events(response, 3)
-                assert [event["id"] for event in replayed] == [first, second, third]
+                replayed = await _events(response, 4)
+                assert [event.get("id") for event in replayed] == [first, second, third, None]
+                assert replayed[-1]["event"] == "caught-up"
         await client.aclose()
 
     asyncio.run(run())
@@ -194,3 +200,21 @@ def test_an_open_feed_does_not_hold_up_the_server_stopping(redis_factory):
         return stopped
 
     assert asyncio.run(run()) < 5.0
+
+
+@pytest.mark.parametrize(("env", "flags", "expected"), [
+    ({"STREAM_SENTIMENT_ADMIN_TOKEN": "s3cret+/="}, [], "http://127.0.0.1:8081/alerts#token=s3cret%2B%2F%3D"),
+    ({"STREAM_SENTIMENT_ADMIN__TOKEN": "t", "STREAM_SENTIMENT_ADMIN__HOST": "0.0.0.0",
+      "STREAM_SENTIMENT_ADMIN__PORT": "9000"}, [], "http://127.0.0.1:9000/alerts#token=t"),
+    ({}, ["--admin-url", "http://worker-2:8081/"], "http://worker-2:8081/alerts"),
+], ids=["token", "wildcard-bind", "no-token"])
+def test_page_url_prints_where_the_page_is_with_the_token_in_its_fragment(env, flags, expected, monkeypatch, capsys):
+    for name in ("STREAM_SENTIMENT_ADMIN_TOKEN", "STREAM_SENTIMENT_ADMIN__TOKEN", "STREAM_SENTIMENT_ADMIN__HOST",
+                 "STREAM_SENTIMENT_ADMIN__PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["alerts", "--page-url", *flags]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected + "\n"
+    assert ("carries the admin token" in err) == ("#token=" in expected)
