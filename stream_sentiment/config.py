@@ -52,7 +52,7 @@ NAME_PATTERN = VERSION_PATTERN.pattern
 # Kafka's legal topic names: a bad one fails at start-up instead of at the first produce.
 TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"
 Port = Annotated[int, Field(ge=0, le=65535)]
-Dimension = Literal["global", "topic", "region"]
+Dimension = Literal["global", "topic", "region", "lang"]
 
 # The file of the ``Settings.load`` in progress; a context variable, as loads may run concurrently.
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("stream_sentiment_config_file", default=None)
@@ -160,8 +160,10 @@ class AggregationSettings(_Group):
     idle_partition_seconds: float = Field(default=30.0, gt=0, description=(
         "A partition with nothing new to read for this long (wall clock) stops holding back the group's "
         "watermark until its next post. The one place where timing, not the log, decides: see docs/scaling.md."))
-    dimensions: tuple[Dimension, ...] = Field(default=("global", "topic", "region"), min_length=1, description=(
-        "What posts are counted by (global, topic, region); all three, so an alert says where a surge is."))
+    dimensions: tuple[Dimension, ...] = Field(default=("global", "topic", "region", "lang"), min_length=1,
+                                              description=(
+        "What posts are counted by (global, topic, region, lang); all four, so an alert says where a surge is "
+        "and in which language. lang is the post's `lang` field, else its script's, else default_language."))
     bucket_ttl_seconds: int = Field(default=3600, ge=1, description=(
         "Redis expiry of a bucket; >= largest window + lateness so no window reads an expired one; 1 h of slack."))
 
@@ -284,6 +286,9 @@ class Settings(BaseSettings):
     topic: str = Field(default="posts", pattern=TOPIC_PATTERN, description="Kafka topic the posts arrive on.")
     consumer_group: str = Field(default="stream-sentiment", min_length=1, description=(
         "Kafka consumer group; replicas share it to split the topic's partitions."))
+    default_language: str = Field(default="en", pattern=r"^[a-z]{2,3}$", description=(
+        "The language of a post that declares none and whose script does not say (anything but CJK): "
+        "what the stream is mostly in. Counted under the lang dimension."))
     dlq_topic: str | None = Field(default=None, pattern=TOPIC_PATTERN, description=(
         "Dead-letter topic for rejected messages; unset = `<topic>.dlq`, so it follows the input topic."))
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://", description=(

@@ -68,7 +68,8 @@ def test_defaults() -> None:
     assert (s.limits.max_id_chars, s.limits.max_field_chars) == (256, 128)
     assert s.aggregation.bucket_seconds == 10 and s.aggregation.windows_seconds == (60, 300, 900)
     assert s.aggregation.allowed_lateness_seconds == 60 and s.aggregation.bucket_ttl_seconds == 3600
-    assert s.aggregation.dimensions == ("global", "topic", "region")
+    assert s.aggregation.dimensions == ("global", "topic", "region", "lang")
+    assert s.default_language == "en"
     a = s.alerts
     assert (a.ratio_threshold, a.min_posts, a.surge_z, a.ewma_alpha) == (0.6, 50, 3.0, 0.1)
     assert (a.cooldown_seconds, a.stream_max_len, a.sample_posts) == (300, 10000, 3)
@@ -270,7 +271,7 @@ def test_settings_table_lists_every_field(monkeypatch: pytest.MonkeyPatch) -> No
     table = settings_table()
     lines = table.splitlines()
     names = _env_names(Settings)
-    assert len(names) == len(set(names)) == 81
+    assert len(names) == len(set(names)) == 82
     assert len(lines) == len(names) + 2  # header, separator, one row per field
     rows = {line.split(" | ")[0].strip("| `"): line for line in lines[2:]}
     assert list(rows) == names

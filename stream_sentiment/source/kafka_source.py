@@ -87,6 +87,7 @@ class KafkaSource:
         limits = settings.limits
         self.limits = MessageLimits(limits.max_message_bytes, limits.max_text_chars, limits.max_id_chars,
                                     limits.max_field_chars)
+        self.default_language = settings.default_language
         self.consumer: Any = None
         self.producer: Any = None
         # Partitions whose log restarted below their mark and are not consumed (recovery.on_offset_regression).
@@ -307,7 +308,7 @@ class KafkaSource:
                 if record.offset > progress.next_offset and self._reread_gap(tp, progress.next_offset, record.offset):
                     break  # the rest of this partition's fetch comes again, after the gap
                 progress.fetched(record.offset)
-                outcome = decode_post(record.value, self.limits)
+                outcome = decode_post(record.value, self.limits, self.default_language)
                 if isinstance(outcome, Rejection):
                     rejected.append((progress, SourceRecord(
                         record.topic, record.partition, record.offset, record.timestamp, record.key, record.value,

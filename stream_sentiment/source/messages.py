@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from stream_sentiment.source.language import post_language
+
 OPTIONAL_STRING_FIELDS = ("topic", "region", "lang")
 KNOWN_FIELDS = frozenset({"id", "text", "ts", *OPTIONAL_STRING_FIELDS})
 # Epoch seconds beyond year 5138 are a unit mistake (milliseconds), not a date.
@@ -132,8 +134,13 @@ def _shown(value: object) -> str:
 _JSON = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-def decode_post(raw: bytes | None, limits: MessageLimits = MessageLimits()) -> Post | Rejection:
-    """Validate one record value. Never raises on any input."""
+def decode_post(raw: bytes | None, limits: MessageLimits = MessageLimits(),
+                default_language: str = "en") -> Post | Rejection:
+    """Validate one record value. Never raises on any input.
+
+    The post's ``lang`` is always set: its declared tag's primary subtag, else its script's language
+    (CJK), else ``default_language`` (``source.language``).
+    """
     if not raw:
         return Rejection(RejectReason.EMPTY_MESSAGE, "record has no value")
     if len(raw) > limits.max_message_bytes:
@@ -190,4 +197,5 @@ def decode_post(raw: bytes | None, limits: MessageLimits = MessageLimits()) -> P
         if value is not None and (not isinstance(value, str) or len(value) > limits.max_field_chars):
             return Rejection(RejectReason.BAD_FIELD, f"'{name}' must be a string of at most {limits.max_field_chars}")
         optional[name] = value or None
+    optional["lang"] = post_language(optional["lang"], text, default_language)
     return Post(id=post_id, text=text, ts=ts, **optional)
