@@ -43,9 +43,14 @@ def open_engine(
 
         engine = OnnxRuntimeEngine(loaded, engine_settings.streams, engine_settings.threads_per_stream)
     elif backend == "tensorrt":
+        from stream_sentiment.batching.batcher import BatchingPolicy
         from stream_sentiment.engines.tensorrt_backend import TensorRTEngine
 
-        engine = TensorRTEngine(loaded, engine_settings.streams)
+        # The batcher's limits: a plan whose profiles take fewer rows than it forms is refused at activation.
+        batching = settings.batching
+        policy = BatchingPolicy(buckets=tuple(loaded.manifest.buckets), max_rows=batching.max_rows,
+                                max_tokens=batching.max_tokens)
+        engine = TensorRTEngine(loaded, engine_settings.streams, batching=policy)
     elif backend == "torch-cuda":
         from stream_sentiment.engines.torch_backend import TorchCudaEngine
 

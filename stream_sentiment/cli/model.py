@@ -28,6 +28,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _build_engine(args: argparse.Namespace) -> int:
+    from stream_sentiment.batching.batcher import BatchingPolicy
+    from stream_sentiment.config import Settings
     from stream_sentiment.engine_build.tensorrt_build import build_plan, import_tensorrt
     from stream_sentiment.engines.manifest import load_engine_version
 
@@ -37,10 +39,16 @@ def _build_engine(args: argparse.Namespace) -> int:
     version = load_engine_version(args.engine)
     if args.buckets:
         version = version.serving(args.buckets)
+    # The profiles' rows follow the batching settings the workers run with (file, environment, flags).
+    flags = {"max_rows": args.max_rows, "max_tokens": args.max_tokens}
+    batching = Settings.load(args.config, batching={k: v for k, v in flags.items() if v is not None}).batching
+    policy = BatchingPolicy(buckets=tuple(version.manifest.buckets), max_rows=batching.max_rows,
+                            max_tokens=batching.max_tokens)
     trt = import_tensorrt()  # fails fast, before any work, when TensorRT is missing
     print(f"building a TensorRT plan for {version.label}: buckets {list(version.manifest.buckets)}, "
-          f"{args.streams} profile set(s)", file=sys.stderr)
-    info = build_plan(version, streams=args.streams, trt=trt, opt_rows=args.opt_rows, max_rows=args.max_rows,
+          f"{args.streams} profile set(s), rows up to batching.max_rows {policy.max_rows} and "
+          f"batching.max_tokens {policy.max_tokens}", file=sys.stderr)
+    info = build_plan(version, streams=args.streams, trt=trt, policy=policy, opt_rows=args.opt_rows,
                       show_progress=not args.no_progress)
     print(json.dumps(info.__dict__))
     return 0
@@ -62,8 +70,15 @@ def add_commands(commands: Commands) -> None:
     build.add_argument("--buckets", type=int_list, default=None,
                        help="comma-separated length buckets to build profiles for (default: the manifest's); "
                             "use the same as batching.buckets")
-    build.add_argument("--opt-rows", type=int, default=64, help="batch rows the kernels are tuned for")
-    build.add_argument("--max-rows", type=int, default=256, help="largest batch a profile accepts")
+    build.add_argument("--config", type=Path, default=None,
+                       help="TOML or JSON settings file: its batching.max_rows / max_tokens size the profiles")
+    build.add_argument("--max-rows", type=int, default=None,
+                       help="batching.max_rows the workers run with (default: the settings'); each bucket's "
+                            "profile takes up to min(max_rows, max_tokens // bucket) rows, as the batcher forms")
+    build.add_argument("--max-tokens", type=int, default=None,
+                       help="batching.max_tokens the workers run with (default: the settings')")
+    build.add_argument("--opt-rows", type=int, default=None,
+                       help="batch rows the kernels are tuned for (default: a full batch of each bucket)")
     build.add_argument("--streams", type=int, default=1,
                        help="execution contexts the plan serves at once (set it to engine.streams): one set of "
                             "bucket profiles per stream, since TensorRT lets a profile serve one context at a time; "

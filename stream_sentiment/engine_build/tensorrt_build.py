@@ -4,8 +4,15 @@ Written against the TensorRT 10 Python API. The ONNX parser reads the Q/DQ
 graph, so TensorRT uses *explicit* quantization: INT8 exactly where the
 Q/DQ nodes say, FP16 elsewhere. One optimization profile per length bucket,
 each with a fixed sequence length (batches are always padded to a bucket) and
-a row range, so the kernels are tuned for the shapes the batcher produces and
+the row range the batcher really forms at that bucket (``engines.plans.profile_rows``:
+1 to ``min(batching.max_rows, batching.max_tokens // bucket)``, 32 rows at 256 with the
+defaults), so the kernels are tuned for the shapes the batcher produces and
 the runtime selects a profile by the batch's bucket.
+
+Two network paths: from TensorRT 10.12, which deprecated the weak-typing precision flags,
+a strongly typed network parsed from an FP16-typed export of the Q/DQ model
+(``engine_build.fp16_qdq``); before it, the committed model with the INT8 and FP16 flags.
+Neither has run on a real TensorRT: both are tested against a fake of the API only.
 
 TensorRT's ``IExecutionContext`` docs (and NVIDIA/TensorRT#1590) say that with
 dynamic shapes one optimization profile may be used by only one execution
@@ -30,6 +37,7 @@ stderr, one per active phase; ``build-engine --no-progress`` turns them off.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
@@ -38,8 +46,18 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from stream_sentiment.batching.batcher import BatchingPolicy
+from stream_sentiment.engine_build.fp16_qdq import write_fp16_qdq
 from stream_sentiment.engines.manifest import EngineVersion
-from stream_sentiment.engines.plans import GpuIdentity, PlanInfo, current_gpu, import_tensorrt, plan_path
+from stream_sentiment.engines.plans import (
+    GpuIdentity,
+    PlanInfo,
+    current_gpu,
+    import_tensorrt,
+    plan_path,
+    profile_rows,
+    shared_logger,
+)
 
 
 class PhaseBars:
@@ -113,22 +131,42 @@ def progress_monitor(trt: Any, output: TextIO | None = None) -> Any:
     return TqdmProgressMonitor()
 
 
+# TensorRT 10.12 deprecated the weak-typing precision flags (BuilderFlag.INT8/FP16): from it on,
+# build_plan makes a strongly typed network from an FP16-typed export (engine_build.fp16_qdq).
+STRONGLY_TYPED_FROM = (10, 12)
+FP16_EXPORT = "model.fp16-qdq.onnx"  # written beside the plans (uncommitted, not in the manifest)
+
+
+def tensorrt_version(trt: Any) -> tuple[int, int]:
+    """(major, minor) of ``trt.__version__`` ("10.12.0.36" -> (10, 12))."""
+    match = re.match(r"(\d+)\.(\d+)", trt.__version__)
+    if match is None:
+        raise ValueError(f"unreadable TensorRT version {trt.__version__!r}")
+    return int(match[1]), int(match[2])
+
+
 def build_plan(
     version: EngineVersion,
     *,
     streams: int = 1,
+    policy: BatchingPolicy | None = None,
+    opt_rows: int | None = None,
     trt: Any = None,
     gpu: GpuIdentity | None = None,
-    opt_rows: int = 64,
-    max_rows: int = 256,
     workspace_bytes: int = 2 << 30,
     show_progress: bool = True,
+    strongly_typed: bool | None = None,
 ) -> PlanInfo:
     """Build and store the plan for this GPU; returns its sidecar.
 
     ``streams`` is the number of execution contexts the plan must serve at once: the
     per-bucket profiles are added once per stream, set after set, so profile
     ``set * len(buckets) + bucket_index`` is bucket ``bucket_index`` of set ``set``.
+    Each bucket's rows are :func:`~stream_sentiment.engines.plans.profile_rows` of ``policy``
+    (the batching settings the workers run with; by default ``BatchingPolicy``'s defaults):
+    1, ``opt_rows`` (default: a full batch), and the most rows the batcher forms at that bucket.
+    ``strongly_typed`` (default: TensorRT >= 10.12) parses an FP16-typed export of the model into a
+    strongly typed network; otherwise the model as committed, with the INT8 and FP16 builder flags.
     The plan replaces any earlier one for this GPU and TensorRT version. With ``show_progress``
     the builder's phases are drawn as tqdm bars on stderr.
 
@@ -142,30 +180,32 @@ def build_plan(
     trt = trt or import_tensorrt()
     gpu = gpu or current_gpu()
     manifest = version.manifest
+    policy = policy or BatchingPolicy(buckets=tuple(manifest.buckets))
+    rows = [profile_rows(policy, bucket, opt_rows) for bucket in manifest.buckets]
+    typed = tensorrt_version(trt) >= STRONGLY_TYPED_FROM if strongly_typed is None else strongly_typed
+    destination = plan_path(version, gpu, trt.__version__)
     started = time.perf_counter()
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = shared_logger(trt)  # the runtime's logger too
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(version.model_path.read_bytes()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {version.model_path.name}: {errors}")
-
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    # Q/DQ nodes make this an explicitly quantized network: INT8 where they
-    # say so; FP16 lets the unquantized layers (LayerNorm, softmax) run fast.
-    config.set_flag(trt.BuilderFlag.INT8)
-    config.set_flag(trt.BuilderFlag.FP16)
-    # One set of bucket profiles per stream: a context never shares its profile with another.
-    for profile_set in range(streams):
-        for bucket_index, bucket in enumerate(manifest.buckets):
-            profile = builder.create_optimization_profile()
-            for name in manifest.inputs:
-                profile.set_shape(name, (1, bucket), (min(opt_rows, max_rows), bucket), (max_rows, bucket))
-            index = config.add_optimization_profile(profile)  # -1 when TensorRT rejects the profile
-            if index != profile_set * len(manifest.buckets) + bucket_index:
-                raise RuntimeError(f"TensorRT refused the profile for bucket {bucket} of set {profile_set} ({index})")
+    _add_profiles(builder, config, version, rows, streams)  # first: a refused profile leaves no files behind
+    if typed:
+        # Tensor types come from the network: INT8 where the Q/DQ nodes say, FP16 where the export declares it.
+        model = write_fp16_qdq(version.model_path, destination.parent / FP16_EXPORT)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    else:
+        # TensorRT < 10.12: Q/DQ nodes make this explicitly quantized, INT8 where they say so;
+        # FP16 lets the unquantized layers (LayerNorm, softmax) run fast.
+        model = version.model_path
+        network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.set_flag(trt.BuilderFlag.FP16)
+    parser = trt.OnnxParser(network, logger)
+    # From the file, not its bytes: the parser then finds external data (weights beside the model).
+    if not parser.parse_from_file(str(model)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {model.name}: {errors}")
 
     monitor = progress_monitor(trt) if show_progress else None
     if monitor is not None:
@@ -177,7 +217,6 @@ def build_plan(
             monitor.bars.close()
     if serialized is None:
         raise RuntimeError("TensorRT failed to build the engine; run with a verbose logger for details")
-    destination = plan_path(version, gpu, trt.__version__)
     destination.parent.mkdir(parents=True, exist_ok=True)
     destination.write_bytes(bytes(serialized))
     info = PlanInfo(
@@ -188,10 +227,27 @@ def build_plan(
         engine_version=manifest.version,
         buckets=list(manifest.buckets),
         min_rows=1,
-        opt_rows=min(opt_rows, max_rows),
-        max_rows=max_rows,
+        opt_rows=max(opt for _, opt, _ in rows),
+        max_rows=max(high for _, _, high in rows),
         build_seconds=round(time.perf_counter() - started, 1),
         profile_sets=streams,
+        profile_rows=[list(r) for r in rows],
+        batching={"max_rows": policy.max_rows, "max_tokens": policy.max_tokens},
+        network_typing="strongly-typed" if typed else "weakly-typed",
     )
     destination.with_suffix(".json").write_text(json.dumps(asdict(info), indent=2) + "\n")
     return info
+
+
+def _add_profiles(builder: Any, config: Any, version: EngineVersion,
+                  rows: list[tuple[int, int, int]], streams: int) -> None:
+    """One set of bucket profiles per stream: a context never shares its profile with another."""
+    manifest = version.manifest
+    for profile_set in range(streams):
+        for bucket_index, (bucket, (low, opt, high)) in enumerate(zip(manifest.buckets, rows, strict=True)):
+            profile = builder.create_optimization_profile()
+            for name in manifest.inputs:
+                profile.set_shape(name, (low, bucket), (opt, bucket), (high, bucket))
+            index = config.add_optimization_profile(profile)  # -1 when TensorRT rejects the profile
+            if index != profile_set * len(manifest.buckets) + bucket_index:
+                raise RuntimeError(f"TensorRT refused the profile for bucket {bucket} of set {profile_set} ({index})")

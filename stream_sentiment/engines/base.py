@@ -119,6 +119,10 @@ class Engine(abc.ABC):
             raise EngineError(f"bucket {batch.bucket} is not one of {self.version.manifest.buckets}")
         return self._infer_impl(batch, stream)
 
+    def max_rows_for(self, bucket: int) -> int | None:
+        """The most rows one call takes at ``bucket``; None: any number (the batcher's limits apply)."""
+        return None
+
     def rebuild(self, stream: int) -> None:
         """Throw away one slot's state and create it again (after a failed call)."""
         if not self.is_active:

@@ -44,6 +44,9 @@ class FaultInjectingEngine(Engine):
     def _activate_impl(self) -> None:
         self.inner.activate()
 
+    def max_rows_for(self, bucket: int) -> int | None:
+        return self.inner.max_rows_for(bucket)
+
     def _infer_impl(self, batch: TokenBatch, stream: int) -> np.ndarray:
         with self._lock:
             self.calls[stream] += 1

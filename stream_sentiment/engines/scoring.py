@@ -69,10 +69,14 @@ def score_token_ids(
     for index, ids in enumerate(token_ids):
         batcher.add(index, ids, now=0.0)
     probabilities = np.zeros((len(token_ids), len(engine.labels)), dtype=np.float32)
-    for batch in batcher.drain(now=0.0):
-        rows = [entry.item for entry in batch.entries]
-        tokens = pad_to_bucket([e.token_ids for e in batch.entries], batch.bucket)
-        probabilities[rows] = engine.infer(tokens, stream)
-        if progress:
-            progress(len(rows))
+    for formed in batcher.drain(now=0.0):
+        # An engine with a smaller limit at this bucket (a TensorRT plan's profile) gets the batch in parts.
+        step = min(formed.rows, engine.max_rows_for(formed.bucket) or formed.rows)
+        for start in range(0, formed.rows, step):
+            entries = formed.entries[start:start + step]
+            rows = [entry.item for entry in entries]
+            tokens = pad_to_bucket([e.token_ids for e in entries], formed.bucket)
+            probabilities[rows] = engine.infer(tokens, stream)
+            if progress:
+                progress(len(rows))
     return probabilities

@@ -10,12 +10,15 @@ shape of Polygraphy's TensorRT runner and TensorRT's ``common_runtime.py``:
   be among them; see ``engine_build.tensorrt_build``): TensorRT's docs allow a profile to be used by
   only one context at a time, so slot ``s`` uses set ``s % profile_sets`` and a batch's
   profile is ``set * len(plan buckets) + bucket_index``. A plan with fewer sets than streams
-  still runs (TensorRT 10 may tolerate sharing) with a warning to rebuild it. A slot
-  switches profile only when the bucket changes (a switch costs resource updates on
-  the next enqueue);
-* pinned host and device buffers are allocated once per (slot, bucket) at the plan's
-  ``max_rows`` and reused by every later batch, then freed explicitly: a serving
+  is refused at activation (``build-engine --streams``). A slot switches profile only when
+  the bucket changes (a switch costs resource updates on the next enqueue);
+* each bucket's profile takes the rows the batcher forms at that bucket
+  (``engines.plans.profile_rows``); given the worker's ``batching`` policy, activation refuses
+  a plan that takes fewer, naming the setting, instead of failing batch after batch;
+* pinned host and device buffers are allocated once per (slot, bucket) at that bucket's
+  largest rows and reused by every later batch, then freed explicitly: a serving
   loop must not allocate per batch, and GPU memory must not wait for the GC.
+* one ``trt.Logger`` per process, shared with ``build-engine`` (``engines.plans.shared_logger``).
 
 Nothing here imports tensorrt or cuda-python at module import: they are loaded in
 ``activate()``, or injected (the tests pass fakes of both APIs).
@@ -28,7 +31,6 @@ import ctypes
 import json
 import logging
 import threading
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,13 +38,17 @@ from typing import Any
 
 import numpy as np
 
+from stream_sentiment.batching.batcher import BatchingPolicy
 from stream_sentiment.engines.base import BackendUnavailableError, Engine, EngineError, TokenBatch
 from stream_sentiment.engines.manifest import EngineVersion
-from stream_sentiment.engines.plans import current_gpu, import_cudart, import_tensorrt, plan_path
-
-# TensorRT wants one logger per process (a second one only logs a warning), and an
-# engine reloaded on every version swap would otherwise bring a new one each time.
-_LOGGERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+from stream_sentiment.engines.plans import (
+    PlanInfo,
+    current_gpu,
+    import_cudart,
+    import_tensorrt,
+    plan_path,
+    shared_logger,
+)
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +135,11 @@ class TensorRTEngine(Engine):
 
     Args:
         version: the engine version whose ``plans/`` folder holds the plan.
-        streams: number of execution contexts (and CUDA streams); the plan should hold as
-            many profile sets (``build-engine --streams``), else contexts share profiles.
+        streams: number of execution contexts (and CUDA streams); the plan must hold at least
+            as many profile sets (``build-engine --streams``), else activation refuses it.
+        batching: the policy the worker's batcher forms batches with; activation refuses a plan
+            whose profile at some serving bucket takes fewer rows than that policy forms there.
+            None (tools scoring their own batches) checks batch by batch only.
         trt / cudart: the tensorrt and cuda-python runtime modules; imported on
             activation when not given.
         plan: plan bytes or a plan path; by default the plan built for this GPU and
@@ -149,10 +158,12 @@ class TensorRTEngine(Engine):
         cudart: Any = None,
         plan: bytes | Path | None = None,
         device: int = 0,
+        batching: BatchingPolicy | None = None,
     ) -> None:
         super().__init__(version, streams)
         self._trt, self._cudart, self._plan, self.device = trt, cudart, plan, device
-        self.max_rows = 0
+        self.batching = batching
+        self.rows_by_bucket: dict[int, int] = {}  # the most rows each plan bucket's profile takes
         self.profile_sets = 0
         self._plan_buckets: list[int] = []  # the bucket of each profile in a set, as the plan was built
         self._runtime: Any = None
@@ -166,10 +177,8 @@ class TensorRTEngine(Engine):
         self._cudart = self._cudart or import_cudart()
         self._use_device()
         plan, sidecar = self._read_plan()
-        if trt not in _LOGGERS:
-            _LOGGERS[trt] = trt.Logger(trt.Logger.WARNING)
         try:
-            self._runtime = trt.Runtime(_LOGGERS[trt])
+            self._runtime = trt.Runtime(shared_logger(trt))
             self._engine = self._runtime.deserialize_cuda_engine(plan)
             if self._engine is None:
                 raise EngineError(
@@ -177,17 +186,7 @@ class TensorRTEngine(Engine):
                     f"GPU?); rebuild it with `stream-sentiment build-engine --engine {self.version.path}`"
                 )
             self._check_engine(sidecar)
-            if self.streams > self.profile_sets:
-                log.warning(
-                    "%s: the plan has %d optimization profile set(s) for %d streams, so execution contexts will "
-                    "share profiles, which TensorRT's docs forbid for concurrent contexts (TensorRT 10 may allow "
-                    "it); rebuild it with `stream-sentiment build-engine --engine %s --streams %d`",
-                    self.describe(),
-                    self.profile_sets,
-                    self.streams,
-                    self.version.path,
-                    self.streams,
-                )
+            self._check_fit()
             self._slots = [_Slot(profile_set=s % self.profile_sets) for s in range(self.streams)]
             for slot in self._slots:
                 self._open_slot(slot)
@@ -238,16 +237,49 @@ class TensorRTEngine(Engine):
             raise EngineError(
                 f"plan was not built for buckets {missing} (it has {plan_buckets}); rebuild it for the serving "
                 f"buckets: build-engine --buckets {','.join(map(str, manifest.buckets))}")
+        rows = [shape[0] for shape in largest]
+        if rows != rows[:per_set] * (count // per_set):
+            raise EngineError(f"plan profiles {largest} differ in rows between sets; rebuild it")
         self._plan_buckets = plan_buckets
-        self.max_rows = min(s[0] for s in largest)
+        self.rows_by_bucket = dict(zip(plan_buckets, rows[:per_set], strict=True))
         self.profile_sets = count // per_set
         if sidecar is None:
             return
-        if sidecar["max_rows"] != self.max_rows:
-            raise EngineError(f"plan sidecar says max_rows {sidecar['max_rows']} but its profiles {self.max_rows}")
-        sets = sidecar.get("profile_sets", 1)  # sidecars older than profile sets describe one set
+        info = PlanInfo(**sidecar)
+        for bucket, limit in self.rows_by_bucket.items():
+            said = info.rows_for(bucket)[2] if bucket in info.buckets else None
+            if said != limit:
+                raise EngineError(f"plan sidecar says max rows {said} at bucket {bucket} but its profile {limit}")
+        sets = info.profile_sets  # sidecars older than profile sets describe one set
         if sets != self.profile_sets:
             raise EngineError(f"plan sidecar says {sets} profile set(s) but the plan has {self.profile_sets}")
+
+    def _check_fit(self) -> None:
+        """Refuse now what would otherwise fail batch by batch: too few profile sets, too few rows."""
+        rebuild = f"stream-sentiment build-engine --engine {self.version.path}"
+        if self.streams > self.profile_sets:
+            # TensorRT's docs let a profile serve one context at a time: shared, batches would fail (or worse).
+            raise EngineError(
+                f"engine.streams is {self.streams} but the plan has {self.profile_sets} optimization profile "
+                f"set(s), one per concurrent stream; rebuild it with `{rebuild} --streams {self.streams}` "
+                f"or lower engine.streams to {self.profile_sets}")
+        if self.batching is None:
+            return
+        policy = self.batching
+        for bucket in self.version.manifest.buckets:
+            formed, limit = policy.capacity(bucket), self.rows_by_bucket[bucket]
+            if formed <= limit:
+                continue
+            # capacity = min(max_rows, max_tokens // bucket): name the setting that gives it.
+            setting = ("batching.max_rows", policy.max_rows) if formed == policy.max_rows else (
+                "batching.max_tokens", policy.max_tokens)
+            raise EngineError(
+                f"{setting[0]}={setting[1]} forms batches of up to {formed} rows at bucket {bucket}, but the "
+                f"plan's profile there takes at most {limit}; rebuild it with `{rebuild} --max-rows "
+                f"{policy.max_rows} --max-tokens {policy.max_tokens}` or lower {setting[0]}")
+
+    def max_rows_for(self, bucket: int) -> int | None:
+        return self.rows_by_bucket.get(bucket)
 
     def _open_slot(self, slot: _Slot) -> None:
         # Non-blocking: the slot's work never waits on the legacy default stream of
@@ -259,8 +291,10 @@ class TensorRTEngine(Engine):
             raise EngineError("TensorRT could not create an execution context (out of GPU memory?)")
 
     def _infer_impl(self, batch: TokenBatch, stream: int) -> np.ndarray:
-        if batch.rows > self.max_rows:
-            raise EngineError(f"{batch.rows} rows exceed the plan's max_rows {self.max_rows}; split the batch")
+        limit = self.rows_by_bucket.get(batch.bucket, 0)
+        if batch.rows > limit:
+            # A last guard for callers without a batching policy; the worker's is checked at activation.
+            raise EngineError(f"{batch.rows} rows exceed the plan's {limit} at bucket {batch.bucket}; split the batch")
         if batch.rows == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         slot = self._slots[stream]
@@ -283,7 +317,8 @@ class TensorRTEngine(Engine):
     def _allocate(self, bucket: int) -> _SlotBuffers:
         manifest = self.version.manifest
         width = {**{name: bucket for name in manifest.inputs}, manifest.output: len(self.labels)}
-        return _SlotBuffers(self._cudart, {n: ((self.max_rows, width[n]), d) for n, d in self._dtypes.items()})
+        rows = self.rows_by_bucket[bucket]
+        return _SlotBuffers(self._cudart, {n: ((rows, width[n]), d) for n, d in self._dtypes.items()})
 
     def _run(self, slot: _Slot, buffers: _SlotBuffers, batch: TokenBatch) -> np.ndarray:
         context, manifest = slot.context, self.version.manifest
@@ -293,9 +328,7 @@ class TensorRTEngine(Engine):
         if slot.profile != profile:
             # On the slot's own stream, so the switch is ordered before the copies and the enqueue.
             # The slot's own profile set keeps concurrent contexts on separate profiles, as TensorRT's
-            # class docs ask. With fewer sets than streams slots share them; a version that refuses
-            # sharing returns False here, and the batch fails as an EngineError rather than running
-            # on a wrong profile.
+            # class docs ask (activation refuses fewer sets than streams).
             if not context.set_optimization_profile_async(profile, handle):
                 raise EngineError(f"TensorRT refused optimization profile {profile} (bucket {batch.bucket})")
             slot.profile = profile

@@ -38,6 +38,7 @@ import ctypes
 import enum
 import itertools
 import json
+import os
 import threading
 import types
 import weakref
@@ -59,11 +60,14 @@ def fake_plan(
     inputs: Sequence[str] = ("input_ids", "attention_mask"),
     output: str = "logits",
     profile_sets: int = 1,
+    rows: Sequence[int] | None = None,
 ) -> bytes:
     """A serialized "plan" for the fake, like build_plan's: ``profile_sets`` copies of one profile
-    per bucket (profile ``set * len(buckets) + i`` is bucket ``i``), rows 1..max_rows."""
+    per bucket (profile ``set * len(buckets) + i`` is bucket ``i``), rows 1..rows[i] (default max_rows)."""
     spec = {"buckets": list(buckets), "max_rows": max_rows, "input_dtype": input_dtype, "labels": labels}
     spec["profiles"] = list(buckets) * profile_sets  # the bucket of each profile index
+    per_bucket = list(rows) if rows is not None else [max_rows] * len(buckets)
+    spec["profile_rows"] = per_bucket * profile_sets  # the largest rows of each profile index
     return PLAN_MAGIC + json.dumps({**spec, "inputs": list(inputs), "output": output}).encode()
 
 
@@ -408,6 +412,7 @@ class FakeCudaEngine:
         self.inputs, self.output = list(spec["inputs"]), spec["output"]
         self.num_io_tensors = len(self.inputs) + 1
         self.profiles = list(spec.get("profiles", spec["buckets"]))  # bucket of each profile index
+        self.profile_rows = list(spec.get("profile_rows", [spec["max_rows"]] * len(self.profiles)))
         self.num_optimization_profiles = len(self.profiles)
 
     def get_tensor_name(self, index: int) -> str:
@@ -423,7 +428,7 @@ class FakeCudaEngine:
         return (-1, -1) if name in self.inputs else (-1, self.spec["labels"])
 
     def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[tuple[int, int]]:
-        bucket, rows = self.profiles[profile_index], self.spec["max_rows"]
+        bucket, rows = self.profiles[profile_index], self.profile_rows[profile_index]
         return [(1, bucket), (max(1, rows // 2), bucket), (rows, bucket)]
 
     def create_execution_context(self) -> FakeExecutionContext:
@@ -462,7 +467,7 @@ class FakeExecutionContext:
     def set_input_shape(self, name: str, shape: tuple[int, int]) -> bool:
         self._touch()
         self.log.shapes.append((name, tuple(shape)))
-        bucket, rows = self.engine.profiles[self.profile], self.engine.spec["max_rows"]
+        bucket, rows = self.engine.profiles[self.profile], self.engine.profile_rows[self.profile]
         if name not in self.engine.inputs or not (1 <= shape[0] <= rows and shape[1] == bucket):
             return False  # outside the selected profile
         self.shapes[name] = (int(shape[0]), int(shape[1]))
@@ -545,6 +550,13 @@ class FakeBuildPhase:
     nested: FakeBuildPhase | None = None
 
 
+class NetworkDefinitionCreationFlag(enum.IntEnum):
+    """TensorRT 10's flags for ``Builder.create_network``: bit positions of its argument."""
+
+    EXPLICIT_BATCH = 0  # deprecated and ignored in TensorRT 10
+    STRONGLY_TYPED = 1
+
+
 # Made-up names and shape: TensorRT's own phase names and hierarchy change between versions.
 FAKE_BUILD_PHASES = FakeBuildPhase("Fake engine build", 2, nested=FakeBuildPhase("Fake tactic timing", 3))
 
@@ -553,20 +565,31 @@ class FakeTensorRTBuilder(types.SimpleNamespace):
     """A fake of the slice of the ``tensorrt`` module's builder API that build_plan uses. Not TensorRT.
 
     What tests look at: ``profiles`` (the shapes of each added optimization profile),
-    ``flags``, ``workspace``, ``parsed_bytes``, ``progress_monitors`` (the monitors builds
-    reported to) and ``monitor_errors`` (exceptions a monitor raised, which TensorRT's
-    binding prints and, from ``step_complete``, takes as a request to cancel).
+    ``flags`` (builder flags), ``network_flags`` (the ``create_network`` bit field), ``workspace``,
+    ``parsed_files`` (paths given to ``parse_from_file``; ``parse(bytes)`` is refused, as it cannot
+    find external data), ``loggers`` (what Builder and OnnxParser were given),
+    ``progress_monitors`` (the monitors builds reported to) and ``monitor_errors`` (exceptions
+    a monitor raised, which TensorRT's binding prints and, from ``step_complete``, takes as a request to cancel).
     """
+
+    # Like a module: hashable and equal only to itself (SimpleNamespace compares attributes).
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
 
     def __init__(
         self,
         parse_ok: bool = True,
         reject_profile: int | None = None,
         phases: FakeBuildPhase = FAKE_BUILD_PHASES,
+        version: str = "10.99.fake",
     ) -> None:
-        super().__init__(__version__="10.99.fake")
+        super().__init__(__version__=version)
         self.profiles: list[dict[str, tuple]] = []
         self.flags: set[str] = set()
+        self.network_flags: list[int] = []
+        self.parsed_files: list[str] = []
+        self.loggers: list[Any] = []
+        self.build_errors: list[str] = []
         self.progress_monitors: list[IProgressMonitor] = []
         self.monitor_errors: list[BaseException] = []
         fake = self
@@ -594,17 +617,26 @@ class FakeTensorRTBuilder(types.SimpleNamespace):
                 fake.flags.add(flag)
 
             def add_optimization_profile(self, profile):
-                if len(fake.profiles) == reject_profile:
+                added = self.__dict__.setdefault("added", [])  # indices count per config, as in TensorRT
+                if len(added) == reject_profile:
                     return -1  # TensorRT's answer to an invalid profile
+                added.append(profile.shapes)
                 fake.profiles.append(profile.shapes)
-                return len(fake.profiles) - 1
+                return len(added) - 1
+
+        class Network:
+            def __init__(self, flags: int) -> None:
+                self.flags = flags
 
         class Builder:
             def __init__(self, logger):
-                pass
+                fake.loggers.append(logger)
 
             def create_network(self, flags):
-                return object()
+                if type(flags) is not int:
+                    raise TypeError(f"flags must be an int bit field, got {type(flags).__name__}")
+                fake.network_flags.append(flags)
+                return Network(flags)
 
             def create_builder_config(self):
                 return Config()
@@ -613,6 +645,11 @@ class FakeTensorRTBuilder(types.SimpleNamespace):
                 return Profile()
 
             def build_serialized_network(self, network, config):
+                strongly_typed = network.flags & (1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+                if strongly_typed and fake.flags & {"int8", "fp16"}:
+                    # TensorRT: precision flags are an error on a strongly typed network.
+                    fake.build_errors.append("precision builder flags set on a strongly typed network")
+                    return None
                 monitor = config.progress_monitor
                 if monitor is not None and not fake.report_progress(monitor, phases):
                     return None  # a cancelled build yields no plan
@@ -622,10 +659,15 @@ class FakeTensorRTBuilder(types.SimpleNamespace):
             num_errors = 0 if parse_ok else 1
 
             def __init__(self, network, logger):
-                pass
+                fake.loggers.append(logger)
 
             def parse(self, data):
-                fake.parsed_bytes = len(data)
+                raise AssertionError("parse(bytes) cannot find a model's external data: use parse_from_file")
+
+            def parse_from_file(self, path):
+                if not isinstance(path, str) or not os.path.isfile(path):
+                    raise TypeError(f"parse_from_file takes the path of an existing file, got {path!r}")
+                fake.parsed_files.append(path)
                 return parse_ok
 
             def get_error(self, index):
@@ -635,6 +677,7 @@ class FakeTensorRTBuilder(types.SimpleNamespace):
         self.IProgressMonitor = IProgressMonitor
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
         self.BuilderFlag = types.SimpleNamespace(INT8="int8", FP16="fp16")
+        self.NetworkDefinitionCreationFlag = NetworkDefinitionCreationFlag
 
     def report_progress(self, monitor: IProgressMonitor, phases: FakeBuildPhase) -> bool:
         """Drive ``monitor`` through ``phases`` on a builder thread; False if it asked to cancel."""

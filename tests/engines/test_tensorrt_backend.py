@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from stream_sentiment.batching.batcher import BatchingPolicy
 from stream_sentiment.engines import tensorrt_backend
 from stream_sentiment.engines.base import BackendUnavailableError, EngineError, TokenBatch, softmax
 from stream_sentiment.engines.manifest import load_engine_version
@@ -69,9 +70,11 @@ def trt(cuda) -> FakeTensorRT:
     return FakeTensorRT(cuda)
 
 
-def make_engine(version, trt, cuda, streams=1, **plan_options) -> TensorRTEngine:
+def make_engine(version, trt, cuda, streams=1, batching=None, **plan_options) -> TensorRTEngine:
+    """The engine on a fake plan built as ``build-engine --streams <streams>`` would be, unless told otherwise."""
+    plan_options.setdefault("profile_sets", streams)
     plan = fake_plan(plan_options.pop("buckets", version.manifest.buckets), **plan_options)
-    return TensorRTEngine(version, streams, trt=trt, cudart=cuda, plan=plan)
+    return TensorRTEngine(version, streams, trt=trt, cudart=cuda, plan=plan, batching=batching)
 
 
 def random_batch(rng: np.random.Generator, bucket: int, rows: int) -> TokenBatch:
@@ -282,6 +285,7 @@ def _store_plan(version, trt, max_rows: int, sidecar_rows: int, sets: int = 1, s
     path.parent.mkdir(parents=True)
     path.write_bytes(fake_plan(version.manifest.buckets, max_rows=max_rows, profile_sets=sets))
     info = PlanInfo(path.name, GPU.name, "9.0", trt.__version__, "v1", [32, 64, 128, 256], 1, 2, sidecar_rows, 1.0)
+    # An old sidecar (no profile_rows): every bucket's profile took min_rows..max_rows.
     sidecar = dataclasses.asdict(info) | {"profile_sets": sidecar_sets}
     if sidecar_sets is None:
         del sidecar["profile_sets"]
@@ -294,10 +298,10 @@ def test_plan_for_this_gpu_is_found_and_rows_above_max_rows_are_refused(engine_c
     _store_plan(version, trt, max_rows=4, sidecar_rows=4)
     rng = np.random.default_rng(6)
     with TensorRTEngine(version, trt=trt, cudart=cuda) as engine:
-        assert engine.max_rows == 4
+        assert engine.rows_by_bucket == {32: 4, 64: 4, 128: 4, 256: 4}
         batch = random_batch(rng, 128, 4)
         np.testing.assert_allclose(engine.infer(batch), expected(batch), atol=1e-6)
-        with pytest.raises(EngineError, match="5 rows exceed the plan's max_rows 4"):
+        with pytest.raises(EngineError, match="5 rows exceed the plan's 4 at bucket 128"):
             engine.infer(random_batch(rng, 128, 5))
     assert trt.logs[0].executes == 1  # the oversized batch never reached TensorRT
 
@@ -306,7 +310,7 @@ def test_sidecar_that_disagrees_with_the_plan_is_refused(engine_copy, trt, cuda,
     monkeypatch.setattr(tensorrt_backend, "current_gpu", lambda device=0: GPU)
     version = load_engine_version(engine_copy)
     _store_plan(version, trt, max_rows=4, sidecar_rows=256)
-    with pytest.raises(EngineError, match="sidecar says max_rows 256"):
+    with pytest.raises(EngineError, match="sidecar says max rows 256 at bucket 32 but its profile 4"):
         TensorRTEngine(version, trt=trt, cudart=cuda).activate()
     assert cuda.live_streams == 0
 
@@ -389,30 +393,16 @@ def test_a_profile_set_per_stream_keeps_parallel_streams_on_disjoint_profiles(en
     assert cuda.errors == []
 
 
-def test_fewer_profile_sets_than_streams_warns_once_and_still_runs(engine_version, trt, cuda, caplog):
-    batch = random_batch(np.random.default_rng(9), 32, 2)
-    caplog.set_level(logging.WARNING, logger=tensorrt_backend.__name__)
-    with make_engine(engine_version, trt, cuda, streams=2) as engine:
-        (record,) = caplog.records
-        assert record.levelno == logging.WARNING
-        assert "share profiles" in record.getMessage() and "--streams 2" in record.getMessage()
-        assert engine.profile_sets == 1
-        for stream in range(2):  # the default fake, like TensorRT 10, lets contexts share a profile
-            np.testing.assert_allclose(engine.infer(batch, stream), expected(batch), atol=1e-6)
-    assert [[index for index, _ in log.profiles] for log in trt.logs] == [[0], [0]]
-    assert len(caplog.records) == 1
-
-
-def test_shared_profiles_fail_as_engine_errors_where_tensorrt_forbids_sharing(engine_version, cuda, caplog):
-    """Why the sets exist: under the strict rule the second context cannot select a profile the first holds."""
-    trt = FakeTensorRT(cuda, strict_profiles=True)
-    batch = random_batch(np.random.default_rng(10), 32, 2)
-    with make_engine(engine_version, trt, cuda, streams=2) as engine:
-        np.testing.assert_allclose(engine.infer(batch, 0), expected(batch), atol=1e-6)
-        with pytest.raises(EngineError, match="refused optimization profile 0"):
-            engine.infer(batch, 1)
-    assert trt.profile_conflicts == [0]
-    assert cuda.errors == []
+@pytest.mark.parametrize("strict", [False, True])
+def test_fewer_profile_sets_than_streams_are_refused_at_activation(engine_version, cuda, strict):
+    """Shared profiles used to fail batch by batch (where TensorRT forbids sharing); now activation refuses."""
+    trt = FakeTensorRT(cuda, strict_profiles=strict)
+    engine = make_engine(engine_version, trt, cuda, streams=3, profile_sets=2)
+    with pytest.raises(EngineError, match=r"engine.streams is 3 but the plan has 2 .*--streams 3.*engine.streams to 2"):
+        engine.activate()
+    assert not engine.is_active
+    gc.collect()
+    assert trt.live_contexts == 0 and cuda.live_streams == 0 and trt.logs == []
 
 
 def test_plan_tensorrt_cannot_read_is_refused(engine_version, trt, cuda):
@@ -447,7 +437,8 @@ def test_gpu_plan_scores_like_onnxruntime(engine_copy):
     from stream_sentiment.engines.onnxruntime_backend import OnnxRuntimeEngine
 
     version = load_engine_version(engine_copy)
-    assert build_plan(version, streams=2, opt_rows=4, max_rows=16).profile_sets == 2
+    policy = BatchingPolicy(buckets=version.manifest.buckets, max_rows=16, max_tokens=4096)
+    assert build_plan(version, streams=2, policy=policy, opt_rows=4).profile_sets == 2
     texts = [
         "I absolutely love this, best day ever! :)",
         "This is the worst service I have ever had. Furious and disgusted.",
@@ -459,10 +450,96 @@ def test_gpu_plan_scores_like_onnxruntime(engine_copy):
     batch = pad_to_bucket(ids, tokenizer.bucket_for(max(map(len, ids))))
     with OnnxRuntimeEngine(version, threads_per_stream=1) as cpu:
         reference = cpu.infer(batch)
-    with TensorRTEngine(version, streams=2) as gpu:
+    with TensorRTEngine(version, streams=2, batching=policy) as gpu:
         assert gpu.profile_sets == 2
         gpu.warm_up()
         for stream in range(2):
             probabilities = gpu.infer(batch, stream)
             assert probabilities.shape == reference.shape
             assert list(probabilities.argmax(axis=1)) == list(reference.argmax(axis=1))
+
+
+# The batching policy's rows per bucket with the defaults (64 rows, 8192 tokens): 32 at bucket 256.
+DEFAULT_ROWS = (64, 64, 64, 32)
+
+
+def test_each_bucket_takes_its_own_rows_and_buffers_are_sized_to_them(engine_version, trt, cuda):
+    policy = BatchingPolicy(buckets=engine_version.manifest.buckets)
+    rng = np.random.default_rng(11)
+    with make_engine(engine_version, trt, cuda, rows=DEFAULT_ROWS, batching=policy) as engine:
+        assert engine.rows_by_bucket == {32: 64, 64: 64, 128: 64, 256: 32}
+        assert engine.max_rows_for(256) == 32
+        batch = random_batch(rng, 256, 32)
+        np.testing.assert_allclose(engine.infer(batch), expected(batch), atol=1e-6)
+        with pytest.raises(EngineError, match="33 rows exceed the plan's 32 at bucket 256"):
+            engine.infer(random_batch(rng, 256, 33))
+        # Buffers of bucket 256 hold 32 rows: two int32 inputs [32, 256] and the float32 logits [32, 3].
+        assert cuda.allocation_sizes() == sorted([32 * 256 * 4] * 2 + [32 * 3 * 4])
+
+
+@pytest.mark.parametrize(
+    ("max_rows", "max_tokens", "message"),
+    [
+        # 128 rows at buckets 32 and 64: max_rows is what forms them.
+        (128, 8192, r"batching.max_rows=128 forms batches of up to 128 rows at bucket 32, but the plan's profile "
+                    r"there takes at most 64; rebuild it with .*--max-rows 128 --max-tokens 8192.* or lower "
+                    r"batching.max_rows"),
+        # 16383 tokens: 63 rows at 256 where the plan takes 32; max_tokens is what forms them.
+        (64, 16383, r"batching.max_tokens=16383 forms batches of up to 63 rows at bucket 256, but the plan's "
+                    r"profile there takes at most 32.* or lower batching.max_tokens"),
+    ],
+)
+def test_a_batching_policy_the_plan_cannot_take_is_refused_at_activation(
+    engine_version, trt, cuda, max_rows, max_tokens, message
+):
+    policy = BatchingPolicy(buckets=engine_version.manifest.buckets, max_rows=max_rows, max_tokens=max_tokens)
+    engine = make_engine(engine_version, trt, cuda, rows=DEFAULT_ROWS, batching=policy)
+    with pytest.raises(EngineError, match=message):
+        engine.activate()
+    gc.collect()
+    assert trt.live_contexts == 0 and cuda.live_streams == 0
+
+
+def test_a_batching_policy_within_the_plan_is_accepted(engine_version, trt, cuda):
+    # Fewer rows than the plan takes are fine (e.g. a latency-tuned max_rows); only more are refused.
+    policy = BatchingPolicy(buckets=engine_version.manifest.buckets, max_rows=16, max_tokens=4096)
+    with make_engine(engine_version, trt, cuda, rows=DEFAULT_ROWS, batching=policy) as engine:
+        assert engine.is_active
+
+
+def test_the_open_engine_passes_the_worker_batching_settings(engine_copy):
+    from stream_sentiment.config import Settings
+    from stream_sentiment.service import open_engine
+
+    settings = Settings.load(engine={"repository": str(engine_copy.parent.parent), "model": engine_copy.parent.name,
+                                     "version": engine_copy.name, "backend": "tensorrt"},
+                             batching={"max_rows": 48, "max_tokens": 6144})
+    _, engine = open_engine(settings)
+    assert isinstance(engine, TensorRTEngine)
+    assert (engine.batching.max_rows, engine.batching.max_tokens) == (48, 6144)
+    assert engine.batching.capacity(256) == 24
+
+
+def test_scoring_splits_batches_larger_than_the_plan_takes(engine_version, trt, cuda):
+    from stream_sentiment.engines.scoring import score_token_ids
+
+    rng = np.random.default_rng(12)
+    token_ids = [tuple(int(t) for t in rng.integers(100, 30_000, 200)) for _ in range(40)]
+    with make_engine(engine_version, trt, cuda, rows=DEFAULT_ROWS) as engine:
+        scored = score_token_ids(engine, token_ids, engine_version.manifest.buckets, max_rows=64)
+    ids = np.zeros((40, 256), dtype=np.int64)
+    ids[:, :200] = token_ids
+    mask = (ids > 0).astype(np.int64)
+    np.testing.assert_allclose(scored, softmax(fake_logits(ids, mask)), atol=1e-6)
+    (log,) = trt.logs
+    assert [shape[0] for name, shape in log.shapes if name == "input_ids"] == [32, 8]  # 40 rows, 32 at a time
+
+
+def test_runtime_and_builder_share_one_logger(engine_version, trt, cuda):
+    from stream_sentiment.engines.plans import shared_logger
+
+    with make_engine(engine_version, trt, cuda):
+        pass
+    with make_engine(engine_version, trt, cuda):
+        pass
+    assert len(trt.loggers) == 2 and trt.loggers[0] is trt.loggers[1] is shared_logger(trt)
