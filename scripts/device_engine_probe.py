@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         module, mode = build_packed(spec, model, layout, attention, out_dtype)
                         fn = module if mode is None else torch.compile(module, mode=mode, fullgraph=True)
-                        candidate = PackedRunner(fn, layout, args.streams, len(serving.labels))
+                        candidate = PackedRunner(fn, layout, args.streams, len(serving.manifest.labels))
                         result["attention"], result["compile_mode"] = attention, mode
                         result["first_call_s"] = round(candidate.first_call(layout.budgets[-1]), 2)
                         result["second_size_call_s"] = round(candidate.first_call(layout.budgets[-3]), 2)
