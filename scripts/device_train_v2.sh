@@ -20,7 +20,7 @@ out=${1:?output folder}
 FAST_LAYERS=${FAST_LAYERS:-2}
 FAST_FFN=${FAST_FFN:-768}
 STAGE_A_S=${STAGE_A_S:-230}   # teachers stop stepping this many seconds after the start
-STAGE_B_S=${STAGE_B_S:-470}   # students likewise
+STAGE_B_S=${STAGE_B_S:-450}   # students likewise
 carry=${CARRY:-.carry/train16}
 # For a CPU smoke run only: DEVICE=cpu SMOKE_ARGS="--max-train-rows 64 --max-eval-rows 40 --epochs 1" (appended last).
 device=${DEVICE:-cuda}
