@@ -31,6 +31,8 @@ mkdir -p "$out"
 if [ "$device" = cuda ]; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"; fi
 python3 -c 'import torch; print("torch", torch.__version__)' | tee -a "$out/gpu.txt"
 runs=${RUNS:-/tmp/runs_v2}; rm -rf "$runs"; mkdir -p "$runs"
+# Whatever happens, the runs' logs come back with the call.
+trap 'mkdir -p "$out/logs"; cp "$runs"/*.log "$out/logs/" 2>/dev/null || true' EXIT
 common=(--corpora-dir "$carry/corpora" --base-model "$carry/base" --device "$device" --no-progress)
 
 launch() {  # name, then train_v2 arguments; logs to $runs/<name>.log
@@ -65,6 +67,5 @@ finish
 echo "stage B done at +$(( $(date +%s) - start )) s" | tee -a "$out/timeline.txt"
 
 for f in "$runs"/*.log; do echo "== $f"; grep -v '%|' "$f" | tail -5; done
-mkdir -p "$out/logs"; cp "$runs"/*.log "$out/logs/"
 python3 scripts/select_v2.py "$runs" "$out" --corpora-dir "$carry/corpora"
 echo "all done at +$(( $(date +%s) - start )) s" | tee -a "$out/timeline.txt"
