@@ -6,7 +6,8 @@
 #   B. their mean = the soft labels (scripts/ensemble_v2.py); then in parallel two 6-layer students
 #      (v2 candidates) and two FAST_LAYERS-deep students (full and FAST_FFN-wide FFN) on soft + hard labels.
 #   C. scripts/select_v2.py: per group the best run on the dev sets (teachers compete for v2 too),
-#      FP16 storage check, checkpoints back as <16 MiB FP16 parts, OUT/train_v2_report.json.
+#      FP16 storage check, checkpoints back as <16 MiB FP16 parts (frozen word embeddings left out: they are
+#      the carried base's), OUT/train_v2_report.json, OUT/logs.tar.gz: about 6 files, ~35 MB.
 #
 # Selection uses dev sets only (tweet validation, held-out review sentences, NYT editorials never
 # trained on); the VADER test tweets are scored for the record. Deadlines guard the call's time
@@ -28,11 +29,11 @@ read -r -a smoke <<< "${SMOKE_ARGS:-}"
 start=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OMP_NUM_THREADS=2 RAYON_NUM_THREADS=4
 mkdir -p "$out"
-if [ "$device" = cuda ]; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"; fi
-python3 -c 'import torch; print("torch", torch.__version__)' | tee -a "$out/gpu.txt"
 runs=${RUNS:-/tmp/runs_v2}; rm -rf "$runs"; mkdir -p "$runs"
-# Whatever happens, the runs' logs come back with the call.
-trap 'mkdir -p "$out/logs"; cp "$runs"/*.log "$out/logs/" 2>/dev/null || true' EXIT
+# At most 8 files come back: the logs and notes travel as one archive, whatever happens.
+trap 'tar -czf "$out/logs.tar.gz" -C "$runs" $(cd "$runs" && ls *.log *.txt soft.json 2>/dev/null) || true' EXIT
+if [ "$device" = cuda ]; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$runs/gpu.txt"; fi
+python3 -c 'import torch; print("torch", torch.__version__)' | tee -a "$runs/gpu.txt"
 common=(--corpora-dir "$carry/corpora" --base-model "$carry/base" --device "$device" --no-progress)
 
 launch() {  # name, then train_v2 arguments; logs to $runs/<name>.log
@@ -42,7 +43,7 @@ launch() {  # name, then train_v2 arguments; logs to $runs/<name>.log
   pids+=($!)
 }
 finish() {  # wait for every launched run; a failed run is reported, not fatal (selection skips it)
-  for pid in "${pids[@]}"; do wait "$pid" || echo "run pid $pid failed (exit $?)" | tee -a "$out/failures.txt"; done
+  for pid in "${pids[@]}"; do wait "$pid" || echo "run pid $pid failed (exit $?)" | tee -a "$runs/failures.txt"; done
   pids=()
 }
 
@@ -53,7 +54,7 @@ launch teacher-s14 --seed 14 --learning-rate 5e-5 --epochs 3 --write-train-proba
 launch teacher-s15 --seed 15 --learning-rate 3e-5 --epochs 3 --write-train-probabilities --deadline $deadline
 launch teacher-s16 --seed 16 --learning-rate 3e-5 --epochs 3 --write-train-probabilities --deadline $deadline
 finish
-echo "stage A done at +$(( $(date +%s) - start )) s" | tee -a "$out/timeline.txt"
+echo "stage A done at +$(( $(date +%s) - start )) s" | tee -a "$runs/timeline.txt"
 python3 scripts/ensemble_v2.py --corpora-dir "$carry/corpora" --output "$runs/soft.npy" "$runs"/teacher-s*/ | tail -1
 
 deadline=$((start + STAGE_B_S))
@@ -64,8 +65,8 @@ launch fast-l$FAST_LAYERS --layers "$FAST_LAYERS" --seed 13 --learning-rate 1e-4
 launch fast-l$FAST_LAYERS-ffn$FAST_FFN --layers "$FAST_LAYERS" --intermediate-size "$FAST_FFN" --seed 13 \
   --learning-rate 1e-4 --epochs 4 --soft-labels "$runs/soft.npy" --soft-weight 0.7 --deadline $deadline
 finish
-echo "stage B done at +$(( $(date +%s) - start )) s" | tee -a "$out/timeline.txt"
+echo "stage B done at +$(( $(date +%s) - start )) s" | tee -a "$runs/timeline.txt"
 
 for f in "$runs"/*.log; do echo "== $f"; grep -v '%|' "$f" | tail -5; done
-python3 scripts/select_v2.py "$runs" "$out" --corpora-dir "$carry/corpora"
-echo "all done at +$(( $(date +%s) - start )) s" | tee -a "$out/timeline.txt"
+python3 scripts/select_v2.py "$runs" "$out" --corpora-dir "$carry/corpora" --base-model "$carry/base"
+echo "all done at +$(( $(date +%s) - start )) s" | tee -a "$runs/timeline.txt"

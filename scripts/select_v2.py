@@ -8,9 +8,10 @@ the best ``selection_score`` (:func:`mixture.selection_score_v2`, dev sets only)
 VADER test figures are copied into the report for the chosen runs only, after choosing.
 
 For each chosen run: its dev figures with FP16-rounded weights (the form it travels in) next to
-FP32, then ``OUT/<group>/checkpoint.fp16.partN`` (<16 MiB each, the device tool's limit on returned
-files; ``cat`` them in order into ``checkpoint.fp16.safetensors``), its ``encoder_config.json``,
-``training.json`` and tokenizer files. ``OUT/train_v2_report.json`` holds every run's dev figures.
+FP32, then ``OUT/<group>/checkpoint.fp16.partN`` (<16 MiB each; the device tool returns at most 8
+files, 64 MiB together, so a frozen word-embedding table equal to the carried base's is left out and
+the encoder config and training record go into the report). ``OUT/train_v2_report.json`` holds
+every run's dev figures; ``scripts/assemble_v2_checkpoint.py`` rebuilds a checkpoint folder.
 
 Usage: python scripts/select_v2.py RUNS_DIR OUT_DIR [--corpora-dir DIR]
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,10 @@ from stream_sentiment.batching.normalization import get_normalizer
 from stream_sentiment.modeling.metrics import classification_report
 from stream_sentiment.modeling.minilm import EncoderConfig, SentimentClassifier
 from stream_sentiment.modeling.mixture import DEV_SETS, load_mixture, selection_score_v2
-from stream_sentiment.modeling.student import TOKENIZER_FILES
 from stream_sentiment.modeling.train import load_tokenizer, predict
 
 CHUNK = 15 * 1024 * 1024
+WORDS = "embeddings.word_embeddings.weight"
 HEADLINE = ("accuracy", "macro_f1", "polar_accuracy")
 
 
@@ -53,22 +53,27 @@ def _dev_figures(run: Path, record: dict[str, Any], weights: dict[str, torch.Ten
 
 
 def _ship(run: Path, record: dict[str, Any], destination: Path, device: torch.device,
-          dev: dict[str, tuple[list[str], list[str]]]) -> dict[str, Any]:
+          dev: dict[str, tuple[list[str], list[str]]], base_words: torch.Tensor) -> dict[str, Any]:
     state = load_file(str(run / "checkpoint.safetensors"))
     rounded = {k: v.half().float() if v.is_floating_point() else v for k, v in state.items()}
     storage_check = {"fp32": _dev_figures(run, record, state, device, dev),
                      "fp16_rounded": _dev_figures(run, record, rounded, device, dev)}
+    # A frozen word-embedding table is the carried base's (FP16 values): left out of the trip back,
+    # put back by scripts/assemble_v2_checkpoint.py from the same carried file.
+    left_out = []
+    if record["config"].get("freeze_word_embeddings") and torch.equal(state[WORDS], base_words.float()):
+        left_out.append(WORDS)
     destination.mkdir(parents=True, exist_ok=True)
     fp16 = destination.parent / f".{destination.name}.fp16.safetensors"
-    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}, str(fp16))
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()
+               if k not in left_out}, str(fp16))
     blob = fp16.read_bytes()
     fp16.unlink()
     for i in range(0, len(blob), CHUNK):
         (destination / f"checkpoint.fp16.part{i // CHUNK}").write_bytes(blob[i : i + CHUNK])
-    for name in ("encoder_config.json", "training.json", *TOKENIZER_FILES):
-        if (run / name).exists():
-            shutil.copy2(run / name, destination / name)
-    return {"run": run.name, "parts": -(-len(blob) // CHUNK), "bytes": len(blob), "storage_check_dev": storage_check}
+    return {"run": run.name, "parts": -(-len(blob) // CHUNK), "bytes": len(blob), "left_out_equal_to_base": left_out,
+            "encoder_config": json.loads((run / "encoder_config.json").read_text()),
+            "storage_check_dev": storage_check, "training": record}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--corpora-dir", type=Path, default=Path(".carry/train16/corpora"))
+    parser.add_argument("--base-model", type=Path, default=Path(".carry/train16/base"))
     args = parser.parse_args(argv)
     records = {run.name: json.loads((run / "training.json").read_text()) for run in sorted(args.runs.iterdir())
                if (run / "training.json").exists()}
@@ -95,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         group = "v2" if layers == 6 and not ffn else f"fast-l{layers}" + (f"-ffn{ffn}" if ffn else "")
         groups.setdefault(group, []).append(name)
     chosen = {group: max(names, key=lambda n: records[n]["selection_score"]) for group, names in groups.items()}
-    shipped = {group: _ship(args.runs / name, records[name], args.out / group, device, dev)
+    base_words = load_file(str(args.base_model / "model.safetensors"))[WORDS]
+    shipped = {group: _ship(args.runs / name, records[name], args.out / group, device, dev, base_words)
                for group, name in chosen.items()}
     report = {
         "chosen_by": "selection_score_v2 on dev sets (tweet_validation macro-F1, review_dev macro-F1, nyt_dev polar "
