@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One device-tool call (one GPU, ~16 cores): minilm-sentiment v2 and the fast CPU student, staged.
+#
+#   A. four 6-layer teachers on the v2 mixture's hard labels (seeds 13-16, lr 5e-5 / 3e-5), in parallel;
+#      each saves its probabilities on the training rows.
+#   B. their mean = the soft labels (scripts/ensemble_v2.py); then in parallel two 6-layer students
+#      (v2 candidates) and two FAST_LAYERS-deep students (full and FAST_FFN-wide FFN) on soft + hard labels.
+#   C. scripts/select_v2.py: per group the best run on the dev sets (teachers compete for v2 too),
+#      FP16 storage check, checkpoints back as <16 MiB FP16 parts (frozen word embeddings left out: they are
+#      the carried base's), OUT/train_v2_report.json, OUT/logs.tar.gz: about 6 files, ~35 MB.
+#
+# Selection uses dev sets only (tweet validation, held-out review sentences, NYT editorials never
+# trained on); the VADER test tweets are scored for the record. Deadlines guard the call's time
+# limit: a stage past its deadline stops its runs at the next step (training.json says so).
+# Expects the carried, git-ignored .carry/train16 (scripts/prepare_carry_v2.py): base/ and corpora/.
+# Usage on the device machine:  bash scripts/device_train_v2.sh "$OUT"
+set -euo pipefail
+out=${1:?output folder}
+# The students' shapes were chosen by measured CPU speed (docs/model.md): 2 layers (~3x v1, engine only)
+# and 2 layers with half the FFN (~4.3x).
+FAST_LAYERS=${FAST_LAYERS:-2}
+FAST_FFN=${FAST_FFN:-768}
+STAGE_A_S=${STAGE_A_S:-230}   # teachers stop stepping this many seconds after the start
+STAGE_B_S=${STAGE_B_S:-450}   # students likewise
+carry=${CARRY:-.carry/train16}
+# For a CPU smoke run only: DEVICE=cpu SMOKE_ARGS="--max-train-rows 64 --max-eval-rows 40 --epochs 1" (appended last).
+device=${DEVICE:-cuda}
+read -r -a smoke <<< "${SMOKE_ARGS:-}"
+start=$(date +%s)
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OMP_NUM_THREADS=2 RAYON_NUM_THREADS=4
+mkdir -p "$out"
+runs=${RUNS:-/tmp/runs_v2}; rm -rf "$runs"; mkdir -p "$runs"
+# At most 8 files come back: the logs and notes travel as one archive, whatever happens.
+trap 'tar -czf "$out/logs.tar.gz" -C "$runs" $(cd "$runs" && ls *.log *.txt soft.json 2>/dev/null) || true' EXIT
+if [ "$device" = cuda ]; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$runs/gpu.txt"; fi
+python3 -c 'import torch; print("torch", torch.__version__)' | tee -a "$runs/gpu.txt"
+common=(--corpora-dir "$carry/corpora" --base-model "$carry/base" --device "$device" --no-progress)
+
+launch() {  # name, then train_v2 arguments; logs to $runs/<name>.log
+  local name=$1; shift
+  python3 -m stream_sentiment.modeling.train_v2 "${common[@]}" --output "$runs/$name" "$@" "${smoke[@]}" \
+    > "$runs/$name.log" 2>&1 &
+  pids+=($!)
+}
+finish() {  # wait for every launched run; a failed run is reported, not fatal (selection skips it)
+  for pid in "${pids[@]}"; do wait "$pid" || echo "run pid $pid failed (exit $?)" | tee -a "$runs/failures.txt"; done
+  pids=()
+}
+
+pids=()
+deadline=$((start + STAGE_A_S))
+launch teacher-s13 --seed 13 --learning-rate 5e-5 --epochs 3 --write-train-probabilities --deadline $deadline
+launch teacher-s14 --seed 14 --learning-rate 5e-5 --epochs 3 --write-train-probabilities --deadline $deadline
+launch teacher-s15 --seed 15 --learning-rate 3e-5 --epochs 3 --write-train-probabilities --deadline $deadline
+launch teacher-s16 --seed 16 --learning-rate 3e-5 --epochs 3 --write-train-probabilities --deadline $deadline
+finish
+echo "stage A done at +$(( $(date +%s) - start )) s" | tee -a "$runs/timeline.txt"
+python3 scripts/ensemble_v2.py --corpora-dir "$carry/corpora" --output "$runs/soft.npy" "$runs"/teacher-s*/ | tail -1
+
+deadline=$((start + STAGE_B_S))
+launch v2-s13-soft0.5 --seed 13 --learning-rate 5e-5 --epochs 3 --soft-labels "$runs/soft.npy" --soft-weight 0.5 --deadline $deadline
+launch v2-s14-soft0.8 --seed 14 --learning-rate 5e-5 --epochs 3 --soft-labels "$runs/soft.npy" --soft-weight 0.8 --deadline $deadline
+launch fast-l$FAST_LAYERS --layers "$FAST_LAYERS" --seed 13 --learning-rate 1e-4 --epochs 4 \
+  --soft-labels "$runs/soft.npy" --soft-weight 0.7 --deadline $deadline
+launch fast-l$FAST_LAYERS-ffn$FAST_FFN --layers "$FAST_LAYERS" --intermediate-size "$FAST_FFN" --seed 13 \
+  --learning-rate 1e-4 --epochs 4 --soft-labels "$runs/soft.npy" --soft-weight 0.7 --deadline $deadline
+finish
+echo "stage B done at +$(( $(date +%s) - start )) s" | tee -a "$runs/timeline.txt"
+
+for f in "$runs"/*.log; do echo "== $f"; grep -v '%|' "$f" | tail -5; done
+python3 scripts/select_v2.py "$runs" "$out" --corpora-dir "$carry/corpora" --base-model "$carry/base"
+echo "all done at +$(( $(date +%s) - start )) s" | tee -a "$runs/timeline.txt"
