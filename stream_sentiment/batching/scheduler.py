@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from stream_sentiment.batching.batcher import Batcher, BatchingPolicy, FormedBatch, Pending
+from stream_sentiment.batching.batcher import Batcher, BatchingPolicy, FormedBatch, Formation, Pending
+from stream_sentiment.batching.cost import backend_cost
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
 from stream_sentiment.config import Settings
 from stream_sentiment.engines.base import Engine
@@ -95,7 +96,8 @@ class Scheduler:
         self.batcher: Batcher[Admitted] = Batcher(BatchingPolicy(
             buckets=chosen_buckets(batching.buckets, tokenizer.buckets), max_rows=batching.max_rows,
             max_tokens=batching.max_tokens, window=batching.window_ms / 1000, timeout=batching.timeout_ms / 1000,
-            merge_smaller_on_timeout=batching.merge_smaller_on_timeout,
+            merge_smaller_on_timeout=batching.merge_smaller_on_timeout, formation=Formation(batching.formation),
+            cost=backend_cost(settings.engine.backend, batching.call_cost_us, batching.token_cost_ns),
         ))
         # Formed batches waiting for a slot: handed back by a failed slot, or drained from the batcher.
         self._ready: deque[FormedBatch[Admitted]] = deque()
