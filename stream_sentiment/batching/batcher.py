@@ -94,7 +94,7 @@ class BatchingPolicy:
     timeout: float = 0.020
     merge_smaller_on_timeout: bool = False
     formation: Formation = Formation.BUCKETS
-    cost: CallCost = CallCost()
+    cost: CallCost = field(default_factory=CallCost)
 
     def __post_init__(self) -> None:
         if not self.buckets or list(self.buckets) != sorted(set(self.buckets)):
