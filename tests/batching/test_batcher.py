@@ -139,7 +139,7 @@ arrivals = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(arrivals=arrivals, max_rows=st.integers(1, 16), max_tokens=st.integers(256, 2048), merge=st.booleans(),
        formation=st.sampled_from(list(Formation)), call_us=st.sampled_from([0, 30, 1000, 100_000]))
 def test_property_budget_order_and_completeness(arrivals, max_rows, max_tokens, merge, formation, call_us):
