@@ -121,6 +121,17 @@ class BatchingSettings(_Group):
     merge_smaller_on_timeout: bool = Field(default=False, description=(
         "A timeout batch (an engine stream idle) also takes the oldest shorter posts, padded up: fewer, "
         "fuller calls. On for GPUs (P99 at 8k posts/s 140 -> 29 ms on an H100); off, as CPU cost grows with padding."))
+    formation: Literal["buckets", "least-cost", "arrival"] = Field(default="buckets", description=(
+        "Which posts form a batch. `buckets`: one length bucket per batch (the measured default). `least-cost`: "
+        "queued buckets split into runs of neighbours the cheapest way by the engine's cost model (call_cost_us, "
+        "token_cost_ns), each run one batch padded to its longest; for GPUs, with timeout_ms 0. `arrival`: "
+        "dynamic padding, a baseline: arrival order across lengths, padded to the bucket of the longest post."))
+    call_cost_us: float | None = Field(default=None, ge=0, description=(
+        "least-cost: fixed cost of one engine call in microseconds; unset = the backend's (GPU backends 1000: "
+        "~0.5 ms per device call on the H200 engine server + the worker's CPU per batch; onnxruntime 100)."))
+    token_cost_ns: float | None = Field(default=None, ge=0, description=(
+        "least-cost: cost of one padded token in nanoseconds; unset = the backend's (GPU 100: 7.5 ms for 256 x "
+        "256 tokens on the H200; onnxruntime 90000: ~95 ms for 32 x 32 INT8 on 2 cores, so buckets never merge)."))
 
     @model_validator(mode="after")
     def _check(self) -> Self:

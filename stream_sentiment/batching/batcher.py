@@ -17,6 +17,20 @@ Posts wait in one FIFO queue per length bucket. A bucket flushes
 Batch formation follows TEI's queue: take posts in arrival order, stop before
 the padded cost ``bucket x rows`` exceeds the token budget.
 
+Which posts form a batch is the policy's ``formation``:
+
+* ``buckets`` - one bucket per batch, as above (with the merge below);
+* ``least-cost`` - the queued buckets are split into runs of neighbours the way that
+  costs least by the engine's cost model (``batching.cost``: a fixed cost per call
+  plus a cost per padded token), and a run is one batch padded to its longest
+  bucket: a few posts of neighbouring lengths share one call, a backlog stays apart.
+  A run is due on the same full / window / timeout rules; with ``timeout`` 0 a
+  batch leaves as soon as a stream is idle (an idle stream gains nothing from
+  waiting but posts, and the next fetch is milliseconds away);
+* ``arrival`` - dynamic padding, the baseline: posts in arrival order across all
+  lengths, padded to the smallest bucket holding the batch's longest post (with
+  buckets every 8 tokens, to its length rounded up to a multiple of 8).
+
 With ``merge_smaller_on_timeout`` (for GPUs), a **timeout** batch also takes the
 oldest posts of the smaller buckets into its spare rows, padded up: an engine
 stream is idle then, so the extra padding uses capacity nobody else wanted,
@@ -36,7 +50,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Generic, TypeVar
 
+from stream_sentiment.batching.cost import CallCost, plan_groups
+
 Item = TypeVar("Item")
+
+
+class Formation(StrEnum):
+    """Which posts form a batch (see the module docstring)."""
+
+    BUCKETS = "buckets"
+    LEAST_COST = "least-cost"
+    ARRIVAL = "arrival"
 
 
 class FlushReason(StrEnum):
@@ -58,7 +82,9 @@ class BatchingPolicy:
         window: the longest a post waits for its batch to fill.
         timeout: with an idle engine stream, the longest a post waits.
         merge_smaller_on_timeout: a timeout batch fills its spare rows with the
-            oldest posts of smaller buckets (see the module docstring).
+            oldest posts of smaller buckets (``buckets`` formation only).
+        formation: which posts form a batch (see the module docstring).
+        cost: the engine's call cost, which ``least-cost`` formation minimizes.
     """
 
     buckets: tuple[int, ...] = (32, 64, 128, 256)
@@ -67,6 +93,8 @@ class BatchingPolicy:
     window: float = 0.050
     timeout: float = 0.020
     merge_smaller_on_timeout: bool = False
+    formation: Formation = Formation.BUCKETS
+    cost: CallCost = field(default_factory=CallCost)
 
     def __post_init__(self) -> None:
         if not self.buckets or list(self.buckets) != sorted(set(self.buckets)):
@@ -94,14 +122,17 @@ class Pending(Generic[Item]):
     item: Item
     token_ids: Sequence[int]
     arrived: float
+    # Order of arrival across all buckets: posts of one fetch share ``arrived``.
+    seq: int = 0
 
 
 @dataclass(frozen=True)
 class FormedBatch(Generic[Item]):
     """What the batcher hands to an engine stream: posts padded to one bucket.
 
-    Posts of that bucket in arrival order, then (a merged timeout batch only) the oldest posts of
-    smaller buckets.
+    ``buckets`` formation: posts of that bucket in arrival order, then (a merged timeout batch only)
+    the oldest posts of smaller buckets. ``least-cost`` and ``arrival``: posts of that bucket and
+    smaller ones, oldest first.
     """
 
     bucket: int
@@ -139,14 +170,36 @@ def take_batch(queue: deque[Pending[Item]], bucket: int, policy: BatchingPolicy)
 
 
 def take_smaller(queues: Sequence[deque[Pending[Item]]], room: int) -> list[Pending[Item]]:
-    """Pop up to ``room`` posts from ``queues`` (smaller buckets), oldest first across them."""
+    """Pop up to ``room`` posts from ``queues`` (smaller buckets, or a least-cost group), oldest first across them."""
     taken: list[Pending[Item]] = []
     while len(taken) < room:
         heads = [queue for queue in queues if queue]
         if not heads:
             break
-        taken.append(min(heads, key=lambda queue: queue[0].arrived).popleft())
+        taken.append(min(heads, key=lambda queue: queue[0].seq).popleft())
     return taken
+
+
+def peek_arrival(queues: Sequence[deque[Pending[Item]]], policy: BatchingPolicy) -> tuple[list[int], bool]:
+    """The oldest posts across ``queues`` that fit one call padded to their longest, without popping.
+
+    Returns the queue index of each post, oldest first, and whether a post was left behind for
+    want of room (the batch is full). Reads at most one batch deep into each queue, however long.
+    """
+    depth = [0] * len(queues)
+    taken: list[int] = []
+    longest = 0
+    while True:
+        index = min((i for i, queue in enumerate(queues) if depth[i] < len(queue)),
+                    key=lambda i: queues[i][depth[i]].seq, default=None)
+        if index is None:
+            return taken, False
+        length = max(longest, len(queues[index][depth[index]].token_ids), 1)
+        if len(taken) + 1 > policy.capacity(policy.bucket_for(length)):
+            return taken, True
+        taken.append(index)
+        depth[index] += 1
+        longest = length
 
 
 @dataclass
@@ -155,6 +208,7 @@ class Batcher(Generic[Item]):
 
     policy: BatchingPolicy
     _queues: dict[int, deque[Pending[Item]]] = field(init=False)
+    _added: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self._queues = {bucket: deque() for bucket in self.policy.buckets}
@@ -162,7 +216,8 @@ class Batcher(Generic[Item]):
     def add(self, item: Item, token_ids: Sequence[int], now: float) -> int:
         """Queue a post; returns its bucket. Raises ValueError if it fits no bucket."""
         bucket = self.policy.bucket_for(max(1, len(token_ids)))
-        self._queues[bucket].append(Pending(item, token_ids, now))
+        self._queues[bucket].append(Pending(item, token_ids, now, self._added))
+        self._added += 1
         return bucket
 
     @property
@@ -194,8 +249,52 @@ class Batcher(Generic[Item]):
             return oldest, FlushReason.TIMEOUT
         return None
 
+    def _expired(self, head: float, now: float, engine_idle: bool) -> bool:
+        """Has a queue whose oldest post arrived at ``head`` waited its window (or, stream idle, timeout)?"""
+        return now >= head + self.policy.window or (engine_idle and now >= head + self.policy.timeout)
+
+    def _poll_least_cost(self, now: float, engine_idle: bool) -> FormedBatch[Item] | None:
+        """The due group of the cheapest split (full, or its oldest post waited), oldest head first."""
+        policy = self.policy
+        waiting = [(b, len(q)) for b, q in self._queues.items() if q]
+        if not waiting:
+            return None
+        due: list[tuple[float, tuple[int, ...], FlushReason]] = []
+        for group in plan_groups(waiting, policy.capacity, policy.cost):
+            head = min(self._queues[b][0].arrived for b in group)
+            if sum(len(self._queues[b]) for b in group) >= policy.capacity(group[-1]):
+                due.append((head, group, FlushReason.FULL))
+            elif self._expired(head, now, engine_idle):
+                due.append((head, group, FlushReason.WINDOW if now >= head + policy.window else FlushReason.TIMEOUT))
+        if not due:
+            return None
+        _, group, reason = min(due, key=lambda d: d[0])
+        bucket = group[-1]
+        entries = take_smaller([self._queues[b] for b in group], policy.capacity(bucket))
+        return FormedBatch(bucket, tuple(entries), reason, now)
+
+    def _poll_arrival(self, now: float, engine_idle: bool) -> FormedBatch[Item] | None:
+        """Dynamic padding: the oldest posts across lengths, when full or their oldest has waited."""
+        heads = [q[0].arrived for q in self._queues.values() if q]
+        if not heads:
+            return None
+        queues = list(self._queues.values())
+        # Peeked first: a batch that is neither full nor due leaves the queues as they are.
+        taken, full = peek_arrival(queues, self.policy)
+        if not full and not self._expired(min(heads), now, engine_idle):
+            return None
+        entries = [queues[index].popleft() for index in taken]
+        reason = FlushReason.FULL if full else (
+            FlushReason.WINDOW if now >= min(heads) + self.policy.window else FlushReason.TIMEOUT)
+        bucket = self.policy.bucket_for(max(1, *(len(e.token_ids) for e in entries)))
+        return FormedBatch(bucket, tuple(entries), reason, now)
+
     def poll(self, now: float, engine_idle: bool) -> FormedBatch[Item] | None:
         """The batch that is due at ``now``, if any."""
+        if self.policy.formation is Formation.LEAST_COST:
+            return self._poll_least_cost(now, engine_idle)
+        if self.policy.formation is Formation.ARRIVAL:
+            return self._poll_arrival(now, engine_idle)
         due = self._due(now, engine_idle)
         if due is None:
             return None

@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from stream_sentiment.batching.batcher import Batcher, BatchingPolicy, FormedBatch, Pending
+from stream_sentiment.batching.batcher import Batcher, BatchingPolicy, Formation, FormedBatch, Pending
+from stream_sentiment.batching.cost import backend_cost
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
 from stream_sentiment.config import Settings
 from stream_sentiment.engines.base import Engine
@@ -55,6 +56,21 @@ def chosen_buckets(chosen: tuple[int, ...] | None, engine_buckets: tuple[int, ..
     if max(engine_buckets) not in chosen:
         raise ValueError(f"batching.buckets must include the engine's largest bucket, {max(engine_buckets)}")
     return tuple(sorted(set(chosen)))
+
+
+def batching_policy(settings: Settings, engine_buckets: tuple[int, ...]) -> BatchingPolicy:
+    """The batch formation the settings ask for, for an engine with ``engine_buckets``.
+
+    ``least-cost`` weighs calls against padded tokens with the configured costs, or the engine
+    backend's defaults (``batching.cost.BACKEND_COSTS``).
+    """
+    batching = settings.batching
+    return BatchingPolicy(
+        buckets=chosen_buckets(batching.buckets, engine_buckets), max_rows=batching.max_rows,
+        max_tokens=batching.max_tokens, window=batching.window_ms / 1000, timeout=batching.timeout_ms / 1000,
+        merge_smaller_on_timeout=batching.merge_smaller_on_timeout, formation=Formation(batching.formation),
+        cost=backend_cost(settings.engine.backend, batching.call_cost_us, batching.token_cost_ns),
+    )
 
 
 class Scheduler:
@@ -91,12 +107,7 @@ class Scheduler:
         self._on_poison = on_poison
         self._fail = fail
         self.pool = self.new_pool(engine)
-        batching = settings.batching
-        self.batcher: Batcher[Admitted] = Batcher(BatchingPolicy(
-            buckets=chosen_buckets(batching.buckets, tokenizer.buckets), max_rows=batching.max_rows,
-            max_tokens=batching.max_tokens, window=batching.window_ms / 1000, timeout=batching.timeout_ms / 1000,
-            merge_smaller_on_timeout=batching.merge_smaller_on_timeout,
-        ))
+        self.batcher: Batcher[Admitted] = Batcher(batching_policy(settings, tokenizer.buckets))
         # Formed batches waiting for a slot: handed back by a failed slot, or drained from the batcher.
         self._ready: deque[FormedBatch[Admitted]] = deque()
         # Recent live posts and the active engine's labels: the shadow sample a hot swap is checked on.

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_sentiment.batching.batcher import Batcher, BatchingPolicy, FlushReason
+from stream_sentiment.batching.batcher import Batcher, BatchingPolicy, FlushReason, Formation
+from stream_sentiment.batching.cost import BACKEND_COSTS, CallCost
 
 POLICY = BatchingPolicy(buckets=(32, 64, 128, 256), max_rows=8, max_tokens=512, window=0.050, timeout=0.020)
 
@@ -138,11 +139,13 @@ arrivals = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None)
-@given(arrivals=arrivals, max_rows=st.integers(1, 16), max_tokens=st.integers(256, 2048), merge=st.booleans())
-def test_property_budget_order_and_completeness(arrivals, max_rows, max_tokens, merge):
+@settings(max_examples=150, deadline=None)
+@given(arrivals=arrivals, max_rows=st.integers(1, 16), max_tokens=st.integers(256, 2048), merge=st.booleans(),
+       formation=st.sampled_from(list(Formation)), call_us=st.sampled_from([0, 30, 1000, 100_000]))
+def test_property_budget_order_and_completeness(arrivals, max_rows, max_tokens, merge, formation, call_us):
     policy = BatchingPolicy(max_rows=max_rows, max_tokens=max_tokens, window=0.05, timeout=0.02,
-                            merge_smaller_on_timeout=merge)
+                            merge_smaller_on_timeout=merge, formation=formation,
+                            cost=CallCost(call=call_us / 1e6, token=1e-7))
     batcher: Batcher[int] = Batcher(policy)
     now, batches = 0.0, []
     for index, (length, gap, idle) in enumerate(arrivals):
@@ -158,18 +161,23 @@ def test_property_budget_order_and_completeness(arrivals, max_rows, max_tokens, 
         assert 1 <= batch.rows <= max_rows
         assert batch.padded_tokens <= max_tokens  # never over the token budget
         assert all(len(e.token_ids) <= batch.bucket for e in batch.entries)
-        # each post sits in the smallest bucket that holds it; only a timeout batch pads smaller posts up
         homes = {policy.bucket_for(len(e.token_ids)) for e in batch.entries}
-        assert homes == {batch.bucket} if batch.reason is not FlushReason.TIMEOUT else max(homes) == batch.bucket
+        if formation is Formation.BUCKETS and batch.reason is not FlushReason.TIMEOUT:
+            assert homes == {batch.bucket}  # each post in the smallest bucket that holds it
+        else:  # padded up to the longest post's bucket, never past it
+            assert max(homes) == batch.bucket
     for bucket in policy.buckets:  # arrival order kept within each bucket's queue
         order = [e.item for b in batches for e in b.entries if policy.bucket_for(len(e.token_ids)) == bucket]
+        assert order == sorted(order)
+    if formation is Formation.ARRIVAL:  # dynamic padding: arrival order across lengths too
+        order = [e.item for b in batches if b.reason is not FlushReason.DRAIN for e in b.entries]
         assert order == sorted(order)
 
 
 @settings(max_examples=100, deadline=None)
-@given(arrivals=arrivals)
-def test_property_no_post_waits_past_the_window_when_polled_on_time(arrivals):
-    batcher: Batcher[int] = Batcher(POLICY)
+@given(arrivals=arrivals, formation=st.sampled_from(list(Formation)))
+def test_property_no_post_waits_past_the_window_when_polled_on_time(arrivals, formation):
+    batcher: Batcher[int] = Batcher(dataclasses.replace(POLICY, formation=formation))
     now = 0.0
     for index, (length, gap, _) in enumerate(arrivals):
         # The driver wakes at every deadline before the next arrival.
@@ -195,3 +203,69 @@ def test_an_expired_post_of_a_rare_length_is_not_starved_by_buckets_that_keep_fi
     # Expired at 0.050, older than every full batch's head: the next batch after that (at 0.060) is it.
     assert served[2] == ["rare"]
     assert all(len(batch) == 8 for i, batch in enumerate(served) if i != 2)
+
+
+GPU = dataclasses.replace(POLICY, max_rows=64, max_tokens=8192, formation=Formation.LEAST_COST, timeout=0.0,
+                          cost=BACKEND_COSTS["engine-server"])
+
+
+def test_least_cost_sends_a_few_posts_of_several_lengths_in_one_call_as_soon_as_a_stream_is_idle():
+    batcher: Batcher[str] = Batcher(GPU)
+    for item, length in [("a", 10), ("b", 50), ("c", 20), ("d", 100)]:
+        batcher.add(item, tokens(length), now=1.0)
+    # Padding 3 posts up to 128 costs ~30 us on a GPU, a call of their own ~1 ms each: one batch, at once.
+    batch = batcher.poll(now=1.0, engine_idle=True)
+    assert batch is not None and batch.reason is FlushReason.TIMEOUT
+    assert (batch.bucket, [e.item for e in batch.entries]) == (128, ["a", "b", "c", "d"])
+    assert batcher.poll(now=1.0, engine_idle=False) is None  # a busy engine: nothing due before the window
+
+
+def test_least_cost_keeps_buckets_apart_where_padding_costs_more_than_a_call():
+    # The same posts with the CPU's costs: a padded token costs as much as a call, so no merging at all.
+    batcher: Batcher[str] = Batcher(dataclasses.replace(GPU, cost=BACKEND_COSTS["onnxruntime"]))
+    for item, length in [("a", 10), ("b", 50), ("c", 20), ("d", 100)]:
+        batcher.add(item, tokens(length), now=1.0)
+    batches = [batcher.poll(now=1.0, engine_idle=True) for _ in range(3)]
+    assert [(b.bucket, [e.item for e in b.entries]) for b in batches if b] == [
+        (32, ["a", "c"]), (64, ["b"]), (128, ["d"])]
+
+
+def test_least_cost_keeps_a_backlog_in_full_single_bucket_batches_and_merges_what_is_left():
+    batcher: Batcher[int] = Batcher(GPU)  # 64 rows a batch at buckets 32 and 64
+    for i in range(128):
+        batcher.add(i, tokens(10 if i % 2 else 60), now=0.0)
+    # Merged, 128 posts would still take two calls, and pad 64 of them: kept apart, each batch full.
+    first, second = batcher.poll(now=0.0, engine_idle=False), batcher.poll(now=0.0, engine_idle=False)
+    assert first is not None and second is not None
+    assert [(b.bucket, b.rows, b.reason) for b in (first, second)] == [
+        (32, 64, FlushReason.FULL), (64, 64, FlushReason.FULL)]
+    for i, length in enumerate([10, 60, 5, 20]):  # a few posts: one call, padded to 64
+        batcher.add(200 + i, tokens(length), now=0.001)
+    third = batcher.poll(now=0.001, engine_idle=True)
+    assert third is not None and (third.bucket, third.rows, third.reason) == (64, 4, FlushReason.TIMEOUT)
+    assert batcher.pending == 0
+
+
+ARRIVAL = dataclasses.replace(POLICY, formation=Formation.ARRIVAL)
+
+
+def test_arrival_formation_pads_posts_of_any_length_to_the_longest_in_arrival_order():
+    batcher: Batcher[str] = Batcher(ARRIVAL)
+    for i, length in enumerate([10, 100, 20, 30]):
+        batcher.add(f"p{i}", tokens(length), now=0.001 * i)
+    assert batcher.poll(now=0.015, engine_idle=True) is None  # the oldest has not waited the timeout
+    batch = batcher.poll(now=0.020, engine_idle=True)
+    assert batch is not None and batch.reason is FlushReason.TIMEOUT
+    assert (batch.bucket, [e.item for e in batch.entries]) == (128, ["p0", "p1", "p2", "p3"])
+
+
+def test_arrival_formation_stops_at_the_first_post_that_would_overflow_the_budget():
+    batcher: Batcher[str] = Batcher(ARRIVAL)  # 512 padded tokens, 8 rows
+    for i, length in enumerate([10, 20, 30, 200, 10]):
+        batcher.add(f"p{i}", tokens(length), now=0.0)
+    # 3 short posts fit in 32, but with the 200-token one the batch would be 4 x 256 > 512: it is full.
+    first = batcher.poll(now=0.0, engine_idle=False)
+    assert first is not None and first.reason is FlushReason.FULL
+    assert (first.bucket, [e.item for e in first.entries]) == (32, ["p0", "p1", "p2"])
+    second = batcher.poll(now=0.05, engine_idle=False)
+    assert second is not None and (second.bucket, [e.item for e in second.entries]) == (256, ["p3", "p4"])
