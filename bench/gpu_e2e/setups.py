@@ -1,0 +1,139 @@
+"""The set-ups one bench run compares: what each runs, with how many processes, batched how.
+
+Every Kafka set-up consumes the same topic from the same producers, broker and Redis, one set-up after
+another in one run (a fresh broker per run). ``ours`` is the pipeline as served; the others change one
+thing each, or are what a user would write instead:
+
+* ``ours``        -- length buckets (``--buckets``), ``--workers`` worker processes + one engine server.
+* ``ours-own``    -- the same workers, each with its own engine on the GPU (no engine server: every
+  worker is its own CUDA context, and the GPU time-slices between them).
+* ``ours-coarse`` -- ``ours`` with the committed manifest's buckets (32/64/128/256).
+* ``ours-python-gc`` -- ``ours`` with CPython's garbage collector as it comes in the workers and the engine
+  server (no start-up heap frozen, young collections every 700 allocations).
+* ``ours-uvloop`` -- ``ours`` with the workers on uvloop's event loop (where ``uvloop`` is installed).
+* ``pad-to-max``  -- (c) ``ours`` with every batch padded to the max length (one bucket).
+* ``dynamic-pad`` -- (e) ``ours`` padding each batch to its longest post (see :func:`dynamic_padding`).
+* ``hf-b64``      -- (b) a careful user's consumers: aiokafka getmany -> transformers
+  ``pipeline("text-classification", batch_size=64)`` (FP16, GPU) -> Redis HINCRBY -> commit once a second
+  (``COMMIT_INTERVAL_S``, as our worker), in as many processes as ``ours`` has (``--workers`` + 1).
+* ``hf-b1``       -- (a) the same with batch size 1, in ``--b1-workers`` processes (1: the naive reference).
+* ``engine-only`` -- (d) pre-tokenized full batches straight into the engine server's engine, no Kafka or
+  Redis: posts/s and the fraction of the card's dense FP16 peak for this model's FLOPs.
+* ``kafka-only``  -- the floor: the same producers and broker, ``--workers`` consumers that only decode
+  each record and count it in Redis (no tokenizer, no model; commit once a second).
+
+``--setup-batching NAME=JSON`` merges batching settings into one set-up's (e.g. a setting that lands
+after this file was written), so a device call can try it without a change here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from stream_sentiment.worker import COMMIT_INTERVAL_S
+
+SETUP_NAMES = ("ours", "ours-own", "ours-coarse", "ours-python-gc", "ours-uvloop", "pad-to-max", "dynamic-pad",
+               "hf-b64", "hf-b1", "engine-only", "kafka-only")
+DEFAULT_SETUPS = ("ours", "ours-own", "pad-to-max", "dynamic-pad", "hf-b64", "hf-b1", "engine-only", "kafka-only")
+# The transformers baselines and their pipeline batch sizes.
+BASELINE_KINDS = {"hf-b64": 64, "hf-b1": 1}
+# Finer than the manifest's 32/64/128/256: tweets average ~26 tokens and the long posts ~98, so
+# these keep ~88% (tweets) and ~91% (long) of computed tokens real; the manifest's keep 65% / 75%.
+DEFAULT_BUCKETS = (16, 24, 32, 40, 48, 64, 96, 112, 128, 160, 256)
+# Dynamic padding's stand-in grid: a bucket every this many tokens.
+DYNAMIC_STEP = 8
+# The order set-ups run in, per workload: baselines first, as the matched-rate runs need their drain rates.
+RUN_ORDER = ("kafka-only", "hf-b1", "hf-b64", "pad-to-max", "dynamic-pad", "ours-coarse", "ours-own",
+             "ours-python-gc", "ours-uvloop", "ours")
+# Ours is compared at equal offered load against these (each at --matched x its drain rate).
+MATCHED_BASELINES = ("hf-b64", "pad-to-max", "dynamic-pad")
+
+
+@dataclass
+class Setup:
+    name: str
+    label: str
+    kind: str  # "engine" (our Worker), "hf" (the transformers consumer) or "floor" (consume and count only)
+    processes: int  # consumer processes, plus the engine server where the set-up uses it
+    description: str  # what runs, in words, with its process count (for the report)
+    batching: dict[str, Any] = field(default_factory=dict)
+    backlog_cap: int | None = None  # a slow baseline needs fewer posts to show its rate
+    served: bool = True  # an "engine" set-up's workers use the engine server (else each its own engine)
+    python_gc: bool = False  # CPython's collector as it comes, not stream_sentiment.interpreter's
+    uvloop: bool = False  # the workers' event loop is uvloop's, not asyncio's
+    consumers: int = 0  # processes in the consumer group (the engine server is not a member)
+
+
+def dynamic_padding(batching: dict[str, Any], largest: int) -> tuple[dict[str, Any], str]:
+    """(e): our batching with each batch padded to its longest post, and how that is done, in words.
+
+    The batcher groups posts by length bucket, and no setting here pads a batch to its own longest post,
+    so this stands in with one bucket every ``DYNAMIC_STEP`` tokens: each batch is padded at most 7 tokens
+    beyond its longest post. Unlike plain dynamic padding, it still groups posts of similar length. A batching
+    setting for true per-batch padding goes here (or, for one device call, through ``--setup-batching``).
+    """
+    grid = sorted(set(range(DYNAMIC_STEP, largest, DYNAMIC_STEP)) | {largest})
+    return ({**batching, "buckets": grid},
+            f"one bucket every {DYNAMIC_STEP} tokens ({len(grid)} buckets): each batch padded to at most "
+            f"{DYNAMIC_STEP - 1} tokens past its longest post")
+
+
+def build_setups(args: argparse.Namespace, manifest_buckets: Sequence[int]) -> dict[str, Setup]:
+    """The set-ups named in ``args.setups`` (``engine-only`` is not a Kafka set-up: it has none)."""
+    batching = {"max_rows": args.max_rows, "max_tokens": args.max_tokens, "window_ms": args.window_ms,
+                "timeout_ms": args.timeout_ms, "max_in_flight_posts": max(args.max_in_flight, args.max_rows),
+                "merge_smaller_on_timeout": not args.no_merge}
+    largest = max(manifest_buckets)
+    bucketed = {**batching, "buckets": sorted(set(args.buckets) | {largest})}
+    dynamic, dynamic_words = dynamic_padding(batching, largest)
+    workers = args.workers
+    served = f"{workers} worker processes + 1 engine server"
+
+    def ours(name: str, label: str, words: str, batches: dict[str, Any], **kw: Any) -> Setup:
+        own = kw.get("served", True) is False
+        return Setup(name, label, "engine", workers if own else workers + 1,
+                     f"{workers} worker processes, each with its own engine" if own else f"{served}; {words}",
+                     batches, consumers=workers, **kw)
+
+    hf = f"aiokafka -> transformers pipeline (FP16, GPU) -> Redis, commit every {COMMIT_INTERVAL_S:g} s"
+    candidates = {
+        "ours": ours("ours", "ours (buckets)", f"buckets {bucketed['buckets']}", bucketed),
+        "ours-own": ours("ours-own", "ours, an engine per worker", "", bucketed, served=False),
+        "ours-coarse": ours("ours-coarse", "ours, manifest buckets", f"buckets {list(manifest_buckets)}",
+                            {**batching, "buckets": list(manifest_buckets)}),
+        "ours-python-gc": ours("ours-python-gc", "ours, CPython's GC", "CPython's collector", bucketed,
+                               python_gc=True),
+        "ours-uvloop": ours("ours-uvloop", "ours, uvloop", "workers on uvloop", bucketed, uvloop=True),
+        "pad-to-max": ours("pad-to-max", "(c) ours, pad to max", f"one bucket, {largest}",
+                           {**batching, "buckets": [largest]}),
+        "dynamic-pad": ours("dynamic-pad", "(e) ours, dynamic padding", dynamic_words, dynamic),
+        "hf-b64": Setup("hf-b64", "(b) HF pipeline, batch 64", "hf", args.baseline_workers,
+                        f"{args.baseline_workers} consumer processes: {hf}, batch size 64",
+                        backlog_cap=args.posts, consumers=args.baseline_workers),
+        "hf-b1": Setup("hf-b1", "(a) HF pipeline, batch 1", "hf", args.b1_workers,
+                       f"{args.b1_workers} consumer process(es): {hf}, batch size 1",
+                       backlog_cap=min(args.posts, 20000), consumers=args.b1_workers),
+        "kafka-only": Setup("kafka-only", "Kafka + Redis only (floor)", "floor", workers,
+                            f"{workers} consumer processes: decode, count in Redis, commit every "
+                            f"{COMMIT_INTERVAL_S:g} s", consumers=workers),
+    }
+    chosen = {name: setup for name, setup in candidates.items() if name in args.setups}
+    for name, extra in args.setup_batching.items():
+        if name in chosen:
+            chosen[name].batching = {**chosen[name].batching, **extra}
+            chosen[name].description += f"; batching overrides {extra}"
+    return chosen
+
+
+def engine_buckets(setups: Iterable[Setup], default: Sequence[int]) -> list[int]:
+    """Every bucket these engine set-ups batch by (the one engine they share must have each)."""
+    chosen = {int(b) for s in setups if s.kind == "engine" for b in (s.batching.get("buckets") or ())}
+    return sorted(chosen or set(default))
+
+
+def engine_only_description(args: argparse.Namespace) -> str:
+    return (f"the engine server's engine ({args.server_streams} CUDA stream(s)), one thread per stream, "
+            "pre-tokenized full batches, no Kafka or Redis")

@@ -1,0 +1,78 @@
+"""bench/gpu_e2e's own arithmetic, without running it: the per-post latency split, one run's summary, the plot's data.
+
+The bench itself runs end to end only as its CPU smoke test (``python3 bench/gpu_e2e --backend onnxruntime ...``),
+too slow for CI; these check the parts a wrong figure would come from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bench.gpu_e2e.children import PostTimes
+from bench.gpu_e2e.measure import summarize
+from bench.gpu_e2e.plot import curves
+from bench.gpu_e2e.setups import build_setups
+from stream_sentiment.metrics import PipelineMetrics
+from stream_sentiment.source.kafka_source import Admitted
+from stream_sentiment.source.messages import Post
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _args(**overrides: object) -> argparse.Namespace:
+    values = {"max_rows": 256, "max_tokens": 32768, "window_ms": 8.0, "timeout_ms": 2.0, "max_in_flight": 10000,
+              "no_merge": False, "buckets": [16, 32, 256], "workers": 8, "baseline_workers": 9, "b1_workers": 1,
+              "posts": 1000, "setups": ["ours", "hf-b64", "dynamic-pad", "kafka-only"], "setup_batching": {},
+              "server_streams": 1}
+    return argparse.Namespace(**(values | overrides))
+
+
+def test_post_times_split_each_post_into_fetch_and_pipeline_parts() -> None:
+    times = PostTimes(PipelineMetrics().end_to_end)
+    post = Post(id="p", text="hello")
+    appended = [100.0, 100.5]
+    stamped = PostTimes.stamp([Admitted(0, i, post, t, t) for i, t in enumerate(appended)], fetched=101.0)
+    for admitted in stamped:  # what the worker's sink observes for each post it counts, written at 101.25
+        times.observe(max(0.0, 101.25 - admitted.appended_at))
+    parts = times.arrays()
+    assert np.allclose(parts["latencies"], [1.25, 0.75])
+    assert np.allclose(parts["internal"], [0.25, 0.25])
+    assert np.allclose(parts["kafka"], [1.0, 0.5])
+    assert int(stamped[0].appended_at * 1000) == 100000  # other arithmetic (a dead letter's timestamp) is plain
+
+
+def test_summary_reports_per_post_figures_and_process_counts() -> None:
+    setups = build_setups(_args(), [32, 64, 128, 256])
+    assert (setups["ours"].processes, setups["hf-b64"].processes, setups["kafka-only"].processes) == (9, 9, 8)
+    assert setups["dynamic-pad"].batching["buckets"][:3] == [8, 16, 24]
+    counted = 4000
+    rng = np.random.default_rng(0)
+    results = [{"latencies": rng.random(counted // 2).astype(np.float32),
+                "internal": np.full(counted // 2, 0.01, dtype=np.float32),
+                "stages": {"decode": 0.02, "tokenize": 0.06}, "cpu_seconds": 0.2, "rebalances": 0}
+               for _ in range(2)]
+    produced = {"sent": counted, "rate": 1000.0, "behind_s": 0.0, "cpu_seconds": 0.1}
+    run = summarize("tweets", setups["ours"], "rate", 1000.0, produced, counted, True, [(0.0, 0), (4.0, counted)],
+                    results, {"broker": 0.4}, None, 1.0, 5.0)
+    assert run.processes == 9
+    assert run.stage_us_per_post == {"decode": 2 * 0.02 * 1e6 / counted, "tokenize": 2 * 0.06 * 1e6 / counted}
+    assert run.cpu_us_per_post["workers"] == 2 * 0.2 * 1e6 / counted
+    assert run.internal_p99_ms == 10.0
+    latencies = np.concatenate([r["latencies"] for r in results]) * 1000
+    assert run.p99_ms == round(float(np.percentile(latencies, 99)), 1)
+
+
+def test_plot_reads_a_committed_run() -> None:
+    report = json.loads((REPO / "docs" / "gpu-e2e-h200-gc-full.json").read_text())
+    found = curves(report, "tweets")
+    runs = [r for r in report["workloads"]["tweets"]["runs"] if r["setup"] == "ours"]
+    ours = found["ours"]
+    assert ours.backlog_posts_per_s == next(r["posts_per_s"] for r in runs if r["mode"] == "backlog")
+    assert ours.offered == sorted(r["offered"] for r in runs if r["mode"] != "backlog" and not r["saturated"])
+    baseline = [r for r in report["workloads"]["tweets"]["runs"] if r["setup"] == "hf-b64" and r["mode"] != "backlog"]
+    assert found["hf-b64"].behind == [r["offered"] for r in baseline if r["saturated"]]
+    assert found["hf-b64"].behind  # this run's (b) fell behind at the offered rates: they must not be drawn
