@@ -109,6 +109,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--buckets", type=numbers(int), default=list(DEFAULT_BUCKETS),
         help="length buckets of `ours` (the engine gets these plus the manifest's)")
     add("--window-ms", type=float, default=8.0, help="batching.window_ms (the service default, 50, is for CPUs)")
+    add("--formation", choices=("buckets", "least-cost", "arrival"), default="least-cost",
+        help="batching.formation of ours and its variants (pad-to-max has one bucket; dynamic-pad is arrival)")
     add("--timeout-ms", type=float, default=2.0, help="batching.timeout_ms (wait while an engine slot is idle)")
     add("--no-merge", action="store_true",
         help="batching.merge_smaller_on_timeout off (on by default here: the GPU setting)")

@@ -4,7 +4,9 @@ Every Kafka set-up consumes the same topic from the same producers, broker and R
 another in one run (a fresh broker per run). ``ours`` is the pipeline as served; the others change one
 thing each, or are what a user would write instead:
 
-* ``ours``        -- length buckets (``--buckets``), ``--workers`` worker processes + one engine server.
+* ``ours``        -- length buckets (``--buckets``) formed by ``--formation`` (default ``least-cost``: neighbouring
+  buckets merged when a call's fixed cost outweighs the padding), ``--workers`` worker processes + one engine server.
+* ``ours-buckets`` -- ``ours`` with each bucket its own batch (the ``buckets`` formation, the service default).
 * ``ours-own``    -- the same workers, each with its own engine on the GPU (no engine server: every
   worker is its own CUDA context, and the GPU time-slices between them).
 * ``ours-coarse`` -- ``ours`` with the committed manifest's buckets (32/64/128/256).
@@ -12,7 +14,8 @@ thing each, or are what a user would write instead:
   server (no start-up heap frozen, young collections every 700 allocations).
 * ``ours-uvloop`` -- ``ours`` with the workers on uvloop's event loop (where ``uvloop`` is installed).
 * ``pad-to-max``  -- (c) ``ours`` with every batch padded to the max length (one bucket).
-* ``dynamic-pad`` -- (e) ``ours`` padding each batch to its longest post (see :func:`dynamic_padding`).
+* ``dynamic-pad`` -- (e) ``ours`` taking posts in arrival order, each batch padded to its longest post
+  (see :func:`dynamic_padding`).
 * ``hf-b64``      -- (b) a careful user's consumers: aiokafka getmany -> transformers
   ``pipeline("text-classification", batch_size=64)`` (FP16, GPU) -> Redis HINCRBY -> commit once a second
   (``COMMIT_INTERVAL_S``, as our worker), in as many processes as ``ours`` has (``--workers`` + 1).
@@ -35,8 +38,8 @@ from typing import Any
 
 from stream_sentiment.worker import COMMIT_INTERVAL_S
 
-SETUP_NAMES = ("ours", "ours-own", "ours-coarse", "ours-python-gc", "ours-uvloop", "pad-to-max", "dynamic-pad",
-               "hf-b64", "hf-b1", "engine-only", "kafka-only")
+SETUP_NAMES = ("ours", "ours-buckets", "ours-own", "ours-coarse", "ours-python-gc", "ours-uvloop", "pad-to-max",
+               "dynamic-pad", "hf-b64", "hf-b1", "engine-only", "kafka-only")
 DEFAULT_SETUPS = ("ours", "ours-own", "pad-to-max", "dynamic-pad", "hf-b64", "hf-b1", "engine-only", "kafka-only")
 # The transformers baselines and their pipeline batch sizes.
 BASELINE_KINDS = {"hf-b64": 64, "hf-b1": 1}
@@ -46,7 +49,7 @@ DEFAULT_BUCKETS = (16, 24, 32, 40, 48, 64, 96, 112, 128, 160, 256)
 # Dynamic padding's stand-in grid: a bucket every this many tokens.
 DYNAMIC_STEP = 8
 # The order set-ups run in, per workload: baselines first, as the matched-rate runs need their drain rates.
-RUN_ORDER = ("kafka-only", "hf-b1", "hf-b64", "pad-to-max", "dynamic-pad", "ours-coarse", "ours-own",
+RUN_ORDER = ("kafka-only", "hf-b1", "hf-b64", "pad-to-max", "dynamic-pad", "ours-buckets", "ours-coarse", "ours-own",
              "ours-python-gc", "ours-uvloop", "ours")
 # Ours is compared at equal offered load against these (each at --matched x its drain rate).
 MATCHED_BASELINES = ("hf-b64", "pad-to-max", "dynamic-pad")
@@ -68,17 +71,16 @@ class Setup:
 
 
 def dynamic_padding(batching: dict[str, Any], largest: int) -> tuple[dict[str, Any], str]:
-    """(e): our batching with each batch padded to its longest post, and how that is done, in words.
+    """(e): our workers and engine server, batches in arrival order padded to their longest post; in words.
 
-    The batcher groups posts by length bucket, and no setting here pads a batch to its own longest post,
-    so this stands in with one bucket every ``DYNAMIC_STEP`` tokens: each batch is padded at most 7 tokens
-    beyond its longest post. Unlike plain dynamic padding, it still groups posts of similar length. A batching
-    setting for true per-batch padding goes here (or, for one device call, through ``--setup-batching``).
+    The batcher's ``arrival`` formation takes posts in arrival order whatever their length and pads a batch to
+    the smallest bucket holding its longest post; with a bucket every ``DYNAMIC_STEP`` tokens that is the longest
+    post rounded up to a multiple of 8 (the engine keeps one CUDA graph per bucket and row count).
     """
     grid = sorted(set(range(DYNAMIC_STEP, largest, DYNAMIC_STEP)) | {largest})
-    return ({**batching, "buckets": grid},
-            f"one bucket every {DYNAMIC_STEP} tokens ({len(grid)} buckets): each batch padded to at most "
-            f"{DYNAMIC_STEP - 1} tokens past its longest post")
+    return ({**batching, "buckets": grid, "formation": "arrival"},
+            f"arrival order, each batch padded to its longest post rounded up to {DYNAMIC_STEP} tokens "
+            f"({len(grid)} buckets)")
 
 
 def build_setups(args: argparse.Namespace, manifest_buckets: Sequence[int]) -> dict[str, Setup]:
@@ -87,7 +89,7 @@ def build_setups(args: argparse.Namespace, manifest_buckets: Sequence[int]) -> d
                 "timeout_ms": args.timeout_ms, "max_in_flight_posts": max(args.max_in_flight, args.max_rows),
                 "merge_smaller_on_timeout": not args.no_merge}
     largest = max(manifest_buckets)
-    bucketed = {**batching, "buckets": sorted(set(args.buckets) | {largest})}
+    bucketed = {**batching, "buckets": sorted(set(args.buckets) | {largest}), "formation": args.formation}
     dynamic, dynamic_words = dynamic_padding(batching, largest)
     workers = args.workers
     served = f"{workers} worker processes + 1 engine server"
@@ -100,7 +102,10 @@ def build_setups(args: argparse.Namespace, manifest_buckets: Sequence[int]) -> d
 
     hf = f"aiokafka -> transformers pipeline (FP16, GPU) -> Redis, commit every {COMMIT_INTERVAL_S:g} s"
     candidates = {
-        "ours": ours("ours", "ours (buckets)", f"buckets {bucketed['buckets']}", bucketed),
+        "ours": ours("ours", f"ours ({args.formation})", f"{args.formation} formation, buckets {bucketed['buckets']}",
+                     bucketed),
+        "ours-buckets": ours("ours-buckets", "ours (one batch per bucket)", f"buckets {bucketed['buckets']}",
+                             {**bucketed, "formation": "buckets"}),
         "ours-own": ours("ours-own", "ours, an engine per worker", "", bucketed, served=False),
         "ours-coarse": ours("ours-coarse", "ours, manifest buckets", f"buckets {list(manifest_buckets)}",
                             {**batching, "buckets": list(manifest_buckets)}),

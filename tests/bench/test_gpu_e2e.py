@@ -27,7 +27,7 @@ def _args(**overrides: object) -> argparse.Namespace:
     values = {"max_rows": 256, "max_tokens": 32768, "window_ms": 8.0, "timeout_ms": 2.0, "max_in_flight": 10000,
               "no_merge": False, "buckets": [16, 32, 256], "workers": 8, "baseline_workers": 9, "b1_workers": 1,
               "posts": 1000, "setups": ["ours", "hf-b64", "dynamic-pad", "kafka-only"], "setup_batching": {},
-              "server_streams": 1}
+              "server_streams": 1, "formation": "least-cost"}
     return argparse.Namespace(**(values | overrides))
 
 
@@ -49,6 +49,11 @@ def test_summary_reports_per_post_figures_and_process_counts() -> None:
     setups = build_setups(_args(), [32, 64, 128, 256])
     assert (setups["ours"].processes, setups["hf-b64"].processes, setups["kafka-only"].processes) == (9, 9, 8)
     assert setups["dynamic-pad"].batching["buckets"][:3] == [8, 16, 24]
+    # (e) and ours differ in how batches form, not in anything else: same window, timeout, rows and tokens.
+    assert (setups["dynamic-pad"].batching["formation"], setups["ours"].batching["formation"]) == (
+        "arrival", "least-cost")
+    assert all(setups["dynamic-pad"].batching[k] == setups["ours"].batching[k]
+               for k in ("window_ms", "timeout_ms", "max_rows", "max_tokens"))
     counted = 4000
     rng = np.random.default_rng(0)
     results = [{"latencies": rng.random(counted // 2).astype(np.float32),
