@@ -95,7 +95,7 @@ from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket  # 
 from stream_sentiment.config import Settings  # noqa: E402
 from stream_sentiment.engines.base import Engine, TokenBatch  # noqa: E402
 from stream_sentiment.engines.manifest import EngineRepository, EngineVersion  # noqa: E402
-from stream_sentiment.metrics import STAGES, PipelineMetrics  # noqa: E402
+from stream_sentiment.metrics import STAGES, PipelineMetrics, observe_many  # noqa: E402
 from stream_sentiment.worker import Worker  # noqa: E402
 
 log = logging.getLogger("gpu_e2e")
@@ -217,6 +217,10 @@ class RecordingHistogram:
     def observe(self, value: float) -> None:
         self.samples.append(value)
         self.inner.observe(value)
+
+    def observe_many(self, values: Any) -> None:
+        self.samples.extend(values.tolist())
+        observe_many(self.inner, values)
 
 
 class RecordingLabelledHistogram(RecordingHistogram):
@@ -398,9 +402,11 @@ class EngineWorkerProcess:
         metrics.end_to_end = latencies  # type: ignore[assignment]
         parts = {"bucket_wait": RecordingLabelledHistogram(metrics.batch_wait),
                  "engine": RecordingLabelledHistogram(metrics.engine_latency),
-                 "redis": RecordingHistogram(metrics.redis_apply)}
+                 "redis": RecordingHistogram(metrics.redis_apply),
+                 "pipeline": RecordingHistogram(metrics.pipeline_latency)}
         metrics.batch_wait, metrics.engine_latency = parts["bucket_wait"], parts["engine"]  # type: ignore[assignment]
         metrics.redis_apply = parts["redis"]  # type: ignore[assignment]
+        metrics.pipeline_latency = parts["pipeline"]  # type: ignore[assignment]
         use_collector(python_gc=command["python_gc"])
         worker = HeldWorker(settings, self.engine, self.tokenizer, metrics=metrics)
         channel = RunChannel(conn, worker.go)
@@ -436,7 +442,8 @@ class EngineWorkerProcess:
             "cpu_seconds": channel.cpu_since_go(),
             "rebalances": channel.rebalances,
             "gc_pauses": np.asarray(collections.pauses, dtype=np.float32),
-            # Where a post's time goes: append -> fetch per post; bucket wait, engine call, Redis write per batch.
+            # Where a post's time goes: append -> fetch per post; bucket wait, engine call, Redis write per batch;
+            # fetch -> counted in Redis per post (pipeline: the worker's own, stream_sentiment_pipeline_seconds).
             "parts": {"kafka": np.asarray(worker.kafka_delays, dtype=np.float32),
                       **{name: np.asarray(h.samples, dtype=np.float32) for name, h in parts.items()}},
             # After the stop: what this worker still held per partition (a run that ended short says where).
@@ -1377,7 +1384,7 @@ class Bench:
         gc_summary = {"collections": len(collected), "max_pause_ms": round(float(collected.max()), 1),
                       "pause_ms_per_worker": round(float(collected.sum()) / len(pauses), 1)} if len(collected) else {}
         parts: dict[str, list[float]] = {}
-        for part in ("kafka", "bucket_wait", "engine", "redis"):
+        for part in ("kafka", "pipeline", "bucket_wait", "engine", "redis"):
             samples = [r["parts"][part] for r in results if part in r.get("parts", {})]
             values = np.concatenate(samples) * 1000 if samples else np.zeros(0)
             if len(values):
@@ -1562,14 +1569,15 @@ def render_workload(workload: Workload, out: dict[str, Any], bench: Bench) -> st
         lines.append(f"| {labels.get(r.setup, r.setup)} | {r.row_name()} | {' | '.join(cells)} | {' | '.join(cpu)} |")
     parted = [r for r in runs if r.latency_parts_ms and r.mode != "backlog" and not r.skipped]
     if parted:
-        lines += ["", "Where latency goes, P50 / P99 ms: Kafka append -> fetch (per post); the oldest post's wait in "
-                  "its bucket, the engine call and the Redis write (per batch); engine server: requests per device "
-                  "call, mean call and stream-wait ms:", "",
-                  "| set-up | run | end to end | Kafka | bucket wait | engine call | Redis write | engine server |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Where latency goes, P50 / P99 ms: Kafka append -> fetch and fetch -> counted in Redis (the "
+                  "pipeline's own, per post); the oldest post's wait in its bucket, the engine call and the Redis "
+                  "write (per batch); engine server: requests per device call, mean call and stream-wait ms:", "",
+                  "| set-up | run | end to end | Kafka | pipeline | bucket wait | engine call | Redis write "
+                  "| engine server |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in parted:
             cells = [f"{v[0]} / {v[1]}" if (v := r.latency_parts_ms.get(k)) else "—"
-                     for k in ("kafka", "bucket_wait", "engine", "redis")]
+                     for k in ("kafka", "pipeline", "bucket_wait", "engine", "redis")]
             served = (f"{r.engine_server['requests_per_batch']} req/call, {r.engine_server['mean_call_ms']} ms, "
                       f"wait {r.engine_server['mean_stream_wait_ms']} ms" if r.engine_server else "—")
             lines.append(f"| {labels.get(r.setup, r.setup)} | {r.row_name()} | {_cell(r.p50_ms)} / {_cell(r.p99_ms)} "

@@ -230,15 +230,12 @@ async def staged(worker: Worker, count: int) -> dict[str, float]:
             assert stream is not None
             tokens = pad_to_bucket([e.token_ids for e in batch.entries], batch.bucket)
             probabilities = await pool.score(tokens, stream)
-            keep = scheduler.shadow.maxlen or 0
-            tail = zip(batch.entries[-keep:], probabilities[-keep:], strict=True) if keep else ()
-            scheduler.shadow.extend((tuple(e.token_ids), int(np.argmax(row))) for e, row in tail)
+            scheduler.sample_shadow(batch.entries, probabilities)
             pool.give_back(stream)
-            rows = probabilities.tolist()
             done()
             done = timer.measure("scored")
             worker._apply_ready = no_apply  # type: ignore[method-assign]
-            await worker._scored(batch.entries, rows)
+            await worker._scored(batch.entries, probabilities)
             worker._apply_ready = apply_ready  # type: ignore[method-assign]
             done()
             done = timer.measure("sink")

@@ -41,7 +41,8 @@ TOKENIZE_AHEAD = 2
 # Longest a fetch waits for records when no batch is due sooner.
 MAX_FETCH_WAIT_MS = 100
 
-Scored = Callable[[Sequence[Pending[Admitted]], list[list[float]]], Awaitable[None]]
+# A scored batch's entries and their probabilities ``float32 [rows, labels]``, in the entries' order.
+Scored = Callable[[Sequence[Pending[Admitted]], np.ndarray], Awaitable[None]]
 
 
 def chosen_buckets(chosen: tuple[int, ...] | None, engine_buckets: tuple[int, ...]) -> tuple[int, ...]:
@@ -258,22 +259,26 @@ class Scheduler:
                     self._engine_down()
                 return
             if pool is self.pool:
-                # Only the newest posts stay in the bounded sample: the tail of the batch is enough.
-                keep = self.shadow.maxlen or 0
-                tail = zip(batch.entries[-keep:], probabilities[-keep:], strict=True) if keep else ()
-                self.shadow.extend((tuple(e.token_ids), int(np.argmax(row))) for e, row in tail)
+                self.sample_shadow(batch.entries, probabilities)
             # The stream is free once the batch is scored: the next batch need not wait for Redis.
             holding_stream = False
             pool.give_back(stream)
             self.dispatch()
-            # Python floats once for the whole batch: indexing numpy rows per post costs more than scoring them.
-            await self._on_scored(batch.entries, probabilities.tolist())
+            await self._on_scored(batch.entries, probabilities)
         except Exception as error:  # a bug here must stop the worker, not vanish in a task
             self._fail(error)
         finally:
             if holding_stream:
                 pool.give_back(stream)
                 self.dispatch()
+
+    def sample_shadow(self, entries: Sequence[Pending[Admitted]], probabilities: np.ndarray) -> None:
+        """Keep a scored batch's newest posts and labels in the shadow sample (a hot swap's check)."""
+        # Only the newest posts stay in the bounded sample: the tail of the batch is enough.
+        keep = self.shadow.maxlen or 0
+        if keep:  # one argmax for the tail, not one numpy call per post
+            labels = probabilities[-keep:].argmax(axis=1).tolist()
+            self.shadow.extend(zip((tuple(e.token_ids) for e in entries[-keep:]), labels, strict=True))
 
     async def _isolate_poison(self, batch: FormedBatch[Admitted]) -> None:
         """A batch fails on a working engine: halve it until the post at fault is alone, then hand it out.
