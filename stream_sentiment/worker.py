@@ -253,8 +253,8 @@ class Worker:
         admitted = await self.source.fetch(self.scheduler.fetch_wait_ms(), paused=paused)
         if admitted:
             # A partition revoked (and maybe reassigned) meanwhile has a new progress: its posts are the next owner's.
-            owners = {a.partition: self.progress.get(a.partition) for a in admitted}
-            await self.scheduler.submit(admitted, lambda a: self.progress.get(a.partition) is owners[a.partition])
+            owners = {partition: self.progress.get(partition) for partition in {a.partition for a in admitted}}
+            await self.scheduler.submit(admitted, lambda partition: self.progress.get(partition) is owners[partition])
         self.scheduler.dispatch()
         self._apply_in_background()
 
