@@ -42,7 +42,7 @@ from stream_sentiment.batching.tokenizer import PostTokenizer  # noqa: E402
 from stream_sentiment.config import Settings  # noqa: E402
 from stream_sentiment.embedded import EmbeddedKafka, EmbeddedRedis  # noqa: E402
 from stream_sentiment.engines.base import Engine  # noqa: E402
-from stream_sentiment.metrics import PipelineMetrics  # noqa: E402
+from stream_sentiment.metrics import PipelineMetrics, observe_many  # noqa: E402
 from stream_sentiment.source.replay import sample_posts  # noqa: E402
 from stream_sentiment.worker import Worker  # noqa: E402
 
@@ -66,6 +66,10 @@ class RecordingHistogram:
     def observe(self, value: float) -> None:
         self.samples.append(value)
         self.inner.observe(value)
+
+    def observe_many(self, values: Any) -> None:
+        self.samples.extend(values.tolist())
+        observe_many(self.inner, values)
 
 
 @dataclass

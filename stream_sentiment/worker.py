@@ -38,6 +38,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
+
 from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys, ScoredPost
 from stream_sentiment.aggregation.judge import AlertJudge
 from stream_sentiment.aggregation.progress import PartitionProgress
@@ -251,22 +253,33 @@ class Worker:
         admitted = await self.source.fetch(self.scheduler.fetch_wait_ms(), paused=paused)
         if admitted:
             # A partition revoked (and maybe reassigned) meanwhile has a new progress: its posts are the next owner's.
-            owners = {a.partition: self.progress.get(a.partition) for a in admitted}
-            await self.scheduler.submit(admitted, lambda a: self.progress.get(a.partition) is owners[a.partition])
+            owners = {partition: self.progress.get(partition) for partition in {a.partition for a in admitted}}
+            await self.scheduler.submit(admitted, lambda partition: self.progress.get(partition) is owners[partition])
         self.scheduler.dispatch()
         self._apply_in_background()
 
-    async def _scored(self, entries: Sequence[Pending[Admitted]], rows: list[list[float]]) -> None:
-        """A scored batch: its records are finished in their partitions, then applied."""
-        progress_of = self.progress
-        for entry, row in zip(entries, rows, strict=True):
+    async def _scored(self, entries: Sequence[Pending[Admitted]], probabilities: np.ndarray) -> None:
+        """A scored batch: its records are finished in their partitions, then applied.
+
+        Array work once per batch (Python floats, the labels' argmax), then one ``finished_many`` per
+        partition: indexing numpy rows or finding a label per post cost more than scoring them.
+        """
+        rows = probabilities.tolist()
+        labels = [LABELS[column] for column in probabilities.argmax(axis=1).tolist()]
+        by_partition: dict[int, tuple[list[int], list[ScoredPost]]] = {}
+        for entry, row, label in zip(entries, rows, labels, strict=True):
             admitted = entry.item
-            progress = progress_of.get(admitted.partition)
-            if progress is None:
-                continue  # partition revoked meanwhile: its next owner re-reads it
-            scored = ScoredPost(admitted.post, admitted.event_time, (row[0], row[1], row[2]), admitted.appended_at)
-            with contextlib.suppress(KeyError):
-                progress.finished(admitted.offset, scored)
+            group = by_partition.get(admitted.partition)
+            if group is None:
+                group = by_partition[admitted.partition] = ([], [])
+            group[0].append(admitted.offset)
+            group[1].append(ScoredPost(admitted.post, admitted.event_time, tuple(row),  # type: ignore[arg-type]
+                                       admitted.appended_at, admitted.fetched_at, label))
+        progress_of = self.progress
+        for partition, (offsets, results) in by_partition.items():
+            progress = progress_of.get(partition)
+            if progress is not None:  # else revoked meanwhile: its next owner re-reads it
+                progress.finished_many(offsets, results)
         await self._apply_ready()
 
     async def _poisoned(self, admitted: Admitted) -> None:

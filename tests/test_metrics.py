@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from stream_sentiment.metrics import PipelineMetrics
+from stream_sentiment.metrics import LATENCY_BUCKETS, PipelineMetrics, observe_many
 
 
 def test_each_worker_has_its_own_registry():
@@ -31,6 +31,23 @@ def test_a_batch_records_rows_padding_wait_and_reason():
     assert value("stream_sentiment_batch_padding_efficiency_sum", {"bucket": "64"}) == pytest.approx(0.75 + 1.0)
     # a clock step backwards never records a negative wait
     assert value("stream_sentiment_batch_wait_seconds_sum", {"bucket": "64"}) == pytest.approx(0.02)
+
+
+def test_latencies_observed_a_range_at_once_equal_them_observed_one_by_one():
+    # Exactly on bucket bounds (counted in that bucket), between them, beyond the last, and zero.
+    values = [0.0, *LATENCY_BUCKETS, *(b * 1.5 for b in LATENCY_BUCKETS), 30.0, 0.0042]
+    at_once, one_by_one = PipelineMetrics(), PipelineMetrics()
+    observe_many(at_once.pipeline_latency, values)
+    observe_many(at_once.pipeline_latency, [])
+    for value in values:
+        one_by_one.pipeline_latency.observe(value)
+
+    def samples(metrics: PipelineMetrics) -> dict[tuple[str, str], float]:
+        family = metrics.pipeline_latency.collect()[0]
+        return {(s.name, s.labels.get("le", "")): s.value for s in family.samples if not s.name.endswith("_created")}
+
+    assert samples(at_once) == pytest.approx(samples(one_by_one))
+    assert at_once.value("stream_sentiment_pipeline_seconds_count") == len(values)
 
 
 def test_engine_info_names_only_the_current_engine():

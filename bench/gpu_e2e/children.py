@@ -44,8 +44,7 @@ from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
 from stream_sentiment.config import Settings
 from stream_sentiment.engines.base import Engine, TokenBatch
 from stream_sentiment.engines.manifest import EngineVersion
-from stream_sentiment.metrics import STAGES, PipelineMetrics
-from stream_sentiment.source.kafka_source import Admitted
+from stream_sentiment.metrics import STAGES, PipelineMetrics, observe_many
 from stream_sentiment.worker import COMMIT_INTERVAL_S, Worker
 
 log = logging.getLogger("gpu_e2e")
@@ -78,69 +77,49 @@ class RecordingLabelledHistogram(RecordingHistogram):
         return child
 
 
-class FetchStamp(float):
-    """A record's append time (epoch seconds) that also carries when the bench's fetch returned it.
+class _Recorder:
+    """Stands in for one of the worker's per-post histograms (the sink observes a range at once)."""
 
-    The worker hands each post's ``appended_at`` through to its sink, which observes
-    ``max(0.0, written - appended_at)`` on the end-to-end histogram for every post it counts. ``written``
-    minus a FetchStamp is a :class:`PostLatency`: the same float, also carrying ``written - fetched``. So a
-    post's two parts are paired per post with no change to the worker; other arithmetic on it (a dead
-    letter's timestamp) gives plain floats.
-    """
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.samples: list[np.ndarray] = []
 
-    __slots__ = ("fetched",)
+    def observe(self, value: float) -> None:
+        self.observe_many(np.asarray([value], dtype=np.float64))
 
-    def __new__(cls, appended: float, fetched: float) -> FetchStamp:
-        stamp = super().__new__(cls, appended)
-        stamp.fetched = fetched
-        return stamp
+    def observe_many(self, values: np.ndarray) -> None:
+        self.samples.append(np.asarray(values, dtype=np.float64))
+        observe_many(self.inner, values)
 
-    def __rsub__(self, written: float) -> PostLatency:
-        return PostLatency(written - float(self), max(0.0, written - self.fetched))
-
-
-class PostLatency(float):
-    """End to end (the float) of one post, with its fetch -> counted part (``internal``)."""
-
-    __slots__ = ("internal",)
-
-    def __new__(cls, end_to_end: float, internal: float) -> PostLatency:
-        latency = super().__new__(cls, end_to_end)
-        latency.internal = internal
-        return latency
+    def array(self) -> np.ndarray:
+        return np.concatenate(self.samples) if self.samples else np.zeros(0)
 
 
 class PostTimes:
     """Per post of one run: end to end, and its parts append -> fetch and fetch -> counted, in seconds.
 
-    Stands in for the worker's end-to-end histogram (which it still feeds) and keeps every observation,
-    for exact percentiles. The fetch time comes from the bench's fetch wrapper (:meth:`stamp`). This is
-    the one place the fetch -> counted figure comes from: where the worker measures it itself (a histogram
-    of its own), record that histogram here instead and drop :meth:`stamp`.
+    Records the worker's own two histograms, ``end_to_end_seconds`` (Kafka append -> Redis write) and
+    ``pipeline_seconds`` (this worker's fetch -> Redis write), keeping every observation for exact
+    percentiles. The sink observes both for the same posts in the same order, so their difference is each
+    post's time in Kafka (append -> fetch).
     """
 
-    def __init__(self, histogram: Any) -> None:
-        self.inner = histogram
-        self.end_to_end: list[float] = []
-        self.internal: list[float] = []
-
-    def observe(self, value: float) -> None:
-        self.end_to_end.append(value)
-        # A plain 0.0: the sink clamped a post counted in the same instant as appended; so was its fetch.
-        self.internal.append(getattr(value, "internal", 0.0))
-        self.inner.observe(value)
-
-    @staticmethod
-    def stamp(admitted: list[Admitted], fetched: float) -> list[Admitted]:
-        return [Admitted(a.partition, a.offset, a.post, a.event_time, FetchStamp(a.appended_at, fetched))
-                for a in admitted]
+    def __init__(self, metrics: PipelineMetrics) -> None:
+        self.end_to_end = _Recorder(metrics.end_to_end)
+        self.pipeline = _Recorder(metrics.pipeline_latency)
+        metrics.end_to_end = self.end_to_end  # type: ignore[assignment]
+        metrics.pipeline_latency = self.pipeline  # type: ignore[assignment]
 
     def arrays(self) -> dict[str, np.ndarray]:
         """``latencies`` (end to end), ``internal`` (fetch -> counted), ``kafka`` (append -> fetch)."""
-        end_to_end = np.asarray(self.end_to_end, dtype=np.float64)
-        internal = np.minimum(np.asarray(self.internal, dtype=np.float64), end_to_end)
+        end_to_end, internal = self.end_to_end.array(), self.pipeline.array()
+        if len(internal) != len(end_to_end):  # a post without a fetch time: pair nothing rather than wrongly
+            kafka = np.zeros(0)
+        else:
+            internal = np.minimum(internal, end_to_end)
+            kafka = end_to_end - internal
         return {"latencies": end_to_end.astype(np.float32), "internal": internal.astype(np.float32),
-                "kafka": (end_to_end - internal).astype(np.float32)}
+                "kafka": kafka.astype(np.float32)}
 
 
 class HeldWorker(Worker):
@@ -148,7 +127,6 @@ class HeldWorker(Worker):
 
     The group forms while aiokafka's coordinator runs in the background; without the hold,
     the first member to join would drain part of a backlog alone before the others arrive.
-    It also stamps each fetched post with its fetch time (see :class:`PostTimes`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -160,8 +138,7 @@ class HeldWorker(Worker):
             if not self.go.is_set():
                 await asyncio.sleep(0.01)
                 return []
-            admitted = await fetch(timeout_ms, paused=paused)
-            return PostTimes.stamp(admitted, time.time()) if admitted else admitted
+            return await fetch(timeout_ms, paused=paused)
 
         self.source.fetch = held_fetch  # type: ignore[method-assign]
 
@@ -303,8 +280,7 @@ class EngineWorkerProcess:
             kafka_fetch_max_wait_ms=command["fetch_max_wait_ms"],
         )
         metrics = PipelineMetrics()
-        posts = PostTimes(metrics.end_to_end)
-        metrics.end_to_end = posts  # type: ignore[assignment]
+        posts = PostTimes(metrics)
         parts = {"bucket_wait": RecordingLabelledHistogram(metrics.batch_wait),
                  "engine": RecordingLabelledHistogram(metrics.engine_latency),
                  "redis": RecordingHistogram(metrics.redis_apply)}

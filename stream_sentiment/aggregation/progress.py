@@ -14,6 +14,7 @@ ended.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -48,17 +49,35 @@ class PartitionProgress(Generic[Result]):
         self.mark = mark
         self.stream_time = stream_time
         self._records: OrderedDict[int, object] = OrderedDict()
+        # The last offset fetched: while records are in flight, the last key of _records (kept here because
+        # the source asks for next_offset once per fetched record).
+        self._last = mark - 1
 
     def fetched(self, offset: int) -> None:
         """Register a record as in flight; offsets must increase."""
-        if offset < self.mark or (self._records and offset <= next(reversed(self._records))):
+        if offset < self.mark or (self._records and offset <= self._last):
             raise ValueError(f"partition {self.partition}: offset {offset} is not after the last one")
         self._records[offset] = _PENDING
+        self._last = offset
 
     def finished(self, offset: int, result: Result) -> None:
         if self._records.get(offset, None) is not _PENDING:
             raise KeyError(f"partition {self.partition}: offset {offset} is not in flight")
         self._records[offset] = result
+
+    def finished_many(self, offsets: Iterable[int], results: Iterable[Result]) -> int:
+        """:meth:`finished` for each pair, skipping offsets not in flight; returns how many were finished.
+
+        One call per scored batch and partition instead of one per post (a record no longer in flight
+        was dropped by a resync or revoke: its next fetch is finished instead).
+        """
+        records = self._records
+        finished = 0
+        for offset, result in zip(offsets, results, strict=True):
+            if records.get(offset, None) is _PENDING:
+                records[offset] = result
+                finished += 1
+        return finished
 
     @property
     def in_flight(self) -> int:
@@ -67,7 +86,7 @@ class PartitionProgress(Generic[Result]):
     @property
     def next_offset(self) -> int:
         """The offset the next fetched record should have: after the last one in flight, else the mark."""
-        return next(reversed(self._records)) + 1 if self._records else self.mark
+        return self._last + 1 if self._records else self.mark
 
     def summary(self) -> dict[str, int | None]:
         """Where the partition stands: its mark, records in flight, and the first one not yet finished."""

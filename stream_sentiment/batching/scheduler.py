@@ -41,8 +41,14 @@ log = logging.getLogger(__name__)
 TOKENIZE_AHEAD = 2
 # Longest a fetch waits for records when no batch is due sooner.
 MAX_FETCH_WAIT_MS = 100
+# The pure-Python tokenization fast path runs on the event loop in chunks of about this many characters
+# (~1 ms of CPU), yielding between them: in a thread it held the GIL anyway, so the loop waited just the
+# same (up to the 5 ms switch interval at a time), and the two threads' contention for the GIL cost more
+# CPU per post than the tokenization itself.
+TOKENIZE_CHUNK_CHARS = 8192
 
-Scored = Callable[[Sequence[Pending[Admitted]], list[list[float]]], Awaitable[None]]
+# A scored batch's entries and their probabilities ``float32 [rows, labels]``, in the entries' order.
+Scored = Callable[[Sequence[Pending[Admitted]], np.ndarray], Awaitable[None]]
 
 
 def chosen_buckets(chosen: tuple[int, ...] | None, engine_buckets: tuple[int, ...]) -> tuple[int, ...]:
@@ -118,6 +124,9 @@ class Scheduler:
         self._closing = False
         self._tokenize_executor = ThreadPoolExecutor(1, "tokenize")
         self._tokenizing: deque[asyncio.Task[None]] = deque()
+        # Fetches are tokenized and queued one after another, in fetch order (a batch's posts are then a
+        # function of the fetches, not of which tokenization happened to finish first).
+        self._tokenize_turn = asyncio.Lock()
         # Wakes dispatch() when the oldest queued post's timeout or window runs out, whatever the fetch loop does.
         self._flush_timer: asyncio.TimerHandle | None = None
         self._inference: set[asyncio.Task[None]] = set()
@@ -183,24 +192,27 @@ class Scheduler:
 
     # -- in: tokenize and queue ----------------------------------------------------------------
 
-    async def submit(self, admitted: list[Admitted], keep: Callable[[Admitted], bool]) -> None:
-        """Tokenize ``admitted`` in the executor and queue the posts ``keep`` still wants when done.
+    async def submit(self, admitted: list[Admitted], keep: Callable[[int], bool]) -> None:
+        """Tokenize ``admitted`` and queue the posts of the partitions ``keep`` still wants when done.
 
         Waits only while ``TOKENIZE_AHEAD`` fetches are already being tokenized; the fetch loop goes on.
         """
         while len(self._tokenizing) >= TOKENIZE_AHEAD:
             await asyncio.wait([self._tokenizing[0]])
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._tokenize_executor, self._tokenize, [a.post.text for a in admitted])
+        texts = [a.post.text for a in admitted]
 
         async def queue_when_tokenized() -> None:
             try:
-                token_ids = await future
-                with self.metrics.stage("batch"):
-                    now = self.clock()
-                    for item, ids in zip(admitted, token_ids, strict=True):
-                        if keep(item):
-                            self.batcher.add(item, ids, now)
+                async with self._tokenize_turn:
+                    token_ids = await self._tokenize_in_turn(texts)
+                    with self.metrics.stage("batch"):
+                        now = self.clock()
+                        # Partitions revoked meanwhile are asked about once per fetch, not once per post.
+                        kept = {partition: keep(partition) for partition in {item.partition for item in admitted}}
+                        add = self.batcher.add
+                        for item, ids in zip(admitted, token_ids, strict=True):
+                            if kept[item.partition]:
+                                add(item, ids, now)
                 self.dispatch()
             except asyncio.CancelledError:
                 raise
@@ -211,9 +223,41 @@ class Scheduler:
         self._tokenizing.append(task)
         task.add_done_callback(self._tokenizing.remove)
 
+    async def _tokenize_in_turn(self, texts: list[str]) -> list[tuple[int, ...]]:
+        """Token ids of ``texts``: the fast path's on the event loop, chunk by chunk; the rest in the executor."""
+        loop = asyncio.get_running_loop()
+        if not self.tokenizer.has_fast_path:  # the Rust tokenizer releases the GIL: a thread runs in parallel
+            return await loop.run_in_executor(self._tokenize_executor, self._tokenize, texts)
+        encoded: list[tuple[int, ...]] = []
+        slow: list[int] = []
+        normalized: list[str] = []
+        start = 0
+        while start < len(texts):
+            end, chars = start, 0
+            while end < len(texts) and chars < TOKENIZE_CHUNK_CHARS:
+                chars += len(texts[end])
+                end += 1
+            with self.metrics.stage("tokenize"):
+                chunk, rest, rest_texts = self.tokenizer.encode_fast(texts[start:end])
+            encoded += chunk
+            slow += [start + index for index in rest]
+            normalized += rest_texts
+            start = end
+            if start < len(texts):
+                await asyncio.sleep(0)  # a fetch, a scored batch or a Redis answer may be waiting
+        if normalized:
+            rest_ids = await loop.run_in_executor(self._tokenize_executor, self._encode_normalized, normalized)
+            for index, token_ids in zip(slow, rest_ids, strict=True):
+                encoded[index] = token_ids
+        return encoded
+
     def _tokenize(self, texts: list[str]) -> list[tuple[int, ...]]:
         with self.metrics.stage("tokenize"):
             return self.tokenizer.encode(texts)
+
+    def _encode_normalized(self, normalized: list[str]) -> list[tuple[int, ...]]:
+        with self.metrics.stage("tokenize"):
+            return self.tokenizer.encode_normalized(normalized)
 
     # -- out: batches onto streams -------------------------------------------------------------
 
@@ -269,22 +313,26 @@ class Scheduler:
                     self._engine_down()
                 return
             if pool is self.pool:
-                # Only the newest posts stay in the bounded sample: the tail of the batch is enough.
-                keep = self.shadow.maxlen or 0
-                tail = zip(batch.entries[-keep:], probabilities[-keep:], strict=True) if keep else ()
-                self.shadow.extend((tuple(e.token_ids), int(np.argmax(row))) for e, row in tail)
+                self.sample_shadow(batch.entries, probabilities)
             # The stream is free once the batch is scored: the next batch need not wait for Redis.
             holding_stream = False
             pool.give_back(stream)
             self.dispatch()
-            # Python floats once for the whole batch: indexing numpy rows per post costs more than scoring them.
-            await self._on_scored(batch.entries, probabilities.tolist())
+            await self._on_scored(batch.entries, probabilities)
         except Exception as error:  # a bug here must stop the worker, not vanish in a task
             self._fail(error)
         finally:
             if holding_stream:
                 pool.give_back(stream)
                 self.dispatch()
+
+    def sample_shadow(self, entries: Sequence[Pending[Admitted]], probabilities: np.ndarray) -> None:
+        """Keep a scored batch's newest posts and labels in the shadow sample (a hot swap's check)."""
+        # Only the newest posts stay in the bounded sample: the tail of the batch is enough.
+        keep = self.shadow.maxlen or 0
+        if keep:  # one argmax for the tail, not one numpy call per post
+            labels = probabilities[-keep:].argmax(axis=1).tolist()
+            self.shadow.extend(zip((tuple(e.token_ids) for e in entries[-keep:]), labels, strict=True))
 
     async def _isolate_poison(self, batch: FormedBatch[Admitted]) -> None:
         """A batch fails on a working engine: halve it until the post at fault is alone, then hand it out.

@@ -36,13 +36,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import numpy as np
 from redis.exceptions import BusyLoadingError, ReadOnlyError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stream_sentiment.aggregation.buckets import BucketRules, ScoredPost, increments_for
 from stream_sentiment.aggregation.progress import PartitionProgress
-from stream_sentiment.metrics import PipelineMetrics
+from stream_sentiment.metrics import PipelineMetrics, observe_many
 from stream_sentiment.sinks.keys import RedisKeys
 from stream_sentiment.sinks.redis_sink import ApplyOutcome, PartitionState, RedisSink
 from stream_sentiment.source.messages import Rejection
@@ -260,10 +261,14 @@ class CheckpointingSink:
                     self._uncommitted[partition] = progress.mark
 
     def _count_applied(self, results: list[Outcome]) -> None:
-        """Counts posts once, when the fence applied them (a duplicate range counts nothing)."""
+        """Counts posts once, when the fence applied them (a duplicate range counts nothing).
+
+        Latencies are observed for the whole range at once (``observe_many``), not post by post.
+        """
         written = self._wall_clock()
         labels: dict[str, int] = {}
-        latency = self.metrics.end_to_end
+        appended: list[float] = []
+        fetched: list[float] = []
         for result in results:
             if isinstance(result, Rejection):
                 self.dead_lettered += 1
@@ -271,7 +276,12 @@ class CheckpointingSink:
                 continue
             labels[result.label] = labels.get(result.label, 0) + 1
             if result.appended_at is not None:
-                latency.observe(max(0.0, written - result.appended_at))
+                appended.append(result.appended_at)
+            if result.fetched_at is not None:
+                fetched.append(result.fetched_at)
+        for times, histogram in ((appended, self.metrics.end_to_end), (fetched, self.metrics.pipeline_latency)):
+            if times:
+                observe_many(histogram, np.maximum(0.0, written - np.asarray(times, dtype=np.float64)))
         for label, count in labels.items():  # one labelled increment per label, not per post
             self.scored += count
             self.metrics.posts_scored.labels(label).inc(count)

@@ -48,15 +48,17 @@ log = logging.getLogger(__name__)
 FETCH_MAX_RECORDS = 500
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Admitted:
-    """A valid post on its way to the scheduler, with where it came from and its event time."""
+    """A valid post on its way to the scheduler, with where it came from, its event time, when Kafka
+    appended it and when this worker fetched it (epoch seconds; the last two for latency metrics only)."""
 
     partition: int
     offset: int
     post: Post
     event_time: float
     appended_at: float
+    fetched_at: float = 0.0
 
 
 class KafkaSource:
@@ -302,23 +304,29 @@ class KafkaSource:
             if records:
                 self.last_record_at[tp.partition] = fetched_at
                 self.sink.note_records(tp.partition)
+            partition, mark = tp.partition, progress.mark
+            expected = progress.next_offset  # the offset the next record should have (kept locally: per record)
+            limits, language = self.limits, self.default_language
             for record in records:
-                if record.offset < progress.mark:
+                offset = record.offset
+                if offset < mark:
                     continue  # fetched before the seek to the applied mark took effect
-                if record.offset > progress.next_offset and self._reread_gap(tp, progress.next_offset, record.offset):
+                if offset > expected and self._reread_gap(tp, expected, offset):
                     break  # the rest of this partition's fetch comes again, after the gap
-                progress.fetched(record.offset)
-                outcome = decode_post(record.value, self.limits, self.default_language)
+                progress.fetched(offset)
+                expected = offset + 1
+                outcome = decode_post(record.value, limits, language)
                 if isinstance(outcome, Rejection):
                     rejected.append((progress, SourceRecord(
-                        record.topic, record.partition, record.offset, record.timestamp, record.key, record.value,
+                        record.topic, record.partition, offset, record.timestamp, record.key, record.value,
                     ), outcome))
                     continue
                 appended_at = record.timestamp / 1000
                 # The log's own clock bounds a post's: a ts ahead of its record's Kafka timestamp (a producer's
                 # wrong clock, a hostile post) is clamped to it, so it cannot pull the stream time into the future.
-                event_time = appended_at if outcome.ts is None or outcome.ts > appended_at else outcome.ts
-                admitted.append(Admitted(tp.partition, record.offset, outcome, event_time, appended_at))
+                ts = outcome.ts
+                event_time = appended_at if ts is None or ts > appended_at else ts
+                admitted.append(Admitted(partition, offset, outcome, event_time, appended_at, fetched_at))
         self.metrics.stage_seconds.labels("decode").inc(time.perf_counter() - decode_started)
         if rejected:
             self._dead_letter(rejected)

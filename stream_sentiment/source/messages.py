@@ -130,6 +130,7 @@ def _shown(value: object) -> str:
     return f"(a JSON {type(value).__name__})"
 
 
+_MISSING = object()
 # One decoder for every record: ``json.loads`` with a keyword builds a new one per call.
 _JSON = json.JSONDecoder(parse_constant=_reject_constant)
 
@@ -167,15 +168,15 @@ def decode_post(raw: bytes | None, limits: MessageLimits = MessageLimits(),
                     RejectReason.INVALID_UNICODE, f"'{name}' holds an unpaired UTF-16 surrogate at character {position}"
                 )
 
-    if "id" not in document:
+    post_id = document.get("id", _MISSING)
+    if post_id is _MISSING:
         return Rejection(RejectReason.MISSING_ID, "no 'id'")
-    post_id = document["id"]
     if not isinstance(post_id, str) or not post_id.strip() or len(post_id) > limits.max_id_chars:
         return Rejection(RejectReason.BAD_ID, f"'id' must be a non-empty string of at most {limits.max_id_chars}")
 
-    if "text" not in document:
+    text = document.get("text", _MISSING)
+    if text is _MISSING:
         return Rejection(RejectReason.MISSING_TEXT, "no 'text'")
-    text = document["text"]
     if not isinstance(text, str):
         return Rejection(RejectReason.BAD_TEXT, f"'text' is {type(text).__name__}, not a string")
     if not text.strip():
@@ -184,18 +185,22 @@ def decode_post(raw: bytes | None, limits: MessageLimits = MessageLimits(),
         return Rejection(RejectReason.TEXT_TOO_LONG, f"{len(text)} characters > {limits.max_text_chars}")
 
     ts = None
-    if document.get("ts") is not None:
-        ts = parse_timestamp(document["ts"])
+    raw_ts = document.get("ts")
+    if raw_ts is not None:
+        ts = parse_timestamp(raw_ts)
         if ts is None:
-            return Rejection(
-                RejectReason.BAD_TIMESTAMP, f"'ts' {_shown(document['ts'])} is not epoch seconds or ISO-8601"
-            )
+            return Rejection(RejectReason.BAD_TIMESTAMP, f"'ts' {_shown(raw_ts)} is not epoch seconds or ISO-8601")
 
-    optional: dict[str, str | None] = {}
-    for name in OPTIONAL_STRING_FIELDS:
-        value = document.get(name)
-        if value is not None and (not isinstance(value, str) or len(value) > limits.max_field_chars):
-            return Rejection(RejectReason.BAD_FIELD, f"'{name}' must be a string of at most {limits.max_field_chars}")
-        optional[name] = value or None
-    optional["lang"] = post_language(optional["lang"], text, default_language)
-    return Post(id=post_id, text=text, ts=ts, **optional)
+    # The optional fields one by one, in OPTIONAL_STRING_FIELDS's order (the first bad one is named): this runs
+    # once per record on the event loop, and a loop building a dict of them cost more than the checks.
+    longest = limits.max_field_chars
+    topic = document.get("topic")
+    if topic is not None and (not isinstance(topic, str) or len(topic) > longest):
+        return Rejection(RejectReason.BAD_FIELD, f"'topic' must be a string of at most {longest}")
+    region = document.get("region")
+    if region is not None and (not isinstance(region, str) or len(region) > longest):
+        return Rejection(RejectReason.BAD_FIELD, f"'region' must be a string of at most {longest}")
+    lang = document.get("lang")
+    if lang is not None and (not isinstance(lang, str) or len(lang) > longest):
+        return Rejection(RejectReason.BAD_FIELD, f"'lang' must be a string of at most {longest}")
+    return Post(post_id, text, ts, topic or None, region or None, post_language(lang or None, text, default_language))

@@ -20,7 +20,8 @@ def reference(text: str) -> str:
 
 
 TRICKY = ["WWW.Example.com x", "wWw.x.y", "HtTpS://A.b/c", "a\u3000b\x1c c\u2028d", "&amp;@user@x &lt;http://x&gt;",
-          "&#64;handle", "@@a", "a@b.com", "  lead  trail\n", "", "\x85x\xa0y", "go to www.x.org!", "@united &amp; @AA"]
+          "&#64;handle", "@@a", "a@b.com", "  lead  trail\n", "", "\x85x\xa0y", "go to www.x.org!", "@united &amp; @AA",
+          "httpſ://x", "HTTPſ://x", "x@a@b", "_@a", "é@a", "@", "a @", "x@@b @_ @é"]
 
 
 def test_equals_the_definition_on_every_sample_tweet_and_tricky_text():
@@ -29,7 +30,7 @@ def test_equals_the_definition_on_every_sample_tweet_and_tricky_text():
 
 
 # Mostly the characters the fast path branches on, so links, handles and entities are generated often.
-TRIGGERS = st.sampled_from(list("wW.:/htpsH@&#;amp lgt0123 \t\n\u3000\x1cé"))
+TRIGGERS = st.sampled_from(list("wW.:/htpsH@&#;amp lgt0123 \t\n\u3000\x1cé\u017f_"))
 
 
 @settings(max_examples=500, deadline=None)

@@ -112,3 +112,46 @@ def test_token_ids_are_tuples_the_garbage_collector_stops_tracking(tokenizer):
     assert [type(x) for x in ids] == [tuple, tuple]
     gc.collect()
     assert not any(gc.is_tracked(x) for x in ids)
+
+
+def test_the_scheduler_tokenizes_chunk_by_chunk_on_the_loop_the_rest_in_its_thread_in_fetch_order(
+        tokenizer, monkeypatch):
+    """What the worker queues: the tokenizer's ids for every post, fast-path chunks and Rust-encoded rest merged
+    back in place, the fetches in fetch order, and no post of a partition ``keep`` gave up."""
+    import asyncio
+
+    from stream_sentiment.batching import scheduler as scheduler_module
+    from stream_sentiment.batching.scheduler import Scheduler
+    from stream_sentiment.config import Settings
+    from stream_sentiment.engines.onnxruntime_backend import OnnxRuntimeEngine
+    from stream_sentiment.metrics import PipelineMetrics
+    from stream_sentiment.source.kafka_source import Admitted
+    from stream_sentiment.source.messages import Post
+
+    monkeypatch.setattr(scheduler_module, "TOKENIZE_CHUNK_CHARS", 64)  # many chunks, some mixed fast and slow
+    texts = [text or "." for text in TRICKY] + [row["text"] for row in sample_rows()[:40]]
+    posts = [Admitted(index % 2, index, Post(f"p{index}", text), 0.0, 0.0) for index, text in enumerate(texts)]
+    half = len(posts) // 2
+
+    async def queued() -> list[Admitted]:
+        failures: list[BaseException] = []
+        scheduler = Scheduler(Settings.load(), OnnxRuntimeEngine(tokenizer.version), tokenizer, PipelineMetrics(),
+                              on_scored=None, on_poison=None, fail=failures.append)  # type: ignore[arg-type]
+        scheduler.pool.take()  # its one stream busy: nothing is dispatched, everything stays queued
+        await scheduler.submit(posts[:half], lambda partition: True)
+        await scheduler.submit(posts[half:], lambda partition: partition == 0)  # partition 1 revoked meanwhile
+        while scheduler.busy["tokenizing"]:
+            await asyncio.sleep(0.01)
+        batches = scheduler.batcher.drain(0.0)
+        scheduler.close()
+        assert not failures
+        return [(entry.item, tuple(entry.token_ids)) for batch in batches for entry in batch.entries]
+
+    got = asyncio.run(queued())
+    kept = [post for post in posts[:half]] + [post for post in posts[half:] if post.partition == 0]
+    assert sorted(item.offset for item, _ in got) == [post.offset for post in kept]
+    expected = dict(zip((post.offset for post in kept), rust_ids(tokenizer, [p.post.text for p in kept]), strict=True))
+    assert all(ids == expected[item.offset] for item, ids in got)
+    for bucket in {tokenizer.bucket_for(len(ids)) for _, ids in got}:  # in each bucket, fetch order
+        offsets = [item.offset for item, ids in got if tokenizer.bucket_for(len(ids)) == bucket]
+        assert offsets == sorted(offsets)
