@@ -539,11 +539,15 @@ class EngineServerProcess:
         forwards = [f for f in command.get("forwards") or () if f != served]
         if served is None or not forwards:
             return engine_only_run(self.engine, indexed, command)
-        engines = {served: self.engine, **{f: self._other(f) for f in forwards}}
-        results = {name: engine_only_run(engine, indexed, command) for name, engine in engines.items()}
-        result = dict(results[served])
-        result["forwards"] = results
-        result["forward_agreement"] = forward_agreement(dict(list(engines.items())[:2]), indexed)
+        result = engine_only_run(self.engine, indexed, command)
+        try:  # the other forward is a comparison: its failure is reported, not the end of the bench
+            engines = {served: self.engine, **{f: self._other(f) for f in forwards}}
+            result["forwards"] = {served: dict(result)} | {
+                name: engine_only_run(engine, indexed, command) for name, engine in engines.items() if name != served}
+            result["forward_agreement"] = forward_agreement(dict(list(engines.items())[:2]), indexed)
+        except Exception as error:
+            log.exception("(d): the %s forward failed", forwards)
+            result["forwards_error"] = f"{forwards}: {error!r}"[:2000]
         return result
 
     def _other(self, forward: Any) -> Engine:

@@ -372,6 +372,8 @@ class Bench:
                      f"{each['computed_flops_per_s'] / 1e12:.1f} TFLOP/s computed, "
                      f"{each['real_flops_per_s'] / 1e12:.1f} real"
                      + (f" = {each['real_fraction_of_peak']:.1%} of {peak} TFLOP/s FP16" if peak else ""))
+        if error := result.get("forwards_error"):
+            self.say(f"{workload.name:>6} engine only (d): the other forward failed: {error}")
         if agreement := result.get("forward_agreement"):
             self.say(f"{workload.name:>6} engine only (d), {agreement['compared']}: argmax agreement "
                      f"{agreement['argmax_agreement']:.5f} on {agreement['posts']:,} posts, "

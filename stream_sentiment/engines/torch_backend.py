@@ -144,6 +144,8 @@ class TorchCudaEngine(Engine):
         self.cuda_graphs = cuda_graphs
         if forward not in FORWARDS:
             raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
+        if forward == "packed" and self.dtype == "float32":
+            raise ValueError("the packed forward's flash attention runs in float16 or bfloat16, not float32")
         self.forward: Forward = forward
         self.compile = compile
         self.layout = packed_layout(max_rows, version.manifest.max_length, max_tokens)

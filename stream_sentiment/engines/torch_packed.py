@@ -115,6 +115,7 @@ class PackedForward:
         if compile:
             # Dynamo's caches are per code object: without a reset, an earlier engine's compile of the same
             # forward in this process would count against the recompile limit (8) and could leave this one eager.
+            # An earlier engine's captured graphs keep replaying; only its lazy captures would compile again.
             torch._dynamo.reset()
             self.fn: Any = torch.compile(module, mode="default", fullgraph=True)
         else:

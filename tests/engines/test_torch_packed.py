@@ -53,5 +53,7 @@ def test_settings_choose_the_forward_and_its_token_budgets(engine_version) -> No
     assert isinstance(padded, TorchCudaEngine) and padded.forward == "padded"
     with pytest.raises(ValueError, match="forward"):
         TorchCudaEngine(engine_version, forward="unpadded")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="float16"):
+        TorchCudaEngine(engine_version, forward="packed", dtype="float32")
     with pytest.raises(ValueError):
         Settings.load(engine={"torch_forward": "unpadded"})
