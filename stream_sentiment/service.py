@@ -55,7 +55,8 @@ def open_engine(
         from stream_sentiment.engines.torch_backend import TorchCudaEngine
 
         # Graphs are captured for batch sizes up to the batcher's largest batch, not beyond.
-        engine = TorchCudaEngine(loaded, engine_settings.streams, max_rows=settings.batching.max_rows)
+        engine = TorchCudaEngine(loaded, engine_settings.streams, max_rows=settings.batching.max_rows,
+                                 forward=engine_settings.torch_forward, max_tokens=settings.batching.max_tokens)
     elif backend == "engine-server":
         from stream_sentiment.engines.server_backend import EngineServerEngine
 

@@ -22,6 +22,12 @@ Where to read what:
 
     python3 bench/gpu_e2e --json out.json [--workers 8] [--rates 8000,50000]   # or python3 -m bench.gpu_e2e
     python3 -m bench.gpu_e2e.plot out.json                                       # out.png beside it
+    python3 bench/gpu_e2e --setups engine-only --json d.json   # (d) only: padded and packed forwards, agreement
+    python3 bench/gpu_e2e --torch-forward packed ...            # the engine server (and own engines) packed
+
+The torch-cuda engine's forward (``engine.torch_forward``): ``--torch-forward`` picks the served one;
+(d) also measures each other forward of ``--engine-only-forwards`` (default both) on the same batches, in
+its own engine in the engine server process, and their argmax agreement over the workload's posts.
 
 Only the project's public interfaces are used (``Worker``, ``Settings``, ``PipelineMetrics``,
 ``EngineServer``, the engines); the child processes import ``common`` and ``children`` only.

@@ -241,7 +241,8 @@ class EngineWorkerProcess:
         if options["backend"] == "torch-cuda":
             from stream_sentiment.engines.torch_backend import TorchCudaEngine
 
-            return TorchCudaEngine(self.version, options["streams"], max_rows=options["max_rows"])
+            return TorchCudaEngine(self.version, options["streams"], max_rows=options["max_rows"],
+                                   forward=options.get("torch_forward", "padded"), max_tokens=options.get("max_tokens"))
         from stream_sentiment.engines.onnxruntime_backend import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(self.version, options["streams"], options["ort_threads"])
@@ -340,7 +341,8 @@ class EngineWorkerProcess:
         return labels
 
     def _engine_only(self, command: dict[str, Any]) -> dict[str, Any]:
-        return engine_only_run(self.engine, self.tokenizer, self.options["max_rows"], command)
+        return engine_only_run(self.engine, engine_only_batches(self.tokenizer, self.options["max_rows"], command),
+                               command)
 
 
 def bucketed_batches(token_ids: Sequence[Sequence[int]], buckets: Sequence[int],
@@ -368,15 +370,58 @@ def _device_info(engine: Engine) -> dict[str, Any]:
             "warm_up_stats": getattr(engine, "warm_up_stats", {})}
 
 
-def engine_only_run(engine: Engine, tokenizer: PostTokenizer, max_rows: int, command: dict[str, Any]) -> dict[str, Any]:
-    """(d): full batches of pre-tokenized posts, one thread per engine stream, for ``seconds``."""
+def engine_only_batches(tokenizer: PostTokenizer, max_rows: int,
+                        command: dict[str, Any]) -> list[tuple[list[int], TokenBatch]]:
+    """(d)'s workload: its posts (by index) pre-tokenized, in full batches of their bucket."""
     bodies = json.loads(Path(command["workload"]).read_text())["bodies"][: command["posts"]]
     token_ids = tokenizer.encode([json.loads(body)["text"] for body in bodies])
     max_tokens = command["max_tokens"]
     # The batcher's rule: a bucket's batch holds at most max_tokens padded tokens.
-    batches = [b for _, b in bucketed_batches(token_ids, command["buckets"],
-                                              lambda bucket: max(1, min(max_rows, max_tokens // bucket)))]
-    stats = [(b.rows, b.rows * b.bucket, b.rows * b.bucket**2, float(b.attention_mask.sum()),
+    return bucketed_batches(token_ids, command["buckets"], lambda bucket: max(1, min(max_rows, max_tokens // bucket)))
+
+
+def forward_agreement(engines: dict[str, Engine], indexed: list[tuple[list[int], TokenBatch]]) -> dict[str, Any]:
+    """Argmax agreement and logit differences of two engines over every post of (d)'s workload."""
+    logits = {}
+    for name, engine in engines.items():
+        posts = sum(len(indices) for indices, _ in indexed)
+        out = np.zeros((posts, len(engine.labels)), dtype=np.float32)
+        for indices, batch in indexed:
+            out[indices] = engine.logits(batch, 0)
+        logits[name] = out
+    (first, a), (second, b) = logits.items()
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return {"compared": f"{first} vs {second}", "posts": len(a),
+            "argmax_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+            "disagreements": int((a.argmax(1) != b.argmax(1)).sum()),
+            "max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+            "finite": bool(np.isfinite(a).all() and np.isfinite(b).all())}
+
+
+def computed_tokens(engine: Engine, batch: TokenBatch) -> tuple[float, float]:
+    """Tokens the engine computes for ``batch``, and the sum of squared sequence lengths attention computes.
+
+    Padded: ``rows x bucket`` cells, every row ``bucket`` long. Packed (``engine.torch_forward``): each
+    call's real tokens rounded up to its token budget; attention only within each real post (the padding's
+    short dummy sequences are left out of the attention term).
+    """
+    if getattr(engine, "forward", None) != "packed":
+        return float(batch.rows * batch.bucket), float(batch.rows * batch.bucket**2)
+    from stream_sentiment.engines.packing import budget_for
+    from stream_sentiment.engines.torch_packed import row_chunks
+
+    layout: Any = getattr(engine, "layout")  # noqa: B009 -- TorchCudaEngine's, not on the Engine interface
+    lengths = batch.attention_mask.sum(axis=1)
+    budgets = sum(budget_for(max(1, int(lengths[c].sum())), layout.budgets)
+                  for c in row_chunks(lengths, layout.rows_capacity, layout.budgets[-1]))
+    return float(budgets), float((lengths.astype(np.float64) ** 2).sum())
+
+
+def engine_only_run(engine: Engine, indexed: list[tuple[list[int], TokenBatch]],
+                    command: dict[str, Any]) -> dict[str, Any]:
+    """(d): full batches of pre-tokenized posts, one thread per engine stream, for ``seconds``."""
+    batches = [b for _, b in indexed]
+    stats = [(b.rows, *computed_tokens(engine, b), float(b.attention_mask.sum()),
               float((b.attention_mask.sum(axis=1).astype(np.float64) ** 2).sum())) for b in batches]
     shapes = {(b.bucket, b.rows): b for b in batches}
     for stream in range(engine.streams):  # each shape once per stream: no first-call cost in the timing
@@ -403,6 +448,7 @@ def engine_only_run(engine: Engine, tokenizer: PostTokenizer, max_rows: int, com
     elapsed = time.perf_counter() - started
     posts, computed, computed_sq, real, real_sq = totals.sum(axis=0)
     return {"posts_per_s": posts / elapsed, "seconds": elapsed, "streams": engine.streams,
+            "forward": getattr(engine, "forward", None),
             "batches": len(batches), "mean_rows": float(np.mean([b.rows for b in batches])),
             "computed_tokens_per_post": computed / posts, "real_tokens_per_post": real / posts,
             "computed_flops_per_s": encoder_flops(computed, computed_sq) / elapsed,
@@ -420,7 +466,8 @@ class EngineServerProcess:
         self.settings = Settings.load(
             engine={"backend": options["backend"], "streams": options["streams"],
                     "server_socket": options["server_socket"], "threads_per_stream": options["ort_threads"],
-                    "repository": str(REPO / "engines"), "model": MODEL, "version": VERSION},
+                    "repository": str(REPO / "engines"), "model": MODEL, "version": VERSION,
+                    "torch_forward": options.get("torch_forward", "padded")},
             batching={"buckets": options["engine_buckets"], "max_rows": options["max_rows"],
                       "max_tokens": max(8192, options["max_rows"] * max(options["engine_buckets"]))},
         )
@@ -429,7 +476,9 @@ class EngineServerProcess:
         self.key = self.server.preload()
         self.warm_up_seconds = time.perf_counter() - started
         version, self.engine = self.server.loaded(self.key)
+        self.version = version
         self.tokenizer = PostTokenizer(version)
+        self.others: dict[str, Engine] = {}  # the other torch forwards (d) compares, built on first use
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.engine.backend, "streams": self.engine.streams, "pid": os.getpid(),
@@ -438,7 +487,7 @@ class EngineServerProcess:
 
     def handle(self, command: dict[str, Any], conn: Connection) -> dict[str, Any]:
         if command["cmd"] == "engine_only":
-            return engine_only_run(self.engine, self.tokenizer, self.options["max_rows"], command)
+            return self._engine_only(command)
         if command["cmd"] == "gc":
             use_collector(python_gc=command["python_gc"])
             return {}
@@ -451,7 +500,47 @@ class EngineServerProcess:
         raise ValueError(f"unknown command {command['cmd']!r}")
 
     def close(self) -> None:
+        for engine in self.others.values():
+            engine.deactivate()
         self.server.close()
+
+    def _engine_only(self, command: dict[str, Any]) -> dict[str, Any]:
+        """(d) on the served engine, and on each other torch forward in ``command["forwards"]`` (same batches).
+
+        The result is the served engine's, with ``forwards`` (each forward's result) and
+        ``forward_agreement`` (the first two forwards' answers on every post of the workload) beside it.
+        """
+        indexed = engine_only_batches(self.tokenizer, self.options["max_rows"], command)
+        served = getattr(self.engine, "forward", None)
+        forwards = [f for f in command.get("forwards") or () if f != served]
+        if served is None or not forwards:
+            return engine_only_run(self.engine, indexed, command)
+        result = engine_only_run(self.engine, indexed, command)
+        try:  # the other forward is a comparison: its failure is reported, not the end of the bench
+            engines = {served: self.engine, **{f: self._other(f) for f in forwards}}
+            result["forwards"] = {served: dict(result)} | {
+                name: engine_only_run(engine, indexed, command) for name, engine in engines.items() if name != served}
+            result["forward_agreement"] = forward_agreement(dict(list(engines.items())[:2]), indexed)
+        except Exception as error:
+            log.exception("(d): the %s forward failed", forwards)
+            result["forwards_error"] = f"{forwards}: {error!r}"[:2000]
+        return result
+
+    def _other(self, forward: Any) -> Engine:
+        """A torch-cuda engine like the served one but with another forward, kept for the next workload."""
+        if forward not in self.others:
+            from stream_sentiment.engines.torch_backend import TorchCudaEngine
+
+            served: Any = self.engine
+            engine = TorchCudaEngine(self.version, served.streams, max_rows=served.max_rows, forward=forward,
+                                     max_tokens=served.layout.budgets[-1])
+            started = time.perf_counter()
+            engine.activate()
+            engine.warm_up()
+            log.info("(d): %s forward ready in %.1f s: %s", forward, time.perf_counter() - started,
+                     engine.warm_up_stats)
+            self.others[forward] = engine
+        return self.others[forward]
 
 
 def hf_classifier(version: EngineVersion) -> Any:

@@ -103,6 +103,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--backend", default="torch-cuda", choices=["torch-cuda", "onnxruntime"])
     add("--streams", type=int, default=2, help="engine slots per worker (connections to the engine server)")
     add("--server-streams", type=int, default=4, help="CUDA streams of the engine server's engine")
+    add("--torch-forward", default="padded", choices=["padded", "packed"],
+        help="engine.torch_forward of the torch-cuda engines (engine server and own-engine workers): padded "
+             "(rows x bucket cells) or packed (real tokens only, varlen flash attention, torch.compile, ~10 s more "
+             "start-up)")
+    add("--engine-only-forwards", type=lambda s: [f for f in s.split(",") if f], default=["padded", "packed"],
+        help="torch forwards (d) engine-only measures on the same batches, with their agreement; the served one "
+             "is always measured, the others get their own engine in the engine server process ('' = served only)")
     add("--max-rows", type=int, default=256, help="largest batch (and CUDA graph) in rows")
     add("--max-tokens", type=int, default=32768, help="padded tokens per batch (batching.max_tokens)")
     add("--max-in-flight", type=int, default=10000, help="batching.max_in_flight_posts per worker")
@@ -134,6 +141,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.setup_batching = dict(args.setup_batching)
     unknown = (sorted(set(args.setups) - set(SETUP_NAMES)) + sorted(set(args.workloads) - set(WORKLOADS))
                + sorted(set(args.setup_batching) - set(SETUP_NAMES)))
+    unknown += sorted(set(args.engine_only_forwards) - {"padded", "packed"})
     if unknown:
         parser.error(f"unknown set-ups/workloads: {unknown}")
     if args.partitions < args.workers:

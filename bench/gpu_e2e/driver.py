@@ -83,7 +83,8 @@ class Bench:
         args = self.args
         engine = [s for s in self.setups.values() if s.kind == "engine"]
         options = {"backend": args.backend, "streams": args.streams, "max_rows": args.max_rows,
-                   "ort_threads": args.ort_threads, "switch_interval_ms": args.switch_interval_ms}
+                   "ort_threads": args.ort_threads, "switch_interval_ms": args.switch_interval_ms,
+                   "torch_forward": args.torch_forward, "max_tokens": args.max_tokens}
 
         def buckets(served: bool) -> list[int]:
             return list(bench_version(engine_buckets([s for s in engine if s.served is served], DEFAULT_BUCKETS))
@@ -356,15 +357,27 @@ class Bench:
             "cmd": "engine_only", "workload": str(workload.path), "posts": self.args.engine_posts,
             "buckets": self.setups["ours"].batching["buckets"] if "ours" in self.setups else list(DEFAULT_BUCKETS),
             "max_tokens": self.args.max_tokens, "seconds": self.args.engine_seconds,
+            "forwards": self.args.engine_only_forwards,
         }, 300)
         result.pop("event")
         device = runner.info.get("device")
         peak = fp16_peak_tflops(device, self.args.peak_tflops)
         result["peak_tflops"] = peak
-        result["fraction_of_peak"] = result["computed_flops_per_s"] / (peak * 1e12) if peak else None
-        self.say(f"{workload.name:>6} engine only (d): {result['posts_per_s']:,.0f} posts/s, "
-                 f"{result['computed_flops_per_s'] / 1e12:.1f} TFLOP/s computed"
-                 + (f" = {result['fraction_of_peak']:.1%} of {peak} TFLOP/s FP16" if peak else ""))
+        for each in (result, *result.get("forwards", {}).values()):
+            each["peak_tflops"] = peak
+            each["fraction_of_peak"] = each["computed_flops_per_s"] / (peak * 1e12) if peak else None
+            each["real_fraction_of_peak"] = each["real_flops_per_s"] / (peak * 1e12) if peak else None
+        for name, each in (result.get("forwards") or {result.get("forward") or "served": result}).items():
+            self.say(f"{workload.name:>6} engine only (d), {name}: {each['posts_per_s']:,.0f} posts/s, "
+                     f"{each['computed_flops_per_s'] / 1e12:.1f} TFLOP/s computed, "
+                     f"{each['real_flops_per_s'] / 1e12:.1f} real"
+                     + (f" = {each['real_fraction_of_peak']:.1%} of {peak} TFLOP/s FP16" if peak else ""))
+        if error := result.get("forwards_error"):
+            self.say(f"{workload.name:>6} engine only (d): the other forward failed: {error}")
+        if agreement := result.get("forward_agreement"):
+            self.say(f"{workload.name:>6} engine only (d), {agreement['compared']}: argmax agreement "
+                     f"{agreement['argmax_agreement']:.5f} on {agreement['posts']:,} posts, "
+                     f"max |logit diff| {agreement['max_abs_logit_diff']:.4f}")
         return result
 
     async def baseline_checks(self, workload: Workload) -> dict[str, Any]:

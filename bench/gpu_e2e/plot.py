@@ -98,7 +98,9 @@ def plot(report: dict[str, Any], out: Path) -> Path:
         bars = [(c.label, c.backlog_posts_per_s, colour[n]) for n, c in found.items() if c.backlog_posts_per_s]
         engine = data.get("engine_only")
         if engine:
-            bars.append(("(d) engine only, pre-tokenized", engine["posts_per_s"], "0.5"))
+            for name, each in (engine.get("forwards") or {"": engine}).items():
+                label = f"(d) engine only, pre-tokenized{', ' + name if name else ''}"
+                bars.append((label, each["posts_per_s"], "0.5"))
         if bars:
             names, rates, tints = zip(*bars, strict=True)
             throughput.barh(range(len(bars)), rates, color=tints)

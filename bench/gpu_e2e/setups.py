@@ -140,5 +140,8 @@ def engine_buckets(setups: Iterable[Setup], default: Sequence[int]) -> list[int]
 
 
 def engine_only_description(args: argparse.Namespace) -> str:
+    forwards = [args.torch_forward, *(f for f in args.engine_only_forwards if f != args.torch_forward)]
+    torch = (f"; torch forward(s) {', '.join(forwards)} (served: {args.torch_forward}), each on the same batches"
+             if args.backend == "torch-cuda" else "")
     return (f"the engine server's engine ({args.server_streams} CUDA stream(s)), one thread per stream, "
-            "pre-tokenized full batches, no Kafka or Redis")
+            f"pre-tokenized full batches, no Kafka or Redis{torch}")

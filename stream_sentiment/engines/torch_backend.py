@@ -16,6 +16,11 @@ threads drive N slots without sharing anything but the weights.
 A slot's graphs share one memory pool: they never run at the same time (a
 slot serves one batch at a time, and the output is copied out before the next
 replay), so their intermediates can occupy the same memory.
+
+``forward="packed"`` (``engine.torch_forward``) swaps the padded module for the
+packed one of ``engines.torch_packed``: real tokens only, varlen flash attention,
+``torch.compile``d once per engine at activation, one graph per token budget per
+slot; same slots, streams, staging and contract (float32 logits ``[rows, labels]``).
 """
 
 from __future__ import annotations
@@ -25,12 +30,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from stream_sentiment.engines.base import BackendUnavailableError, Engine, EngineError, TokenBatch
 from stream_sentiment.engines.manifest import EngineVersion
+from stream_sentiment.engines.packing import PackLayout, token_budgets
+from stream_sentiment.engines.torch_packed import PackedForward, PackedSlot, row_chunks
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,10 @@ INSTALL_HINT = (
 DTYPES = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32"}
 # torch.cuda.graph allows one capture at a time per process; warm-up and a rebuild may overlap.
 _CAPTURE_LOCK = threading.Lock()
+Forward = Literal["padded", "packed"]
+FORWARDS: tuple[Forward, ...] = ("padded", "packed")
+# The packed forward's token budgets: doubling from 512 to 2048, then every 2048 (engines.packing).
+PACKED_SMALLEST, PACKED_STEP = 512, 2048
 
 
 def graph_batch_sizes(max_rows: int) -> tuple[int, ...]:
@@ -99,6 +110,13 @@ class TorchCudaEngine(Engine):
             sets the buffer sizes and the largest graph.
         device: a CUDA device (``cuda``, ``cuda:1``).
         cuda_graphs: replay captured graphs (default) or run the module eagerly.
+        forward: ``padded`` (default: the module over ``rows x bucket`` cells, a graph per
+            (bucket, rows)) or ``packed`` (real tokens only, a graph per token budget;
+            ``engines.torch_packed``).
+        max_tokens: packed only: the most real tokens one graph call takes (its largest
+            budget); unset = ``max_rows x`` the manifest's max length, capped at 32768. Larger
+            batches are split. The batcher's ``batching.max_tokens`` is the natural value.
+        compile: packed only: ``torch.compile`` the packed module (default; ~10 s at activation).
     """
 
     backend = "torch-cuda"
@@ -112,6 +130,9 @@ class TorchCudaEngine(Engine):
         max_rows: int = 256,
         device: str = "cuda",
         cuda_graphs: bool = True,
+        forward: Forward = "padded",
+        max_tokens: int | None = None,
+        compile: bool = True,
     ) -> None:
         super().__init__(version, streams)
         if dtype not in DTYPES:
@@ -121,7 +142,16 @@ class TorchCudaEngine(Engine):
         self.graph_sizes = graph_batch_sizes(max_rows)
         self.device = device
         self.cuda_graphs = cuda_graphs
-        self.warm_up_stats: dict[str, float | int] = {}
+        if forward not in FORWARDS:
+            raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
+        if forward == "packed" and self.dtype == "float32":
+            raise ValueError("the packed forward's flash attention runs in float16 or bfloat16, not float32")
+        self.forward: Forward = forward
+        self.compile = compile
+        self.layout = packed_layout(max_rows, version.manifest.max_length, max_tokens)
+        self._packed: PackedForward | None = None
+        self._packed_slots: list[PackedSlot | None] = []
+        self.warm_up_stats: dict[str, float | int | str] = {}
         self._warmed = False
         self._torch: Any = None
         self._device: Any = None
@@ -143,7 +173,20 @@ class TorchCudaEngine(Engine):
         if self.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
             raise BackendUnavailableError(f"{torch.cuda.get_device_name(self._device)} has no bfloat16 support")
         self._model = self._load_model()
+        if self.forward == "packed":
+            self._activate_packed()
+            return
         self._slots = [self._new_slot() for _ in range(self.streams)]
+
+    def _activate_packed(self) -> None:
+        self._packed = PackedForward(self._torch, self._device, self._model, self.layout, len(self.labels),
+                                     _CAPTURE_LOCK, compile=self.compile)
+        self._packed_slots = [self._packed.new_slot() for _ in range(self.streams)]
+        first = self._packed_slots[0]
+        assert first is not None
+        seconds = self._packed.first_call(first)
+        log.info("%s: packed forward %s in %.1f s (token budgets %s)", self.describe(),
+                 "compiled" if self.compile else "first call", seconds, list(self.layout.budgets))
 
     def _load_model(self) -> Any:
         # Build tooling at activation, unavoidably: the repository commits only the ONNX graph (no torch
@@ -204,15 +247,22 @@ class TorchCudaEngine(Engine):
             for slot in self._slots:
                 if slot is not None:
                     self._capture_all(slot)
+            for packed_slot in self._packed_slots:
+                if packed_slot is not None and self._packed is not None:
+                    self._packed.capture_all(packed_slot)
         self._warmed = True
         super().warm_up(rows)
         torch = self._torch
         torch.cuda.synchronize(self._device)
+        slots: list[Any] = [*self._slots, *self._packed_slots]
         self.warm_up_stats = {
-            "graphs": sum(len(slot.graphs) for slot in self._slots if slot is not None),
+            "forward": self.forward,
+            "graphs": sum(len(slot.graphs) for slot in slots if slot is not None),
             "seconds": round(time.perf_counter() - started, 3),
             "memory_reserved_mib": round(torch.cuda.memory_reserved(self._device) / 2**20, 1),
         }
+        if self._packed is not None:
+            self.warm_up_stats["compile_seconds"] = round(self._packed.compile_seconds, 2)
         log.info("%s warmed up: %s", self.describe(), self.warm_up_stats)
 
     def _capture_all(self, slot: _Slot) -> None:
@@ -241,6 +291,8 @@ class TorchCudaEngine(Engine):
             slot.graphs[(bucket, rows)] = (graph, logits)
 
     def _infer_impl(self, batch: TokenBatch, stream: int) -> np.ndarray:
+        if self._packed is not None:
+            return self._infer_packed(self._packed, batch, stream)
         slot = self._slots[stream]
         if slot is None:
             raise EngineError(f"stream {stream} has no CUDA state; rebuild it")
@@ -254,6 +306,28 @@ class TorchCudaEngine(Engine):
             raise
         except RuntimeError as error:  # torch.cuda.OutOfMemoryError, AcceleratorError, capture errors
             raise EngineError(f"torch-cuda failed on stream {stream}: {error}") from error
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _infer_packed(self, packed: PackedForward, batch: TokenBatch, stream: int) -> np.ndarray:
+        slot = self._packed_slots[stream]
+        if slot is None:
+            raise EngineError(f"stream {stream} has no CUDA state; rebuild it")
+        if batch.rows == 0:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        lengths = batch.attention_mask.sum(axis=1)
+        chunks = row_chunks(lengths, self.layout.rows_capacity, self.layout.budgets[-1])
+        try:
+            with slot.lock:
+                parts = [
+                    packed.run(slot, batch if len(chunks) == 1 else
+                               TokenBatch(batch.input_ids[c], batch.attention_mask[c], batch.bucket),
+                               graphs=self.cuda_graphs, describe=self.describe())
+                    for c in chunks
+                ]
+        except EngineError:
+            raise
+        except (RuntimeError, ValueError) as error:  # CUDA errors; a row longer than the layout's max length
+            raise EngineError(f"torch-cuda (packed) failed on stream {stream}: {error}") from error
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _run(self, slot: _Slot, input_ids: np.ndarray, attention_mask: np.ndarray, bucket: int) -> np.ndarray:
@@ -288,6 +362,13 @@ class TorchCudaEngine(Engine):
 
     def _rebuild_impl(self, stream: int) -> None:
         """New stream, buffers and graphs for one slot (a sticky CUDA error needs a new process instead)."""
+        if self._packed is not None:
+            self._packed_slots[stream] = None
+            packed_slot = self._packed.new_slot()
+            if self.cuda_graphs and self._warmed:
+                self._packed.capture_all(packed_slot)  # the compiled module is the engine's: no recompile
+            self._packed_slots[stream] = packed_slot
+            return
         self._slots[stream] = None
         slot = self._new_slot()
         if self.cuda_graphs and self._warmed:
@@ -297,8 +378,24 @@ class TorchCudaEngine(Engine):
     def _deactivate_impl(self) -> None:
         torch = self._torch
         self._slots = []
+        self._packed_slots = []
+        self._packed = None
         self._model = None
         self._warmed = False
         if torch is not None and self._device is not None:
             torch.cuda.synchronize(self._device)
             torch.cuda.empty_cache()
+
+
+def packed_layout(max_rows: int, max_length: int, max_tokens: int | None = None) -> PackLayout:
+    """The packed forward's layout: ``max_rows`` sequence slots, budgets up to ``max_tokens`` real tokens.
+
+    ``max_tokens`` unset: ``max_rows x max_length`` (no batch of the engine's rows splits), capped at
+    32768 (the probe's largest budget; each budget is a graph per slot). Never more than
+    ``max_rows x max_length``, which no batch of ``max_rows`` rows exceeds.
+    """
+    cap = max_rows * max_length
+    most = min(cap, 32768) if max_tokens is None else min(cap, max_tokens)
+    smallest = min(PACKED_SMALLEST, most)
+    return PackLayout(rows_capacity=max_rows, max_length=max_length,
+                      budgets=token_budgets(most, smallest=smallest, step=max(PACKED_STEP, smallest)))

@@ -91,3 +91,20 @@ def test_plot_reads_a_committed_run() -> None:
     baseline = [r for r in report["workloads"]["tweets"]["runs"] if r["setup"] == "hf-b64" and r["mode"] != "backlog"]
     assert found["hf-b64"].behind == [r["offered"] for r in baseline if r["saturated"]]
     assert found["hf-b64"].behind  # this run's (b) fell behind at the offered rates: they must not be drawn
+
+
+def test_engine_only_counts_a_packed_engines_budgets_not_its_padding(engine_version) -> None:
+    from bench.gpu_e2e.children import computed_tokens
+    from bench.gpu_e2e.cli import parse_args
+    from stream_sentiment.batching.tokenizer import pad_to_bucket
+    from stream_sentiment.engines.torch_backend import TorchCudaEngine
+
+    batch = pad_to_bucket([[101, 7, 102]] * 300, 32)  # 900 real tokens in 9600 cells
+    padded = TorchCudaEngine(engine_version, max_rows=256)  # never activated: no torch needed
+    packed = TorchCudaEngine(engine_version, max_rows=256, forward="packed", max_tokens=8192)
+    assert computed_tokens(padded, batch) == (9600.0, 300 * 32.0**2)
+    # Rows 0-255 (768 tokens) and 256-299 (132): two calls, budgets 1024 and 512; attention on real posts only.
+    assert computed_tokens(packed, batch) == (1536.0, 300 * 9.0)
+    args = parse_args(["--torch-forward", "packed", "--engine-only-forwards", "packed"])
+    assert (args.torch_forward, args.engine_only_forwards) == ("packed", ["packed"])
+    assert parse_args([]).engine_only_forwards == ["padded", "packed"]

@@ -158,3 +158,31 @@ def test_rebuild_recreates_a_slot_with_its_graphs(engine, batch):
 def test_rejects_buckets_outside_the_manifest(engine):
     with pytest.raises(EngineError, match="bucket 48"):
         engine.infer(pad_to_bucket([[101, 102]], 48))
+
+
+@pytest.fixture(scope="module")
+def packed_engine(engine_version):
+    # max_tokens 1024: budgets 512, 1024, so a batch over 1024 real tokens must split into calls.
+    with TorchCudaEngine(engine_version, streams=2, max_rows=32, forward="packed", max_tokens=1024) as active:
+        active.warm_up()
+        yield active
+
+
+@needs_cuda
+def test_packed_forward_agrees_with_the_padded_one(packed_engine, engine, batch):
+    assert packed_engine.warm_up_stats["graphs"] == 2 * len(packed_engine.layout.budgets)
+    assert packed_engine.warm_up_stats["compile_seconds"] > 0
+    packed = packed_engine.logits(batch)
+    padded = engine.logits(batch)
+    assert packed.dtype == np.float32 and packed.shape == padded.shape
+    assert (packed.argmax(1) == padded.argmax(1)).all()
+    assert np.abs(packed - padded).max() < 0.05
+
+
+@needs_cuda
+def test_packed_splits_by_rows_and_tokens_and_rebuilds(packed_engine, batch):
+    reference = packed_engine.logits(batch)
+    many = TokenBatch(np.tile(batch.input_ids, (40, 1)), np.tile(batch.attention_mask, (40, 1)), batch.bucket)
+    assert np.abs(packed_engine.logits(many, 1) - np.tile(reference, (40, 1))).max() < 5e-3
+    packed_engine.rebuild(1)
+    assert np.abs(packed_engine.logits(batch, 1) - reference).max() < 5e-3
