@@ -21,7 +21,7 @@ CPU per post against the sum of the stages shows what the event loop's tasks and
 Every run checks Redis counted each post exactly once.
 
 Workloads: ``tweets`` (the sample tweets, with topic and region) and ``long`` (four tweets
-joined: ~100 tokens). Settings are a GPU worker's (``bench/gpu_e2e.py``: 256 rows, two
+joined: ~100 tokens). Settings are a GPU worker's (``bench/gpu_e2e``: 256 rows, two
 partitions per worker).
 
     python bench/worker_cpu.py [--posts 20000] [--fetch 500] [--repeat 3] [--json out.json]

