@@ -3,15 +3,17 @@
 Data path: the Kafka source (``source.kafka_source``: assignment, seeks,
 decode and validate, bad records to the dead-letter topic) hands
 :class:`Admitted` posts to the scheduler (``batching.scheduler``: tokenize in
-an executor, length buckets, one batch per free engine stream), whose scored
+chunks on the event loop (the Rust tokenizer's share in a thread), length buckets, one batch per free engine
+stream), whose scored
 batches finish their records in the checkpointing sink (``sinks.checkpoint``:
 contiguous offset ranges applied to Redis through the fence with the
 partition's stream time, then the Kafka commit). Alongside, the alert judge
 looks whether the group's event-time watermark passed a window end
 (``aggregation.judge``, which runs ``aggregation.monitor``).
 
-The event loop only coordinates: decoding is cheap and bounded by the message
-size limit, tokenization and inference run in executors. Fetching pauses
+The event loop coordinates and does the cheap per-batch work: decoding is bounded by the message size
+limit; the pure-Python tokenization runs in ~1 ms chunks with a yield between them (in a thread it held
+the GIL anyway); the Rust tokenizer and inference run in executors. Fetching pauses
 while more than ``max_in_flight_posts`` records are unapplied, while no engine
 stream works and while Redis does not answer, so memory stays bounded and
 nothing is lost whatever happens downstream.
@@ -266,25 +268,25 @@ class Worker:
         """
         rows = probabilities.tolist()
         labels = [LABELS[column] for column in probabilities.argmax(axis=1).tolist()]
-        by_partition: dict[int, tuple[list[int], list[ScoredPost]]] = {}
+        # Grouped by the progress that fetched each record (see Admitted.owner), not only by partition.
+        by_owner: dict[int, tuple[Admitted, list[int], list[ScoredPost]]] = {}
         for entry, row, label in zip(entries, rows, labels, strict=True):
             admitted = entry.item
-            group = by_partition.get(admitted.partition)
+            group = by_owner.get(id(admitted.owner))
             if group is None:
-                group = by_partition[admitted.partition] = ([], [])
-            group[0].append(admitted.offset)
-            group[1].append(ScoredPost(admitted.post, admitted.event_time, tuple(row),  # type: ignore[arg-type]
+                group = by_owner[id(admitted.owner)] = (admitted, [], [])
+            group[1].append(admitted.offset)
+            group[2].append(ScoredPost(admitted.post, admitted.event_time, tuple(row),  # type: ignore[arg-type]
                                        admitted.appended_at, admitted.fetched_at, label))
-        progress_of = self.progress
-        for partition, (offsets, results) in by_partition.items():
-            progress = progress_of.get(partition)
-            if progress is not None:  # else revoked meanwhile: its next owner re-reads it
+        for first, offsets, results in by_owner.values():
+            progress = self._owner_progress(first)
+            if progress is not None:  # else revoked or replaced meanwhile: its records are read again
                 progress.finished_many(offsets, results)
         await self._apply_ready()
 
     async def _poisoned(self, admitted: Admitted) -> None:
         """The engine fails on this post alone: counted under ``engine_error`` and dead-lettered."""
-        progress = self.progress.get(admitted.partition)
+        progress = self._owner_progress(admitted)
         if progress is None:
             return
         rejection = Rejection(RejectReason.ENGINE_ERROR, "the engine fails on this post alone")
@@ -296,6 +298,13 @@ class Worker:
         with contextlib.suppress(KeyError):
             progress.finished(admitted.offset, rejection)
         await self._apply_ready()
+
+    def _owner_progress(self, admitted: Admitted) -> PartitionProgress[Outcome] | None:
+        """The partition's progress if it is still the one that fetched ``admitted`` (else None)."""
+        progress = self.progress.get(admitted.partition)
+        if progress is None or (admitted.owner is not None and progress is not admitted.owner):
+            return None
+        return progress
 
     def _fail(self, error: BaseException) -> None:
         """A background task (batch, applier, tokenizer job, rebalance callback) failed: ``run()`` raises the first."""

@@ -13,6 +13,8 @@ from stream_sentiment.batching.tokenizer import PostTokenizer
 from stream_sentiment.config import Settings
 from stream_sentiment.engines.onnxruntime_backend import OnnxRuntimeEngine
 from stream_sentiment.metrics import PipelineMetrics
+from stream_sentiment.source.kafka_source import Admitted
+from stream_sentiment.source.messages import Post
 from stream_sentiment.worker import Worker
 from tests.pipeline import MALFORMED, pipeline_settings, produce_posts, run_until
 from tests.services import FAST_GROUP_CONFIG
@@ -194,6 +196,20 @@ def test_chosen_buckets_must_be_the_engines_and_include_the_largest(engine, engi
         Worker(Settings.load(batching={"buckets": [48, 256]}), engine, tokenizer)
     with pytest.raises(ValueError, match="largest bucket, 256"):
         Worker(Settings.load(batching={"buckets": [32, 64]}), engine, tokenizer)
+
+
+def test_a_result_is_finished_only_in_the_progress_that_fetched_its_record(engine, engine_version):
+    """After a rebase or resync the partition's new progress holds other records at the same offsets."""
+    worker = Worker(Settings.load(), engine, PostTokenizer(engine_version))
+    before = worker.sink.track(0, 0, None, in_redis=True)
+    fetched_before = Admitted(0, 5, Post(id="p", text="old log"), 1.0, 1.0, 1.0, before)
+    assert worker._owner_progress(fetched_before) is before
+    after = worker.sink.track(0, 0, None, in_redis=True)  # the log restarted: offset 5 is another post now
+    fetched_after = Admitted(0, 5, Post(id="q", text="new log"), 2.0, 2.0, 2.0, after)
+    assert worker._owner_progress(fetched_before) is None
+    assert worker._owner_progress(fetched_after) is after
+    worker.sink.forget(0)
+    assert worker._owner_progress(fetched_after) is None
 
 
 FINER = (16, 24, 32, 40, 48, 64, 96, 128, 256)

@@ -69,7 +69,9 @@ class PartitionProgress(Generic[Result]):
         """:meth:`finished` for each pair, skipping offsets not in flight; returns how many were finished.
 
         One call per scored batch and partition instead of one per post (a record no longer in flight
-        was dropped by a resync or revoke: its next fetch is finished instead).
+        was dropped by a revoke: its next fetch is finished instead). The caller passes only results of
+        records this progress fetched: a progress replaced meanwhile (rebase, resync) has other records at
+        the same offsets (``Admitted.owner``).
         """
         records = self._records
         finished = 0

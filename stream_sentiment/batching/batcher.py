@@ -269,8 +269,9 @@ class Batcher(Generic[Item]):
         if not due:
             return None
         _, group, reason = min(due, key=lambda d: d[0])
-        bucket = group[-1]
-        entries = take_smaller([self._queues[b] for b in group], policy.capacity(bucket))
+        entries = take_smaller([self._queues[b] for b in group], policy.capacity(group[-1]))
+        # Padded to its longest post's bucket: the oldest posts may all come from the group's shorter buckets.
+        bucket = policy.bucket_for(max(len(entry.token_ids) for entry in entries))
         return FormedBatch(bucket, tuple(entries), reason, now)
 
     def _poll_arrival(self, now: float, engine_idle: bool) -> FormedBatch[Item] | None:

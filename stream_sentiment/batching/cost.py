@@ -8,9 +8,10 @@ to a longer bucket spends tokens; sending it in a call of its own spends a fixed
 cheaper depends on how many posts wait: a few posts of neighbouring buckets are cheaper merged, a
 backlog is cheaper kept apart. :func:`plan_groups` decides that for the queue as it stands, exactly.
 
-Only the grouping depends on these figures -- never which posts are scored or how each is counted:
-a post's scores do not depend on its padding beyond float noise (padding is masked), so the
-settings tune latency and throughput, not results.
+Only the grouping depends on these figures -- never which posts are scored or counted: a post's
+scores depend on its padding only by float noise (padding is masked), which can flip the label of a
+post within ~1e-3 of a tie between two labels -- as the timing-dependent grouping of every formation
+already can. The settings tune latency and throughput, not results.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The scheduler: admitted posts -> tokens -> length buckets -> one batch per free engine stream.
 
 It joins the pure batcher (``batching.batcher``) to the engine's slots
-(``engines.slots``): posts are tokenized in one executor thread (the Rust
-tokenizer, off the event loop), queued in their length bucket, and whenever a
+(``engines.slots``): posts are tokenized (the pure-Python ASCII fast path on the
+event loop in ~1 ms chunks, the Rust tokenizer's share in one executor thread),
+queued in their length bucket in fetch order, and whenever a
 stream is free the batcher is asked for the batch due first. A timer wakes it
 when the oldest queued post's window or timeout runs out, whatever the fetch
 loop is doing. Scored batches go out through ``on_scored``; a batch that fails
@@ -195,7 +196,8 @@ class Scheduler:
     async def submit(self, admitted: list[Admitted], keep: Callable[[int], bool]) -> None:
         """Tokenize ``admitted`` and queue the posts of the partitions ``keep`` still wants when done.
 
-        Waits only while ``TOKENIZE_AHEAD`` fetches are already being tokenized; the fetch loop goes on.
+        Waits only while ``TOKENIZE_AHEAD`` fetches are already queued for tokenization (one at a time, in
+        fetch order); the fetch loop goes on.
         """
         while len(self._tokenizing) >= TOKENIZE_AHEAD:
             await asyncio.wait([self._tokenizing[0]])

@@ -51,14 +51,20 @@ FETCH_MAX_RECORDS = 500
 @dataclass(frozen=True, slots=True)
 class Admitted:
     """A valid post on its way to the scheduler, with where it came from, its event time, when Kafka
-    appended it and when this worker fetched it (epoch seconds; the last two for latency metrics only)."""
+    appended it and when this worker fetched it (epoch seconds; the last two for latency metrics only).
+
+    ``owner`` is the partition's progress that fetched it: a progress replaced meanwhile (a rebase after the
+    log restarted, a resync, a revoke and re-assignment) has other records at the same offsets, so a result
+    is finished only in the progress that fetched its record.
+    """
 
     partition: int
     offset: int
     post: Post
     event_time: float
     appended_at: float
-    fetched_at: float = 0.0
+    fetched_at: float | None = None
+    owner: PartitionProgress[Outcome] | None = None
 
 
 class KafkaSource:
@@ -326,7 +332,7 @@ class KafkaSource:
                 # wrong clock, a hostile post) is clamped to it, so it cannot pull the stream time into the future.
                 ts = outcome.ts
                 event_time = appended_at if ts is None or ts > appended_at else ts
-                admitted.append(Admitted(partition, offset, outcome, event_time, appended_at, fetched_at))
+                admitted.append(Admitted(partition, offset, outcome, event_time, appended_at, fetched_at, progress))
         self.metrics.stage_seconds.labels("decode").inc(time.perf_counter() - decode_started)
         if rejected:
             self._dead_letter(rejected)
