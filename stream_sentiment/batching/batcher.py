@@ -95,6 +95,8 @@ class BatchingPolicy:
     merge_smaller_on_timeout: bool = False
     formation: Formation = Formation.BUCKETS
     cost: CallCost = field(default_factory=CallCost)
+    # Each bucket's capacity, computed once: the batcher asks for it at every poll.
+    _capacities: dict[int, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.buckets or list(self.buckets) != sorted(set(self.buckets)):
@@ -105,10 +107,15 @@ class BatchingPolicy:
             raise ValueError(f"max_tokens {self.max_tokens} cannot hold one post of the largest bucket")
         if not 0 <= self.timeout <= self.window:
             raise ValueError("need 0 <= timeout <= window")
+        object.__setattr__(self, "_capacities", {bucket: self._capacity(bucket) for bucket in self.buckets})
+
+    def _capacity(self, bucket: int) -> int:
+        return max(1, min(self.max_rows, self.max_tokens // bucket))
 
     def capacity(self, bucket: int) -> int:
         """Posts that fill one batch of ``bucket``."""
-        return max(1, min(self.max_rows, self.max_tokens // bucket))
+        capacity = self._capacities.get(bucket)
+        return self._capacity(bucket) if capacity is None else capacity
 
     def bucket_for(self, length: int) -> int:
         index = bisect.bisect_left(self.buckets, length)
@@ -209,6 +216,9 @@ class Batcher(Generic[Item]):
     policy: BatchingPolicy
     _queues: dict[int, deque[Pending[Item]]] = field(init=False)
     _added: int = field(init=False, default=0)
+    # least-cost: the last plan and the queue lengths it was made for. Polls between two changes of
+    # the queues (timer wake-ups, an engine stream turning idle) reuse it rather than rerun the DP.
+    _plan: tuple[tuple[tuple[int, int], ...], list[tuple[int, ...]]] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._queues = {bucket: deque() for bucket in self.policy.buckets}
@@ -256,11 +266,13 @@ class Batcher(Generic[Item]):
     def _poll_least_cost(self, now: float, engine_idle: bool) -> FormedBatch[Item] | None:
         """The due group of the cheapest split (full, or its oldest post waited), oldest head first."""
         policy = self.policy
-        waiting = [(b, len(q)) for b, q in self._queues.items() if q]
+        waiting = tuple((b, len(q)) for b, q in self._queues.items() if q)
         if not waiting:
             return None
+        if self._plan is None or self._plan[0] != waiting:
+            self._plan = (waiting, plan_groups(waiting, policy.capacity, policy.cost))
         due: list[tuple[float, tuple[int, ...], FlushReason]] = []
-        for group in plan_groups(waiting, policy.capacity, policy.cost):
+        for group in self._plan[1]:
             head = min(self._queues[b][0].arrived for b in group)
             if sum(len(self._queues[b]) for b in group) >= policy.capacity(group[-1]):
                 due.append((head, group, FlushReason.FULL))

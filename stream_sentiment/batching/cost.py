@@ -76,7 +76,7 @@ def plan_groups(
 
     Args:
         waiting: ``(bucket, posts queued)`` for the non-empty buckets, in increasing bucket order.
-        capacity: most rows of one call padded to a bucket.
+        capacity: most rows of one call padded to a bucket (called once per waiting bucket).
         cost: the engine's call cost.
 
     Returns:
@@ -85,17 +85,25 @@ def plan_groups(
         a dynamic programme over the split points finds the exact optimum, O(buckets^2).
     """
     count = len(waiting)
+    if count == 1:  # nothing to split: the common case under steady single-length traffic
+        return [(waiting[0][0],)]
+    # Hoisted out of the O(buckets^2) loop, which runs on the event loop at every poll: each
+    # bucket's capacity once, and group_cost inlined (the same sum, in the same order, so the same floats).
+    capacities = [capacity(bucket) for bucket, _ in waiting]
+    call, token = cost.call, cost.token
     best = [0.0] + [float("inf")] * count  # best[j]: cheapest cost of the first j buckets
     cut = [0] * (count + 1)
     for end in range(1, count + 1):
-        bucket = waiting[end - 1][0]
+        bucket, rows = waiting[end - 1][0], capacities[end - 1]
         posts = 0
+        best_end, cut_end = best[end], cut[end]
         for start in range(end, 0, -1):  # the group waiting[start-1:end], padded to its last bucket
             posts += waiting[start - 1][1]
-            total = best[start - 1] + group_cost(posts, bucket, capacity(bucket), cost)
+            total = best[start - 1] + ((-(-posts // rows)) * call + posts * bucket * token)
             # Strictly cheaper only: on a tie the smaller group (less padding) is kept.
-            if total < best[end]:
-                best[end], cut[end] = total, start - 1
+            if total < best_end:
+                best_end, cut_end = total, start - 1
+        best[end], cut[end] = best_end, cut_end
     groups: list[tuple[int, ...]] = []
     end = count
     while end > 0:

@@ -246,6 +246,23 @@ def test_least_cost_keeps_a_backlog_in_full_single_bucket_batches_and_merges_wha
     assert batcher.pending == 0
 
 
+@settings(max_examples=30, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(0, 6), st.integers(1, 256), st.booleans()), min_size=1, max_size=60))
+def test_least_cost_plan_cache_forms_the_same_batches_as_planning_at_every_poll(steps):
+    cached: Batcher[int] = Batcher(GPU)
+    fresh: Batcher[int] = Batcher(GPU)
+    for i, (adds, length, idle) in enumerate(steps):
+        now = i * 0.01
+        for j in range(adds):
+            for batcher in (cached, fresh):
+                batcher.add(j, tokens(length), now=now)
+        for _ in range(2):  # the second poll at the same queue lengths reuses the plan
+            fresh._plan = None
+            got, want = cached.poll(now=now, engine_idle=idle), fresh.poll(now=now, engine_idle=idle)
+            assert (got and (got.bucket, got.reason, [e.seq for e in got.entries])) == (
+                want and (want.bucket, want.reason, [e.seq for e in want.entries]))
+
+
 ARRIVAL = dataclasses.replace(POLICY, formation=Formation.ARRIVAL)
 
 
