@@ -138,7 +138,8 @@ class BatchingSettings(_Group):
         "~0.5 ms per device call on the H200 engine server + the worker's CPU per batch; onnxruntime 100)."))
     token_cost_ns: float | None = Field(default=None, ge=0, description=(
         "least-cost: cost of one padded token in nanoseconds; unset = the backend's (GPU 100: 7.5 ms for 256 x "
-        "256 tokens on the H200; onnxruntime 90000: ~95 ms for 32 x 32 INT8 on 2 cores, so buckets never merge)."))
+        "256 tokens on the H200, 2 with engine.torch_forward packed, where padding is stripped on the host; "
+        "onnxruntime 90000: ~95 ms for 32 x 32 INT8 on 2 cores, so buckets never merge)."))
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -56,9 +56,28 @@ BACKEND_COSTS: dict[str, CallCost] = {
 }
 
 
-def backend_cost(backend: str, call_us: float | None = None, token_ns: float | None = None) -> CallCost:
-    """The cost model for ``backend``, with the configured figures replacing its defaults where set."""
+# With the packed forward (``engine.torch_forward = "packed"``, engines/torch_packed.py) the device runs
+# real tokens only: the padding a merge adds is stripped on the host (engines/packing.py) before any
+# kernel sees it. A padded token then costs only its bytes -- filled into the worker's TokenBatch, 5 bytes
+# over the engine server's socket (engines/wire.py), widened to int64 and masked away by pack_into --
+# an estimate of ~2 ns in all (host memory traffic, not measured), against ~100 ns of device time in the
+# padded forward. Real tokens cost the same whichever group a post joins, so they never enter the choice:
+# least-cost then merges neighbours almost whenever that saves a call, bounded by each call's capacity.
+PACKED_TOKEN_COST = 2.0e-9
+# Backends whose device forward is the torch one: torch-cuda itself, and an engine server running it.
+PACKED_BACKENDS = frozenset({"torch-cuda", "engine-server"})
+
+
+def backend_cost(backend: str, call_us: float | None = None, token_ns: float | None = None, *,
+                 packed: bool = False) -> CallCost:
+    """The cost model for ``backend``, with the configured figures replacing its defaults where set.
+
+    ``packed``: the torch forward is the packed one (``engine.torch_forward``), so a padded token costs
+    :data:`PACKED_TOKEN_COST` by default (torch-cuda and engine-server only; ignored elsewhere).
+    """
     default = BACKEND_COSTS.get(backend, BACKEND_COSTS["engine-server"])
+    if packed and backend in PACKED_BACKENDS:
+        default = CallCost(call=default.call, token=PACKED_TOKEN_COST)
     return CallCost(call=default.call if call_us is None else call_us / 1e6,
                     token=default.token if token_ns is None else token_ns / 1e9)
 

@@ -69,14 +69,17 @@ def batching_policy(settings: Settings, engine_buckets: tuple[int, ...]) -> Batc
     """The batch formation the settings ask for, for an engine with ``engine_buckets``.
 
     ``least-cost`` weighs calls against padded tokens with the configured costs, or the engine
-    backend's defaults (``batching.cost.BACKEND_COSTS``).
+    backend's defaults (``batching.cost.BACKEND_COSTS``; with ``engine.torch_forward = "packed"`` a
+    padded token costs next to nothing, ``batching.cost.PACKED_TOKEN_COST``). An engine-server worker
+    reads its own ``engine.torch_forward``: the server's when they share the settings file, as deployed.
     """
     batching = settings.batching
     return BatchingPolicy(
         buckets=chosen_buckets(batching.buckets, engine_buckets), max_rows=batching.max_rows,
         max_tokens=batching.max_tokens, window=batching.window_ms / 1000, timeout=batching.timeout_ms / 1000,
         merge_smaller_on_timeout=batching.merge_smaller_on_timeout, formation=Formation(batching.formation),
-        cost=backend_cost(settings.engine.backend, batching.call_cost_us, batching.token_cost_ns),
+        cost=backend_cost(settings.engine.backend, batching.call_cost_us, batching.token_cost_ns,
+                          packed=settings.engine.torch_forward == "packed"),
     )
 
 
