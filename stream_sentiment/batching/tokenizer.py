@@ -31,7 +31,7 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -62,7 +62,8 @@ class AsciiWordPieces:
     Only for a tokenizer this can mirror exactly -- BertNormalizer with lowercasing, BertPreTokenizer,
     WordPiece, ``[CLS] A [SEP]`` -- see :meth:`for_tokenizer`. Texts it cannot take (non-ASCII,
     control characters, anything that could hold an added token such as ``[MASK]``) are left to the
-    caller. Thread-safe; the memo is bounded and starts over when full.
+    caller. Thread-safe, and no caller waits for another (see :meth:`encode`); the memo is bounded and
+    starts over when full.
     """
 
     MAX_WORDS = 1 << 16
@@ -127,29 +128,68 @@ class AsciiWordPieces:
         return text.isascii() and text.isprintable() and not any(c in text for c in self._refused)
 
     def encode(self, texts: Sequence[str]) -> list[tuple[int, ...]]:
-        """Token ids of ``texts``, every one of which :meth:`accepts`."""
+        """Token ids of ``texts``, every one of which :meth:`accepts`. Never waits for another caller.
+
+        The serving loop calls this on the event loop (``Scheduler._tokenize_in_turn``), so it must
+        not block on the memo's lock. Today no other thread calls it on the worker's instance (the
+        executor runs only the Rust ``encode_normalized``; the hot-swap golden-set check calls
+        ``PostTokenizer.encode`` on the loop; shadow checks reuse stored ids), so the lock is always
+        free -- but a caller in a thread (golden set moved off the loop, a tool) would hold it across
+        a Rust ``encode_batch``. A caller that finds it taken therefore reads the memo as it stands and
+        encodes its own misses without memoizing them: the same ids, a little more Rust work.
+        """
         words_of = [_ASCII_WORDS.findall(text.lower()) for text in texts]
         longest = self._max_word_chars
-        with self._lock:
+        if not self._lock.acquire(blocking=False):
+            return self._assemble(words_of, self._unshared(words_of).get)
+        try:
             pieces = self._pieces
             unseen = list({word for words in words_of for word in words if word not in pieces and len(word) <= longest})
             if unseen:
                 if len(pieces) + len(unseen) > self.MAX_WORDS:
                     pieces.clear()  # rare: a stream of new words; the next batches refill it
                     unseen = list({word for words in words_of for word in words if len(word) <= longest})
-                for word, encoding in zip(unseen, self._tokenizer.encode_batch(unseen, add_special_tokens=False),
-                                          strict=True):
-                    pieces[word] = tuple(encoding.ids)
-            encoded = []
-            get, unknown = pieces.get, self._unknown
-            for words in words_of:
-                ids = list(self._prefix)
-                for word in words:
-                    ids += get(word, unknown)  # only a word longer than WordPiece takes is not there
-                if len(ids) > self._keep:
-                    del ids[self._keep:]
-                ids += self._suffix
-                encoded.append(tuple(ids))
+                pieces.update(self._word_pieces(unseen))
+            # Assembled under the lock: nobody else may clear the memo meanwhile.
+            return self._assemble(words_of, pieces.get)
+        finally:
+            self._lock.release()
+
+    def _word_pieces(self, words: list[str]) -> dict[str, tuple[int, ...]]:
+        encodings = self._tokenizer.encode_batch(words, add_special_tokens=False)
+        return {word: tuple(encoding.ids) for word, encoding in zip(words, encodings, strict=True)}
+
+    def _unshared(self, words_of: list[list[str]]) -> dict[str, tuple[int, ...]]:
+        """Every word's pieces without the lock: the memo's entries as read now, the rest encoded here.
+
+        Each ``dict.get`` is atomic under the GIL and an entry, once there, never changes (the holder
+        only adds entries or clears them all), so the copy is consistent whatever the holder does next.
+        """
+        longest, get = self._max_word_chars, self._pieces.get
+        found: dict[str, tuple[int, ...]] = {}
+        missing: list[str] = []
+        for word in {word for words in words_of for word in words if len(word) <= longest}:
+            ids = get(word)
+            if ids is None:
+                missing.append(word)
+            else:
+                found[word] = ids
+        if missing:
+            found.update(self._word_pieces(missing))
+        return found
+
+    def _assemble(self, words_of: list[list[str]],
+                  get: Callable[[str, tuple[int, ...]], tuple[int, ...]]) -> list[tuple[int, ...]]:
+        encoded = []
+        unknown = self._unknown
+        for words in words_of:
+            ids = list(self._prefix)
+            for word in words:
+                ids += get(word, unknown)  # only a word longer than WordPiece takes is not there
+            if len(ids) > self._keep:
+                del ids[self._keep:]
+            ids += self._suffix
+            encoded.append(tuple(ids))
         return encoded
 
 

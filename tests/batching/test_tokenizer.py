@@ -77,6 +77,16 @@ def test_a_full_memo_starts_over_and_stays_exact(tokenizer, monkeypatch):
         assert len(fast._pieces) <= 20
 
 
+def test_a_caller_that_finds_the_memo_locked_does_not_wait_and_gets_the_same_ids(tokenizer):
+    fast = AsciiWordPieces.for_tokenizer(tokenizer._tokenizer, tokenizer.max_length)
+    texts = ["good morning everyone", "an unmemoized zygomorphic word", "x" * 150 + " spam"]
+    fast.encode(texts[:1])
+    memo = dict(fast._pieces)
+    with fast._lock:  # another thread mid-encode: this thread would deadlock were encode to wait
+        assert fast.encode(texts) == rust_ids(tokenizer, texts)
+    assert fast._pieces == memo  # the unlocked caller's misses are not memoized
+
+
 def test_words_longer_than_wordpiece_takes_are_unknown_and_not_memoized(tokenizer):
     fast = AsciiWordPieces.for_tokenizer(tokenizer._tokenizer, tokenizer.max_length)
     blobs = [f"spam {n:03d}" + "x" * 150 + " end" for n in range(50)]
