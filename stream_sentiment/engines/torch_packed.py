@@ -116,7 +116,12 @@ class PackedForward:
             # Dynamo's caches are per code object: without a reset, an earlier engine's compile of the same
             # forward in this process would count against the recompile limit (8) and could leave this one eager.
             # An earlier engine's captured graphs keep replaying; only its lazy captures would compile again.
-            torch._dynamo.reset()
+            # Under the capture lock: during a hot swap the old engine may be capturing a rebuilt slot on
+            # another thread, and a reset between its warm call and its capture would make the captured
+            # call recompile inside the CUDA graph capture (a failed capture, a slot lost). Every capture,
+            # padded or packed, holds this lock across both calls, so the reset lands between captures.
+            with capture_lock:
+                torch._dynamo.reset()
             self.fn: Any = torch.compile(module, mode="default", fullgraph=True)
         else:
             self.fn = module
