@@ -315,8 +315,9 @@ class TorchCudaEngine(Engine):
         if batch.rows == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         lengths = batch.attention_mask.sum(axis=1)
-        chunks = row_chunks(lengths, self.layout.rows_capacity, self.layout.budgets[-1])
         try:
+            # Inside the try: a row longer than the largest budget is a ValueError here, an EngineError out.
+            chunks = row_chunks(lengths, self.layout.rows_capacity, self.layout.budgets[-1])
             with slot.lock:
                 parts = [
                     packed.run(slot, batch if len(chunks) == 1 else

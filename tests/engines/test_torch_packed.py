@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from stream_sentiment.batching.tokenizer import pad_to_bucket
 from stream_sentiment.config import Settings
+from stream_sentiment.engines.base import EngineError
 from stream_sentiment.engines.packing import PackLayout, pack_into, token_budgets
 from stream_sentiment.engines.torch_backend import TorchCudaEngine, packed_layout
 from stream_sentiment.engines.torch_packed import row_chunks, warm_batch
@@ -57,3 +59,11 @@ def test_settings_choose_the_forward_and_its_token_budgets(engine_version) -> No
         TorchCudaEngine(engine_version, forward="packed", dtype="float32")
     with pytest.raises(ValueError):
         Settings.load(engine={"torch_forward": "unpadded"})
+
+
+def test_a_row_longer_than_the_largest_token_budget_is_an_engine_error(engine_version) -> None:
+    engine = TorchCudaEngine(engine_version, forward="packed", max_rows=1, max_tokens=64)  # not activated
+    engine._packed_slots = [object()]  # type: ignore[list-item]  # the check comes before any CUDA state is used
+    too_long = pad_to_bucket([list(range(1, 100))], 128)  # 99 real tokens, a largest budget of 64
+    with pytest.raises(EngineError, match="exceeds"):
+        engine._infer_packed(None, too_long, 0)  # type: ignore[arg-type]
