@@ -130,6 +130,10 @@ def pack_into(
         raise ValueError(f"a row of {int(lengths.max())} tokens exceeds max_length {layout.max_length}")
     real = int(lengths.sum())
     budget = budget_for(max(real, 1), layout.budgets)
+    # Checked before any buffer is written: a refused batch leaves the staging buffers as they were.
+    pad = budget - real
+    if pad > layout.pad_slots * layout.max_length:  # cannot happen with pad_slots_for's count
+        raise ValueError(f"{pad} padding tokens do not fit {layout.pad_slots} dummy slots")
     starts = np.zeros(rows + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
     # Row-major order of a left-aligned mask's True cells is exactly the tokens in sequence.
@@ -139,12 +143,9 @@ def pack_into(
     cu_seqlens[: rows + 1] = starts
     cu_seqlens[rows + 1 : layout.rows_capacity + 1] = real  # unused post slots: zero length
     # Padding: dummy sequences of at most max_length tokens ([PAD] ids), pooled into the dump slot.
-    pad = budget - real
     ids[real:budget] = 0
     positions[real:budget] = np.arange(pad) % layout.max_length
     segments[real:budget] = layout.rows_capacity
     dummy_ends = real + np.minimum(np.arange(1, layout.pad_slots + 1) * layout.max_length, pad)
     cu_seqlens[layout.rows_capacity + 1 :] = dummy_ends
-    if pad > layout.pad_slots * layout.max_length:  # cannot happen with pad_slots_for's count
-        raise ValueError(f"{pad} padding tokens do not fit {layout.pad_slots} dummy slots")
     return Packed(rows=rows, real_tokens=real, budget=budget)

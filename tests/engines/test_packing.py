@@ -59,3 +59,17 @@ def test_pack_refuses_what_the_layout_cannot_hold() -> None:
         pack_into(pad_to_bucket([[1]] * 3, 8), layout, *arrays)
     with pytest.raises(ValueError, match="max_length"):
         pack_into(pad_to_bucket([[1] * 9], 16), layout, *arrays)
+
+
+class _TooFewDummies(PackLayout):
+    @property
+    def pad_slots(self) -> int:  # fewer than pad_slots_for's count: the guard's only way to fire
+        return 1
+
+
+def test_too_much_padding_is_refused_before_any_buffer_is_written() -> None:
+    layout = _TooFewDummies(rows_capacity=2, max_length=8, budgets=(32,))
+    arrays = _arrays(layout)
+    with pytest.raises(ValueError, match="dummy slots"):
+        pack_into(pad_to_bucket([[1, 2]], 8), layout, *arrays)  # 30 padding tokens, room for 8
+    assert all((array == -1).all() for array in arrays)
