@@ -9,7 +9,8 @@ checks and times, each variant in its own try/except so one failure keeps the ot
                    varlen flash attention, own CUDA graphs per token budget; no torch.compile.
 * ``b-compile``    the same under ``torch.compile(mode="default")`` (epilogue fusion), own graphs.
 * ``b-autotune``   ``b-compile`` with ``mode="max-autotune-no-cudagraphs"``.
-* ``c-fp8``        ``b-compile`` with ``torch._scaled_mm`` e4m3 linears (per-token and per-channel scales).
+* ``c-fp8``        ``b-compile`` with ``torch._scaled_mm`` e4m3 linears (per-token and per-channel scales;
+                   the FP8 and INT8 linears are ``bench/packed_variants.py``'s).
 * ``d-int8``       ``b-compile`` with ``torch._int_mm`` linears, FFN down-projection kept FP16 (as the ONNX INT8).
 * ``c-fp8-autotune`` / ``c-fp8-nodown`` / ``d-int8-autotune``: the same, if time is left.
 
@@ -365,11 +366,11 @@ def pick_attention(report: dict[str, Any]) -> list[str]:
 
 
 def attention_by_name(name: str) -> Any:
-    """``minilm_packed.ATTENTIONS[name]``; ``X-contiguous``: X on contiguous copies of q, k, v
-    (in case a kernel refuses the strided views the fused projection gives)."""
-    from stream_sentiment.engines.minilm_packed import ATTENTIONS
+    """``bench.packed_variants.PROBE_ATTENTIONS[name]`` (serving's and ``varlen``); ``X-contiguous``: X on
+    contiguous copies of q, k, v (in case a kernel refuses the strided views the fused projection gives)."""
+    from bench.packed_variants import PROBE_ATTENTIONS
 
-    base = ATTENTIONS[name.removesuffix("-contiguous")]
+    base = PROBE_ATTENTIONS[name.removesuffix("-contiguous")]
     if not name.endswith("-contiguous"):
         return base
 
@@ -389,7 +390,8 @@ def current_engine(version: EngineVersion, streams: int, max_rows: int) -> Any:
 
 def build_packed(spec: str, model: Any, layout: PackLayout, attention: str, out_dtype: Any) -> tuple[Any, str]:
     """The packed module for a variant name, and its torch.compile mode (None: eager)."""
-    from stream_sentiment.engines.minilm_packed import PackedClassifier, half_linears, quantized_linears
+    from bench.packed_variants import quantized_linears
+    from stream_sentiment.engines.minilm_packed import PackedClassifier, half_linears
 
     if spec.startswith("c-fp8"):
         names = ("qkv", "out", "up") if "nodown" in spec else ("qkv", "out", "up", "down")

@@ -7,10 +7,9 @@ rearranged for throughput:
   matmul runs on real tokens only and there is no attention mask at all:
   varlen flash attention keeps each post to itself through ``cu_seqlens``;
 * query, key and value are one fused ``[3 * hidden, hidden]`` projection;
-* the linear layers are pluggable: FP16 (``F.linear``), FP8 (``torch._scaled_mm``,
-  per-token activation scales and per-channel weight scales) or INT8
-  (``torch._int_mm``, the same scaling), so lower precision is measured on the
-  same graph;
+* the linear layers are pluggable (FP16 ``F.linear`` here; the engine probe's FP8
+  and INT8 ones live with it, in ``bench/packed_variants.py``), so lower precision
+  is measured on the same graph;
 * written as plain tensor code so ``torch.compile`` can fuse bias, GELU,
   residual and LayerNorm into few kernels and the activation quantization into
   the LayerNorm that produces its input.
@@ -24,7 +23,7 @@ Requires torch; imported only by the torch-cuda backend and its probe.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -32,28 +31,14 @@ from torch import nn
 
 from stream_sentiment.engines.minilm_torch import SentimentClassifier
 
-try:
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # torch < 2.10
-    varlen_attn = None
-
 # (q, k, v [tokens, heads, head_size], cu_seqlens int32, max_length) -> [tokens, heads, head_size]
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 LINEAR_NAMES = ("qkv", "out", "up", "down")
-FP8_MAX = 448.0  # float8_e4m3fn
 
 
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_length: int) -> torch.Tensor:
     """Varlen flash attention through the aten op every torch >= 2.2 CUDA build has."""
     return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_length, max_length, 0.0, False, False)[0]
-
-
-def varlen_api(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_length: int) -> torch.Tensor:
-    """``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10): a custom op made for torch.compile."""
-    if varlen_attn is None:
-        raise RuntimeError(f"torch {torch.__version__} has no torch.nn.attention.varlen")
-    out = varlen_attn(q, k, v, cu, cu, max_length, max_length)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def reference_attention(
@@ -70,7 +55,7 @@ def reference_attention(
     return out
 
 
-ATTENTIONS: dict[str, Attention] = {"flash": flash_varlen, "varlen": varlen_api, "reference": reference_attention}
+ATTENTIONS: dict[str, Attention] = {"flash": flash_varlen, "reference": reference_attention}
 
 
 class HalfLinear(nn.Module):
@@ -85,88 +70,11 @@ class HalfLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def _row_scales(x: torch.Tensor, top: float) -> torch.Tensor:
-    """Per-row symmetric scales ``amax / top`` in float32, ``[rows, 1]``."""
-    return (x.abs().amax(dim=-1, keepdim=True).float() / top).clamp(min=1e-12)
-
-
-class Fp8Linear(nn.Module):
-    """``torch._scaled_mm`` with e4m3 activations (a scale per token) and weights (a scale per output).
-
-    ``emulate``: the same quantization, multiplied in float32 (for CPU tests).
-    ``out_dtype``: what ``_scaled_mm`` writes; row-wise scaling needs bfloat16 on some torch versions.
-    """
-
-    def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor, *, out_dtype: torch.dtype, emulate: bool = False
-    ) -> None:
-        super().__init__()
-        w = weight.float()
-        w_scale = _row_scales(w, FP8_MAX)  # [out, 1]
-        quantized = (w / w_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        # _scaled_mm wants the second operand column-major: the transpose of a row-major [out, in].
-        self.register_buffer("weight_t", quantized.t(), persistent=False)
-        self.register_buffer("weight_scale", w_scale.t().contiguous(), persistent=False)  # [1, out]
-        self.register_buffer("bias", bias.float(), persistent=False)
-        self.out_dtype = out_dtype
-        self.emulate = emulate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = _row_scales(x, FP8_MAX)
-        xq = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        if self.emulate:
-            y = (xq.float() * scale) @ (self.weight_t.float() * self.weight_scale)
-        else:
-            y = torch._scaled_mm(xq, self.weight_t, scale_a=scale, scale_b=self.weight_scale, out_dtype=self.out_dtype)
-        return (y.float() + self.bias).to(x.dtype)
-
-
-class Int8Linear(nn.Module):
-    """``torch._int_mm`` with int8 activations (a scale per token) and weights (a scale per output).
-
-    For an INT8 version's dequantized weights (per-channel symmetric, max level 127)
-    the weight quantization here gives back the original int8 values.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        super().__init__()
-        w = weight.float()
-        w_scale = _row_scales(w, 127.0)
-        quantized = (w / w_scale).round().clamp(-127, 127).to(torch.int8)
-        self.register_buffer("weight_t", quantized.t(), persistent=False)
-        self.register_buffer("weight_scale", w_scale.t().contiguous(), persistent=False)
-        self.register_buffer("bias", bias.float(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = _row_scales(x, 127.0)
-        xq = (x.float() / scale).round().clamp(-127, 127).to(torch.int8)
-        acc = torch._int_mm(xq, self.weight_t)
-        return (acc.float() * scale * self.weight_scale + self.bias).to(x.dtype)
-
-
 LinearFactory = Callable[[str, torch.Tensor, torch.Tensor], nn.Module]
 
 
 def half_linears(name: str, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
     return HalfLinear(weight, bias)
-
-
-def quantized_linears(kind: str, names: Iterable[str], *, out_dtype: torch.dtype = torch.bfloat16,
-                      emulate: bool = False) -> LinearFactory:
-    """A factory quantizing the linears named in ``names`` (of :data:`LINEAR_NAMES`) to ``fp8`` or ``int8``."""
-    chosen = frozenset(names)
-    unknown = chosen - set(LINEAR_NAMES)
-    if unknown or kind not in ("fp8", "int8"):
-        raise ValueError(f"kind must be fp8/int8 and names of {LINEAR_NAMES}, got {kind!r}, {sorted(unknown)}")
-
-    def make(name: str, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
-        if name not in chosen:
-            return HalfLinear(weight, bias)
-        if kind == "fp8":
-            return Fp8Linear(weight, bias, out_dtype=out_dtype, emulate=emulate)
-        return Int8Linear(weight, bias)
-
-    return make
 
 
 class _PackedLayer(nn.Module):

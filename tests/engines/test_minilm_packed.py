@@ -7,12 +7,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from bench.packed_variants import Int8Linear, quantized_linears  # noqa: E402
 from stream_sentiment.batching.tokenizer import pad_to_bucket  # noqa: E402
-from stream_sentiment.engines.minilm_packed import (  # noqa: E402
-    Int8Linear,
-    PackedClassifier,
-    quantized_linears,
-)
+from stream_sentiment.engines.minilm_packed import PackedClassifier  # noqa: E402
 from stream_sentiment.engines.minilm_torch import EncoderConfig, SentimentClassifier  # noqa: E402
 from stream_sentiment.engines.packing import PackLayout, pack_into, token_budgets  # noqa: E402
 
