@@ -112,6 +112,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     port by itself.
     """
     from stream_sentiment.admin.engines import EngineManager
+    from stream_sentiment.admin.routes import RoutedEngineManager
     from stream_sentiment.admin.server import AdminServer
     from stream_sentiment.views.queries import AnalystQueries
     from stream_sentiment.views.web import AlertPage, page_settings
@@ -134,7 +135,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
             await loop.run_in_executor(None, engine.warm_up)
             routes = await open_routes(settings, plan, serving) if plan.routed else None
             worker = Worker(settings, engine, PostTokenizer(version), routes=routes, metrics=metrics)
-            manager = EngineManager(settings, worker, open_engine, redis)
+            manager: EngineManager | RoutedEngineManager = (
+                RoutedEngineManager(settings, worker, open_engine, redis) if worker.plan is not None
+                else EngineManager(settings, worker, open_engine, redis))
             queries = AnalystQueries(redis, RedisKeys(settings.redis_prefix), settings.aggregation.bucket_seconds)
             views = AlertPage(queries, page_settings(settings))
             settle_heap()  # all of the above lives as long as the process: out of the collector's way
