@@ -9,10 +9,7 @@ finish offsets of one partition out of order (the multilingual engine is ~2x slo
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
-
-from aiokafka import AIOKafkaProducer
 
 from stream_sentiment.batching.routing import RoutedEngines, plan_routes
 from stream_sentiment.batching.tokenizer import PostTokenizer
@@ -21,46 +18,7 @@ from stream_sentiment.engines.onnxruntime_backend import OnnxRuntimeEngine
 from stream_sentiment.metrics import PipelineMetrics
 from stream_sentiment.source.language import post_language
 from stream_sentiment.worker import Worker
-from tests.conftest import REPO
-from tests.pipeline import pipeline_settings, run_until
-
-SAMPLES_ZH = REPO / "stream_sentiment" / "source" / "samples_zh.jsonl"
-ENGLISH = ["the flight was delayed again and nobody told us anything", "lovely crew, smooth landing, thank you",
-           "my parcel arrived two days early, great service", "worst customer support I have dealt with"]
-
-
-def _documents(chinese: int, english: int) -> list[dict[str, object]]:
-    """Chinese sample posts (half tagged `zh-CN`, half known by their script) between English ones."""
-    zh = [json.loads(line)["text"] for line in SAMPLES_ZH.read_text(encoding="utf-8").splitlines()[:chinese]]
-    documents: list[dict[str, object]] = []
-    for index in range(max(chinese, english)):
-        if index < english:
-            documents.append({"id": f"en{index}", "text": f"{ENGLISH[index % len(ENGLISH)]} #{index}",
-                              "ts": 1_700_000_000 + index, **({"lang": "en"} if index % 3 == 0 else {})})
-        if index < chinese:
-            documents.append({"id": f"zh{index}", "text": zh[index], "ts": 1_700_000_000 + index,
-                              **({"lang": "zh-CN"} if index % 2 else {})})
-    return documents
-
-
-async def _produce(bootstrap: str, topic: str, documents: list[dict[str, object]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        for index, document in enumerate(documents):
-            await producer.send(topic, value=json.dumps(document, ensure_ascii=False).encode(),
-                                key=str(index).encode())
-        await producer.flush()
-    finally:
-        await producer.stop()
-
-
-def _lang_counts(redis, prefix: str) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for key in redis.scan_iter(f"{prefix}:agg:lang:*"):
-        language = key.split(":")[3]
-        counts[language] = counts.get(language, 0) + int(redis.hget(key, "posts") or 0)
-    return counts
+from tests.pipeline import lang_counts, mixed_language_posts, pipeline_settings, produce_documents, run_until
 
 
 def test_a_mixed_stream_is_routed_by_language_and_counted_once_under_its_lang(
@@ -69,7 +27,7 @@ def test_a_mixed_stream_is_routed_by_language_and_counted_once_under_its_lang(
     topic, settings = pipeline_settings(kafka, topic_factory, redis_server, "route", partitions=2,
                                         engine={"routes": {"zh": "multilingual-sentiment/v1"}})
     redis = redis_factory()
-    documents = _documents(chinese=24, english=40)
+    documents = mixed_language_posts(chinese=24, english=40)
     expected: dict[str, int] = {}
     for document in documents:
         language = post_language(document.get("lang"), str(document["text"]))  # type: ignore[arg-type]
@@ -86,13 +44,13 @@ def test_a_mixed_stream_is_routed_by_language_and_counted_once_under_its_lang(
         routes = RoutedEngines(plan, {"multilingual-sentiment": (multilingual_engine, PostTokenizer(multilingual))})
         worker = Worker(settings, english_engine, PostTokenizer(default), routes=routes, metrics=metrics)
         assert worker.engine is english_engine and worker.route("multilingual-sentiment").engine is multilingual_engine
-        asyncio.run(_produce(kafka.bootstrap_servers, topic, documents))
+        asyncio.run(produce_documents(kafka.bootstrap_servers, topic, documents))
         asyncio.run(run_until(worker, redis, "route", len(documents), 0, within=60))
         ready = worker.readiness()
 
     totals = redis.hgetall("route:totals")
     assert int(totals["scored"]) == len(documents) and int(totals.get("dead_lettered", 0)) == 0
-    assert _lang_counts(redis, "route") == expected
+    assert lang_counts(redis, "route") == expected
     marks = {int(k): int(v) for k, v in redis.hgetall(f"route:offsets:{topic}").items()}
     assert sum(marks.values()) == len(documents)
     # Each route's engine scored exactly its languages' posts (no rebalance here, so nothing was re-read).
