@@ -7,7 +7,9 @@ chunks on the event loop (the Rust tokenizer's share in a thread), length bucket
 stream), whose scored
 batches finish their records in the checkpointing sink (``sinks.checkpoint``:
 contiguous offset ranges applied to Redis through the fence with the
-partition's stream time, then the Kafka commit). Alongside, the alert judge
+partition's stream time, then the Kafka commit). With ``engine.routes`` each route (a language's
+engine, ``batching.routing``) has a scheduler of its own and every fetch is split between them; all
+feed the one sink. Alongside, the alert judge
 looks whether the group's event-time watermark passed a window end
 (``aggregation.judge``, which runs ``aggregation.monitor``).
 
