@@ -53,6 +53,9 @@ NAME_PATTERN = VERSION_PATTERN.pattern
 TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"
 Port = Annotated[int, Field(ge=0, le=65535)]
 Dimension = Literal["global", "topic", "region", "lang"]
+# A routed language (a primary subtag, as ``source.language`` reduces every post's) and its engine target.
+LANGUAGE_PATTERN = r"^[a-z]{2,3}$"
+ROUTE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
 
 # The file of the ``Settings.load`` in progress; a context variable, as loads may run concurrently.
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("stream_sentiment_config_file", default=None)
@@ -101,11 +104,21 @@ class EngineSettings(_Group):
         "Fault injection for tests: every k-th engine call of each stream fails. Unset (off) in production."))
     fault_broken_stream: int | None = Field(default=None, ge=0, description=(
         "Fault injection for tests: every call on this stream fails, rebuilt or not. Unset (off) in production."))
+    routes: dict[Annotated[str, Field(pattern=LANGUAGE_PATTERN)], Annotated[str, Field(pattern=ROUTE_PATTERN)]] = Field(
+        default_factory=dict, description=(
+            "Language routing: post language -> `model/version` or `model` (its version: engine.version for "
+            "engine.model, else the repository's latest), e.g. `{\"zh\": \"multilingual-sentiment/v1\"}`. Every "
+            "language not named goes to engine.model/engine.version. Each engine gets its own buckets and slots; "
+            "one version per model; a language its manifest does not list is refused. Empty = one engine for all."))
 
     @model_validator(mode="after")
     def _check(self) -> Self:
         if self.backend == "engine-server" and self.server_socket is None:
             raise ValueError("backend engine-server needs server_socket (the engine server's Unix socket)")
+        if self.routes and self.backend == "engine-server":
+            # The engine server hosts the one model its own settings name; routing there is not built yet.
+            raise ValueError("engine.routes is not supported with backend engine-server yet (the engine server "
+                             "hosts one model): route with onnxruntime, torch-cuda or tensorrt, or leave routes empty")
         return self
 
 
@@ -305,7 +318,7 @@ class Settings(BaseSettings):
     topic: str = Field(default="posts", pattern=TOPIC_PATTERN, description="Kafka topic the posts arrive on.")
     consumer_group: str = Field(default="stream-sentiment", min_length=1, description=(
         "Kafka consumer group; replicas share it to split the topic's partitions."))
-    default_language: str = Field(default="en", pattern=r"^[a-z]{2,3}$", description=(
+    default_language: str = Field(default="en", pattern=LANGUAGE_PATTERN, description=(
         "The language of a post that declares none and whose script does not say (anything but CJK): "
         "what the stream is mostly in. Counted under the lang dimension."))
     dlq_topic: str | None = Field(default=None, pattern=TOPIC_PATTERN, description=(

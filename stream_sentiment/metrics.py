@@ -115,6 +115,14 @@ class PipelineMetrics:
                               ["rule", "dimension"], namespace=ns, registry=r)
         self.engine_info = Gauge("engine_info", "The engine serving posts (value 1).", ["backend", "version"],
                                  namespace=ns, registry=r)
+        # Language routing (engine.routes): a route is named by its model; with no routes there is one.
+        self.route_engine_info = Gauge("route_engine_info", "The engine serving each route (value 1).",
+                                       ["route", "backend", "version"], namespace=ns, registry=r)
+        self.route_batches = Counter("route_batches", "Batches sent to each route's engine.", ["route"],
+                                     namespace=ns, registry=r)
+        self.route_posts = Counter("route_posts", "Posts in batches sent to each route's engine (a batch "
+                                   "re-sent after a failure counts once; re-reads after a restart count again).",
+                                   ["route"], namespace=ns, registry=r)
         self.engine_failures = Counter("engine_failures", "Failed engine calls (exception, CUDA error, time-out).",
                                        ["version", "stream"], namespace=ns, registry=r)
         self.engine_rebuilds = Counter("engine_rebuilds", "Engine streams rebuilt after a failure.",
@@ -149,11 +157,16 @@ class PipelineMetrics:
         for stage in STAGES:
             self.stage_seconds.labels(stage)  # present from the start, so rate() has a zero to start from
         self._lock = threading.Lock()
+        self._route_engines: dict[str, tuple[str, str]] = {}
 
-    def record_batch(self, bucket: int, rows: int, real_tokens: int, reason: str, waited: float) -> None:
-        """A batch was formed and sent to an engine stream."""
+    def record_batch(self, bucket: int, rows: int, real_tokens: int, reason: str, waited: float,
+                     route: str | None = None) -> None:
+        """A batch was formed and sent to an engine stream (of ``route``'s engine, when given)."""
         label = str(bucket)
         computed = rows * bucket
+        if route is not None:
+            self.route_batches.labels(route).inc()
+            self.route_posts.labels(route).inc(rows)
         self.batches.labels(label, reason).inc()
         self.batch_rows.labels(label).observe(rows)
         self.batch_tokens.labels(label, "real").inc(real_tokens)
@@ -165,6 +178,15 @@ class PipelineMetrics:
         with self._lock:
             self.engine_info.clear()
             self.engine_info.labels(backend, version).set(1)
+
+    def set_route_engine(self, route: str, backend: str, version: str) -> None:
+        """``route`` is served by ``backend``/``version`` now (its previous series removed)."""
+        with self._lock:
+            previous = self._route_engines.pop(route, None)
+            if previous is not None:
+                self.route_engine_info.remove(route, *previous)
+            self._route_engines[route] = (backend, version)
+            self.route_engine_info.labels(route, backend, version).set(1)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

@@ -7,6 +7,7 @@ import signal
 from typing import Any
 
 from stream_sentiment.aggregation.buckets import LABELS, RedisKeys
+from stream_sentiment.batching.routing import RoutedEngines, RoutePlan, plan_routes, route_settings
 from stream_sentiment.batching.tokenizer import PostTokenizer
 from stream_sentiment.clients import async_redis_client, check_redis, redis_client
 from stream_sentiment.config import Settings
@@ -76,6 +77,26 @@ def open_engine(
     return loaded, engine
 
 
+async def open_routes(settings: Settings, plan: RoutePlan, serving: list[Engine]) -> RoutedEngines:
+    """Open, activate and warm every route's engine but the default route's (``engine.routes``).
+
+    Each is appended to ``serving`` as soon as it is active, so the caller deactivates it whatever fails
+    next. A route's manifest that lacks a language routed to it is refused by the worker.
+    """
+    loop = asyncio.get_running_loop()
+    engines: dict[str, tuple[Engine, PostTokenizer]] = {}
+    for name, target in plan.targets.items():
+        if name == plan.default:
+            continue
+        version, engine = open_engine(route_settings(settings, target))
+        plan.check_manifest(name, version.manifest)  # before minutes of warming up an engine refused anyway
+        await loop.run_in_executor(None, engine.activate)
+        serving.append(engine)
+        await loop.run_in_executor(None, engine.warm_up)
+        engines[name] = (engine, PostTokenizer(version))
+    return RoutedEngines(plan, engines)
+
+
 def stop_on_signals(stop: asyncio.Event) -> None:
     """SIGINT and SIGTERM set ``stop``, so the worker drains, applies and commits before exiting."""
     loop = asyncio.get_running_loop()
@@ -91,6 +112,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     port by itself.
     """
     from stream_sentiment.admin.engines import EngineManager
+    from stream_sentiment.admin.routes import RoutedEngineManager
     from stream_sentiment.admin.server import AdminServer
     from stream_sentiment.views.queries import AnalystQueries
     from stream_sentiment.views.web import AlertPage, page_settings
@@ -103,14 +125,19 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     try:
         # A password or certificate Redis refuses fails now, before the engine loads, not after the outage limit.
         await check_redis(redis, settings.redis_url)
+        # Unknown route targets are refused before any engine loads.
+        plan = plan_routes(settings)
         version, engine = open_engine(settings)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, engine.activate)
         serving = [engine]
         try:
             await loop.run_in_executor(None, engine.warm_up)
-            worker = Worker(settings, engine, PostTokenizer(version), metrics=metrics)
-            manager = EngineManager(settings, worker, open_engine, redis)
+            routes = await open_routes(settings, plan, serving) if plan.routed else None
+            worker = Worker(settings, engine, PostTokenizer(version), routes=routes, metrics=metrics)
+            manager: EngineManager | RoutedEngineManager = (
+                RoutedEngineManager(settings, worker, open_engine, redis) if worker.plan is not None
+                else EngineManager(settings, worker, open_engine, redis))
             queries = AnalystQueries(redis, RedisKeys(settings.redis_prefix), settings.aggregation.bucket_seconds)
             views = AlertPage(queries, page_settings(settings))
             settle_heap()  # all of the above lives as long as the process: out of the collector's way
@@ -119,6 +146,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
                     await worker.run(stop)
                 finally:
                     serving.append(worker.engine)  # a hot swap may have replaced the first engine
+                    serving += [scheduler.engine for scheduler in worker.routes.values()]
                     await manager.close()
         finally:
             for active in serving:

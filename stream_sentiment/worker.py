@@ -7,7 +7,9 @@ chunks on the event loop (the Rust tokenizer's share in a thread), length bucket
 stream), whose scored
 batches finish their records in the checkpointing sink (``sinks.checkpoint``:
 contiguous offset ranges applied to Redis through the fence with the
-partition's stream time, then the Kafka commit). Alongside, the alert judge
+partition's stream time, then the Kafka commit). With ``engine.routes`` each route (a language's
+engine, ``batching.routing``) has a scheduler of its own and every fetch is split between them; all
+feed the one sink. Alongside, the alert judge
 looks whether the group's event-time watermark passed a window end
 (``aggregation.judge``, which runs ``aggregation.monitor``).
 
@@ -36,7 +38,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -46,6 +48,7 @@ from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys, ScoredP
 from stream_sentiment.aggregation.judge import AlertJudge
 from stream_sentiment.aggregation.progress import PartitionProgress
 from stream_sentiment.batching.batcher import Batcher, Pending
+from stream_sentiment.batching.routing import RoutedEngines, RoutePlan, split_by_route
 from stream_sentiment.batching.scheduler import Scheduler
 from stream_sentiment.batching.tokenizer import PostTokenizer
 from stream_sentiment.config import Settings
@@ -67,13 +70,29 @@ log = logging.getLogger(__name__)
 COMMIT_INTERVAL_S = 1.0
 
 
+def _check_labels(engine: Engine) -> None:
+    manifest = engine.version.manifest
+    if tuple(manifest.labels) != LABELS:
+        # Redis counts by these labels and reads P(negative) from the first column.
+        raise EngineRepositoryError(
+            f"engine {manifest.model}/{manifest.version} outputs {list(manifest.labels)}; the service counts "
+            f"{list(LABELS)}, in that order")
+
+
 class Worker:
     """One consumer-group member scoring posts with ``engine`` (already activated).
 
+    With ``routes`` (``engine.routes``, see ``batching.routing``), posts are split by their language's
+    route after decoding, one group per route and fetch, and each route has its own scheduler (engine,
+    tokenizer, buckets, slots): a batch never mixes engines. Every route's scored batches finish their
+    records in the one checkpointing sink, which applies each partition's finished prefix, so two routes
+    finishing offsets of one partition out of order change nothing: exactly-once is per offset.
+
     Args:
         settings: the service settings.
-        engine: an active engine whose version matches ``tokenizer``.
+        engine: an active engine whose version matches ``tokenizer``: the default route's.
         tokenizer: the engine version's tokenizer.
+        routes: the route plan and every other route's active engine and tokenizer; unset = one engine.
         metrics: where to count; a private registry when not given.
         clock: monotonic seconds, injectable for tests.
         wall_clock: epoch seconds: latency metrics and idle-partition detection only, never results.
@@ -85,16 +104,13 @@ class Worker:
         engine: Engine,
         tokenizer: PostTokenizer,
         *,
+        routes: RoutedEngines | None = None,
         metrics: PipelineMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         manifest = engine.version.manifest
-        if tuple(manifest.labels) != LABELS:
-            # Redis counts by these labels and reads P(negative) from the first column.
-            raise EngineRepositoryError(
-                f"engine {manifest.model}/{manifest.version} outputs {list(manifest.labels)}; the service counts "
-                f"{list(LABELS)}, in that order")
+        _check_labels(engine)
         self.settings = settings
         self.tokenizer = tokenizer
         self.metrics = metrics if metrics is not None else PipelineMetrics()
@@ -118,13 +134,44 @@ class Worker:
             commit_interval_s=COMMIT_INTERVAL_S, clock=clock, wall_clock=wall_clock,
         )
         self.source = KafkaSource(settings, self.sink, self.metrics, fail=self._fail, wall_clock=wall_clock)
+        self.plan: RoutePlan | None = routes.plan if routes is not None and routes.plan.routed else None
         self.scheduler = Scheduler(settings, engine, tokenizer, self.metrics, on_scored=self._scored,
-                                   on_poison=self._poisoned, fail=self._fail, clock=clock)
+                                   on_poison=self._poisoned, fail=self._fail, clock=clock,
+                                   route=routes.plan.default if routes is not None else None)
+        # Every route's scheduler, the default route's first.
+        self.schedulers: dict[str, Scheduler] = {self.scheduler.route: self.scheduler}
+        if routes is not None:
+            self._add_routes(routes, engine)
         self._judge: AlertJudge | None = None
         self._applier: asyncio.Task[None] | None = None
         self._drains = 0  # drains running (shutdown, revoke): no background applies meanwhile
 
+    def _add_routes(self, routes: RoutedEngines, default_engine: Engine) -> None:
+        plan = routes.plan
+        expected = set(plan.targets) - {plan.default}
+        if set(routes.engines) != expected:
+            raise ValueError(f"routes {sorted(expected)} need an engine each; got {sorted(routes.engines)}")
+        plan.check_manifest(plan.default, default_engine.version.manifest)
+        for name, (engine, tokenizer) in routes.engines.items():
+            _check_labels(engine)
+            plan.check_manifest(name, engine.version.manifest)
+            self.schedulers[name] = Scheduler(
+                self.settings, engine, tokenizer, self.metrics, on_scored=self._scored, on_poison=self._poisoned,
+                fail=self._fail, clock=self.clock, route=name, primary=False)
+
     # -- what the admin endpoint, the service and the benchmarks use ----------------------------
+
+    @property
+    def routes(self) -> Mapping[str, Scheduler]:
+        """Every route's scheduler by route name, the default route's first (one without routing)."""
+        return self.schedulers
+
+    def route(self, name: str) -> Scheduler:
+        """A route's scheduler: its ``engine``, ``pool``, ``batcher``, ``shadow``, ``new_pool``, ``swap_pool``."""
+        try:
+            return self.schedulers[name]
+        except KeyError:
+            raise KeyError(f"no route {name!r}; routes: {list(self.schedulers)}") from None
 
     @property
     def progress(self) -> dict[int, PartitionProgress[Outcome]]:
@@ -187,11 +234,21 @@ class Worker:
 
     def readiness(self) -> dict[str, Any]:
         pool = self.pool
-        return {
+        ready = {
             "engine": pool.version, "backend": self.engine.backend, "streams": self.engine.streams,
-            "lost_streams": sorted(pool.lost), "engine_working": pool.healthy,
+            "lost_streams": sorted(pool.lost), "engine_working": self._engines_working(),
             "redis_up": not self.sink.redis_down, "partitions": sorted(self.progress),
         }
+        if self.plan is not None:
+            ready["routes"] = {name: {"engine": f"{s.engine.version.manifest.model}/{s.pool.version}",
+                                      "backend": s.engine.backend, "lost_streams": sorted(s.pool.lost),
+                                      "engine_working": s.pool.healthy}
+                               for name, s in self.schedulers.items()}
+        return ready
+
+    def _engines_working(self) -> bool:
+        """Every route's engine has a working stream (a route without one holds its partitions' marks back)."""
+        return all(scheduler.pool.healthy for scheduler in self.schedulers.values())
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -200,7 +257,7 @@ class Worker:
         try:
             await self.source.start(self._on_revoked, consumer_options)
         except BaseException:  # e.g. the broker refused the certificate or password: nothing else to stop
-            self.scheduler.close()
+            self._close_schedulers()
             await self._redis.aclose()
             raise
         self._judge = AlertJudge.for_settings(self.settings, self._redis, self.keys, self.rules,
@@ -216,12 +273,16 @@ class Worker:
             if self._failure is not None:  # recorded by a batch or the applier while draining
                 raise self._failure
         finally:
-            self.scheduler.close()
+            self._close_schedulers()
             ticker.cancel()
             if self._applier is not None:
                 self._applier.cancel()
             await self.source.stop()
             await self._redis.aclose()
+
+    def _close_schedulers(self) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.close()
 
     async def _shut_down(self) -> None:
         """Drain, apply and commit what was fetched, saying before and after what that was.
@@ -248,16 +309,29 @@ class Worker:
         in_flight = sum(p.in_flight for p in self.progress.values())
         # No working engine stream, or Redis not answering: stop fetching; nothing is applied or committed,
         # so nothing is lost.
-        paused = (in_flight >= self.settings.batching.max_in_flight_posts or not self.pool.healthy
+        # A route without a working stream pauses fetching too: its posts would hold their partitions' marks.
+        paused = (in_flight >= self.settings.batching.max_in_flight_posts or not self._engines_working()
                   or self.sink.redis_down)
         self.metrics.in_flight.set(in_flight)
         self.metrics.paused.set(int(paused))
-        admitted = await self.source.fetch(self.scheduler.fetch_wait_ms(), paused=paused)
+        schedulers = self.schedulers
+        wait_ms = min(scheduler.fetch_wait_ms() for scheduler in schedulers.values())
+        admitted = await self.source.fetch(wait_ms, paused=paused)
         if admitted:
             # A partition revoked (and maybe reassigned) meanwhile has a new progress: its posts are the next owner's.
             owners = {partition: self.progress.get(partition) for partition in {a.partition for a in admitted}}
-            await self.scheduler.submit(admitted, lambda partition: self.progress.get(partition) is owners[partition])
-        self.scheduler.dispatch()
+
+            def keep(partition: int) -> bool:
+                return self.progress.get(partition) is owners[partition]
+
+            if self.plan is None:
+                await self.scheduler.submit(admitted, keep)
+            else:  # one group per route present in the fetch, each in fetch order
+                groups = split_by_route(admitted, [a.post.lang or "" for a in admitted], self.plan)
+                for route, group in groups.items():
+                    await schedulers[route].submit(group, keep)
+        for scheduler in schedulers.values():
+            scheduler.dispatch()
         self._apply_in_background()
 
     async def _scored(self, entries: Sequence[Pending[Admitted]], probabilities: np.ndarray) -> None:
@@ -319,7 +393,8 @@ class Worker:
             # What was fetched from the revoked partitions but not applied belongs to the next owner now;
             # the posts of partitions this worker keeps stay queued (aiokafka revokes every partition at
             # once today, but a kept post dropped here would block its partition for good).
-            self.scheduler.drop(gone)
+            for scheduler in self.schedulers.values():
+                scheduler.drop(gone)
 
     # -- Redis and commits ------------------------------------------------------------------------
 
@@ -356,13 +431,15 @@ class Worker:
             async with asyncio.timeout(budget_s):
                 while self.source.publishing:  # rejected records reach the dead-letter topic first
                     await asyncio.wait(list(self.source.publishing))
-                await self.scheduler.drain()
+                # Every route's queue at once: one route's slow engine does not hold back another's drain.
+                await asyncio.gather(*(scheduler.drain() for scheduler in self.schedulers.values()))
                 if self._applier is not None:  # its commit, if one is running, lands before the last one
                     await asyncio.wait([self._applier])  # none starts while a drain runs
                 await self._apply_ready(force_commit=True)
         except TimeoutError:
             # Not lost: unapplied records are read again by the next owner. But say what was left.
-            log.warning("drain ran out of its %.1f s: %s still running; %s", budget_s, self.scheduler.busy,
+            busy = {name: scheduler.busy for name, scheduler in self.schedulers.items()}
+            log.warning("drain ran out of its %.1f s: %s still running; %s", budget_s, busy,
                         {p: progress.summary() for p, progress in self.progress.items() if progress.in_flight})
         finally:
             self._drains -= 1

@@ -82,3 +82,61 @@ def test_sigkill_mid_stream_and_restart_still_counts_exactly_once(kafka, topic_f
     assert sum(final["by_label"].values()) == valid
     assert final["dead_lettered"] == dead
     assert sum(final["applied_offsets"].values()) == produced
+
+
+def test_a_routed_worker_sigkilled_mid_stream_still_counts_each_post_once_under_its_lang(
+    kafka, topic_factory, redis_server, tmp_path
+):
+    """`engine.routes` through the service path (both engines opened, warmed, checked): zh on the multilingual
+    engine, the rest on MiniLM; a SIGKILL mid-stream and a restart change nothing (issue 15's acceptance)."""
+    from redis import Redis
+
+    from tests.pipeline import lang_counts, mixed_language_posts, produce_documents
+
+    topic = topic_factory(partitions=2)
+    kafka.create_topic(f"{topic}.dlq", 1)
+    prefix = f"kill-{topic}"
+    env = {
+        **os.environ,
+        "STREAM_SENTIMENT_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "STREAM_SENTIMENT_TOPIC": topic,
+        "STREAM_SENTIMENT_CONSUMER_GROUP": f"g-{topic}",
+        "STREAM_SENTIMENT_REDIS_URL": redis_server.url,
+        "STREAM_SENTIMENT_REDIS_PREFIX": prefix,
+        "STREAM_SENTIMENT_KAFKA_SESSION_TIMEOUT_MS": "2000",
+        "STREAM_SENTIMENT_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+        "STREAM_SENTIMENT_BATCHING__MAX_ROWS": "8",
+        "STREAM_SENTIMENT_ADMIN__PORT": "0",
+        "STREAM_SENTIMENT_ENGINE__ROUTES": '{"zh": "multilingual-sentiment/v1"}',
+    }
+    documents = mixed_language_posts(chinese=96, english=144)
+    asyncio.run(produce_documents(kafka.bootstrap_servers, topic, documents))
+    log = tmp_path / "worker.log"
+    redis = Redis.from_url(redis_server.url, decode_responses=True)
+
+    first = _worker(env, log)
+    try:  # Redis polled here, not through `stats` (a process start per look): the worker is fast on 240 posts
+        deadline = time.monotonic() + 120
+        while int(redis.hget(f"{prefix}:totals", "scored") or 0) < 30:
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.02)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    partial = int(redis.hget(f"{prefix}:totals", "scored") or 0)
+    assert partial < len(documents), "the worker finished before it could be killed mid-stream"
+
+    second = _worker(env, log)
+    try:
+        _wait_for(env, lambda s: s["scored"] >= len(documents), 120, second, log)
+        time.sleep(1.0)  # anything counted twice would show up now
+        final = _stats(env)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0, log.read_text()[-3000:]
+    assert final["scored"] == len(documents) and final["dead_lettered"] == 0
+    assert sum(final["applied_offsets"].values()) == len(documents)
+    try:
+        assert lang_counts(redis, prefix) == {"en": 144, "zh": 96}
+    finally:
+        redis.close()

@@ -42,13 +42,17 @@ class AdminClient:
         """``GET /admin/engines``: the repository's versions, their states and the active one."""
         return self._call("GET", "/admin/engines")
 
-    def activate(self, version: str) -> tuple[int, dict[str, Any]]:
-        """``POST /admin/engines/activate``; answers once the version is active or refused."""
-        return self._call("POST", "/admin/engines/activate", {"version": version})
+    def activate(self, version: str, route: str | None = None) -> tuple[int, dict[str, Any]]:
+        """``POST /admin/engines/activate``; answers once the version is active or refused.
 
-    def rollback(self) -> tuple[int, dict[str, Any]]:
-        """``POST /admin/engines/rollback``: back to the standby engine."""
-        return self._call("POST", "/admin/engines/rollback", {})
+        ``route``: which route's engine (``engine.routes``, a model name); unset = the default route.
+        """
+        body = {"version": version} if route is None else {"version": version, "route": route}
+        return self._call("POST", "/admin/engines/activate", body)
+
+    def rollback(self, route: str | None = None) -> tuple[int, dict[str, Any]]:
+        """``POST /admin/engines/rollback``: back to the standby engine (of ``route``, else the default route)."""
+        return self._call("POST", "/admin/engines/rollback", {} if route is None else {"route": route})
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
         headers = {"Accept": "application/json"}

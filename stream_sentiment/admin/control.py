@@ -61,7 +61,11 @@ class EngineControl(Protocol):
         ...
 
     async def activate(self, version: str) -> dict[str, Any]:
-        """Load, warm up, validate and cut over to ``version``; raises an :class:`AdminError` when refused."""
+        """Load, warm up, validate and cut over to ``version``; raises an :class:`AdminError` when refused.
+
+        A routed worker's control (``admin.routes``) also takes ``route=``: the server passes it only
+        when the request names one.
+        """
         ...
 
     async def rollback(self) -> dict[str, Any]:

@@ -31,7 +31,8 @@ from stream_sentiment.admin.control import (
     UnknownVersionError,
     ValidationFailedError,
 )
-from stream_sentiment.admin.validation import CandidateValidator
+from stream_sentiment.admin.validation import CandidateValidator, ServedEngine
+from stream_sentiment.batching.routing import route_settings
 from stream_sentiment.config import Settings
 from stream_sentiment.engines.base import Engine
 from stream_sentiment.engines.manifest import VERSION_PATTERN, EngineRepository, EngineVersion
@@ -54,32 +55,47 @@ class LoadedVersion:
 
 
 class EngineManager:
-    """Implements :class:`stream_sentiment.admin.control.EngineControl` for one worker.
+    """Implements :class:`stream_sentiment.admin.control.EngineControl` for one worker, or one route of it.
 
     Args:
         settings: the service settings (engine repository, admin validation thresholds).
         worker: the worker whose engine is managed; its current engine is the active version.
         open_engine: ``(settings, version=, backend=) -> (EngineVersion, Engine)``, not yet activated.
         redis: an asyncio Redis client for the events stream (None: events are only logged).
+        route: the route (``engine.routes``) whose engine is managed: versions of its model, swapped on its
+            scheduler alone; unset = the default route (the worker's ``engine``).
     """
 
-    def __init__(self, settings: Settings, worker: Worker, open_engine: OpenEngine, redis: Any = None) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, worker: Worker, open_engine: OpenEngine, redis: Any = None,
+                 *, route: str | None = None) -> None:
         self.worker = worker
+        self.primary = route is None or route == worker.scheduler.route
+        self.route = worker.scheduler.route if route is None else route
+        served: ServedEngine = worker if self.primary else worker.route(self.route)
+        if not self.primary:
+            assert worker.plan is not None  # a second route exists only with a plan
+            settings = route_settings(settings, worker.plan.targets[self.route])  # its model's repository
+        self.settings = settings
+        self.served = served
         self.open_engine = open_engine
         self.redis = redis
         self.repository = EngineRepository(settings.engine.repository, settings.engine.model)
-        self.validator = CandidateValidator(settings, worker)
+        self.validator = CandidateValidator(settings, served)
         self.events_key = f"{settings.redis_prefix}:engine-events"
-        active = worker.pool.version
-        self.loaded: dict[str, LoadedVersion] = {active: LoadedVersion(active, EngineState.ACTIVE, worker.pool)}
+        active = served.pool.version
+        self.loaded: dict[str, LoadedVersion] = {active: LoadedVersion(active, EngineState.ACTIVE, served.pool)}
         self.active = active
         self.standby: str | None = None
         self._lock = asyncio.Lock()
         self._activating: str | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._publish_states()
-        worker.on_engine_down = self._on_engine_down
+        served.on_engine_down = self._on_engine_down
+
+    @property
+    def activating(self) -> str | None:
+        """The version being activated now, if any."""
+        return self._activating
 
     # -- EngineControl ----------------------------------------------------------------------------
 
@@ -178,7 +194,7 @@ class EngineManager:
             del self.loaded[version]
             self._publish_states()
             raise
-        entry.pool = self.worker.new_pool(engine)
+        entry.pool = self.served.new_pool(engine)
         entry.loaded_seconds = round(time.perf_counter() - started, 3)
         entry.state = EngineState.WARM
         self._publish_states()
@@ -197,7 +213,7 @@ class EngineManager:
     def _cut_over(self, target: LoadedVersion) -> float:
         """Flip the worker to ``target``; the old active becomes the standby once its batches finish."""
         assert target.pool is not None
-        old_pool, pause = self.worker.swap_pool(target.pool)
+        old_pool, pause = self.served.swap_pool(target.pool)
         self.worker.metrics.cutover_pause.observe(pause)
         previous = self.loaded[self.active]
         previous.state = EngineState.DRAINING
@@ -228,13 +244,13 @@ class EngineManager:
     # -- failure recovery ---------------------------------------------------------------------------
 
     def _on_engine_down(self) -> None:
-        if self.settings.engine.cpu_fallback and self.worker.engine.backend != "onnxruntime":
-            self._spawn(self._fall_back_to_cpu(self.worker.pool))
+        if self.settings.engine.cpu_fallback and self.served.engine.backend != "onnxruntime":
+            self._spawn(self._fall_back_to_cpu(self.served.pool))
 
     async def _fall_back_to_cpu(self, failed_pool: SlotPool) -> None:
         """No stream of the active engine works: score the same version on ONNX Runtime."""
         async with self._lock:
-            if self.worker.pool is not failed_pool or failed_pool.healthy:
+            if self.served.pool is not failed_pool or failed_pool.healthy:
                 return  # an activation or rollback replaced the failed engine meanwhile
             version = self.active
 
@@ -245,9 +261,9 @@ class EngineManager:
                 await self._event("fallback_failed", version, reason=str(error))
                 return
             failed = self.loaded[version]
-            old_pool, pause = self.worker.swap_pool(self.worker.new_pool(engine))
+            old_pool, pause = self.served.swap_pool(self.served.new_pool(engine))
             failed.state = EngineState.RETIRED
-            fallback = LoadedVersion(version, EngineState.ACTIVE, self.worker.pool)
+            fallback = LoadedVersion(version, EngineState.ACTIVE, self.served.pool)
             self.loaded[version] = fallback
             self._spawn(self._close_failed_pool(old_pool))
             self.worker.metrics.engine_swaps.labels("fallback", "ok").inc()
@@ -273,12 +289,18 @@ class EngineManager:
         task.add_done_callback(self._background.discard)
 
     def _publish_states(self) -> None:
+        if not self.primary:
+            # engine_state has no route label (its series are the default route's); a route's versions and
+            # states are in its list_engines() and its engine events.
+            return
         gauge = self.worker.metrics.engine_state
         gauge.clear()
         for entry in self.loaded.values():
             gauge.labels(entry.version, entry.state.value).set(1)
 
     async def _event(self, event: str, version: str, **details: Any) -> None:
+        if not self.primary:
+            details = {"route": self.route, **details}
         fields = {"event": event, "version": version, "at": f"{time.time():.3f}",
                   **{k: v if isinstance(v, str) else json.dumps(v) for k, v in details.items()}}
         log.info("engine event %s", fields)

@@ -285,7 +285,7 @@ class AdminServer:
         return web.json_response(self._control.list_engines())
 
     async def _activate(self, request: web.Request) -> web.Response:
-        data = await self._read_object(request, frozenset({"version"}))
+        data = await self._read_object(request, frozenset({"version", "route"}))
         version = data.get("version")
         if not isinstance(version, str):
             raise AdminError('the body must be {"version": "<name>"} with a string version')
@@ -293,10 +293,21 @@ class AdminServer:
         if VERSION_PATTERN.fullmatch(version) is None:
             raise InvalidVersionNameError("version must be a plain name inside the engine repository "
                              f"(letters, digits, '.', '_', '-'; at most 64), not {version[:80]!r}")
-        log.info("admin: activation of engine version %r requested from %s", version, request.remote)
-        result = await self._control.activate(version)
+        route = self._route(data)
+        log.info("admin: activation of engine version %r (route %s) requested from %s", version,
+                 route or "default", request.remote)
+        # A route only when named: a worker without routing has one, and its control takes none.
+        result = await (self._control.activate(version) if route is None
+                        else self._control.activate(version, route=route))  # type: ignore[call-arg]
         log.info("admin: engine version %r is active", version)
         return web.json_response(result)
+
+    @staticmethod
+    def _route(data: dict[str, Any]) -> str | None:
+        route = data.get("route")
+        if route is not None and (not isinstance(route, str) or VERSION_PATTERN.fullmatch(route) is None):
+            raise AdminError("route must be a route's name (its model folder, a plain name)")
+        return route
 
     async def _sign_in(self, request: web.Request) -> web.Response:
         """The page's sign-in form: a right token gets the page cookie and goes back to the page."""
@@ -316,8 +327,9 @@ class AdminServer:
         raise response
 
     async def _rollback(self, request: web.Request) -> web.Response:
-        await self._read_object(request, frozenset())
-        log.info("admin: rollback requested from %s", request.remote)
-        result = await self._control.rollback()
+        route = self._route(await self._read_object(request, frozenset({"route"})))
+        log.info("admin: rollback (route %s) requested from %s", route or "default", request.remote)
+        result = await (self._control.rollback() if route is None
+                        else self._control.rollback(route=route))  # type: ignore[call-arg]
         log.info("admin: rolled back")
         return web.json_response(result)

@@ -18,15 +18,18 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
 import numpy as np
 
 from stream_sentiment.admin.control import ValidationFailedError
+from stream_sentiment.batching.tokenizer import PostTokenizer
 from stream_sentiment.config import Settings
+from stream_sentiment.engines.base import Engine
 from stream_sentiment.engines.slots import SlotPool
-from stream_sentiment.worker import Worker
+from stream_sentiment.metrics import PipelineMetrics
 
 # Validation posts scored per chunk: a few milliseconds of CPU, short enough not to hold up a live batch.
 VALIDATION_CHUNK_ROWS = 8
@@ -34,10 +37,33 @@ VALIDATION_CHUNK_ROWS = 8
 IDLE_WAIT_LIMIT_S = 0.5
 
 
-class CandidateValidator:
-    """Validates candidate engines for ``worker`` against ``settings.admin``'s thresholds."""
+class ServedEngine(Protocol):
+    """What a hot swap acts on: a worker (its default route) or one route's scheduler (``Worker.route``)."""
 
-    def __init__(self, settings: Settings, worker: Worker) -> None:
+    metrics: PipelineMetrics
+    tokenizer: PostTokenizer
+    on_engine_down: Callable[[], None] | None
+
+    @property
+    def pool(self) -> SlotPool: ...
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def shadow(self) -> Sequence[tuple[tuple[int, ...], int]]: ...
+
+    def new_pool(self, engine: Engine) -> SlotPool: ...
+
+    def swap_pool(self, pool: SlotPool) -> tuple[SlotPool, float]: ...
+
+    def engine_time(self, wait_limit: float) -> AbstractAsyncContextManager[None]: ...
+
+
+class CandidateValidator:
+    """Validates candidate engines for ``worker`` (or one route of it) against ``settings.admin``'s thresholds."""
+
+    def __init__(self, settings: Settings, worker: ServedEngine) -> None:
         self.settings = settings
         self.worker = worker
 

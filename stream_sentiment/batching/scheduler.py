@@ -95,6 +95,9 @@ class Scheduler:
         on_poison: called with a post the engine fails on alone.
         fail: records a failure that must stop the worker (a task cannot raise to it).
         clock: monotonic seconds, injectable for tests.
+        route: the route this scheduler serves (``batching.routing``), the ``route`` label of its metrics;
+            unset = the engine's model, the one route of a worker without routing.
+        primary: whether it serves the default route, whose engine ``engine_info`` names.
     """
 
     def __init__(
@@ -108,11 +111,16 @@ class Scheduler:
         on_poison: Callable[[Admitted], Awaitable[None]],
         fail: Callable[[BaseException], None],
         clock: Callable[[], float] = time.monotonic,
+        route: str | None = None,
+        primary: bool = True,
     ) -> None:
         self.settings = settings
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.clock = clock
+        self.route = route if route is not None else engine.version.manifest.model
+        self.primary = primary
+        metrics.set_route_engine(self.route, engine.backend, engine.version.manifest.version)
         self._on_scored = on_scored
         self._on_poison = on_poison
         self._fail = fail
@@ -160,7 +168,9 @@ class Scheduler:
         """
         started = time.perf_counter()
         old, self.pool = self.pool, pool
-        self.metrics.set_engine(pool.engine.backend, pool.version)
+        if self.primary:
+            self.metrics.set_engine(pool.engine.backend, pool.version)
+        self.metrics.set_route_engine(self.route, pool.engine.backend, pool.version)
         self._engine_down_reported = False
         self.metrics.consumption_paused.set(0)
         paused = time.perf_counter() - started
@@ -299,7 +309,8 @@ class Scheduler:
 
     def _record_batch(self, batch: FormedBatch[Admitted]) -> None:
         waited = batch.formed - min(e.arrived for e in batch.entries)
-        self.metrics.record_batch(batch.bucket, batch.rows, batch.real_tokens, batch.reason.value, waited)
+        self.metrics.record_batch(batch.bucket, batch.rows, batch.real_tokens, batch.reason.value, waited,
+                                  self.route)
 
     async def _infer(self, batch: FormedBatch[Admitted], pool: SlotPool, stream: int) -> None:
         holding_stream = True

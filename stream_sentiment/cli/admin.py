@@ -40,8 +40,9 @@ def _engines(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"{name}: {error}", file=sys.stderr)
         return EXIT_USAGE
-    calls = {"list": client.engines, "rollback": client.rollback,
-             "activate": lambda: client.activate(args.version)}
+    route = getattr(args, "route", None)
+    calls = {"list": client.engines, "rollback": lambda: client.rollback(route),
+             "activate": lambda: client.activate(args.version, route)}
     try:
         status, answer = calls[args.action]()
     except AdminUnreachableError as error:
@@ -100,4 +101,7 @@ def add_commands(commands: Commands) -> None:
         _add_admin_client_flags(sub, suppress=True)  # the flags may come before or after the action
         if action == "activate":
             sub.add_argument("version", help="version name inside the engine repository (not a path)")
+        if action in ("activate", "rollback"):
+            sub.add_argument("--route", help="with engine.routes: the route (its model name) whose engine to "
+                                             "change; unset = the default route (engine.model)")
     engines.set_defaults(handler=_engines)

@@ -238,6 +238,33 @@ def test_rollback_with_an_empty_body_or_an_empty_object() -> None:
         assert control.calls == [("rollback",)]
 
 
+class RoutedControl(RecordingControl):
+    """A routed worker's control (``admin.routes``): activate and rollback take a route."""
+
+    async def activate(self, version: str, route: str | None = None) -> dict[str, Any]:  # type: ignore[override]
+        self.calls.append(("activate", version, str(route)))
+        return {"active": version, "route": route}
+
+    async def rollback(self, route: str | None = None) -> dict[str, Any]:  # type: ignore[override]
+        self.calls.append(("rollback", str(route)))
+        return {"active": "v1", "route": route}
+
+
+def test_a_named_route_is_passed_on_and_a_malformed_one_refused_before_the_control() -> None:
+    control = RoutedControl()
+    for path, body in (("activate", {"version": "v2", "route": "multilingual-sentiment"}),
+                       ("rollback", {"route": "multilingual-sentiment"}), ("activate", {"version": "v3"})):
+        status, _, _ = request(control, "POST", f"/admin/engines/{path}", json=body, headers=AUTH)
+        assert status == 200
+    assert control.calls == [("activate", "v2", "multilingual-sentiment"), ("rollback", "multilingual-sentiment"),
+                             ("activate", "v3", "None")]
+    for body in ({"version": "v2", "route": 5}, {"version": "v2", "route": "../x"}, {"route": ""}):
+        path = "activate" if "version" in body else "rollback"
+        status, answer, _ = request(control, "POST", f"/admin/engines/{path}", json=body, headers=AUTH)
+        assert (status, "route must be" in answer["error"]) == (400, True)
+    assert len(control.calls) == 3
+
+
 def test_rollback_without_a_standby_is_409() -> None:
     control = RecordingControl(rollback_error=NothingToRollBackError("no previous engine"))
     status, body, _ = request(control, "POST", "/admin/engines/rollback", headers=AUTH)
