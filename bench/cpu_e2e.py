@@ -38,11 +38,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.recording import RecordingHistogram  # noqa: E402
 from stream_sentiment.batching.tokenizer import PostTokenizer  # noqa: E402
 from stream_sentiment.config import Settings  # noqa: E402
 from stream_sentiment.embedded import EmbeddedKafka, EmbeddedRedis  # noqa: E402
 from stream_sentiment.engines.base import Engine  # noqa: E402
-from stream_sentiment.metrics import PipelineMetrics, observe_many  # noqa: E402
+from stream_sentiment.metrics import PipelineMetrics  # noqa: E402
 from stream_sentiment.source.replay import sample_posts  # noqa: E402
 from stream_sentiment.worker import Worker  # noqa: E402
 
@@ -54,22 +55,6 @@ SETUPS: dict[str, dict[str, Any]] = {
     "one-at-a-time": {"batching": {"max_rows": 1, "window_ms": 0, "timeout_ms": 0}},
     "pad-to-max": {"batching": {"buckets": [256]}},
 }
-
-
-class RecordingHistogram:
-    """Stands in for the worker's end-to-end histogram: keeps every observation for exact percentiles."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.samples: list[float] = []
-
-    def observe(self, value: float) -> None:
-        self.samples.append(value)
-        self.inner.observe(value)
-
-    def observe_many(self, values: Any) -> None:
-        self.samples.extend(values.tolist())
-        observe_many(self.inner, values)
 
 
 @dataclass

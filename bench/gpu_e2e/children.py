@@ -40,59 +40,17 @@ from typing import Any
 import numpy as np
 
 from bench.gpu_e2e.common import MODEL, REPO, STATUS_INTERVAL_S, VERSION, BenchError, bench_version, encoder_flops
+from bench.recording import RecordingHistogram, RecordingLabelledHistogram
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
 from stream_sentiment.config import Settings
 from stream_sentiment.engines.base import Engine, TokenBatch
 from stream_sentiment.engines.manifest import EngineVersion
-from stream_sentiment.metrics import STAGES, PipelineMetrics, observe_many
+from stream_sentiment.metrics import STAGES, PipelineMetrics
 from stream_sentiment.worker import COMMIT_INTERVAL_S, Worker
 
 log = logging.getLogger("gpu_e2e")
 
 PR_SET_PDEATHSIG = 1
-
-
-
-class RecordingHistogram:
-    """Stands in for the worker's end-to-end histogram: keeps every observation for exact percentiles."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.samples: list[float] = []
-
-    def observe(self, value: float) -> None:
-        self.samples.append(value)
-        self.inner.observe(value)
-
-
-class RecordingLabelledHistogram(RecordingHistogram):
-    """The same for a labelled histogram: every child's observations in one list (labels dropped)."""
-
-    def __init__(self, inner: Any) -> None:
-        super().__init__(inner)
-
-    def labels(self, *values: str) -> RecordingLabelledHistogram:
-        child = RecordingLabelledHistogram(self.inner.labels(*values))
-        child.samples = self.samples
-        return child
-
-
-class _Recorder:
-    """Stands in for one of the worker's per-post histograms (the sink observes a range at once)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.samples: list[np.ndarray] = []
-
-    def observe(self, value: float) -> None:
-        self.observe_many(np.asarray([value], dtype=np.float64))
-
-    def observe_many(self, values: np.ndarray) -> None:
-        self.samples.append(np.asarray(values, dtype=np.float64))
-        observe_many(self.inner, values)
-
-    def array(self) -> np.ndarray:
-        return np.concatenate(self.samples) if self.samples else np.zeros(0)
 
 
 class PostTimes:
@@ -105,8 +63,8 @@ class PostTimes:
     """
 
     def __init__(self, metrics: PipelineMetrics) -> None:
-        self.end_to_end = _Recorder(metrics.end_to_end)
-        self.pipeline = _Recorder(metrics.pipeline_latency)
+        self.end_to_end = RecordingHistogram(metrics.end_to_end)
+        self.pipeline = RecordingHistogram(metrics.pipeline_latency)
         metrics.end_to_end = self.end_to_end  # type: ignore[assignment]
         metrics.pipeline_latency = self.pipeline  # type: ignore[assignment]
 
