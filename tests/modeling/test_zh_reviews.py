@@ -49,3 +49,24 @@ def test_calibration_reviews_are_chosen_by_text_hash_not_by_order():
     assert len(chosen) == 50 == len(set(chosen))
     assert calibration_reviews(list(reversed(train)), 50) == chosen
     assert calibration_reviews(train, 10) == chosen[:10]
+
+
+def test_gold_standards_relabelled_and_consensus_follow_the_annotation():
+    import pytest
+
+    from stream_sentiment.modeling.zh_reviews import Review, gold_rows, key_digest
+
+    reviews = [Review("很好", "positive", "test", "a"), Review("很差", "negative", "test", "b"),
+               Review("一、硬件", "positive", "test", "c"), Review("床硬但早餐好", "negative", "test", "d"),
+               Review("房间旧，隔音差", "positive", "test", "e")]
+    relabels = {key_digest("a"): "positive", key_digest("b"): "negative", key_digest("c"): "none",
+                key_digest("d"): "mixed", key_digest("e"): "negative"}
+    assert [row["label"] for row in gold_rows(reviews, "original", relabels)] == [r.label for r in reviews]
+    # The annotator's polar labels replace the corpus's; fragments and mixed reviews leave the polar test.
+    assert gold_rows(reviews, "relabelled", relabels) == [
+        {"text": "很好", "label": "positive"}, {"text": "很差", "label": "negative"},
+        {"text": "房间旧，隔音差", "label": "negative"}]
+    # Consensus keeps only what both labels agree on.
+    assert [row["text"] for row in gold_rows(reviews, "consensus", relabels)] == ["很好", "很差"]
+    with pytest.raises(ValueError, match="no annotation"):
+        gold_rows(reviews, "relabelled", {key_digest("a"): "positive"})
