@@ -109,16 +109,14 @@ class EngineSettings(_Group):
             "Language routing: post language -> `model/version` or `model` (its version: engine.version for "
             "engine.model, else the repository's latest), e.g. `{\"zh\": \"multilingual-sentiment/v1\"}`. Every "
             "language not named goes to engine.model/engine.version. Each engine gets its own buckets and slots; "
-            "one version per model; a language its manifest does not list is refused. Empty = one engine for all."))
+            "one version per model; a language its manifest does not list is refused. Empty = one engine for all. "
+            "With backend engine-server, give the engine server the same engine.model and engine.routes: it hosts "
+            "each route's model (a worker asking for one it does not host is refused at start-up)."))
 
     @model_validator(mode="after")
     def _check(self) -> Self:
         if self.backend == "engine-server" and self.server_socket is None:
             raise ValueError("backend engine-server needs server_socket (the engine server's Unix socket)")
-        if self.routes and self.backend == "engine-server":
-            # The engine server hosts the one model its own settings name; routing there is not built yet.
-            raise ValueError("engine.routes is not supported with backend engine-server yet (the engine server "
-                             "hosts one model): route with onnxruntime, torch-cuda or tensorrt, or leave routes empty")
         return self
 
 

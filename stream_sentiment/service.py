@@ -167,9 +167,9 @@ async def serve(settings: Settings) -> None:
 def serve_engines(settings: Settings, *, preload: bool = True) -> None:
     """Run the host's engine server until SIGINT/SIGTERM (``stream-sentiment engine-server``).
 
-    With ``preload`` the configured version (``engine.version``, ``batching.buckets``, ``batching.max_rows``)
-    is loaded and warmed before the socket is created, so the first worker does not wait and a socket that
-    accepts means a warm engine (compose's healthcheck relies on that).
+    With ``preload`` the configured version (``engine.version``, ``batching.buckets``, ``batching.max_rows``),
+    and each ``engine.routes`` model's, is loaded and warmed before the socket is created, so the first worker
+    does not wait and a socket that accepts means warm engines (compose's healthcheck relies on that).
     """
     import threading
 

@@ -66,5 +66,6 @@ def add_commands(commands: Commands) -> None:
                         help="CUDA streams (execution slots) per loaded engine (overrides engine.streams)")
     server.add_argument("--config", type=Path, default=None, help="TOML or JSON settings file")
     server.add_argument("--no-preload", action="store_true",
-                        help="load versions only when a worker asks (default: warm engine.version at start)")
+                        help="load versions only when a worker asks (default: warm engine.version, and each "
+                             "engine.routes model's version, at start)")
     server.set_defaults(handler=_engine_server)

@@ -9,11 +9,19 @@ workers keep the CPU work and send their token batches (``backend = "engine-serv
 to this one process, which runs them on its engine's CUDA streams in one context.
 
 The server is driven by its clients. A client connection (one per client slot) opens
-with HELLO naming the engine version, the length buckets and the largest batch it
+with HELLO naming the model, engine version, length buckets and largest batch it
 serves; the server loads and warms that engine on first request -- a hot swap on a
 worker asks for the new version the same way -- and keeps it while any connection
 uses it. Versions are names in the server's own engine repository (never paths), and
 the model file's sha256 must equal the client's, so both sides serve the same bytes.
+
+Language routing (``engine.routes``): the server hosts the models its own settings
+name -- ``engine.model`` and each route's -- with the same routes as the workers', so
+a routed worker's connections for each route reach that route's engine. Each model's
+engines have their own request queue and streams (a device call never mixes models),
+and a worker's hot swap of one route loads and releases versions of that route's model
+only. A worker asking for a model the server does not host is refused at its HELLO,
+i.e. when its engine activates at start-up or in a hot swap, never batch by batch.
 
 Each connection has its own thread, which only reads requests and writes answers.
 Each engine stream has one dispatcher thread, which merges waiting requests of one
@@ -38,6 +46,7 @@ from typing import Any, Self
 
 from prometheus_client.exposition import start_http_server
 
+from stream_sentiment.batching.routing import plan_routes
 from stream_sentiment.config import Settings
 from stream_sentiment.engines import wire
 from stream_sentiment.engines.base import Engine
@@ -55,10 +64,11 @@ class EngineServer:
 
     Args:
         settings: the server's settings: ``engine.backend`` (the device backend), ``engine.streams``,
-            ``engine.repository``/``model`` and ``engine.server_socket``.
+            ``engine.repository``/``model``, ``engine.routes`` (the models hosted beside ``model``)
+            and ``engine.server_socket``.
         open_engine: ``settings -> (version, engine)``, not yet activated (``service.open_engine``);
-            called with ``engine.version``, ``batching.buckets`` and ``batching.max_rows`` set to a
-            client's request.
+            called with ``engine.model``, ``engine.version``, ``batching.buckets`` and
+            ``batching.max_rows`` set to a client's request.
         metrics: where to count; new ones when not given.
     """
 
@@ -70,6 +80,9 @@ class EngineServer:
         if settings.engine.server_socket is None:
             raise ValueError("the engine server needs engine.server_socket (STREAM_SENTIMENT_ENGINE__SERVER_SOCKET)")
         self.settings = settings
+        # The hosted models and the version of each to preload: the default one and each route's (unknown
+        # models or versions in engine.routes are refused here, before anything listens).
+        self.plan = plan_routes(settings)
         self.socket_path = Path(settings.engine.server_socket)
         self.open_engine = open_engine
         self.metrics = metrics if metrics is not None else EngineServerMetrics()
@@ -107,20 +120,31 @@ class EngineServer:
         if self.settings.metrics_port:
             # On the admin bind address (loopback by default), as a worker serves its own metrics.
             start_http_server(self.settings.metrics_port, addr=self.settings.admin.host, registry=self.metrics.registry)
-        log.info("engine server (%s, %d stream(s) per engine) listening on %s", self.settings.engine.backend,
-                 self.settings.engine.streams, path)
+        log.info("engine server (%s, %d stream(s) per engine, models %s) listening on %s",
+                 self.settings.engine.backend, self.settings.engine.streams, self.models, path)
         return self
 
+    @property
+    def models(self) -> list[str]:
+        """The models this server hosts: ``engine.model`` first, then each route's."""
+        return list(self.plan.targets)
+
     def preload(self) -> EngineKey:
-        """Load and warm the configured version now and keep it, so the first worker finds it ready."""
+        """Load and warm every hosted model's configured version now and keep them, so workers find them ready.
+
+        Returns the default model's key (``engine.model``/``engine.version``); the routes' are in :meth:`hosted`.
+        """
         settings = self.settings
-        buckets = settings.batching.buckets
-        if buckets is None:
-            repository = EngineRepository(settings.engine.repository, settings.engine.model)
-            buckets = repository.load(settings.engine.version).manifest.buckets
-        key = EngineKey(settings.engine.version, tuple(buckets), settings.batching.max_rows)
-        self._acquire(key, expected_sha256=None, pin=True)
-        return key
+        keys = []
+        for target in self.plan.targets.values():  # the default first
+            buckets = settings.batching.buckets
+            if buckets is None:  # as the workers' engines: each model's own manifest buckets
+                repository = EngineRepository(settings.engine.repository, target.model)
+                buckets = repository.load(target.version).manifest.buckets
+            key = EngineKey(target.model, target.version, tuple(buckets), settings.batching.max_rows)
+            self._acquire(key, expected_sha256=None, pin=True)
+            keys.append(key)
+        return keys[0]
 
     def loaded(self, key: EngineKey) -> tuple[EngineVersion, Engine]:
         """The version and engine hosted under ``key`` (e.g. what :meth:`preload` returned)."""
@@ -155,9 +179,9 @@ class EngineServer:
         self.close()
 
     def hosted(self) -> list[dict[str, Any]]:
-        """What is loaded: version, buckets, rows, clients, lost streams (for logs and tests)."""
+        """What is loaded: model, version, buckets, rows, clients, lost streams (for logs and tests)."""
         with self._load_lock:
-            return [{"version": k.version, "buckets": list(k.buckets), "max_rows": k.max_rows,
+            return [{"model": k.model, "version": k.version, "buckets": list(k.buckets), "max_rows": k.max_rows,
                      "clients": h.clients, "pinned": h.pinned, "lost_streams": sorted(h.lost)}
                     for k, h in self._hosted.items()]
 
@@ -186,7 +210,7 @@ class EngineServer:
             return hosted
 
     def _load(self, key: EngineKey) -> HostedEngine:
-        engine_settings = self.settings.engine.model_copy(update={"version": key.version})
+        engine_settings = self.settings.engine.model_copy(update={"model": key.model, "version": key.version})
         batching = self.settings.batching.model_copy(update={"buckets": key.buckets, "max_rows": key.max_rows})
         settings = self.settings.model_copy(update={"engine": engine_settings, "batching": batching})
         version, engine = self.open_engine(settings)
@@ -273,7 +297,11 @@ class EngineServer:
             return None
         try:
             hello = wire.parse_json(body)
-            key, sha256 = _parse_hello(hello, self.settings.batching.max_rows)
+            key, sha256 = _parse_hello(hello, self.settings.batching.max_rows, self.settings.engine.model)
+            if key.model not in self.plan.targets:
+                raise ValueError(
+                    f"this engine server hosts {self.models}, not {key.model!r}: give the server the workers' "
+                    "engine.model and engine.routes, so it hosts every route's model")
             hosted = self._acquire(key, sha256)
         except Exception as error:  # a bad request or a failed load: the worker gets the reason
             log.warning("refused a client: %s", error)
@@ -283,7 +311,8 @@ class EngineServer:
         engine = hosted.engine
         try:
             wire.send_json(connection, wire.READY, {
-                "protocol": wire.PROTOCOL, "backend": engine.backend, "streams": engine.streams,
+                "protocol": wire.PROTOCOL, "model": hosted.key.model, "backend": engine.backend,
+                "streams": engine.streams,
                 "labels": list(engine.labels), "describe": engine.describe(),
             })
         except OSError:
@@ -315,13 +344,17 @@ class EngineServer:
             return
         hosted.submit(Request(batch, client, self.metrics))
 
-def _parse_hello(hello: dict[str, Any], max_rows_limit: int) -> tuple[EngineKey, str | None]:
+def _parse_hello(hello: dict[str, Any], max_rows_limit: int, default_model: str) -> tuple[EngineKey, str | None]:
     """The client's request, checked; ``max_rows_limit`` (the server's ``batching.max_rows``) bounds the
-    buffers and graphs a client can make the server allocate."""
-    if hello.get("protocol") != wire.PROTOCOL:
-        raise ValueError(f"protocol {hello.get('protocol')!r}, this server speaks {wire.PROTOCOL}")
+    buffers and graphs a client can make the server allocate; a protocol 1 client asks for ``default_model``."""
+    protocol = hello.get("protocol")
+    if protocol not in wire.PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r}, this server speaks {list(wire.PROTOCOLS)}")
+    model = hello.get("model") if protocol >= 2 else default_model
+    if not isinstance(model, str) or not VERSION_PATTERN.fullmatch(model):
+        raise ValueError(f"model must be a plain model name, got {model!r}")
     version, buckets, max_rows = hello.get("version"), hello.get("buckets"), hello.get("max_rows")
-    if not isinstance(version, str) or not VERSION_PATTERN.match(version):
+    if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version):
         raise ValueError(f"version must be a plain version name, got {version!r}")
     if not isinstance(buckets, list) or not buckets or not all(isinstance(b, int) and b > 0 for b in buckets):
         raise ValueError(f"buckets must be positive integers, got {buckets!r}")
@@ -329,7 +362,7 @@ def _parse_hello(hello: dict[str, Any], max_rows_limit: int) -> tuple[EngineKey,
         raise ValueError(f"max_rows must be an integer from 1 to the server's batching.max_rows "
                          f"({max_rows_limit}), got {max_rows!r}")
     sha256 = hello.get("model_sha256")
-    return EngineKey(version, tuple(buckets), max_rows), sha256 if isinstance(sha256, str) else None
+    return EngineKey(model, version, tuple(buckets), max_rows), sha256 if isinstance(sha256, str) else None
 
 
 def _answers(path: Path) -> bool:

@@ -3,10 +3,13 @@
 Each slot is one Unix-socket connection to ``stream-sentiment engine-server``
 (:mod:`stream_sentiment.engines.server`), used by that slot's thread alone, so a slot
 keeps the Engine contract: one call at a time, never shared. Activation asks the
-server for this worker's version, buckets and largest batch (the server loads and
-warms it if no other worker already did); rebuilding a slot reconnects, so a slot
-recovers from a server restart; a dead or unreachable server is an engine failure
-like a GPU fault, handled by the slot pool (retry, rotation, pause or CPU fallback).
+server for this worker's model, version, buckets and largest batch (the server loads
+and warms it if no other worker already did; a model it does not host -- a route the
+server was not given -- is refused there, at start-up or in a hot swap). With language
+routing each route's engine is one of these, with connections of its own. Rebuilding
+a slot reconnects, so a slot recovers from a server restart; a dead or unreachable
+server is an engine failure like a GPU fault, handled by the slot pool (retry,
+rotation, pause or CPU fallback).
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ class EngineServerEngine(Engine):
         try:
             connection.connect(str(self.socket_path))
             wire.send_json(connection, wire.HELLO, {
-                "protocol": wire.PROTOCOL, "version": manifest.version, "buckets": list(manifest.buckets),
+                "protocol": wire.PROTOCOL, "model": manifest.model, "version": manifest.version,
+                "buckets": list(manifest.buckets),
                 "max_rows": self.max_rows, "model_sha256": manifest.files.get(manifest.model_file),
             })
             kind, body = wire.recv_frame(connection)
@@ -84,6 +88,9 @@ class EngineServerEngine(Engine):
             connection.close()
             raise EngineError(f"engine server answered HELLO with {kind!r}")
         info = wire.parse_json(body)
+        if info.get("model") != manifest.model:
+            connection.close()
+            raise EngineError(f"engine server answered for model {info.get('model')!r}, not {manifest.model!r}")
         if tuple(info.get("labels", ())) != manifest.labels:
             connection.close()
             raise EngineError(f"engine server labels {info.get('labels')} differ from {list(manifest.labels)}")

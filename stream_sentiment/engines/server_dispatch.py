@@ -46,17 +46,20 @@ class EngineServerMetrics:
         ProcessCollector(registry=r)
         self.calls = Counter("engine_server_calls", "Requests answered, by outcome (ok, engine_error, bad_request).",
                              ["outcome"], namespace=ns, registry=r)
-        self.batches = Counter("engine_server_batches", "Engine calls on the device: requests / batches is how "
-                               "many requests shared a call.", namespace=ns, registry=r)
-        self.rows = Counter("engine_server_rows", "Posts scored by the engine server.", namespace=ns, registry=r)
-        self.call_seconds = Histogram("engine_server_call_seconds", "One engine call on the device, copies included.",
-                                      buckets=CALL_BUCKETS, namespace=ns, registry=r)
+        # By model: with language routing a server hosts one model per route, and a route is named by its model.
+        self.batches = Counter("engine_server_batches", "Engine calls on the device, by model: requests / batches "
+                               "is how many requests shared a call.", ["model"], namespace=ns, registry=r)
+        self.rows = Counter("engine_server_rows", "Posts scored by the engine server, by model.", ["model"],
+                            namespace=ns, registry=r)
+        self.call_seconds = Histogram("engine_server_call_seconds", "One engine call on the device, copies "
+                                      "included, by model.", ["model"], buckets=CALL_BUCKETS, namespace=ns,
+                                      registry=r)
         self.stream_wait = Histogram("engine_server_stream_wait_seconds",
-                                     "How long a request waited for an engine stream.",
+                                     "How long a request waited for an engine stream, by model.", ["model"],
                                      buckets=CALL_BUCKETS, namespace=ns, registry=r)
         self.clients = Gauge("engine_server_clients", "Open client connections (worker slots).",
                              namespace=ns, registry=r)
-        self.engines = Gauge("engine_server_engines", "Engines loaded (one per version and shape set).",
+        self.engines = Gauge("engine_server_engines", "Engines loaded (one per model, version and shape set).",
                              namespace=ns, registry=r)
         self.lost_streams = Gauge("engine_server_lost_streams", "Engine streams out of rotation, over all engines.",
                                   namespace=ns, registry=r)
@@ -64,8 +67,13 @@ class EngineServerMetrics:
 
 @dataclass(frozen=True)
 class EngineKey:
-    """What a client serves: an engine is shared only by clients asking for the same shapes."""
+    """What a client serves: an engine is shared only by clients asking for the same model, version and shapes.
 
+    With language routing each route's model has engines of its own: requests of two models never meet in
+    one queue, so a device call never mixes engines.
+    """
+
+    model: str
     version: str
     buckets: tuple[int, ...]
     max_rows: int
@@ -126,6 +134,17 @@ class HostedEngine:
     clients: int = 0
     pinned: bool = False
     closing: bool = False
+    # This model's series, looked up once rather than per call.
+    _rows: Counter = field(init=False, repr=False)
+    _batches: Counter = field(init=False, repr=False)
+    _call_seconds: Histogram = field(init=False, repr=False)
+    _stream_wait: Histogram = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        model = self.key.model
+        self._rows, self._batches = self.metrics.rows.labels(model), self.metrics.batches.labels(model)
+        self._call_seconds = self.metrics.call_seconds.labels(model)
+        self._stream_wait = self.metrics.stream_wait.labels(model)
 
     @property
     def working(self) -> bool:
@@ -146,7 +165,7 @@ class HostedEngine:
         """Start one dispatcher thread per engine stream."""
         for stream in range(self.engine.streams):
             thread = threading.Thread(target=self._dispatch, args=(stream,), daemon=True,
-                                      name=f"engine-server-{self.key.version}-stream-{stream}")
+                                      name=f"engine-server-{self.key.model}-{self.key.version}-stream-{stream}")
             thread.start()
             self.dispatchers.append(thread)
 
@@ -192,7 +211,7 @@ class HostedEngine:
         started = time.perf_counter()
         if not retry:
             for request in group:
-                self.metrics.stream_wait.observe(started - request.queued)
+                self._stream_wait.observe(started - request.queued)
         if len(group) == 1:
             batch = group[0].batch
         else:
@@ -209,9 +228,9 @@ class HostedEngine:
             for request in group:
                 request.fail(f"{type(error).__name__}: {error}")
             return
-        self.metrics.call_seconds.observe(time.perf_counter() - started)
-        self.metrics.batches.inc()
-        self.metrics.rows.inc(batch.rows)
+        self._call_seconds.observe(time.perf_counter() - started)
+        self._batches.inc()
+        self._rows.inc(batch.rows)
         offset = 0
         for request in group:
             request.answer(logits[offset:offset + request.batch.rows])

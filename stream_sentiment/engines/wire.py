@@ -1,13 +1,17 @@
 """The engine server's wire format: length-prefixed frames on a Unix stream socket.
 
 A frame is ``<u32 little-endian length><kind byte><body>``, the length counting the kind
-byte and the body. A connection opens with HELLO (JSON: which version, buckets and batch
-size the client serves) answered by READY (JSON) or ERROR (UTF-8 text); then each INFER
+byte and the body. A connection opens with HELLO (JSON: which model, version, buckets and
+batch size the client serves) answered by READY (JSON) or ERROR (UTF-8 text); then each INFER
 (a token batch) is answered by LOGITS or ERROR, one at a time, in order. One connection
 belongs to one client slot, so there is never more than one request in flight on it.
 
 Token ids travel as int32 (the vocabulary is far below 2**31) and the attention mask as
 uint8: 5 bytes per token instead of 16, since every batch crosses the socket twice.
+
+Protocol 2 added the model to HELLO (language routing: a server hosts one model per route, and
+a connection serves one of them); a protocol 1 HELLO names none and gets the server's default
+model, so a worker of the previous release still connects.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import numpy as np
 
 from stream_sentiment.engines.base import TokenBatch
 
-PROTOCOL = 1
+PROTOCOL = 2
+PROTOCOLS = (1, 2)  # what a server accepts: 1 has no model in HELLO
 HELLO, READY, INFER, LOGITS, ERROR = b"H", b"R", b"I", b"L", b"E"
 # 256 rows x 256 tokens x 5 bytes is 320 KiB; anything near this bound is garbage or abuse.
 MAX_FRAME_BYTES = 64 * 2**20

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import shutil
 import socket
 import stat
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,15 +55,6 @@ def repository(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def socket_path() -> Iterator[Path]:
-    # AF_UNIX paths are limited to ~107 bytes; pytest's tmp_path can be longer.
-    folder = Path(f"/tmp/ss-test-{os.getpid()}-{time.monotonic_ns()}")
-    folder.mkdir(mode=0o700)
-    yield folder / "engine.sock"
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 def _server_settings(repository: Path, socket_path: Path, **engine: object) -> Settings:
     return Settings.load(engine={"backend": "onnxruntime", "streams": 2, "threads_per_stream": 1,
                                  "repository": str(repository), "server_socket": str(socket_path), **engine})
@@ -90,8 +79,8 @@ def test_scores_through_the_server_equal_the_local_engine(repository, socket_pat
             client.warm_up()
             for stream in range(client.streams):
                 np.testing.assert_allclose(client.infer(batch, stream), local.infer(batch), atol=1e-6)
-            assert server.hosted() == [{"version": "v1", "buckets": [32, 64, 128, 256], "max_rows": 64,
-                                        "clients": 2, "pinned": False, "lost_streams": []}]
+            assert server.hosted() == [{"model": "minilm-sentiment", "version": "v1", "buckets": [32, 64, 128, 256],
+                                        "max_rows": 64, "clients": 2, "pinned": False, "lost_streams": []}]
         assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600  # only the service's user may connect
     assert not socket_path.exists()
 
@@ -179,14 +168,14 @@ def test_garbage_and_out_of_contract_requests_are_refused_and_the_server_keeps_s
                 pass  # ... or reset, as the junk was never read
         with socket.socket(socket.AF_UNIX) as raw:  # a version name that is a path
             raw.connect(str(socket_path))
-            wire.send_json(raw, wire.HELLO, {"protocol": wire.PROTOCOL, "version": "../../etc", "buckets": [32],
-                                             "max_rows": 8})
+            wire.send_json(raw, wire.HELLO, {"protocol": wire.PROTOCOL, "model": "minilm-sentiment",
+                                             "version": "../../etc", "buckets": [32], "max_rows": 8})
             kind, body = wire.recv_frame(raw)
             assert kind == wire.ERROR and "plain version name" in bytes(body).decode()
         with socket.socket(socket.AF_UNIX) as raw:  # more rows than the server allocates for
             raw.connect(str(socket_path))
-            wire.send_json(raw, wire.HELLO, {"protocol": wire.PROTOCOL, "version": "v1", "buckets": [32],
-                                             "max_rows": 10**9})
+            wire.send_json(raw, wire.HELLO, {"protocol": wire.PROTOCOL, "model": "minilm-sentiment", "version": "v1",
+                                             "buckets": [32], "max_rows": 10**9})
             kind, body = wire.recv_frame(raw)
             assert kind == wire.ERROR and "batching.max_rows (64)" in bytes(body).decode()
         _, client = open_engine(_client_settings(repository, socket_path, streams=1))
@@ -227,7 +216,7 @@ def test_a_worker_on_the_engine_server_counts_every_post_once(
             engine.warm_up()
             worker = Worker(settings, engine, PostTokenizer(version), metrics=metrics)
             asyncio.run(run_until(worker, redis, "served", 300, produced - 300, within=90))
-        assert server.metrics.rows._value.get() >= 300
+        assert server.metrics.rows.labels("minilm-sentiment")._value.get() >= 300
     assert int(redis.hget("served:totals", "scored")) == 300
     assert int(redis.hget("served:totals", "dead_lettered")) == produced - 300
 
@@ -263,7 +252,7 @@ def test_concurrent_requests_of_one_bucket_share_a_device_call_and_a_failing_one
                 for future, batch in zip(futures, batches, strict=True):
                     np.testing.assert_allclose(future.result(), local.infer(batch), atol=1e-6)
             assert metrics.calls.labels("ok")._value.get() == 30
-            assert metrics.batches._value.get() < 30  # queued requests shared device calls
+            assert metrics.batches.labels("minilm-sentiment")._value.get() < 30  # queued requests shared calls
             for _ in range(3):
                 futures = [pool.submit(client.infer, batch, slot) for slot, batch in enumerate(poisoned)]
                 for slot, (future, batch) in enumerate(zip(futures, poisoned, strict=True)):
@@ -285,8 +274,8 @@ def test_a_group_takes_the_oldest_request_and_later_ones_of_its_bucket_up_to_the
         ids = np.ones((rows, bucket), np.int64)
         return Request(TokenBatch(ids, ids, bucket), client=None, metrics=None)  # type: ignore[arg-type]
 
-    hosted = HostedEngine(EngineKey("v1", (32, 64), 8), None, SimpleNamespace(streams=1), 30522,  # type: ignore[arg-type]
-                          EngineServerMetrics())
+    hosted = HostedEngine(EngineKey("minilm-sentiment", "v1", (32, 64), 8), None,  # type: ignore[arg-type]
+                          SimpleNamespace(streams=1), 30522, EngineServerMetrics())  # type: ignore[arg-type]
     queued = [request(3, 32), request(4, 64), request(4, 32), request(1, 32), request(2, 32)]
     hosted.pending.extend(queued)
     assert hosted.take_group() == [queued[0], queued[2], queued[3]]  # 3 + 4 + 1 rows: 2 more would pass 8
