@@ -147,8 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"({result['bundle_bytes'] / result['input_bytes']:.0%})")
     elif args.command == "unpack":
         written = unpack(args.bundle, REPO)
-        print(f"unpacked {len(written)} files from {args.bundle}: "
-              + ", ".join(sorted({"/".join(n.split("/")[:3]) for n in written})))
+        engines = sorted({"/".join(n.split("/")[1:3]) for n in written if n.startswith("engines/")})
+        wheels = sum(n.startswith(".carry/wheels/") for n in written)
+        print(f"unpacked {args.bundle}: engines {', '.join(engines) or 'none'}; {wheels} wheel(s) in .carry/wheels")
     else:
         sizes = travelling_bytes(REPO, args.carry)
         for name, value in sizes.items():
