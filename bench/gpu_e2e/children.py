@@ -39,7 +39,17 @@ from typing import Any
 
 import numpy as np
 
-from bench.gpu_e2e.common import MODEL, REPO, STATUS_INTERVAL_S, VERSION, BenchError, bench_version, encoder_flops
+from bench.gpu_e2e.common import (
+    MODEL,
+    REPO,
+    STATUS_INTERVAL_S,
+    VERSION,
+    BenchError,
+    EncoderShape,
+    bench_version,
+    encoder_flops,
+    encoder_shape,
+)
 from bench.recording import RecordingHistogram, RecordingLabelledHistogram
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
 from stream_sentiment.config import Settings
@@ -182,7 +192,7 @@ class EngineWorkerProcess:
     def __init__(self, index: int, options: dict[str, Any]) -> None:
         self.index = index
         self.options = options
-        self.version = bench_version(options["engine_buckets"])
+        self.version = bench_version(options["engine_buckets"], options.get("model", MODEL))
         self.tokenizer = PostTokenizer(self.version)
         self.engine = self._open_engine(options)
         started = time.perf_counter()
@@ -207,7 +217,7 @@ class EngineWorkerProcess:
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"backend": self.engine.backend, "streams": self.engine.streams,
-                                "buckets": list(self.version.manifest.buckets),
+                                "model": self.version.label, "buckets": list(self.version.manifest.buckets),
                                 "warm_up_seconds": round(self.warm_up_seconds, 1)}
         info |= _device_info(self.engine)
         return info
@@ -235,7 +245,8 @@ class EngineWorkerProcess:
             bootstrap_servers=command["bootstrap"], topic=command["topic"], consumer_group=command["group"],
             redis_url=command["redis_url"], redis_prefix=command["prefix"],
             engine={"backend": self.engine.backend, "streams": self.engine.streams,
-                    "server_socket": self.options.get("server_socket")}, batching=command["batching"],
+                    "model": self.version.manifest.model, "server_socket": self.options.get("server_socket")},
+            batching=command["batching"],
             kafka_fetch_max_wait_ms=command["fetch_max_wait_ms"],
         )
         metrics = PipelineMetrics()
@@ -300,7 +311,7 @@ class EngineWorkerProcess:
 
     def _engine_only(self, command: dict[str, Any]) -> dict[str, Any]:
         return engine_only_run(self.engine, engine_only_batches(self.tokenizer, self.options["max_rows"], command),
-                               command)
+                               command, encoder_shape(self.version))
 
 
 def bucketed_batches(token_ids: Sequence[Sequence[int]], buckets: Sequence[int],
@@ -331,7 +342,7 @@ def _device_info(engine: Engine) -> dict[str, Any]:
 def engine_only_batches(tokenizer: PostTokenizer, max_rows: int,
                         command: dict[str, Any]) -> list[tuple[list[int], TokenBatch]]:
     """(d)'s workload: its posts (by index) pre-tokenized, in full batches of their bucket."""
-    bodies = json.loads(Path(command["workload"]).read_text())["bodies"][: command["posts"]]
+    bodies = json.loads(Path(command["workload"]).read_text(encoding="utf-8"))["bodies"][: command["posts"]]
     token_ids = tokenizer.encode([json.loads(body)["text"] for body in bodies])
     max_tokens = command["max_tokens"]
     # The batcher's rule: a bucket's batch holds at most max_tokens padded tokens.
@@ -375,9 +386,12 @@ def computed_tokens(engine: Engine, batch: TokenBatch) -> tuple[float, float]:
     return float(budgets), float((lengths.astype(np.float64) ** 2).sum())
 
 
-def engine_only_run(engine: Engine, indexed: list[tuple[list[int], TokenBatch]],
-                    command: dict[str, Any]) -> dict[str, Any]:
-    """(d): full batches of pre-tokenized posts, one thread per engine stream, for ``seconds``."""
+def engine_only_run(engine: Engine, indexed: list[tuple[list[int], TokenBatch]], command: dict[str, Any],
+                    shape: EncoderShape) -> dict[str, Any]:
+    """(d): full batches of pre-tokenized posts, one thread per engine stream, for ``seconds``.
+
+    FLOPs per second are the encoder's of ``shape`` (the served model's layers and widths).
+    """
     batches = [b for _, b in indexed]
     stats = [(b.rows, *computed_tokens(engine, b), float(b.attention_mask.sum()),
               float((b.attention_mask.sum(axis=1).astype(np.float64) ** 2).sum())) for b in batches]
@@ -409,8 +423,9 @@ def engine_only_run(engine: Engine, indexed: list[tuple[list[int], TokenBatch]],
             "forward": getattr(engine, "forward", None),
             "batches": len(batches), "mean_rows": float(np.mean([b.rows for b in batches])),
             "computed_tokens_per_post": computed / posts, "real_tokens_per_post": real / posts,
-            "computed_flops_per_s": encoder_flops(computed, computed_sq) / elapsed,
-            "real_flops_per_s": encoder_flops(real, real_sq) / elapsed}
+            "computed_flops_per_s": encoder_flops(computed, computed_sq, shape) / elapsed,
+            "real_flops_per_s": encoder_flops(real, real_sq, shape) / elapsed,
+            "model": engine.version.label, "encoder": vars(shape)}
 
 
 class EngineServerProcess:
@@ -424,7 +439,7 @@ class EngineServerProcess:
         self.settings = Settings.load(
             engine={"backend": options["backend"], "streams": options["streams"],
                     "server_socket": options["server_socket"], "threads_per_stream": options["ort_threads"],
-                    "repository": str(REPO / "engines"), "model": MODEL, "version": VERSION,
+                    "repository": str(REPO / "engines"), "model": options.get("model", MODEL), "version": VERSION,
                     "torch_forward": options.get("torch_forward", "padded")},
             batching={"buckets": options["engine_buckets"], "max_rows": options["max_rows"],
                       "max_tokens": max(8192, options["max_rows"] * max(options["engine_buckets"]))},
@@ -437,9 +452,11 @@ class EngineServerProcess:
         self.version = version
         self.tokenizer = PostTokenizer(version)
         self.others: dict[str, Engine] = {}  # the other torch forwards (d) compares, built on first use
+        self.shape = encoder_shape(version)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.engine.backend, "streams": self.engine.streams, "pid": os.getpid(),
+                "model": self.version.label, "encoder": vars(self.shape),
                 "buckets": list(self.key.buckets), "warm_up_seconds": round(self.warm_up_seconds, 1),
                 **_device_info(self.engine)}
 
@@ -472,12 +489,13 @@ class EngineServerProcess:
         served = getattr(self.engine, "forward", None)
         forwards = [f for f in command.get("forwards") or () if f != served]
         if served is None or not forwards:
-            return engine_only_run(self.engine, indexed, command)
-        result = engine_only_run(self.engine, indexed, command)
+            return engine_only_run(self.engine, indexed, command, self.shape)
+        result = engine_only_run(self.engine, indexed, command, self.shape)
         try:  # the other forward is a comparison: its failure is reported, not the end of the bench
             engines = {served: self.engine, **{f: self._other(f) for f in forwards}}
             result["forwards"] = {served: dict(result)} | {
-                name: engine_only_run(engine, indexed, command) for name, engine in engines.items() if name != served}
+                name: engine_only_run(engine, indexed, command, self.shape)
+                for name, engine in engines.items() if name != served}
             result["forward_agreement"] = forward_agreement(dict(list(engines.items())[:2]), indexed)
         except Exception as error:
             log.exception("(d): the %s forward failed", forwards)
@@ -560,6 +578,8 @@ class HfConsumerProcess:
             raise BenchError(f"torch {torch.__version__} sees no CUDA device")
         warnings.filterwarnings("ignore", message=".*pipelines sequentially on GPU.*")
         transformers.logging.set_verbosity_error()  # "model type not supported for text-classification": it is
+        # minilm-sentiment only (cli refuses them for a workload of another model): the fallback below names
+        # BERT's WordPiece special tokens, and hf_classifier builds a BERT on this model's weights.
         version = bench_version(None)
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(version.path))
@@ -709,7 +729,7 @@ class ProducerProcess:
             raise ValueError(f"unknown command {command['cmd']!r}")
         path = command["workload"]
         if path not in self._bodies:
-            self._bodies[path] = [b.encode() for b in json.loads(Path(path).read_text())["bodies"]]
+            self._bodies[path] = [b.encode() for b in json.loads(Path(path).read_text(encoding="utf-8"))["bodies"]]
         return asyncio.run(self._produce(command, self._bodies[path]))
 
     async def _produce(self, c: dict[str, Any], bodies: list[bytes]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The command line: options, prerequisites, and the run from start to JSON (and picture).
 
     python3 bench/gpu_e2e [--workers 8] [--rates 8000,50000] [--json out.json]     # or: python3 -m bench.gpu_e2e
+    python3 bench/gpu_e2e --workloads tweets,long,zh ...   # + the Chinese posts on the multilingual engine
     # CPU smoke test of the orchestration (no GPU):
     python3 bench/gpu_e2e --backend onnxruntime --workers 2 --producers 1 --posts 300 \\
         --rates 50 --seconds 5 --setups ours --workloads tweets
@@ -27,18 +28,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.gpu_e2e.common import BenchError, bench_version
+from bench.gpu_e2e.common import MODEL, BenchError, bench_version
 from bench.gpu_e2e.driver import Bench
 from bench.gpu_e2e.report import hardware, render_setups, versions, write_json
 from bench.gpu_e2e.setups import (
     BASELINE_KINDS,
     DEFAULT_BUCKETS,
     DEFAULT_SETUPS,
+    DEFAULT_WORKLOAD_SETUPS,
+    ONLY_MINILM,
     SETUP_NAMES,
     build_setups,
     engine_only_description,
+    workload_plan,
 )
-from bench.gpu_e2e.workloads import WORKLOADS, build_workloads
+from bench.gpu_e2e.workloads import DEFAULT_WORKLOADS, WORKLOAD_MODELS, WORKLOADS, build_workloads, models_of
 from stream_sentiment.batching.tokenizer import PostTokenizer
 
 
@@ -76,6 +80,12 @@ def setup_batching(text: str) -> tuple[str, dict[str, Any]]:
     return name, value
 
 
+def workload_setups(text: str) -> tuple[str, list[str]]:
+    """``NAME=SETUPS`` -> (NAME, the set-up names): the set-ups one workload runs."""
+    name, _, setups = text.partition("=")
+    return name, [s for s in setups.split(",") if s]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     def numbers(kind: type) -> Any:
         return lambda text: [kind(float(x)) for x in text.split(",") if x]
@@ -92,7 +102,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--setup-batching", type=setup_batching, action="append", default=[], metavar="SETUP=JSON",
         help="batching settings merged into one set-up's, e.g. dynamic-pad='{\"window_ms\": 4}' (repeatable)")
     add("--setups", type=lambda s: s.split(","), default=list(DEFAULT_SETUPS), help=f"of {','.join(SETUP_NAMES)}")
-    add("--workloads", type=lambda s: s.split(","), default=list(WORKLOADS), help="tweets,long")
+    add("--workloads", type=lambda s: s.split(","), default=list(DEFAULT_WORKLOADS),
+        help=f"of {','.join(WORKLOADS)}; zh (the bundled Chinese posts) is served by "
+             f"{WORKLOAD_MODELS['zh']}, the others by {MODEL}")
+    add("--workload-setups", type=workload_setups, action="append", default=[], metavar="WORKLOAD=SETUPS",
+        help="the set-ups one workload runs, of --setups (repeatable; default: "
+             + ", ".join(f"{w}={','.join(s)}" for w, s in DEFAULT_WORKLOAD_SETUPS.items()) + ")")
     add("--posts", type=int, default=250000, help="backlog size of a drain run")
     add("--rates", type=numbers(float), default=[8000.0, 50000.0], help="offered posts/s steps, comma-separated")
     add("--seconds", type=float, default=6.0, help="how long each offered rate is produced")
@@ -139,8 +154,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.partitions = args.partitions or 2 * args.workers
     args.baseline_workers = args.baseline_workers or args.workers + 1
     args.setup_batching = dict(args.setup_batching)
+    args.workload_setups = {**DEFAULT_WORKLOAD_SETUPS, **dict(args.workload_setups)}
+    narrowed = [s for names in args.workload_setups.values() for s in names]
     unknown = (sorted(set(args.setups) - set(SETUP_NAMES)) + sorted(set(args.workloads) - set(WORKLOADS))
-               + sorted(set(args.setup_batching) - set(SETUP_NAMES)))
+               + sorted(set(args.setup_batching) - set(SETUP_NAMES)) + sorted(set(narrowed) - set(SETUP_NAMES))
+               + sorted(set(args.workload_setups) - set(WORKLOADS)))
     unknown += sorted(set(args.engine_only_forwards) - {"padded", "packed"})
     if unknown:
         parser.error(f"unknown set-ups/workloads: {unknown}")
@@ -150,6 +168,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--workers, --producers, --baseline-workers and --b1-workers must be at least 1")
     if args.partitions < max(args.baseline_workers, args.b1_workers):
         parser.error("--partitions must be at least --baseline-workers and --b1-workers, or some consumers idle")
+    for workload, names in workload_plan(args.workloads, args.setups, args.workload_setups).items():
+        if WORKLOAD_MODELS[workload] != MODEL and (refused := [s for s in names if s in ONLY_MINILM]):
+            parser.error(f"{', '.join(refused)} serve {MODEL} only, and {workload} is served by "
+                         f"{WORKLOAD_MODELS[workload]}: leave them out with --workload-setups {workload}=...")
     return args
 
 
@@ -159,6 +181,12 @@ async def amain(args: argparse.Namespace, notes: list[str], report: dict[str, An
     from stream_sentiment.embedded import EmbeddedRedis
 
     version = bench_version(None)
+    # The set-ups' buckets are the English engine's; every other model serves them too, so it must take
+    # the same longest post (EngineVersion.serving keeps a model's largest bucket).
+    for model in models_of(args.workloads):
+        if (largest := bench_version(None, model).manifest.buckets[-1]) != version.manifest.buckets[-1]:
+            raise BenchError(f"{model}'s largest bucket is {largest}, {MODEL}'s {version.manifest.buckets[-1]}: "
+                             "the bench batches every model by one set of buckets")
     setups = build_setups(args, version.manifest.buckets)
     bench = Bench(args, setups)
     bench.report = report
@@ -173,11 +201,12 @@ async def amain(args: argparse.Namespace, notes: list[str], report: dict[str, An
         socket_folder = Path(tempfile.mkdtemp(prefix="ss-engine-"))  # short: AF_UNIX paths are ~107 bytes at most
         bench.cleanup.append(lambda: shutil.rmtree(socket_folder, ignore_errors=True))
         # Children first: their engines warm up while this process prepares the workloads.
-        await bench.spawn(multiprocessing.get_context("spawn"), socket_folder / "engine.sock")
+        await bench.spawn(multiprocessing.get_context("spawn"), socket_folder)
         with tempfile.TemporaryDirectory(prefix="gpu-e2e-") as folder, EmbeddedRedis() as redis:
             bench.redis_url, bench.redis_pid = redis.url, redis.pid
-            workloads = build_workloads(args.workloads, PostTokenizer(version), Path(folder), args.long_tweets)
-            bench.say("workloads ready: " + ", ".join(f"{w.name} (mean {w.mean_tokens:.1f} tokens)"
+            tokenizers = {model: PostTokenizer(bench_version(None, model)) for model in models_of(args.workloads)}
+            workloads = build_workloads(args.workloads, tokenizers, Path(folder), args.long_tweets)
+            bench.say("workloads ready: " + ", ".join(f"{w.name} (mean {w.mean_tokens:.1f} tokens, {w.model})"
                                                       for w in workloads.values()))
             await bench.wait_ready()
             report["children"] = {c.name: c.info for c in bench.children}

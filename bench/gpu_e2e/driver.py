@@ -1,12 +1,14 @@
 """The parent process's bench: starts every child, then drives each run of each set-up and workload.
 
-Per workload: the baselines' pipeline-only checks, the engine-only run, then each Kafka set-up in
-``RUN_ORDER``: a backlog drain (the sustained maximum) and each ``--rates`` step for ``--seconds`` (a step
-above 1.2x the set-up's drain rate is reported saturated, not run); then ours and the baselines in
-``MATCHED_BASELINES`` once more at ``--matched`` x the baseline's drain rate, so P99s are compared at
-the same offered load. Every run gets a fresh broker (Tansu's cost grows with what it holds), checks
-that Redis counted exactly what was produced, and releases the consumer group only once it has formed.
-The figures come from ``measure``, the tables from ``report``.
+Each model has its own engine server and workers (``ModelChildren``), started together; a workload runs
+on its model's, with the set-ups ``workload_plan`` gives it: the baselines' pipeline-only checks, the
+engine-only run, then each Kafka set-up in ``RUN_ORDER``: a backlog drain (the sustained maximum) and
+each ``--rates`` step for ``--seconds`` (a step above 1.2x the set-up's drain rate is reported saturated,
+not run); then ours and the baselines in ``MATCHED_BASELINES`` once more at ``--matched`` x the
+baseline's drain rate, so P99s are compared at the same offered load. Every run gets a fresh broker
+(Tansu's cost grows with what it holds), checks that Redis counted exactly what was produced, and
+releases the consumer group only once it has formed. The figures come from ``measure``, the tables
+from ``report``.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import itertools
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.gpu_e2e.common import BenchError, bench_version, fp16_peak_tflops
+from bench.gpu_e2e.common import MODEL, BenchError, bench_version, fp16_peak_tflops
 from bench.gpu_e2e.measure import RunResult, skipped_run, summarize
 from bench.gpu_e2e.processes import Child, GpuSampler, proc_cpu_seconds
 from bench.gpu_e2e.report import acceptance, render_workload, write_json
@@ -33,22 +36,38 @@ from bench.gpu_e2e.setups import (
     RUN_ORDER,
     Setup,
     engine_buckets,
+    workload_plan,
 )
-from bench.gpu_e2e.workloads import Workload
+from bench.gpu_e2e.workloads import WORKLOAD_MODELS, Workload, models_of
 
 # A rate above this multiple of a set-up's drain rate cannot be sustained: reported, not run.
 SKIP_ABOVE_CAPACITY = 1.2
 POLL_INTERVAL_S = 0.05  # Redis totals while a run goes: the drain-time resolution
 
 
+@dataclass
+class ModelChildren:
+    """One model's processes: its engine server and workers (an engine and its tokenizer are per process)."""
+
+    model: str
+    engine_server: Child | None = None
+    workers: list[Child] = field(default_factory=list)  # engine-server clients
+    own_workers: list[Child] = field(default_factory=list)  # each with its own engine
+
+    @property
+    def children(self) -> list[Child]:
+        return self.workers + self.own_workers + ([self.engine_server] if self.engine_server is not None else [])
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, setups: dict[str, Setup]) -> None:
         self.args = args
         self.setups = setups
+        # Which set-ups run on which workload (``--workload-setups`` narrows ``--setups``, e.g. zh's).
+        self.plan = workload_plan(args.workloads, list(setups) + (["engine-only"] if "engine-only" in args.setups
+                                                                  else []), args.workload_setups)
         self.run_ids = itertools.count()
-        self.workers: list[Child] = []  # engine-server clients
-        self.own_workers: list[Child] = []  # each with its own engine
-        self.engine_server: Child | None = None
+        self.models = {model: ModelChildren(model) for model in models_of(args.workloads)}
         self.consumers: list[Child] = []  # kafka-only
         self.baselines: dict[str, list[Child]] = {}
         self.producers: list[Child] = []
@@ -65,49 +84,71 @@ class Bench:
 
     @property
     def children(self) -> list[Child]:
-        server = [self.engine_server] if self.engine_server is not None else []
-        return (self.workers + self.own_workers + self.consumers + self.producers
-                + [c for group in self.baselines.values() for c in group] + server)
+        return ([c for group in self.models.values() for c in group.children] + self.consumers + self.producers
+                + [c for group in self.baselines.values() for c in group])
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f} s] {text}", flush=True)
 
     # -- children ---------------------------------------------------------------------------
 
-    async def spawn(self, context: Any, socket_path: Path) -> None:
-        """Start every child; the engine server first, as its clients connect while they start.
+    def planned(self, model: str | None = None) -> set[str]:
+        """The set-ups some workload (of ``model``, where given) runs."""
+        return {s for w, names in self.plan.items() if model in (None, WORKLOAD_MODELS[w]) for s in names}
 
-        The engine server's engine gets every bucket its set-ups batch by; an engine per worker only those
-        of the set-ups that use one (each of those engines captures its own CUDA graphs).
+    async def spawn(self, context: Any, socket_folder: Path) -> None:
+        """Start every child; each model's engine server first, as its clients connect while they start.
+
+        A model's engine server gets every bucket its set-ups batch by; an engine per worker only those
+        of the set-ups that use one (each of those engines captures its own CUDA graphs). Every model's
+        children start together, so their engines warm up at the same time.
         """
         args = self.args
-        engine = [s for s in self.setups.values() if s.kind == "engine"]
         options = {"backend": args.backend, "streams": args.streams, "max_rows": args.max_rows,
                    "ort_threads": args.ort_threads, "switch_interval_ms": args.switch_interval_ms,
                    "torch_forward": args.torch_forward, "max_tokens": args.max_tokens}
+        workers: list[tuple[ModelChildren, dict[str, Any] | None, dict[str, Any] | None]] = []
+        for model, group in self.models.items():
+            planned = self.planned(model)
+            engine = [s for s in self.setups.values() if s.kind == "engine" and s.name in planned]
+            mine = {**options, "model": model}
 
-        def buckets(served: bool) -> list[int]:
-            return list(bench_version(engine_buckets([s for s in engine if s.served is served], DEFAULT_BUCKETS))
-                        .manifest.buckets)
+            def buckets(served: bool, engine: list[Setup] = engine, model: str = model) -> list[int]:
+                chosen = engine_buckets([s for s in engine if s.served is served], DEFAULT_BUCKETS)
+                return list(bench_version(chosen, model).manifest.buckets)
 
-        if any(s.served for s in engine) or "engine-only" in args.setups:
-            options["engine_buckets"] = buckets(True)
-            server_options = {**options, "streams": args.server_streams, "server_socket": str(socket_path)}
-            self.engine_server = Child(context, "engine-server", 0, server_options, "engine server")
-            self.engine_server.info = await self.engine_server.expect("ready", args.startup_timeout)
-            info = self.engine_server.info
-            self.say(f"engine server ready: {info.get('device', info['backend'])}, {info['streams']} stream(s), "
-                     f"warm-up {info['warm_up_seconds']} s")
-        if any(s.served for s in engine):
-            served = {**options, "server_socket": str(socket_path)}
-            self.workers = [Child(context, "engine-worker", i, served, f"worker {i}") for i in range(args.workers)]
-        if any(not s.served for s in engine):
-            options = {**options, "engine_buckets": buckets(False)}
-            self.own_workers = [Child(context, "engine-worker", i, options, f"own-engine worker {i}")
-                                for i in range(args.workers)]
-        if "kafka-only" in self.setups:
+            socket_path = str(socket_folder / f"{model}.sock")
+            if any(s.served for s in engine) or "engine-only" in planned:
+                server_options = {**mine, "engine_buckets": buckets(True), "streams": args.server_streams,
+                                  "server_socket": socket_path}
+                group.engine_server = Child(context, "engine-server", 0, server_options,
+                                            "engine server" if model == MODEL else f"engine server ({model})")
+            served = ({**mine, "engine_buckets": buckets(True), "server_socket": socket_path}
+                      if any(s.served for s in engine) else None)
+            alone = {**mine, "engine_buckets": buckets(False)} if any(not s.served for s in engine) else None
+            workers.append((group, served, alone))
+
+        async def ready(group: ModelChildren) -> None:
+            server = group.engine_server
+            assert server is not None
+            server.info = await server.expect("ready", args.startup_timeout)
+            self.say(f"{server.name} ready: {server.info.get('model', group.model)} on "
+                     f"{server.info.get('device', server.info['backend'])}, {server.info['streams']} stream(s), "
+                     f"warm-up {server.info['warm_up_seconds']} s")
+
+        # Every model's engine server warms up at the same time; workers connect once theirs listens.
+        await asyncio.gather(*(ready(g) for g in self.models.values() if g.engine_server is not None))
+        for group, served, alone in workers:
+            prefix = "" if group.model == MODEL else f"{group.model} "  # the English model's keep their names
+            if served:
+                group.workers = [Child(context, "engine-worker", i, served, f"{prefix}worker {i}")
+                                 for i in range(args.workers)]
+            if alone:
+                group.own_workers = [Child(context, "engine-worker", i, alone, f"{prefix}own-engine worker {i}")
+                                     for i in range(args.workers)]
+        if "kafka-only" in self.planned():
             self.consumers = [Child(context, "kafka-consumer", i, {}, f"consumer {i}") for i in range(args.workers)]
-        for name in (s.name for s in self.setups.values() if s.kind == "hf"):
+        for name in (s.name for s in self.setups.values() if s.kind == "hf" and s.name in self.planned()):
             options = {"batch_size": BASELINE_KINDS[name]}
             self.baselines[name] = [Child(context, "hf-consumer", i, options, f"{name} {i}")
                                     for i in range(self.setups[name].consumers)]
@@ -119,13 +160,13 @@ class Bench:
         async def ready(child: Child) -> None:
             child.info = await child.expect("ready", timeout)
 
-        await asyncio.gather(*(ready(c) for c in self.workers + self.own_workers + self.consumers + self.producers))
-        for group in (self.workers, self.own_workers):
-            if group:
-                info = group[0].info
-                self.say(f"{len(group)} {group[0].name.rsplit(' ', 1)[0]}(s) ready: "
-                         f"{info.get('device', info['backend'])}, {info['streams']} slot(s), "
-                         f"warm-up {max(c.info['warm_up_seconds'] for c in group)} s")
+        engine_workers = [g for m in self.models.values() for g in (m.workers, m.own_workers) if g]
+        await asyncio.gather(*(ready(c) for c in [*itertools.chain(*engine_workers), *self.consumers, *self.producers]))
+        for group in engine_workers:
+            info = group[0].info
+            self.say(f"{len(group)} {group[0].name.rsplit(' ', 1)[0]}(s) ready: {info.get('model', '')} on "
+                     f"{info.get('device', info['backend'])}, {info['streams']} slot(s), "
+                     f"warm-up {max(c.info['warm_up_seconds'] for c in group)} s")
         for name, group in list(self.baselines.items()):
             try:
                 await asyncio.gather(*(ready(c) for c in group))
@@ -146,9 +187,11 @@ class Bench:
         for child in self.children:
             child.kill()
 
-    def members(self, setup: Setup) -> list[Child]:
+    def members(self, setup: Setup, model: str) -> list[Child]:
+        """The consumer group of ``setup`` on a workload of ``model`` (the floor and baselines: one for all)."""
         if setup.kind == "engine":
-            return self.workers if setup.served else self.own_workers
+            group = self.models[model]
+            return group.workers if setup.served else group.own_workers
         return self.consumers if setup.kind == "floor" else self.baselines[setup.name]
 
     # -- one run ----------------------------------------------------------------------------
@@ -226,7 +269,7 @@ class Bench:
 
     async def _run(self, kafka: Any, redis: Any, name: str, workload: Workload, setup: Setup, mode: str,
                    rate: float | None, count: int, wall_started: float) -> RunResult:
-        args, members = self.args, self.members(setup)
+        args, members = self.args, self.members(setup, workload.model)
         kafka.create_topic(name, args.partitions)
         kafka.create_topic(f"{name}.dlq", 1)
         produced: dict[str, float] = {}
@@ -237,7 +280,7 @@ class Bench:
                    "fetch_max_wait_ms": args.fetch_max_wait_ms, "session_timeout_ms": args.session_timeout_ms,
                    "heartbeat_ms": max(100, args.session_timeout_ms // 4), "python_gc": setup.python_gc,
                    "uvloop": setup.uvloop}
-        server = self.engine_server if setup.kind == "engine" and setup.served else None
+        server = self.models[workload.model].engine_server if setup.kind == "engine" and setup.served else None
         if server is not None:
             await server.ask({"cmd": "gc", "python_gc": setup.python_gc}, 60)
         for member in members:
@@ -352,7 +395,8 @@ class Bench:
         return result
 
     async def engine_only(self, workload: Workload) -> dict[str, Any]:
-        runner = self.engine_server or (self.workers or self.own_workers)[0]
+        group = self.models[workload.model]
+        runner = group.engine_server or (group.workers or group.own_workers)[0]
         result = await runner.ask({
             "cmd": "engine_only", "workload": str(workload.path), "posts": self.args.engine_posts,
             "buckets": self.setups["ours"].batching["buckets"] if "ours" in self.setups else list(DEFAULT_BUCKETS),
@@ -384,9 +428,12 @@ class Bench:
         """Pipeline-only throughput of each baseline, and its agreement with our engine."""
         checks: dict[str, Any] = {}
         sample = workload.texts[:1024]
-        scorer = (self.workers or self.own_workers or [None])[0]
+        mine = self.models[workload.model]
+        scorer = (mine.workers or mine.own_workers or [None])[0]
         ours = (await scorer.ask({"cmd": "predict", "texts": sample}, 300))["labels"] if scorer else None
         for name, group in self.baselines.items():
+            if name not in self.plan[workload.name]:
+                continue
             texts = workload.texts[: 512 if BASELINE_KINDS[name] == 1 else 8192]
             throughput = (await group[0].ask({"cmd": "throughput", "texts": texts}, 600))["posts_per_s"]
             checks[name] = {"pipeline_over_list_posts_per_s": round(throughput, 1)}
@@ -399,33 +446,35 @@ class Bench:
         return checks
 
     async def workload(self, workload: Workload) -> dict[str, Any]:
-        out: dict[str, Any] = {"mean_tokens": round(workload.mean_tokens, 1), "posts_available": len(workload.texts),
-                               "runs": []}
+        planned = self.plan[workload.name]
+        out: dict[str, Any] = {"model": workload.model, "mean_tokens": round(workload.mean_tokens, 1),
+                               "posts_available": len(workload.texts), "setups": planned, "runs": []}
         self.report["workloads"][workload.name] = out
         if "ours" in self.setups:
             out["padding_estimate"] = round(workload.padding_estimate(self.setups["ours"].batching["buckets"]), 3)
-        self.say(f"workload {workload.name}: {len(workload.texts):,} distinct posts, "
-                 f"mean {workload.mean_tokens:.1f} tokens/post")
-        if self.baselines:
+        self.say(f"workload {workload.name} ({workload.model}): {len(workload.texts):,} distinct posts, "
+                 f"mean {workload.mean_tokens:.1f} tokens/post; set-ups {', '.join(planned)}")
+        if any(name in planned for name in self.baselines):
             out["baseline_checks"] = await self.baseline_checks(workload)
-        if "engine-only" in self.args.setups and (self.engine_server or self.workers or self.own_workers):
+        if "engine-only" in planned and self.models[workload.model].children:
             out["engine_only"] = await self.engine_only(workload)
         capacity: dict[str, float] = {}
         runs: list[RunResult] = out["runs"]
         # Baselines first: the matched-rate runs need their drain rates.
-        for name in (n for n in RUN_ORDER if n in self.setups):
+        for name in (n for n in RUN_ORDER if n in self.setups and n in planned):
             runs += await self.kafka_setup(workload, self.setups[name], capacity)
-        if self.args.matched and "ours" in self.setups:
+        if self.args.matched and "ours" in planned:
             for name in MATCHED_BASELINES:
-                if name not in self.setups or not capacity.get(name):
+                if name not in planned or not capacity.get(name):
                     continue
                 rate = max(1.0, float(round(self.args.matched * capacity[name], -2 if capacity[name] > 1000 else 0)))
                 # The floor too, where it is in the run: each of ours' P99s has the broker's beside it.
-                compared = [self.setups[n] for n in ("kafka-only", name, "ours") if n in self.setups]
+                compared = [self.setups[n] for n in ("kafka-only", name, "ours") if n in planned]
                 for setup in compared:
                     if not any(r.setup == setup.name and r.offered == rate for r in runs):
                         runs.append(await self.rate_run(workload, setup, "matched", rate, capacity[setup.name]))
+        # The targets are the English workloads' (issue 19's); another model's figures stand beside them.
+        out["acceptance"] = acceptance(runs, out) if workload.model == MODEL else []
         print(render_workload(workload.name, workload.mean_tokens, out, self.setups), flush=True)
-        out["acceptance"] = acceptance(runs, out)
         self.checkpoint()
         return out

@@ -27,12 +27,16 @@ thing each, or are what a user would write instead:
 
 ``--setup-batching NAME=JSON`` merges batching settings into one set-up's (e.g. a setting that lands
 after this file was written), so a device call can try it without a change here.
+
+Every workload runs ``--setups``, narrowed where ``--workload-setups NAME=SETUPS`` names it (by default the
+Chinese ``zh`` workload: ``ours`` and ``engine-only``, see ``DEFAULT_WORKLOAD_SETUPS``). Our set-ups and
+the floor serve any model; the transformers baselines load ``minilm-sentiment`` only (``ONLY_MINILM``).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +57,12 @@ RUN_ORDER = ("kafka-only", "hf-b1", "hf-b64", "pad-to-max", "dynamic-pad", "ours
              "ours-python-gc", "ours-uvloop", "ours")
 # Ours is compared at equal offered load against these (each at --matched x its drain rate).
 MATCHED_BASELINES = ("hf-b64", "pad-to-max", "dynamic-pad")
+# The set-ups a workload runs where --workload-setups does not say: the Chinese posts on the 12-layer
+# multilingual engine, end to end and engine only (beside the English workloads' full comparison).
+DEFAULT_WORKLOAD_SETUPS: dict[str, tuple[str, ...]] = {"zh": ("ours", "engine-only")}
+# Set-ups that serve minilm-sentiment whatever the workload: the transformers baselines build a BERT and
+# its WordPiece tokenizer from that engine's folder.
+ONLY_MINILM = ("hf-b64", "hf-b1")
 
 
 @dataclass
@@ -131,6 +141,12 @@ def build_setups(args: argparse.Namespace, manifest_buckets: Sequence[int]) -> d
             chosen[name].batching = {**chosen[name].batching, **extra}
             chosen[name].description += f"; batching overrides {extra}"
     return chosen
+
+
+def workload_plan(workloads: Sequence[str], setups: Sequence[str],
+                  narrowed: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """The set-ups each workload runs, in ``setups``' order: all of them, or those ``narrowed`` names for it."""
+    return {w: [s for s in setups if w not in narrowed or s in narrowed[w]] for w in workloads}
 
 
 def engine_buckets(setups: Iterable[Setup], default: Sequence[int]) -> list[int]:

@@ -39,6 +39,9 @@ _WHITESPACE = re.compile(r"\s+")
 
 SAMPLE_TOPICS = ("airline", "cars", "phones", "sports", "news")
 SAMPLE_REGIONS = ("us-east", "us-west", "eu", "apac")
+# The bundled Chinese demo posts: 400 Weibo-style posts (text, label, topic of SAMPLE_TOPICS), written for
+# this project, shipped with the package.
+ZH_SAMPLES = Path(__file__).with_name("samples_zh.jsonl")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,11 @@ def sample_rows() -> list[dict[str, str]]:
     return rows
 
 
+def zh_sample_rows() -> list[dict[str, str]]:
+    """The bundled Chinese demo posts (text, label, topic), in file order."""
+    return [json.loads(line) for line in ZH_SAMPLES.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def sample_posts(seed: int = 0) -> Iterator[dict[str, Any]]:
     """Endless sample posts in a seeded random order, each with a topic and region."""
     rows = sample_rows()
@@ -81,6 +89,17 @@ def sample_posts(seed: int = 0) -> Iterator[dict[str, Any]]:
         rng.shuffle(rows)
         for row in rows:
             yield {"id": f"{row['id']}-{cycle}", "text": row["text"], "topic": rng.choice(SAMPLE_TOPICS),
+                   "region": rng.choice(SAMPLE_REGIONS)}
+
+
+def zh_sample_posts(seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Endless Chinese demo posts in a seeded random order, each with its own topic and a region."""
+    rows = list(enumerate(zh_sample_rows(), start=1))
+    rng = random.Random(seed)
+    for cycle in itertools.count():
+        rng.shuffle(rows)
+        for number, row in rows:
+            yield {"id": f"zh-sample-{number}-{cycle}", "text": row["text"], "topic": row["topic"],
                    "region": rng.choice(SAMPLE_REGIONS)}
 
 

@@ -108,3 +108,61 @@ def test_engine_only_counts_a_packed_engines_budgets_not_its_padding(engine_vers
     args = parse_args(["--torch-forward", "packed", "--engine-only-forwards", "packed"])
     assert (args.torch_forward, args.engine_only_forwards) == ("packed", ["packed"])
     assert parse_args([]).engine_only_forwards == ["padded", "packed"]
+
+
+def test_zh_workload_is_the_chinese_samples_tokenized_by_the_multilingual_engine(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from bench.gpu_e2e.common import MULTILINGUAL_MODEL, bench_version
+    from bench.gpu_e2e.workloads import build_workloads
+    from stream_sentiment.batching.tokenizer import PostTokenizer
+    from stream_sentiment.source.replay import SAMPLE_REGIONS, SAMPLE_TOPICS, zh_sample_rows
+
+    version = bench_version(None, MULTILINGUAL_MODEL)
+    (zh,) = build_workloads(["zh"], {MULTILINGUAL_MODEL: PostTokenizer(version)}, tmp_path, 4).values()
+    samples = zh_sample_rows()
+    assert zh.model == MULTILINGUAL_MODEL and sorted(zh.texts) == sorted(row["text"] for row in samples)
+    raw = zh.path.read_text(encoding="utf-8")
+    assert "航班" in raw  # UTF-8 as a producer sends it, not \u escapes
+    topics = {row["text"]: row["topic"] for row in samples}
+    for body in json.loads(raw)["bodies"]:
+        # What a producer process sends: its id spliced in front of the body's own fields.
+        post = json.loads('{"id": "r0p0-1", ' + body[1:])
+        assert post["topic"] == topics[post["text"]] in SAMPLE_TOPICS and post["region"] in SAMPLE_REGIONS
+    # Its own SentencePiece tokenizer: the Chinese posts are words to it, [UNK]s to the English engine's.
+    multilingual, english = PostTokenizer(version), PostTokenizer(bench_version(None))
+
+    def unknown_share(tokenizer: PostTokenizer, unknown: str) -> float:
+        unk = Tokenizer.from_file(str(tokenizer.version.tokenizer_path)).token_to_id(unknown)
+        ids = [i for row in tokenizer.encode(zh.texts) for i in row]
+        return sum(i == unk for i in ids) / len(ids)
+
+    assert unknown_share(multilingual, "<unk>") < 0.01 < 0.2 < unknown_share(english, "[UNK]")
+    assert zh.lengths.tolist() == [len(ids) for ids in multilingual.encode(zh.texts)]
+
+
+def test_workload_setups_narrow_zh_and_keep_the_baselines_on_minilm() -> None:
+    import pytest
+
+    from bench.gpu_e2e.cli import parse_args
+    from bench.gpu_e2e.setups import workload_plan
+
+    args = parse_args(["--workloads", "tweets,zh", "--setups", "ours,hf-b64,kafka-only,engine-only"])
+    assert workload_plan(args.workloads, args.setups, args.workload_setups) == {
+        "tweets": ["ours", "hf-b64", "kafka-only", "engine-only"], "zh": ["ours", "engine-only"]}
+    args = parse_args(["--workloads", "zh", "--setups", "ours,kafka-only", "--workload-setups", "zh=ours,kafka-only"])
+    assert workload_plan(args.workloads, args.setups, args.workload_setups) == {"zh": ["ours", "kafka-only"]}
+    assert parse_args([]).workloads == ["tweets", "long"]  # a call without the multilingual engine still runs
+    with pytest.raises(SystemExit):  # the transformers baselines load minilm-sentiment only
+        parse_args(["--workloads", "zh", "--setups", "ours,hf-b64", "--workload-setups", "zh=ours,hf-b64"])
+
+
+def test_engine_only_flops_follow_the_served_encoder() -> None:
+    from bench.gpu_e2e.common import MODEL, MULTILINGUAL_MODEL, EncoderShape, encoder_flops, encoder_shape
+    from stream_sentiment.engines.manifest import load_engine_version
+
+    minilm, multilingual = (encoder_shape(load_engine_version(REPO / "engines" / model / "v1", verify=False))
+                            for model in (MODEL, MULTILINGUAL_MODEL))
+    assert minilm == EncoderShape() == EncoderShape(layers=6, hidden=384, ffn=1536)  # the probe's constants
+    assert multilingual == EncoderShape(layers=12, hidden=384, ffn=1536)
+    assert encoder_flops(2600.0, 70000.0, multilingual) == 2 * encoder_flops(2600.0, 70000.0)

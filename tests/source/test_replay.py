@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 
 from stream_sentiment.cli import main
 from stream_sentiment.source.messages import Post, decode_post
-from stream_sentiment.source.replay import Surge, file_post_count, sample_posts, surge_posts
+from stream_sentiment.source.replay import (
+    SAMPLE_REGIONS,
+    Surge,
+    file_post_count,
+    sample_posts,
+    surge_posts,
+    zh_sample_posts,
+    zh_sample_rows,
+)
 from tests.services import consume_records
 
 
@@ -16,6 +25,16 @@ def test_sample_posts_come_from_the_installed_package_and_are_valid():
     assert len({p["id"] for p in posts}) == 500
     assert all(isinstance(decode_post(json.dumps(p).encode()), Post) for p in posts)
     assert {p["topic"] for p in posts} > {"airline"}
+
+
+def test_zh_posts_cycle_through_every_sample_with_unique_ids() -> None:
+    rows = zh_sample_rows()
+    posts = list(itertools.islice(zh_sample_posts(seed=0), 2 * len(rows)))
+    assert len({p["id"] for p in posts}) == len(posts)
+    for cycle in (posts[: len(rows)], posts[len(rows):]):  # each cycle: every sample once, with its own topic
+        assert sorted((p["text"], p["topic"]) for p in cycle) == sorted((r["text"], r["topic"]) for r in rows)
+    assert {p["region"] for p in posts} <= set(SAMPLE_REGIONS)
+    assert [p["id"] for p in itertools.islice(zh_sample_posts(seed=0), 5)] == [p["id"] for p in posts[:5]]
 
 
 def test_surge_posts_are_negative_tweets_with_the_surge_dimensions():
