@@ -333,7 +333,8 @@ class AlertMonitor:
         }
 
     async def _samples(self, dimension: str, value: str, window_end: int, window: int) -> list[dict[str, Any]]:
-        """The window's ``sample_posts`` most negative on-time posts: ``[{"id", "text", "p_negative"}]``."""
+        """The window's ``sample_posts`` most negative on-time posts, each text once: ``[{"id", "text", "lang"?,
+        "p_negative"}]``."""
         if not self.sample_posts:
             return []
         pipe = self.client.pipeline(transaction=False)
@@ -344,8 +345,18 @@ class AlertMonitor:
             for member, score in members:
                 best[_text(member)] = max(float(score), best.get(_text(member), 0.0))
         # Ties broken by the member itself, so every judge quotes the same posts.
-        ranked = sorted(best.items(), key=lambda item: (-item[1], item[0]))[: self.sample_posts]
-        return [{**json.loads(member), "p_negative": round(score, 4)} for member, score in ranked]
+        quoted: list[dict[str, Any]] = []
+        texts: set[str] = set()
+        for member, score in sorted(best.items(), key=lambda item: (-item[1], item[0])):
+            sample = json.loads(member)
+            # The same words posted again (a copy, a retweet, a bot) say nothing new: each text is quoted once.
+            if sample.get("text") in texts:
+                continue
+            texts.add(sample.get("text"))
+            quoted.append({**sample, "p_negative": round(score, 4)})
+            if len(quoted) == self.sample_posts:
+                break
+        return quoted
 
 
 def _text(value: bytes | str) -> str:

@@ -208,3 +208,33 @@ def test_an_alert_names_the_engines_that_scored_its_window_not_the_judges(redis_
     assert named[("lang", "en")] == (en, {en: 10}) and named[("topic", "bank")] == (en, {en: 10})
     # Both engines scored the global window's posts: most first, with their counts.
     assert named[("global", "all")] == (f"{zh}, {en}", {zh: 10, en: 5})
+
+
+def test_an_alert_quotes_each_text_once(redis_factory):
+    """A surge of copies (the same complaint posted again and again) is quoted once, then the next texts."""
+    rules = BucketRules(bucket_seconds=1, allowed_lateness=3600, dimensions=("topic",), sample_posts=3,
+                        max_out_of_orderness=0)
+
+    async def scenario():
+        client = redis_factory(async_client=True)
+        keys = RedisKeys("d")
+        sink = RedisSink(client, "d", "posts", ttl_seconds=3600)
+        monitor = AlertMonitor(client, keys, rules, windows=(2,), rules=RULES, engine_version="v1", sample_posts=3)
+        offset, stream_time = 0, None
+        for second in range(3):
+            # Per second: the same text twice at the top, then others; a bucket keeps its best three posts.
+            texts = ["航班又取消了"] * 2 + [f"other {second}-{i}" for i in range(2)] + ["fine"] * 8
+            posts = [ScoredPost(Post(f"{second}-{i}", text, None, "airline"), T0 + second + 0.5,
+                                (0.99 - i / 100, 0.0, 0.01 + i / 100)) for i, text in enumerate(texts)]
+            ranged = increments_for(posts, stream_time, rules, keys)
+            await sink.apply(0, offset, offset + len(posts), ranged.increments, ranged.stream_time)
+            offset, stream_time = offset + len(posts), ranged.stream_time
+        await monitor.judge_due(partitions=1)
+        stream = await client.xrange(keys.alerts)
+        await client.aclose()
+        return stream
+
+    stream = asyncio.run(scenario())
+    quoted = [[s["text"] for s in json.loads(fields["samples"])] for _, fields in stream]
+    # The first window (second 0 only: 12 posts) and, after the cooldown, none; each bucket's copies quoted once.
+    assert quoted == [["航班又取消了", "other 0-0"]], quoted
