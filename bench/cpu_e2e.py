@@ -54,7 +54,7 @@ from stream_sentiment.config import Settings  # noqa: E402
 from stream_sentiment.embedded import EmbeddedKafka, EmbeddedRedis  # noqa: E402
 from stream_sentiment.engines.base import Engine  # noqa: E402
 from stream_sentiment.metrics import PipelineMetrics  # noqa: E402
-from stream_sentiment.source.replay import sample_posts, zh_sample_posts  # noqa: E402
+from stream_sentiment.source.replay import chinese_sample_posts, sample_posts  # noqa: E402
 from stream_sentiment.worker import Worker  # noqa: E402
 
 PARTITIONS = 3
@@ -69,7 +69,7 @@ RUN_IDS = itertools.count()
 # The posts of each workload, as an endless generator, and the language an engine must list to serve them.
 WORKLOADS: dict[str, tuple[Callable[[], Iterator[dict[str, Any]]], str]] = {
     "tweets": (lambda: sample_posts(seed=0), "en"),
-    "zh": (lambda: zh_sample_posts(seed=0), "zh"),
+    "zh": (lambda: chinese_sample_posts(seed=0), "zh"),
 }
 
 

@@ -235,7 +235,7 @@ async def staged(worker: Worker, count: int) -> dict[str, float]:
             done()
             done = timer.measure("scored")
             worker._apply_ready = no_apply  # type: ignore[method-assign]
-            await worker._scored(batch.entries, probabilities)
+            await worker._scored(batch.entries, probabilities, pool.engine_name)
             worker._apply_ready = apply_ready  # type: ignore[method-assign]
             done()
             done = timer.measure("sink")

@@ -6,6 +6,12 @@ bundled sample tweets with an injected negative surge for one topic, and prints
 alerts as they land in Redis. Stops everything after ``--duration`` seconds or
 on Ctrl-C / SIGTERM, leaving no process behind.
 
+``--lang zh`` replays the bundled Chinese samples instead, and ``--lang mixed`` the
+tweets and the Chinese samples interleaved; both route Chinese posts to
+``multilingual-sentiment/v1`` (``engine.routes``), at a lower rate (that engine is
+~2.3x MiniLM's cost per post) and with a higher ratio threshold (its v1 calls no
+Chinese post neutral, so a calm Chinese stream already reads 50-70% negative).
+
 It says what it does as it goes: which settings differ from a deployment's, what
 was sent and scored every :data:`PROGRESS_EVERY_S` seconds, and at the end sent =
 scored + dead-lettered + left over, counted from the broker's offsets and Redis's
@@ -21,10 +27,13 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from stream_sentiment.config import AggregationSettings, AlertSettings, Settings
 from stream_sentiment.embedded import LOOPBACK, EmbeddedKafka, EmbeddedRedis, free_port
+from stream_sentiment.source.replay import chinese_sample_posts, mixed_sample_posts, sample_posts
 
 DEMO_TOPIC = "posts"
 PARTITIONS = 3
@@ -41,6 +50,46 @@ DEMO_AGGREGATION = {"bucket_seconds": 5, "windows_seconds": (30, 60, 300)}
 # ~300 posts per topic per 30 s window at the default rate; windows cut short by the demo's start or end hold a
 # few dozen, whose ratio swings past the threshold by chance: not judged.
 DEMO_ALERTS = {"min_posts": 100, "cooldown_seconds": 120}
+# The engine that reads Chinese, and the route that sends Chinese posts to it (the rest stay on MiniLM).
+MULTILINGUAL = "multilingual-sentiment/v1"
+
+
+@dataclass(frozen=True)
+class DemoLanguage:
+    """What ``demo --lang`` replays, and the settings that differ for it.
+
+    Args:
+        posts: endless sample posts for a seed.
+        rate: the default ``--rate``, posts/s the one CPU worker keeps up with on a 2-core machine.
+        surge_factor: the surge's posts/s as a multiple of the rate.
+        surge_lang: the surge's posts: tweets (``en``) or Chinese samples (``zh``).
+        routes: ``engine.routes``.
+        alerts: the alert settings (``DEMO_ALERTS`` and, for Chinese, a higher ratio threshold).
+        what: what is replayed, in words.
+    """
+
+    posts: Callable[[int], Iterator[dict[str, Any]]]
+    rate: float
+    surge_factor: float
+    surge_lang: str
+    what: str
+    routes: dict[str, str] = field(default_factory=dict)
+    alerts: dict[str, Any] = field(default_factory=lambda: dict(DEMO_ALERTS))
+
+
+LANGUAGES: dict[str, DemoLanguage] = {
+    "en": DemoLanguage(sample_posts, DEFAULT_RATE, SURGE_FACTOR, "en", "the sample tweets"),
+    # ~20 posts/s in all during the surge, against the multilingual engine's ~50/s here: a margin for a busy
+    # machine. The Chinese samples keep their own topics, whose calm share of posts the engine calls negative is
+    # 0.49-0.71 (airline highest): 0.85 leaves every calm topic and the whole stream (0.78 during the surge) below
+    # it, and an airline surge of as many posts again as the whole stream lifts airline to ~0.93.
+    "zh": DemoLanguage(chinese_sample_posts, 10.0, 1.0, "zh", "the Chinese sample posts",
+                       routes={"zh": MULTILINGUAL}, alerts={**DEMO_ALERTS, "ratio_threshold": 0.85}),
+    # Half tweets, half Chinese samples; the surge is Chinese. A calm topic reads ~0.57 negative, the surge
+    # topic ~0.86; lang=zh rises to ~0.78 (a Chinese surge), close to the threshold, so it may alert as well.
+    "mixed": DemoLanguage(mixed_sample_posts, 20.0, 0.5, "zh", "the sample tweets and Chinese sample posts interleaved",
+                          routes={"zh": MULTILINGUAL}, alerts={**DEMO_ALERTS, "ratio_threshold": 0.8}),
+}
 
 
 def _windows(seconds: tuple[int, ...]) -> str:
@@ -51,11 +100,21 @@ def settings_note(settings: Settings) -> str:
     """The demo's settings that differ from the defaults, next to the defaults: its alerts are not a deployment's."""
     aggregation, alerts = AggregationSettings(), AlertSettings()
     ours = settings.aggregation
+    threshold = ""
+    if settings.alerts.ratio_threshold != alerts.ratio_threshold:
+        threshold = (f"a ratio alert needs {settings.alerts.ratio_threshold:.0%} negative (default "
+                     f"{alerts.ratio_threshold:.0%}: {MULTILINGUAL} calls no Chinese post neutral, so a calm Chinese "
+                     "stream reads 50-70% negative, docs/multilingual-model.md), ")
+    routes = ""
+    if settings.engine.routes:
+        routes = ("language routing (engine.routes): " + ", ".join(
+            f"{lang} -> {target}" for lang, target in sorted(settings.engine.routes.items()))
+            + f", every other language -> {settings.engine.model}/{settings.engine.version}; ")
     return (f"demo: shorter windows than the defaults, so alerts come within the minute: "
             f"{ours.bucket_seconds}-second buckets (default {aggregation.bucket_seconds}), alert windows "
             f"{_windows(ours.windows_seconds)} (default {_windows(aggregation.windows_seconds)}), an alert needs "
-            f"{settings.alerts.min_posts} posts in its window (default {alerts.min_posts}), cooldown "
-            f"{settings.alerts.cooldown_seconds} s (default {alerts.cooldown_seconds}); "
+            f"{settings.alerts.min_posts} posts in its window (default {alerts.min_posts}), {threshold}cooldown "
+            f"{settings.alerts.cooldown_seconds} s (default {alerts.cooldown_seconds}); {routes}"
             "everything else is the default (docs/settings.md)")
 
 
@@ -131,12 +190,12 @@ async def _records_in_topic(settings: Settings) -> dict[int, int]:
 
 
 async def _run(
-    settings: Settings, duration: float, rate: float, surge_topic: str, surge_start: float
+    settings: Settings, duration: float, rate: float, surge_topic: str, surge_start: float, language: DemoLanguage
 ) -> dict[str, Any]:
     from stream_sentiment.aggregation.buckets import RedisKeys
     from stream_sentiment.clients import kafka_producer, start_kafka
     from stream_sentiment.service import read_stats, run_worker, stop_on_signals
-    from stream_sentiment.source.replay import Surge, replay, sample_posts
+    from stream_sentiment.source.replay import Surge, replay
 
     stop = asyncio.Event()
     stop_on_signals(stop)
@@ -144,7 +203,7 @@ async def _run(
     started = time.monotonic()
 
     surge = Surge(topic=surge_topic, start=surge_start, duration=max(1.0, duration - surge_start - 15),
-                  rate=rate * SURGE_FACTOR)
+                  rate=rate * language.surge_factor, lang=language.surge_lang)
     tally = Tally()
     worker = asyncio.create_task(run_worker(settings, stop))
     keys = RedisKeys(settings.redis_prefix)
@@ -152,10 +211,12 @@ async def _run(
     progress = asyncio.create_task(_report_progress(settings, keys.totals, tally, stop, started))
     producer = kafka_producer(settings, linger_ms=5)
     await start_kafka(producer, settings)
-    values = (json.dumps(p).encode() for p in sample_posts(seed=0))
+    values = (json.dumps(p, ensure_ascii=False).encode() for p in language.posts(0))
     sending = asyncio.create_task(replay(producer, settings.topic, values, rate=rate, count=None, surge=surge,
                                          progress=tally.sent, stop=stop))
-    print(f"demo: producing ~{rate:.0f} posts/s; a negative surge of {surge.rate:.0f} posts/s more for "
+    surge_posts = "Chinese posts" if surge.lang == "zh" else "tweets"
+    print(f"demo: producing ~{rate:.0f} posts/s of {language.what}; a negative surge of {surge.rate:.0f} posts/s "
+          f"more ({surge_posts}) for "
           f"topic={surge_topic!r} from {surge_start:.0f}s to {surge_start + surge.duration:.0f}s; alerts appear "
           f"below (a window is judged once every partition's posts are "
           f"{settings.aggregation.max_out_of_orderness_seconds:g}s of event time past its end), and what was sent "
@@ -222,8 +283,12 @@ def account(counts: dict[str, int], stats: dict[str, Any], *, rate: float, produ
 
 
 def main(
-    duration: float = 60.0, rate: float = DEFAULT_RATE, surge_topic: str = "airline", surge_start: float = 15.0
+    duration: float = 60.0, rate: float | None = None, surge_topic: str = "airline", surge_start: float = 15.0,
+    lang: str = "en",
 ) -> int:
+    """Run the demo; ``rate`` None is the language's default (``LANGUAGES``)."""
+    language = LANGUAGES[lang]
+    rate = language.rate if rate is None else rate
     # Warnings from every part, and the worker's own account of its shutdown (what it drained, what it left).
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("stream_sentiment.worker").setLevel(logging.INFO)
@@ -234,7 +299,8 @@ def main(
         admin_port = free_port()  # a known port, so the alert page's address can be printed before the worker starts
         settings = Settings.load(
             bootstrap_servers=kafka.bootstrap_servers, topic=DEMO_TOPIC, redis_url=redis_server.url,
-            redis_prefix="demo", consumer_group="demo", aggregation=DEMO_AGGREGATION, alerts=DEMO_ALERTS,
+            redis_prefix="demo", consumer_group="demo", aggregation=DEMO_AGGREGATION, alerts=language.alerts,
+            engine={"routes": language.routes} if language.routes else None,  # None: not overridden
             kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=2000,
             admin={"port": admin_port},
         )
@@ -242,7 +308,7 @@ def main(
         print(f"demo: live alert page at http://{LOOPBACK}:{admin_port}/alerts (terminal: stream-sentiment top "
               f"--redis-url {redis_server.url} --redis-prefix demo)", flush=True)
         print(settings_note(settings), flush=True)
-        summary = asyncio.run(_run(settings, duration, rate, surge_topic, surge_start))
+        summary = asyncio.run(_run(settings, duration, rate, surge_topic, surge_start, language))
     print(json.dumps(summary), flush=True)
     return 0 if summary["scored"] > 0 else 1
 

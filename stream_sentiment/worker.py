@@ -221,9 +221,13 @@ class Worker:
         return self.scheduler.new_pool(engine)
 
     def swap_pool(self, pool: SlotPool) -> tuple[SlotPool, float]:
-        """Cut over to ``pool`` (see :meth:`Scheduler.swap_pool`); alerts judged from now on name its version."""
+        """Cut over to ``pool`` (see :meth:`Scheduler.swap_pool`).
+
+        Alerts name the engines their window's buckets recorded; the judge's own engine, named where a bucket
+        recorded none (written before engines were recorded), follows the default route's.
+        """
         if self._judge is not None:
-            self._judge.engine_version = pool.version
+            self._judge.engine_version = pool.engine_name
         return self.scheduler.swap_pool(pool)
 
     @contextlib.asynccontextmanager
@@ -261,7 +265,7 @@ class Worker:
             await self._redis.aclose()
             raise
         self._judge = AlertJudge.for_settings(self.settings, self._redis, self.keys, self.rules,
-                                              engine_version=self.pool.version, sink=self.sink, source=self.source,
+                                              engine_version=self.pool.engine_name, sink=self.sink, source=self.source,
                                               metrics=self.metrics, wall_clock=self.wall_clock)
         ticker = asyncio.create_task(self._judge.run(stop))
         try:
@@ -334,8 +338,11 @@ class Worker:
             scheduler.dispatch()
         self._apply_in_background()
 
-    async def _scored(self, entries: Sequence[Pending[Admitted]], probabilities: np.ndarray) -> None:
+    async def _scored(self, entries: Sequence[Pending[Admitted]], probabilities: np.ndarray, engine: str) -> None:
         """A scored batch: its records are finished in their partitions, then applied.
+
+        ``engine`` (``model/version``) scored the whole batch (a batch never mixes engines); each post carries
+        it into its buckets, so alerts name the engines that scored their windows.
 
         Array work once per batch (Python floats, the labels' argmax), then one ``finished_many`` per
         partition: indexing numpy rows or finding a label per post cost more than scoring them.
@@ -351,7 +358,7 @@ class Worker:
                 group = by_owner[id(admitted.owner)] = (admitted, [], [])
             group[1].append(admitted.offset)
             group[2].append(ScoredPost(admitted.post, admitted.event_time, tuple(row),  # type: ignore[arg-type]
-                                       admitted.appended_at, admitted.fetched_at, label))
+                                       admitted.appended_at, admitted.fetched_at, label, engine))
         for first, offsets, results in by_owner.values():
             progress = self._owner_progress(first)
             if progress is not None:  # else revoked or replaced meanwhile: its records are read again

@@ -26,24 +26,52 @@ BINARIES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 DEVTOOLS_LINE = re.compile(r"DevTools listening on (ws://\S+)")
 
 
+def _apt_install(package: str) -> None:
+    """``apt-get install`` one Debian package (as root), updating the package lists first if they are missing."""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise RuntimeError(f"cannot install Debian's `{package}` package (needs root and apt-get): install it")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", package]
+    if subprocess.run(install, env=env, capture_output=True, timeout=900).returncode != 0:
+        # A fresh machine may have no package lists yet.
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600, check=True)
+        subprocess.run(install, env=env, capture_output=True, timeout=900, check=True)
+
+
 def ensure_chromium() -> str:
     """The path of a Chromium binary, installing Debian's package first if there is none."""
     found = next((path for name in BINARIES if (path := shutil.which(name))), None)
     if found:
         return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise RuntimeError("no Chromium found and cannot install it (needs root and apt-get): "
-                           "install Debian's `chromium` package")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "chromium"]
-    if subprocess.run(install, env=env, capture_output=True, timeout=900).returncode != 0:
-        # A fresh machine may have no package lists yet.
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600, check=True)
-        subprocess.run(install, env=env, capture_output=True, timeout=900, check=True)
+    _apt_install("chromium")
     found = next((path for name in BINARIES if (path := shutil.which(name))), None)
     if found is None:
         raise RuntimeError("apt-get installed chromium but no binary is on PATH")
     return found
+
+
+# Debian's smallest font covering Chinese (~7 MB; fonts-noto-cjk, the usual desktop one, is ~60 MB to fetch).
+CJK_FONT_PACKAGE = "fonts-wqy-zenhei"
+
+
+def chinese_font_families() -> set[str]:
+    """The families of the installed fonts that fontconfig says cover Chinese (``fc-list :lang=zh``), installing
+    Debian's ``fonts-wqy-zenhei`` first if there are none, so Chinese text is drawn in glyphs, not as boxes."""
+    families = _fc_families()
+    if not families:
+        _apt_install(CJK_FONT_PACKAGE)
+        families = _fc_families()
+        if not families:
+            raise RuntimeError(f"apt-get installed {CJK_FONT_PACKAGE} but fontconfig lists no Chinese font")
+    return families
+
+
+def _fc_families() -> set[str]:
+    """Every name of every font covering Chinese: ``fc-list`` gives each font's names comma-separated
+    (``WenQuanYi Zen Hei,文泉驛正黑,文泉驿正黑``)."""
+    listed = subprocess.run(["fc-list", ":lang=zh", "family"], capture_output=True, text=True, timeout=60,
+                            check=True).stdout
+    return {name.strip() for line in listed.splitlines() for name in line.split(",") if name.strip()}
 
 
 class HeadlessChromium:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from stream_sentiment.aggregation.buckets import engine_counts
 from stream_sentiment.batching.routing import RoutedEngines, plan_routes
 from stream_sentiment.batching.tokenizer import PostTokenizer
 from stream_sentiment.engines.manifest import EngineRepository
@@ -60,3 +61,14 @@ def test_a_mixed_stream_is_routed_by_language_and_counted_once_under_its_lang(
     assert metrics.value("stream_sentiment_route_engine_info",
                          {"route": "multilingual-sentiment", "backend": "onnxruntime", "version": "v1"}) == 1
     assert set(ready["routes"]) == {"minilm-sentiment", "multilingual-sentiment"} and ready["engine_working"]
+    # ... and the buckets record it: each language's on-time posts under the engine of its route, which the
+    # alerts of a window name (aggregation.monitor).
+    engines: dict[str, dict[str, int]] = {}
+    for key in redis.scan_iter("route:agg:lang:*"):
+        fields = redis.hgetall(key)
+        language = engines.setdefault(key.split(":")[3], {})
+        for name, count in engine_counts(fields).items():
+            language[name] = language.get(name, 0) + count
+        assert sum(engine_counts(fields).values()) == int(fields.get("on_time_posts", 0))
+    assert engines == {"en": {"minilm-sentiment/v1": expected["en"]},
+                       "zh": {"multilingual-sentiment/v1": expected["zh"]}}

@@ -160,7 +160,9 @@ def test_a_burst_of_negative_posts_raises_an_alert_in_the_stream(
     assert len(alerts) == len(keys)  # one alert per rule and dimension value, no storm
     airline = next(a for a in alerts if a["dimension"] == "topic")
     assert float(airline["negative_ratio"]) >= 0.6 and int(airline["posts"]) >= 10
-    assert airline["engine_version"] == "v1"
+    # The engine that scored the window's posts, as model/version, and how many it scored.
+    assert airline["engine_version"] == "minilm-sentiment/v1"
+    assert json.loads(airline["engines"]) == {"minilm-sentiment/v1": int(airline["posts"])}
 
 
 def _assert_metrics_match(metrics: PipelineMetrics, scored: int, dead: int, reasons: dict[str, str]) -> None:

@@ -56,7 +56,7 @@ def models_of(names: Sequence[str]) -> list[str]:
 def build_workloads(names: Sequence[str], tokenizers: Mapping[str, PostTokenizer], folder: Path, long_tweets: int,
                     long_posts: int = LONG_POSTS) -> dict[str, Workload]:
     """Each named workload's posts written under ``folder``; ``tokenizers``: one per model of ``models_of``."""
-    from stream_sentiment.source.replay import SAMPLE_REGIONS, SAMPLE_TOPICS, sample_rows, zh_sample_rows
+    from stream_sentiment.source.replay import SAMPLE_REGIONS, SAMPLE_TOPICS, chinese_sample_rows, sample_rows
 
     rng = random.Random(0)
     tweets = [row["text"] for row in sample_rows()] if {"tweets", "long"} & set(names) else []
@@ -67,7 +67,7 @@ def build_workloads(names: Sequence[str], tokenizers: Mapping[str, PostTokenizer
             # Own generator: the English workloads' posts stay those of runs without it. Each post keeps
             # its own topic (the samples use SAMPLE_TOPICS) and gets a region, as the tweets do.
             local = random.Random(1)
-            rows = zh_sample_rows()
+            rows = chinese_sample_rows()
             local.shuffle(rows)
             texts = [row["text"] for row in rows]
             posts = [{"text": row["text"], "topic": row["topic"], "region": local.choice(SAMPLE_REGIONS)}

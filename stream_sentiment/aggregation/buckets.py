@@ -1,8 +1,10 @@
 """Event-time buckets: what one offset range adds to Redis, as a function of the log alone.
 
 Each scored post adds to one bucket per configured dimension (``global``,
-``topic``, ``region``): label counts, a post count and the sum of P(negative),
-in the ``bucket_seconds``-wide bucket of its event time. Rolling windows
+``topic``, ``region``, ``lang``): label counts, a post count and the sum of P(negative),
+in the ``bucket_seconds``-wide bucket of its event time; an on-time post also counts
+under the engine that scored it (``ENGINE_FIELD``), so an alert can name the engines
+behind its window even when language routing sends its posts to several. Rolling windows
 (1 / 5 / 15 min) are read as sums of buckets, so a bucket is the only thing
 written. Dead-lettered records add to per-reason counters.
 
@@ -34,6 +36,7 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from stream_sentiment.labels import LABELS
 from stream_sentiment.sinks.keys import RedisKeys
@@ -55,6 +58,9 @@ class ScoredPost:
     # the metrics of each post. The worker passes it in, from one argmax over the whole batch; left
     # empty, it is computed here (ties go to the first label either way).
     label: str = field(default="", repr=False, compare=False)
+    # The ``model/version`` of the engine that scored it (``SlotPool.engine_name``); each bucket counts its
+    # on-time posts per engine, so an alert names the engines that scored its window. Empty: not recorded.
+    engine: str = ""
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -127,8 +133,11 @@ def increments_for(
     """
     rejected: dict[str, int] = {}
     # (dimension, value, bucket start) ->
-    #   [posts, negative, neutral, positive, sum of P(negative), on-time posts, on-time negative, on-time sum]
-    groups: dict[tuple[str, str, int], list[float]] = {}
+    #   [posts, negative, neutral, positive, sum of P(negative), on-time posts, on-time negative, on-time sum,
+    #    the engine of the group's first post, {another engine: its on-time posts} or None]
+    # The engine of the first post is counted by difference (on-time posts less the others'), so the common
+    # case, every post of a bucket scored by one engine, costs one identity check per post and dimension.
+    groups: dict[tuple[str, str, int], list[Any]] = {}
     # The best candidates per sample set, serialized only once the few that are kept are known:
     # JSON-encoding every negative post for every dimension was the most expensive part of a range.
     offers: dict[tuple[str, str, int], list[tuple[float, int, Post]]] = {}
@@ -166,6 +175,7 @@ def increments_for(
             first = start if first is None or start < first else first
         p_negative = outcome.probabilities[0]
         post = outcome.post
+        engine = outcome.engine
         for dimension, attribute in dimensions:
             value = "all" if attribute is None else getattr(post, attribute)
             if not value:
@@ -173,7 +183,7 @@ def increments_for(
             group_key = (dimension, value, start)
             counts = groups.get(group_key)
             if counts is None:
-                counts = groups[group_key] = [0, 0, 0, 0, 0.0, 0, 0, 0.0]
+                counts = groups[group_key] = [0, 0, 0, 0, 0.0, 0, 0, 0.0, engine, None]
             counts[0] += 1
             counts[column] += 1
             counts[4] += p_negative
@@ -181,6 +191,11 @@ def increments_for(
                 counts[5] += 1
                 counts[6] += column == 1
                 counts[7] += p_negative
+                if engine is not counts[8] and engine != counts[8]:
+                    others = counts[9]
+                    if others is None:
+                        others = counts[9] = {}
+                    others[engine] = others.get(engine, 0) + 1
                 if keep_samples and column == 1:
                     candidates = offers.setdefault(group_key, [])
                     candidates.append((p_negative, len(candidates), post))
@@ -203,13 +218,20 @@ def increments_for(
     if first is not None:
         increments.lowest[keys.first_bucket] = first
     for (dimension, value, start), counts in groups.items():
-        posts, negative, neutral, positive, p_sum, on_time_posts, on_time_negative, on_time_sum = counts
+        posts, negative, neutral, positive, p_sum, on_time_posts, on_time_negative, on_time_sum, first_engine, others \
+            = counts
         key = keys.bucket(dimension, value, start)
         fields = {"posts": int(posts)}
         for name, count in (("negative", negative), ("neutral", neutral), ("positive", positive),
                             ("on_time_posts", on_time_posts), ("on_time_negative", on_time_negative)):
             if count:
                 fields[name] = int(count)
+        if on_time_posts:
+            by_engine = dict(others) if others else {}
+            by_engine[first_engine] = int(on_time_posts) - sum(by_engine.values())
+            for engine_name, count in by_engine.items():
+                if engine_name and count:
+                    fields[ENGINE_FIELD + engine_name] = count
         increments.counts[key] = fields
         increments.sums[key] = {"p_negative_sum": p_sum}
         if on_time_posts:
@@ -230,6 +252,20 @@ def increments_for(
     return RangeIncrements(increments, stream_time)
 
 
+# A bucket's on-time posts scored by one engine are counted in the field ``on_time_posts@<model>/<version>``.
+ENGINE_FIELD = "on_time_posts@"
+
+
+def engine_counts(fields: dict[str, Any]) -> dict[str, int]:
+    """``{model/version: on-time posts}`` from a bucket hash (str or bytes fields, as Redis returns them)."""
+    counts: dict[str, int] = {}
+    for name, value in fields.items():
+        text = name.decode() if isinstance(name, bytes) else name
+        if text.startswith(ENGINE_FIELD):
+            counts[text[len(ENGINE_FIELD):]] = int(value)
+    return counts
+
+
 # Columns of a group's counts; labels are the model's (negative, neutral, positive).
 _LABEL_COLUMN = {label: column for column, label in enumerate(LABELS, start=1)}
 
@@ -239,5 +275,12 @@ SAMPLE_TEXT_CHARS = 280
 
 
 def sample_member(post: Post) -> str:
-    """The sorted-set member that stands for ``post`` in a sample set."""
-    return json.dumps({"id": post.id, "text": post.text[:SAMPLE_TEXT_CHARS]}, ensure_ascii=False)
+    """The sorted-set member that stands for ``post`` in a sample set.
+
+    Its ``lang`` travels with it: the alert page marks a sample's language, so a browser picks the right
+    font and glyph forms for it (a Chinese sample on an English page).
+    """
+    sample = {"id": post.id, "text": post.text[:SAMPLE_TEXT_CHARS]}
+    if post.lang:
+        sample["lang"] = post.lang
+    return json.dumps(sample, ensure_ascii=False)

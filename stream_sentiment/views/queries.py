@@ -88,6 +88,8 @@ def alert_entry(entry_id: bytes | str, raw: dict[Any, Any]) -> AlertEntry:
                 fields[name] = number if math.isfinite(number) else None
             elif name == "samples":
                 fields[name] = json.loads(text, parse_constant=lambda _: None) if text else []
+            elif name == "engines":  # {model/version: posts}: the engines that scored the window's posts
+                fields[name] = json.loads(text, parse_constant=lambda _: None) if text else {}
             else:
                 fields[name] = text
         except ValueError:

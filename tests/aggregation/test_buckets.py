@@ -129,7 +129,7 @@ def test_increments_apply_through_the_fence(redis_factory):
 def _reference_increments(outcomes, stream_time, rules, keys):
     """The definition, key by key and post by post (what ``increments_for`` computes faster)."""
 
-    from stream_sentiment.aggregation.buckets import dimension_values, sample_member
+    from stream_sentiment.aggregation.buckets import ENGINE_FIELD, dimension_values, sample_member
     from stream_sentiment.sinks.redis_sink import Increments
 
     increments, offers = Increments(), {}
@@ -163,6 +163,8 @@ def _reference_increments(outcomes, stream_time, rules, keys):
             if outcome.label == "negative":
                 increments.add(key, "on_time_negative")
             increments.add_float(key, "on_time_p_negative_sum", outcome.probabilities[0])
+            if outcome.engine:
+                increments.add(key, ENGINE_FIELD + outcome.engine)
             if rules.sample_posts and outcome.label == "negative":
                 samples = keys.samples(dimension, value, start)
                 offers.setdefault(samples, []).append((outcome.probabilities[0], len(offers[samples]), outcome.post))
@@ -180,10 +182,13 @@ def _outcomes():
 
     probabilities = st.lists(st.floats(0.01, 1.0), min_size=3, max_size=3).map(
         lambda w: tuple(x / sum(w) for x in w))
+    # Engines as routing records them (one per route), or none: posts of several engines share buckets.
     post = st.builds(
-        lambda i, ts, topic, region, p: ScoredPost(Post(f"p{i}", f"text {i}", ts, topic, region), ts, p),
+        lambda i, ts, topic, region, p, engine: ScoredPost(Post(f"p{i}", f"text {i}", ts, topic, region), ts, p,
+                                                           engine=engine),
         st.integers(0, 10**6), st.floats(NOW - 200, NOW + 30), st.sampled_from([None, "airline", "phone", ""]),
-        st.sampled_from([None, "eu", "us"]), probabilities)
+        st.sampled_from([None, "eu", "us"]), probabilities,
+        st.sampled_from(["", "minilm-sentiment/v1", "multilingual-sentiment/v1"]))
     rejection = st.sampled_from(list(RejectReason)).map(lambda reason: Rejection(reason, "why"))
     return st.lists(st.one_of(post, post, post, rejection), max_size=60)
 

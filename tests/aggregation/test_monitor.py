@@ -169,3 +169,72 @@ def test_an_alert_quotes_the_windows_most_negative_posts(redis_factory):
         assert [(s["id"], s["text"], s["p_negative"]) for s in samples] == [
             ("s1-0", "awful 1-0", 0.99), ("s1-1", "awful 1-1", 0.98),
         ]
+
+
+def test_an_alert_names_the_engines_that_scored_its_window_not_the_judges(redis_factory):
+    """With language routing, Chinese posts are scored by the multilingual engine and English ones by MiniLM,
+    in the same buckets and ranges. Each alert names the engines its window's on-time posts were scored by
+    (counted in the buckets, so whichever worker judges says the same), not the judging worker's own engine."""
+    zh, en = "multilingual-sentiment/v1", "minilm-sentiment/v1"
+    rules = BucketRules(bucket_seconds=1, allowed_lateness=3600, dimensions=("global", "topic", "lang"),
+                        max_out_of_orderness=0)
+
+    async def scenario():
+        client = redis_factory(async_client=True)
+        keys = RedisKeys("e")
+        sink = RedisSink(client, "e", "posts", ttl_seconds=3600)
+        monitor = AlertMonitor(client, keys, rules, windows=(2,), rules=RULES, engine_version=en)
+        offset, stream_time = 0, None
+        for second in range(3):
+            # Interleaved as a fetch split by route comes back: 10 Chinese posts (topic airline), 5 English (bank),
+            # all negative, so every value's share passes the 0.95 threshold once it has 10 posts (min_posts).
+            posts = [ScoredPost(Post(f"{second}-{i}", "航班又取消了" if i % 3 else "awful", None,
+                                     "airline" if i % 3 else "bank", None, "zh" if i % 3 else "en"),
+                                T0 + second + 0.5, (0.9, 0.05, 0.05), engine=zh if i % 3 else en)
+                     for i in range(15)]
+            ranged = increments_for(posts, stream_time, rules, keys)
+            await sink.apply(0, offset, offset + len(posts), ranged.increments, ranged.stream_time)
+            offset, stream_time = offset + len(posts), ranged.stream_time
+        await monitor.judge_due(partitions=1)
+        stream = await client.xrange(keys.alerts)
+        await client.aclose()
+        return stream
+
+    named = {(f["dimension"], f["value"]): (f["engine_version"], json.loads(f["engines"]))
+             for _, f in asyncio.run(scenario())}
+    # The first window (second 0) alerts for the Chinese values, the next for the English ones (10 posts by then);
+    # one alert per value (cooldown).
+    assert named[("lang", "zh")] == (zh, {zh: 10}) and named[("topic", "airline")] == (zh, {zh: 10})
+    assert named[("lang", "en")] == (en, {en: 10}) and named[("topic", "bank")] == (en, {en: 10})
+    # Both engines scored the global window's posts: most first, with their counts.
+    assert named[("global", "all")] == (f"{zh}, {en}", {zh: 10, en: 5})
+
+
+def test_an_alert_quotes_each_text_once(redis_factory):
+    """A surge of copies (the same complaint posted again and again) is quoted once, then the next texts."""
+    rules = BucketRules(bucket_seconds=1, allowed_lateness=3600, dimensions=("topic",), sample_posts=3,
+                        max_out_of_orderness=0)
+
+    async def scenario():
+        client = redis_factory(async_client=True)
+        keys = RedisKeys("d")
+        sink = RedisSink(client, "d", "posts", ttl_seconds=3600)
+        monitor = AlertMonitor(client, keys, rules, windows=(2,), rules=RULES, engine_version="v1", sample_posts=3)
+        offset, stream_time = 0, None
+        for second in range(3):
+            # Per second: the same text twice at the top, then others; a bucket keeps its best three posts.
+            texts = ["航班又取消了"] * 2 + [f"other {second}-{i}" for i in range(2)] + ["fine"] * 8
+            posts = [ScoredPost(Post(f"{second}-{i}", text, None, "airline"), T0 + second + 0.5,
+                                (0.99 - i / 100, 0.0, 0.01 + i / 100)) for i, text in enumerate(texts)]
+            ranged = increments_for(posts, stream_time, rules, keys)
+            await sink.apply(0, offset, offset + len(posts), ranged.increments, ranged.stream_time)
+            offset, stream_time = offset + len(posts), ranged.stream_time
+        await monitor.judge_due(partitions=1)
+        stream = await client.xrange(keys.alerts)
+        await client.aclose()
+        return stream
+
+    stream = asyncio.run(scenario())
+    quoted = [[s["text"] for s in json.loads(fields["samples"])] for _, fields in stream]
+    # The first window (second 0 only: 12 posts) and, after the cooldown, none; each bucket's copies quoted once.
+    assert quoted == [["航班又取消了", "other 0-0"]], quoted

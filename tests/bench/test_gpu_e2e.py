@@ -116,11 +116,11 @@ def test_zh_workload_is_the_chinese_samples_tokenized_by_the_multilingual_engine
     from bench.gpu_e2e.common import MULTILINGUAL_MODEL, bench_version
     from bench.gpu_e2e.workloads import build_workloads
     from stream_sentiment.batching.tokenizer import PostTokenizer
-    from stream_sentiment.source.replay import SAMPLE_REGIONS, SAMPLE_TOPICS, zh_sample_rows
+    from stream_sentiment.source.replay import SAMPLE_REGIONS, SAMPLE_TOPICS, chinese_sample_rows
 
     version = bench_version(None, MULTILINGUAL_MODEL)
     (zh,) = build_workloads(["zh"], {MULTILINGUAL_MODEL: PostTokenizer(version)}, tmp_path, 4).values()
-    samples = zh_sample_rows()
+    samples = chinese_sample_rows()
     assert zh.model == MULTILINGUAL_MODEL and sorted(zh.texts) == sorted(row["text"] for row in samples)
     raw = zh.path.read_text(encoding="utf-8")
     assert "航班" in raw  # UTF-8 as a producer sends it, not \u escapes

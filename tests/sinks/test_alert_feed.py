@@ -7,6 +7,8 @@ import json
 import threading
 import time
 
+from rich.cells import cell_len
+
 from stream_sentiment.aggregation.alerts import AlertRules
 from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys
 from stream_sentiment.aggregation.monitor import AlertMonitor
@@ -100,6 +102,33 @@ def test_an_alert_quotes_every_stored_sample_post_under_its_line():
         f'    e.g. "{"x" * 99}…"  (post p2, P(negative) 0.97)',
         '    e.g. "the third is shown too"  (post p3, P(negative) 0.9)',
     ]
+
+
+def test_a_chinese_sample_is_cut_by_terminal_columns_not_characters():
+    """A Chinese character takes two terminal columns: a cut at 100 characters made a Chinese sample 200 wide."""
+    chinese = "航班取消了，客服电话一直打不通，柜台只有一个人，" * 8  # 200 characters, 384 columns
+    mixed = "MU5123 " + "延误六小时" * 30
+    samples = [{"id": "z1", "text": chinese, "p_negative": 0.99}, {"id": "z2", "text": mixed, "p_negative": 0.98},
+               {"id": "z3", "text": "航班取消了", "p_negative": 0.97}]
+    lines = format_alert({**ALERT, "value": "航空", "samples": json.dumps(samples, ensure_ascii=False)}).splitlines()
+    assert "  topic=航空  " in lines[0]
+    quoted = [line.split('"')[1] for line in lines[1:]]
+    # 49 wide characters fill 98 columns; the 99th column cannot hold half of one, so the cut is at 98 + "…".
+    assert quoted[0] == chinese[:49] + "…"
+    # "MU5123 " is 7 columns, then 46 characters of 2 columns: 99.
+    assert quoted[1] == mixed[:7 + 46] + "…"
+    assert quoted[2] == "航班取消了"  # short: whole, no ellipsis
+    assert all(cell_len(text) <= 100 for text in quoted)
+
+
+def test_an_alert_over_several_engines_names_each_with_its_posts():
+    engines = {"multilingual-sentiment/v1": 300, "minilm-sentiment/v1": 120}
+    line = format_alert({**ALERT, "engine_version": "multilingual-sentiment/v1, minilm-sentiment/v1",
+                         "engines": json.dumps(engines)})
+    assert line.endswith("engines multilingual-sentiment/v1 (300), minilm-sentiment/v1 (120)")
+    one = format_alert({**ALERT, "engine_version": "multilingual-sentiment/v1",
+                        "engines": json.dumps({"multilingual-sentiment/v1": 300})})
+    assert one.endswith("z 11.0 vs baseline 20.4  engine multilingual-sentiment/v1")
 
 
 def test_unreadable_samples_do_not_hide_the_alert():

@@ -7,15 +7,17 @@ import itertools
 import json
 
 from stream_sentiment.cli import main
+from stream_sentiment.source.language import post_language
 from stream_sentiment.source.messages import Post, decode_post
 from stream_sentiment.source.replay import (
     SAMPLE_REGIONS,
     Surge,
+    chinese_sample_posts,
+    chinese_sample_rows,
     file_post_count,
+    mixed_sample_posts,
     sample_posts,
     surge_posts,
-    zh_sample_posts,
-    zh_sample_rows,
 )
 from tests.services import consume_records
 
@@ -28,18 +30,44 @@ def test_sample_posts_come_from_the_installed_package_and_are_valid():
 
 
 def test_zh_posts_cycle_through_every_sample_with_unique_ids() -> None:
-    rows = zh_sample_rows()
-    posts = list(itertools.islice(zh_sample_posts(seed=0), 2 * len(rows)))
+    rows = chinese_sample_rows()
+    posts = list(itertools.islice(chinese_sample_posts(seed=0), 2 * len(rows)))
     assert len({p["id"] for p in posts}) == len(posts)
     for cycle in (posts[: len(rows)], posts[len(rows):]):  # each cycle: every sample once, with its own topic
         assert sorted((p["text"], p["topic"]) for p in cycle) == sorted((r["text"], r["topic"]) for r in rows)
     assert {p["region"] for p in posts} <= set(SAMPLE_REGIONS)
-    assert [p["id"] for p in itertools.islice(zh_sample_posts(seed=0), 5)] == [p["id"] for p in posts[:5]]
+    assert [p["id"] for p in itertools.islice(chinese_sample_posts(seed=0), 5)] == [p["id"] for p in posts[:5]]
 
 
 def test_surge_posts_are_negative_tweets_with_the_surge_dimensions():
     posts = [p for _, p in zip(range(50), surge_posts(Surge(topic="phones", region="eu")), strict=False)]
     assert all(p["topic"] == "phones" and p["region"] == "eu" for p in posts)
+
+
+def test_chinese_and_mixed_samples_are_valid_posts_in_their_language():
+    """``demo --lang zh`` / ``mixed``: Chinese samples keep the topic they were written for, decode as zh (their tag
+    and their script agree), and the mixed stream alternates tweets (English by default) and Chinese posts."""
+    rows = {row["text"]: row for row in chinese_sample_rows()}
+    chinese = [p for _, p in zip(range(800), chinese_sample_posts(seed=1), strict=False)]
+    assert len({p["id"] for p in chinese}) == 800 and {p["text"] for p in chinese} == set(rows)  # two cycles
+    for post in chinese:
+        decoded = decode_post(json.dumps(post, ensure_ascii=False).encode())
+        assert isinstance(decoded, Post) and decoded.lang == "zh" and decoded.topic == rows[post["text"]]["topic"]
+        assert post_language(None, post["text"]) == "zh"  # an untagged copy is routed the same way
+    mixed = [decode_post(json.dumps(p, ensure_ascii=False).encode())
+             for _, p in zip(range(100), mixed_sample_posts(seed=1), strict=False)]
+    assert [p.lang for p in mixed if isinstance(p, Post)] == ["en", "zh"] * 50
+
+
+def test_a_chinese_surge_quotes_negative_posts_written_for_its_topic():
+    by_text = {row["text"]: row for row in chinese_sample_rows()}
+    airline = [p for _, p in zip(range(200), surge_posts(Surge(topic="airline", lang="zh")), strict=False)]
+    assert all(p["topic"] == "airline" and p["lang"] == "zh" for p in airline)
+    assert all(by_text[p["text"]]["label"] == "negative" and by_text[p["text"]]["topic"] == "airline" for p in airline)
+    # A topic the samples were not written for: every negative sample, tagged with it.
+    other = [p for _, p in zip(range(200), surge_posts(Surge(topic="launch-day", lang="zh")), strict=False)]
+    assert all(by_text[p["text"]]["label"] == "negative" and p["topic"] == "launch-day" for p in other)
+    assert len({by_text[p["text"]]["topic"] for p in other}) > 1
 
 
 def test_produce_command_sends_samples_and_a_surge(kafka, topic_factory, capsys):

@@ -109,3 +109,29 @@ def test_series_has_a_gap_where_a_bucket_had_no_posts(redis_factory):
     assert [(p.start, p.posts, p.negative_ratio, p.complete) for p in points] == [
         (1_700_000_000, 4, 0.25, True), (1_700_000_010, 0, None, True),
         (1_700_000_020, 2, 1.0, False)]  # 1_700_000_029: the last bucket is still filling
+
+
+def test_chinese_values_keep_the_table_columns_aligned(redis_server, redis_factory, capsys):
+    """Chinese topic and region values take two terminal columns per character: every line of a table must
+    still be as wide as its border, in display columns (rich measures cells, not characters)."""
+    from rich.cells import cell_len
+
+    async def seed() -> None:
+        client = redis_factory(async_client=True)
+        counts = {"航空公司": (10, 8), "天气": (10, 2), "phones": (10, 5)}
+        await write_posts(client, "zh", RULES, time.time() - 2, counts, region="华东")
+        await client.aclose()
+
+    asyncio.run(seed())
+    assert main(["top", "--once", "--redis-url", redis_server.url, "--redis-prefix", "zh", "--windows", "60",
+                 "--min-posts", "5"]) == 0
+    output = capsys.readouterr().out
+    table = [line for line in output.splitlines() if line[:1] in "┏┃┡│└"]
+    assert len(table) >= 7, output  # head, header, rule, 5 rows (all, region, three topics), foot
+    widths = {cell_len(line) for line in table}
+    assert len(widths) == 1, [(cell_len(line), line) for line in table]
+    # The column separators sit at the same display columns on every row.
+    columns = {tuple(cell_len(line[:i]) for i, ch in enumerate(line) if ch == "│") for line in table if line[0] == "│"}
+    assert len(columns) == 1, output
+    rows = _table_rows(output, "last 1 min")
+    assert rows[0].startswith("1 topic=航空公司 80% 8/10") and any("region=华东" in row for row in rows), rows

@@ -54,10 +54,21 @@ function alertBody(alert, container) {
   const versus = Number.isFinite(z) ? `z ${z.toFixed(1)} vs baseline ${Number(alert.baseline_negative).toFixed(1)}`
                                     : "no baseline yet";
   container.append(head, element("div", "numbers",
-    `negative ${Math.round(alert.negative_ratio * 100)}% (${alert.negative}/${alert.posts} posts) · ${versus}`));
+    `negative ${Math.round(alert.negative_ratio * 100)}% (${alert.negative}/${alert.posts} posts) · ${versus} · ` +
+    engines(alert)));
   for (const sample of (Array.isArray(alert.samples) ? alert.samples : [])) {  // all stored, as `alerts` prints
-    container.append(element("div", "sample", `“${sample.text}” (P(negative) ${sample.p_negative})`));
+    const quote = element("div", "sample", `“${sample.text}” (P(negative) ${sample.p_negative})`);
+    // The post's language: the browser picks a font and glyph forms for it (Chinese on an English page).
+    if (typeof sample.lang === "string" && /^[a-z]{2,3}$/.test(sample.lang)) quote.lang = sample.lang;
+    container.append(quote);
   }
+}
+
+// The engines that scored the window's posts (several with language routing), as `alerts` names them.
+function engines(alert) {
+  const counts = alert.engines && typeof alert.engines === "object" ? Object.entries(alert.engines) : [];
+  if (counts.length > 1) return "engines " + counts.map(([name, posts]) => `${name} (${posts})`).join(", ");
+  return `engine ${alert.engine_version}`;
 }
 
 function showAlert(alert, fresh) {
