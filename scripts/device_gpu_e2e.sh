@@ -24,7 +24,8 @@ if [[ -f .carry/bundle/gpu.tar.xz ]]; then
 fi
 
 shopt -s nullglob
-wheels=(.carry/wheels/*.whl)
+# .carry/wheels-extra: a few small wheels carried beside a bundle made before they were needed.
+wheels=(.carry/wheels/*.whl .carry/wheels-extra/*.whl)
 if ((${#wheels[@]} == 0)); then
   echo "no wheels in .carry/wheels: run 'bash scripts/device_wheels.sh' here and carry .carry/wheels" >&2
   exit 2

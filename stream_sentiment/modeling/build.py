@@ -43,7 +43,7 @@ from stream_sentiment.modeling.quantize import (
     read_calibration_ids,
     score,
 )
-from stream_sentiment.modeling.zh_reviews import Review, calibration_reviews, review_splits
+from stream_sentiment.modeling.zh_reviews import RELABEL_FILE, Review, calibration_reviews, gold_rows, review_splits
 
 OUT_OF_DOMAIN_SAMPLE = 3000
 TRAINING_FIELDS = ("config", "device", "torch", "best_epoch", "seconds")
@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         calibration_set += f", and as many Chinese reviews of the train split ({len(chinese)}, by text hash)"
         selection_sets["review_dev"] = _labelled(reviews["dev"])
         test_sets["review_test"] = _labelled(reviews["test"])
+        if RELABEL_FILE.exists():  # the blind re-annotation of the same split (zh_reviews.GOLDS)
+            for gold in ("relabelled", "consensus"):
+                rows = gold_rows(reviews["test"], gold)
+                test_sets[f"review_test_{gold}"] = ([r["text"] for r in rows], [r["label"] for r in rows])
         if args.zh_extra_test.exists():
             test_sets["zh_social_eval"] = read_labelled_file(args.zh_extra_test)
     methods = ", ".join(METHODS) if args.method == "auto" else args.method
