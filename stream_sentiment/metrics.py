@@ -98,7 +98,7 @@ class PipelineMetrics:
             "pipeline_seconds", "This worker's fetch of a record to the Redis write that counted it, per post "
             "(the pipeline's own latency: end_to_end_seconds less the time in Kafka).",
             buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
-        self.redis_apply = Histogram("redis_apply_seconds", "One fenced Redis write (an offset range).",
+        self.redis_apply = Histogram("redis_apply_seconds", "One fenced Redis write (every partition's ready range).",
                                      buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
         self.fence = Counter("fence_outcomes",
                              "Fenced Redis writes by outcome (applied, duplicate, out_of_order, fenced).",
