@@ -322,8 +322,7 @@ async def staged(worker: Worker, count: int) -> dict[str, float]:
         done()
         done = timer.measure("batch")
         now = scheduler.clock()
-        for item, ids in zip(admitted, token_ids, strict=True):
-            scheduler.batcher.add(item, ids, now)
+        scheduler.batcher.add_many(admitted, token_ids, now)
         formed = []
         while (batch := scheduler.batcher.poll(now, engine_idle=False)) is not None:
             scheduler._record_batch(batch)

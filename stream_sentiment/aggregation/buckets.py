@@ -41,8 +41,11 @@ from stream_sentiment.sinks.redis_sink import Increments
 from stream_sentiment.source.messages import Post, Rejection
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ScoredPost:
+    """A scored post, as the sink counts it. Immutable by convention, not frozen: one is made per post on
+    the hot path (see ``Post``)."""
+
     post: Post
     event_time: float
     probabilities: tuple[float, float, float]
@@ -58,7 +61,7 @@ class ScoredPost:
 
     def __post_init__(self) -> None:
         if not self.label:
-            object.__setattr__(self, "label", LABELS[max(range(3), key=self.probabilities.__getitem__)])
+            self.label = LABELS[max(range(3), key=self.probabilities.__getitem__)]
 
 
 @dataclass(frozen=True)
@@ -217,13 +220,16 @@ def increments_for(
         members = keys.dimension_values(start)
         increments.add_member(members, f"{dimension}:{value}")
         increments.expiring.update((key, members))
+    # A post offered to several dimensions' samples (its topic's, its region's, the global one) is serialized once.
+    members: dict[int, str] = {}
     for (dimension, value, start), candidates in offers.items():
         samples = keys.samples(dimension, value, start)
         increments.expiring.add(samples)
         # Only the best few and their ties are serialized. Ties are broken by the member, as the sorted set
         # itself breaks them: then what a bucket keeps does not depend on how its posts were split into ranges.
         cutoff = heapq.nlargest(keep_samples, candidates, key=lambda c: c[0])[-1][0]
-        tied = sorted(((score, sample_member(post)) for score, _, post in candidates if score >= cutoff), reverse=True)
+        tied = sorted(((score, members.get(id(post)) or members.setdefault(id(post), sample_member(post)))
+                       for score, _, post in candidates if score >= cutoff), reverse=True)
         for score, member in tied[:keep_samples]:
             increments.add_sample(samples, member, score)
     increments.keep_samples = keep_samples
