@@ -158,21 +158,36 @@ class PipelineMetrics:
             self.stage_seconds.labels(stage)  # present from the start, so rate() has a zero to start from
         self._lock = threading.Lock()
         self._route_engines: dict[str, tuple[str, str]] = {}
+        # record_batch's series by (bucket, reason, route): see there.
+        self._batch_series: dict[tuple[int, str, str | None], tuple[Any, ...]] = {}
 
     def record_batch(self, bucket: int, rows: int, real_tokens: int, reason: str, waited: float,
                      route: str | None = None) -> None:
-        """A batch was formed and sent to an engine stream (of ``route``'s engine, when given)."""
-        label = str(bucket)
+        """A batch was formed and sent to an engine stream (of ``route``'s engine, when given).
+
+        The labelled series of one (bucket, reason, route) are looked up once and kept: ``labels()`` takes a
+        lock and builds a key per call, and a batch updates eight series.
+        """
+        key = (bucket, reason, route)
+        series = self._batch_series.get(key)
+        if series is None:
+            label = str(bucket)
+            routed = (self.route_batches.labels(route), self.route_posts.labels(route)) if route is not None else None
+            series = self._batch_series[key] = (
+                routed, self.batches.labels(label, reason), self.batch_rows.labels(label),
+                self.batch_tokens.labels(label, "real"), self.batch_tokens.labels(label, "computed"),
+                self.padding_efficiency.labels(label), self.batch_wait.labels(label))
+        routed, batches, batch_rows, real, computed_tokens, padding, wait = series
         computed = rows * bucket
-        if route is not None:
-            self.route_batches.labels(route).inc()
-            self.route_posts.labels(route).inc(rows)
-        self.batches.labels(label, reason).inc()
-        self.batch_rows.labels(label).observe(rows)
-        self.batch_tokens.labels(label, "real").inc(real_tokens)
-        self.batch_tokens.labels(label, "computed").inc(computed)
-        self.padding_efficiency.labels(label).observe(real_tokens / computed if computed else 1.0)
-        self.batch_wait.labels(label).observe(max(0.0, waited))
+        if routed is not None:
+            routed[0].inc()
+            routed[1].inc(rows)
+        batches.inc()
+        batch_rows.observe(rows)
+        real.inc(real_tokens)
+        computed_tokens.inc(computed)
+        padding.observe(real_tokens / computed if computed else 1.0)
+        wait.observe(max(0.0, waited))
 
     def set_engine(self, backend: str, version: str) -> None:
         with self._lock:

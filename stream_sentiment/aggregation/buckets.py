@@ -29,7 +29,6 @@ and new stream time in one atomic call.
 
 from __future__ import annotations
 
-import heapq
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -134,7 +133,7 @@ def increments_for(
     groups: dict[tuple[str, str, int], list[float]] = {}
     # The best candidates per sample set, serialized only once the few that are kept are known:
     # JSON-encoding every negative post for every dimension was the most expensive part of a range.
-    offers: dict[tuple[str, str, int], list[tuple[float, int, Post]]] = {}
+    offers: dict[tuple[str, str, int], list[tuple[float, Post]]] = {}
     first: int | None = None
     keep_samples = rules.sample_posts
     # The rules' start_of / is_late / is_on_time, inlined (same expressions, so the same floats): this loop
@@ -185,8 +184,7 @@ def increments_for(
                 counts[6] += column == 1
                 counts[7] += p_negative
                 if keep_samples and column == 1:
-                    candidates = offers.setdefault(group_key, [])
-                    candidates.append((p_negative, len(candidates), post))
+                    offers.setdefault(group_key, []).append((p_negative, post))
     totals: dict[str, int] = {}
     if dead_lettered:
         totals["dead_lettered"] = dead_lettered
@@ -227,9 +225,11 @@ def increments_for(
         increments.expiring.add(samples)
         # Only the best few and their ties are serialized. Ties are broken by the member, as the sorted set
         # itself breaks them: then what a bucket keeps does not depend on how its posts were split into ranges.
-        cutoff = heapq.nlargest(keep_samples, candidates, key=lambda c: c[0])[-1][0]
-        tied = sorted(((score, members.get(id(post)) or members.setdefault(id(post), sample_member(post)))
-                       for score, _, post in candidates if score >= cutoff), reverse=True)
+        if len(candidates) > keep_samples:
+            cutoff = sorted([score for score, _ in candidates], reverse=True)[keep_samples - 1]
+            candidates = [candidate for candidate in candidates if candidate[0] >= cutoff]
+        tied = sorted([(score, members.get(id(post)) or members.setdefault(id(post), sample_member(post)))
+                       for score, post in candidates], reverse=True)
         for score, member in tied[:keep_samples]:
             increments.add_sample(samples, member, score)
     increments.keep_samples = keep_samples
@@ -242,8 +242,14 @@ _LABEL_COLUMN = {label: column for column, label in enumerate(LABELS, start=1)}
 
 # Long posts are cut in samples: an alert quotes them, it does not archive them.
 SAMPLE_TEXT_CHARS = 280
+# How json.dumps(..., ensure_ascii=False) writes a string.
+_json_string = json.encoder.encode_basestring
 
 
 def sample_member(post: Post) -> str:
-    """The sorted-set member that stands for ``post`` in a sample set."""
-    return json.dumps({"id": post.id, "text": post.text[:SAMPLE_TEXT_CHARS]}, ensure_ascii=False)
+    """The sorted-set member that stands for ``post`` in a sample set.
+
+    Exactly ``json.dumps({"id": ..., "text": ...}, ensure_ascii=False)`` (members already in Redis must
+    stay the same), spelled out with the encoder's own string escaping: a third of the time.
+    """
+    return f'{{"id": {_json_string(post.id)}, "text": {_json_string(post.text[:SAMPLE_TEXT_CHARS])}}}'

@@ -186,12 +186,21 @@ def take_batch(queue: deque[Pending[Item]], bucket: int, policy: BatchingPolicy)
 def take_smaller(queues: Sequence[deque[Pending[Item]]], room: int) -> list[Pending[Item]]:
     """Pop up to ``room`` posts from ``queues`` (smaller buckets, or a least-cost group), oldest first across them."""
     taken: list[Pending[Item]] = []
-    while len(taken) < room:
-        heads = [queue for queue in queues if queue]
-        if not heads:
+    heads = [queue for queue in queues if queue]
+    while heads and len(taken) < room:
+        if len(heads) == 1:  # the rest of one queue, already in arrival order
+            queue, popleft = heads[0], heads[0].popleft
+            taken += [popleft() for _ in range(min(room - len(taken), len(queue)))]
             break
-        taken.append(min(heads, key=lambda queue: queue[0].seq).popleft())
+        queue = min(heads, key=_head_seq)
+        taken.append(queue.popleft())
+        if not queue:
+            heads.remove(queue)
     return taken
+
+
+def _head_seq(queue: deque[Pending[Item]]) -> int:
+    return queue[0].seq
 
 
 def peek_arrival(queues: Sequence[deque[Pending[Item]]], policy: BatchingPolicy) -> tuple[list[int], bool]:
@@ -305,7 +314,7 @@ class Batcher(Generic[Item]):
         _, group, reason = min(due, key=lambda d: d[0])
         entries = take_smaller([self._queues[b] for b in group], policy.capacity(group[-1]))
         # Padded to its longest post's bucket: the oldest posts may all come from the group's shorter buckets.
-        bucket = policy.bucket_for(max(len(entry.token_ids) for entry in entries))
+        bucket = policy.bucket_for(max([len(entry.token_ids) for entry in entries]))
         return FormedBatch(bucket, tuple(entries), reason, now)
 
     def _poll_arrival(self, now: float, engine_idle: bool) -> FormedBatch[Item] | None:
