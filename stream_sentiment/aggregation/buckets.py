@@ -219,7 +219,7 @@ def increments_for(
         increments.add_member(members, f"{dimension}:{value}")
         increments.expiring.update((key, members))
     # A post offered to several dimensions' samples (its topic's, its region's, the global one) is serialized once.
-    members: dict[int, str] = {}
+    serialized: dict[int, str] = {}
     for (dimension, value, start), candidates in offers.items():
         samples = keys.samples(dimension, value, start)
         increments.expiring.add(samples)
@@ -228,7 +228,7 @@ def increments_for(
         if len(candidates) > keep_samples:
             cutoff = sorted([score for score, _ in candidates], reverse=True)[keep_samples - 1]
             candidates = [candidate for candidate in candidates if candidate[0] >= cutoff]
-        tied = sorted([(score, members.get(id(post)) or members.setdefault(id(post), sample_member(post)))
+        tied = sorted([(score, serialized.get(id(post)) or serialized.setdefault(id(post), sample_member(post)))
                        for score, post in candidates], reverse=True)
         for score, member in tied[:keep_samples]:
             increments.add_sample(samples, member, score)
