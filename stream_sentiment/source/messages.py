@@ -190,7 +190,8 @@ def _valid_post(raw: bytes | None, limits: MessageLimits, default_language: str)
     if (not post_id.strip() or len(post_id) > limits.max_id_chars or not text.strip()
             or len(text) > limits.max_text_chars):
         return None
-    if b"\\u" in raw:  # only a JSON \u escape can make a surrogate; msgspec refuses lone ones, the reference names them
+    # Only a JSON escape \uD800-\uDFFF can make a surrogate: msgspec refuses lone ones, the reference names them.
+    if b"\\ud" in raw or b"\\uD" in raw:
         for value in (post_id, text, ts, topic, region, lang):
             if isinstance(value, str) and _unpaired_surrogate(value) is not None:
                 return None
