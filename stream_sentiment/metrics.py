@@ -40,18 +40,25 @@ class BatchHistogram(Histogram):
     each, a visible share of a worker's CPU per post. The result is the same as observing one by one.
     """
 
+    _bounds: np.ndarray | None = None
+
     def observe_many(self, values: np.ndarray) -> None:
-        """``observe`` each of ``values``, with one counter increment per histogram bucket."""
+        """``observe`` each of ``values``, with one counter increment per histogram bucket that got any.
+
+        Runs once per applied range: the bucket bounds are an array made once (prometheus keeps a list,
+        which ``searchsorted`` converted on every call), and only the buckets hit are incremented.
+        """
         if not len(values):
             return
         self._raise_if_not_observable()
+        if self._bounds is None:
+            self._bounds = np.asarray(self._upper_bounds, dtype=np.float64)
         # observe() counts a value in the first bucket whose upper bound is >= it: searchsorted's "left".
-        counts = np.bincount(np.searchsorted(self._upper_bounds, values, side="left"),
-                             minlength=len(self._upper_bounds))
-        self._sum.inc(float(np.sum(values)))
-        for bucket, count in zip(self._buckets, counts.tolist(), strict=True):
-            if count:
-                bucket.inc(count)
+        counts = np.bincount(np.searchsorted(self._bounds, values, side="left"), minlength=len(self._bounds))
+        self._sum.inc(float(values.sum()))
+        hit = np.flatnonzero(counts)
+        for index, count in zip(hit.tolist(), counts[hit].tolist(), strict=True):
+            self._buckets[index].inc(count)
 
 
 def observe_many(histogram: Any, values: Sequence[float] | np.ndarray) -> None:

@@ -35,7 +35,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from redis.exceptions import BusyLoadingError, ReadOnlyError
@@ -131,6 +131,7 @@ class CheckpointingSink:
         self._marked: set[int] = set()
         self.scored = 0
         self.dead_lettered = 0
+        self._scored_series: dict[str, Any] = {}
 
     @property
     def redis_down(self) -> bool:
@@ -297,7 +298,10 @@ class CheckpointingSink:
                 observe_many(histogram, np.maximum(0.0, written - np.asarray(times, dtype=np.float64)))
         for label, count in Counter([post.label for post in scored]).items():  # one increment per label
             self.scored += count
-            self.metrics.posts_scored.labels(label).inc(count)
+            series = self._scored_series.get(label)
+            if series is None:  # looked up once: labels() takes a lock and builds a key per call
+                series = self._scored_series[label] = self.metrics.posts_scored.labels(label)
+            series.inc(count)
 
 
 async def _nothing(partition: int) -> None:
