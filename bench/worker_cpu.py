@@ -425,7 +425,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         consumer = FakeConsumer(RecordLog(name, values, args.producer_batch, args.rate),
                                                 args.producer_batch)
                         worker = await new_worker(redis.url, paced_engine, paced_tokenizer, name, consumer,
-                                                  {**PACED_BATCHING, "max_in_flight_posts": 10_000})
+                                                  {**PACED_BATCHING, "max_in_flight_posts": 10_000,
+                                                   "window_ms": args.window_ms, "timeout_ms": args.timeout_ms})
                         internal = RecordingHistogram(worker.metrics.pipeline_latency)
                         worker.metrics.pipeline_latency = internal  # type: ignore[assignment]
                         consumer._arrivals = paced_arrivals(consumer, args.rate, time.monotonic() + 0.05)
@@ -475,6 +476,10 @@ def main() -> None:
     parser.add_argument("--engine-ms", type=float, default=1.5, help="paced: the engine's time per call")
     parser.add_argument("--producer-batch", type=int, default=PRODUCER_BATCH,
                         help="paced: records per producer batch, one batch per fetch")
+    parser.add_argument("--window-ms", type=float, default=PACED_BATCHING["window_ms"],
+                        help="paced: batching.window_ms")
+    parser.add_argument("--timeout-ms", type=float, default=PACED_BATCHING["timeout_ms"],
+                        help="paced: batching.timeout_ms (how long a post waits while an engine slot is idle)")
     parser.add_argument("--modes", type=lambda s: s.split(","), default=["staged", "loop", "paced"])
     parser.add_argument("--workloads", type=lambda s: s.split(","), default=["tweets", "long"])
     parser.add_argument("--json", type=Path, help="also write the results here")
