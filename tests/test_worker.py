@@ -255,7 +255,7 @@ def test_an_engine_stream_is_free_while_its_batch_is_written_to_redis(
     redis = redis_factory()
     writing = 0
     calls_during_a_write: list[bool] = []
-    real_apply, real_score = RedisSink.apply, SlotPool.score
+    real_apply, real_score = RedisSink.apply_many, SlotPool.score
 
     async def slow_apply(self, *args, **kwargs):
         nonlocal writing
@@ -270,7 +270,7 @@ def test_an_engine_stream_is_free_while_its_batch_is_written_to_redis(
         calls_during_a_write.append(writing > 0)
         return await real_score(self, *args, **kwargs)
 
-    monkeypatch.setattr(RedisSink, "apply", slow_apply)
+    monkeypatch.setattr(RedisSink, "apply_many", slow_apply)
     monkeypatch.setattr(SlotPool, "score", watched_score)
     produced = asyncio.run(produce_posts(kafka.bootstrap_servers, topic, 40, 0, seed=31))
     with OnnxRuntimeEngine(engine_version, streams=1, threads_per_stream=1) as engine:
@@ -298,7 +298,7 @@ def test_a_redis_error_that_is_no_outage_while_applying_stops_the_worker(
     async def failing_apply(self, *args, **kwargs):
         raise ResponseError("OOM command not allowed when used memory > 'maxmemory'")
 
-    monkeypatch.setattr(RedisSink, "apply", failing_apply)
+    monkeypatch.setattr(RedisSink, "apply_many", failing_apply)
     asyncio.run(produce_posts(kafka.bootstrap_servers, topic, 10, 1, seed=32))
     worker = Worker(settings, engine, PostTokenizer(engine_version))
 

@@ -97,6 +97,8 @@ class BatchingPolicy:
     cost: CallCost = field(default_factory=CallCost)
     # Each bucket's capacity, computed once: the batcher asks for it at every poll.
     _capacities: dict[int, int] = field(init=False, repr=False, compare=False)
+    # The bucket of every length up to the largest bucket (0 tokens: the smallest), for adding a fetch at once.
+    _bucket_of_length: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.buckets or list(self.buckets) != sorted(set(self.buckets)):
@@ -108,6 +110,8 @@ class BatchingPolicy:
         if not 0 <= self.timeout <= self.window:
             raise ValueError("need 0 <= timeout <= window")
         object.__setattr__(self, "_capacities", {bucket: self._capacity(bucket) for bucket in self.buckets})
+        object.__setattr__(self, "_bucket_of_length",
+                           tuple(self.bucket_for(max(1, length)) for length in range(self.buckets[-1] + 1)))
 
     def _capacity(self, bucket: int) -> int:
         return max(1, min(self.max_rows, self.max_tokens // bucket))
@@ -124,8 +128,11 @@ class BatchingPolicy:
         return self.buckets[index]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Pending(Generic[Item]):
+    """A queued post. Immutable by convention, not frozen: one is made per post on the hot path, and a
+    frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``, four times the cost."""
+
     item: Item
     token_ids: Sequence[int]
     arrived: float
@@ -179,12 +186,21 @@ def take_batch(queue: deque[Pending[Item]], bucket: int, policy: BatchingPolicy)
 def take_smaller(queues: Sequence[deque[Pending[Item]]], room: int) -> list[Pending[Item]]:
     """Pop up to ``room`` posts from ``queues`` (smaller buckets, or a least-cost group), oldest first across them."""
     taken: list[Pending[Item]] = []
-    while len(taken) < room:
-        heads = [queue for queue in queues if queue]
-        if not heads:
+    heads = [queue for queue in queues if queue]
+    while heads and len(taken) < room:
+        if len(heads) == 1:  # the rest of one queue, already in arrival order
+            queue, popleft = heads[0], heads[0].popleft
+            taken += [popleft() for _ in range(min(room - len(taken), len(queue)))]
             break
-        taken.append(min(heads, key=lambda queue: queue[0].seq).popleft())
+        queue = min(heads, key=_head_seq)
+        taken.append(queue.popleft())
+        if not queue:
+            heads.remove(queue)
     return taken
+
+
+def _head_seq(queue: deque[Pending[Item]]) -> int:
+    return queue[0].seq
 
 
 def peek_arrival(queues: Sequence[deque[Pending[Item]]], policy: BatchingPolicy) -> tuple[list[int], bool]:
@@ -229,6 +245,21 @@ class Batcher(Generic[Item]):
         self._queues[bucket].append(Pending(item, token_ids, now, self._added))
         self._added += 1
         return bucket
+
+    def add_many(self, items: Sequence[Item], token_ids: Sequence[Sequence[int]], now: float) -> None:
+        """:meth:`add` each item with its token ids, in order: a fetch at once, each bucket found in a table.
+
+        Raises ValueError if a post fits no bucket (the posts before it are queued).
+        """
+        bucket_of, queues, added = self.policy._bucket_of_length, self._queues, self._added
+        try:
+            for item, ids in zip(items, token_ids, strict=True):
+                queues[bucket_of[len(ids)]].append(Pending(item, ids, now, added))
+                added += 1
+        except IndexError:
+            raise ValueError(f"{len(ids)} tokens exceed the largest bucket {self.policy.buckets[-1]}") from None
+        finally:
+            self._added = added
 
     @property
     def pending(self) -> int:
@@ -283,7 +314,7 @@ class Batcher(Generic[Item]):
         _, group, reason = min(due, key=lambda d: d[0])
         entries = take_smaller([self._queues[b] for b in group], policy.capacity(group[-1]))
         # Padded to its longest post's bucket: the oldest posts may all come from the group's shorter buckets.
-        bucket = policy.bucket_for(max(len(entry.token_ids) for entry in entries))
+        bucket = policy.bucket_for(max([len(entry.token_ids) for entry in entries]))
         return FormedBatch(bucket, tuple(entries), reason, now)
 
     def _poll_arrival(self, now: float, engine_idle: bool) -> FormedBatch[Item] | None:

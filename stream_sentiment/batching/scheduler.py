@@ -227,10 +227,12 @@ class Scheduler:
                         now = self.clock()
                         # Partitions revoked meanwhile are asked about once per fetch, not once per post.
                         kept = {partition: keep(partition) for partition in {item.partition for item in admitted}}
-                        add = self.batcher.add
-                        for item, ids in zip(admitted, token_ids, strict=True):
-                            if kept[item.partition]:
-                                add(item, ids, now)
+                        if all(kept.values()):
+                            self.batcher.add_many(admitted, token_ids, now)
+                        else:
+                            pairs = [(item, ids) for item, ids in zip(admitted, token_ids, strict=True)
+                                     if kept[item.partition]]
+                            self.batcher.add_many([item for item, _ in pairs], [ids for _, ids in pairs], now)
                 self.dispatch()
             except asyncio.CancelledError:
                 raise

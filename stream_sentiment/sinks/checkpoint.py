@@ -33,19 +33,20 @@ import asyncio
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from redis.exceptions import BusyLoadingError, ReadOnlyError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from stream_sentiment.aggregation.buckets import BucketRules, ScoredPost, increments_for
-from stream_sentiment.aggregation.progress import PartitionProgress
+from stream_sentiment.aggregation.buckets import BucketRules, RangeIncrements, ScoredPost, increments_for
+from stream_sentiment.aggregation.progress import PartitionProgress, ReadyRange
 from stream_sentiment.metrics import PipelineMetrics, observe_many
 from stream_sentiment.sinks.keys import RedisKeys
-from stream_sentiment.sinks.redis_sink import ApplyOutcome, PartitionState, RedisSink
+from stream_sentiment.sinks.redis_sink import ApplyOutcome, ApplyResult, PartitionState, RangeWrite, RedisSink
 from stream_sentiment.source.messages import Rejection
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,9 @@ class CheckpointingSink:
         self._clock = clock
         self._wall_clock = wall_clock
         self.progress: dict[int, PartitionProgress[Outcome]] = {}
-        self._locks: dict[int, asyncio.Lock] = {}
+        # One apply at a time: whatever finished while one waits for Redis goes out in the next, together
+        # (with small batches, one Lua call per scored batch and partition was most of the sink's cost).
+        self._applying = asyncio.Lock()
         # Applied marks not yet committed to Kafka.
         self._uncommitted: dict[int, int] = {}
         self._last_commit = 0.0
@@ -128,6 +131,7 @@ class CheckpointingSink:
         self._marked: set[int] = set()
         self.scored = 0
         self.dead_lettered = 0
+        self._scored_series: dict[str, Any] = {}
 
     @property
     def redis_down(self) -> bool:
@@ -180,7 +184,6 @@ class CheckpointingSink:
             self._marked.add(partition)
         else:
             self._marked.discard(partition)
-        self._locks.setdefault(partition, asyncio.Lock())
         self._uncommitted.pop(partition, None)
         return progress
 
@@ -208,83 +211,97 @@ class CheckpointingSink:
         self._idle_marked.discard(partition)
 
     async def apply_ready(self, *, force_commit: bool = False) -> None:
-        """Apply every partition's finished prefix, range by range, then commit to Kafka if due."""
-        for partition in list(self.progress):
-            await self._apply_partition(partition)
+        """Apply every partition's finished prefix, all in one Redis call, then commit to Kafka if due.
+
+        Calls run one after another: one made while another waits for Redis applies what finished
+        meanwhile, so a burst of scored batches costs a round trip or two, not one per batch.
+        """
+        async with self._applying:
+            await self._apply_ranges()
         due = self._clock() - self._last_commit >= self.commit_interval_s
         if self._uncommitted and (force_commit or due):
             marks, self._uncommitted = self._uncommitted, {}
             self._last_commit = self._clock()
             await self._commit(marks)
 
-    async def _apply_partition(self, partition: int) -> None:
-        progress = self.progress.get(partition)
-        if progress is None:
+    async def _apply_ranges(self) -> None:
+        ready: list[tuple[PartitionProgress[Outcome], ReadyRange[Outcome], RangeIncrements]] = []
+        for progress in list(self.progress.values()):
+            taken = progress.take_ready()
+            if taken is not None:
+                ready.append((progress, taken, increments_for(taken.results, progress.stream_time, self.rules,
+                                                              self.keys)))
+        if not ready:
             return
-        async with self._locks[partition]:
-            # Ownership is checked before every range: a revoke or resync may come while Redis answers.
-            while self.progress.get(partition) is progress and (ready := progress.take_ready()) is not None:
-                ranged = increments_for(ready.results, progress.stream_time, self.rules, self.keys)
-                with self.metrics.stage("redis"):
-                    started = time.perf_counter()
-                    result = await self.call_redis("apply", functools.partial(
-                        self.redis.apply, partition, ready.first, ready.next_offset, ranged.increments,
-                        ranged.stream_time, self.owner, mark_expected=partition in self._marked))
-                    self.metrics.redis_apply.observe(time.perf_counter() - started)
-                self.metrics.fence.labels(result.outcome.value).inc()
-                if result.outcome is ApplyOutcome.FENCED:
-                    log.error("partition %d: another member claimed it since this one did; dropping it", partition)
-                    self.forget(partition)
-                    self.on_fenced(partition)
-                    return
-                if result.outcome is ApplyOutcome.LOST:
-                    log.error("partition %d: Redis no longer holds its mark (it was at %d): Redis lost its data",
-                              partition, progress.mark)
-                    self.forget(partition)
-                    await self.on_lost(partition)
-                    return
-                if result.outcome is ApplyOutcome.OUT_OF_ORDER:
-                    states = await self.call_redis("resync", self.redis.partition_states)
-                    state = states.get(partition, PartitionState(result.mark, None))
-                    log.warning("partition %d: Redis's mark is %d, this worker's range started at %d: "
-                                "resuming at Redis's mark", partition, state.mark, ready.first)
-                    self.on_resync(partition, state)
-                    return
-                progress.applied(ready)
-                progress.stream_time = ranged.stream_time
+        writes = [RangeWrite(taken.partition, taken.first, taken.next_offset, ranged.increments, ranged.stream_time,
+                             mark_expected=taken.partition in self._marked) for _, taken, ranged in ready]
+        with self.metrics.stage("redis"):
+            started = time.perf_counter()
+            results = await self.call_redis("apply", functools.partial(self.redis.apply_many, writes, self.owner))
+            self.metrics.redis_apply.observe(time.perf_counter() - started)
+        for (progress, taken, ranged), result in zip(ready, results, strict=True):
+            self.metrics.fence.labels(result.outcome.value).inc()
+            await self._applied(progress, taken, ranged, result)
+
+    async def _applied(self, progress: PartitionProgress[Outcome], ready: ReadyRange[Outcome],
+                       ranged: RangeIncrements, result: ApplyResult) -> None:
+        """Redis's answer for one partition's range: the records leave, or the fence's refusal is acted on."""
+        partition = progress.partition
+        if result.outcome in (ApplyOutcome.APPLIED, ApplyOutcome.DUPLICATE):
+            progress.applied(ready)
+            progress.stream_time = ranged.stream_time
+            owned = self.progress.get(partition) is progress  # not revoked (or replaced) while Redis answered
+            if owned:
                 self._marked.add(partition)
-                if result.outcome is ApplyOutcome.APPLIED:
-                    self._count_applied(ready.results)
-                    self._idle_marked.discard(partition)
-                    self.applied.set()
-                if self.progress.get(partition) is progress:  # not revoked while Redis answered
-                    self._uncommitted[partition] = progress.mark
+                self._uncommitted[partition] = progress.mark
+            if result.outcome is ApplyOutcome.APPLIED:
+                self._count_applied(ready.results)
+                if owned:
+                    self._idle_marked.discard(partition)  # the script cleared the partition's idle flag
+                self.applied.set()
+            return
+        if self.progress.get(partition) is not progress:
+            return  # revoked or replaced while Redis answered: the refusal is about a range nobody holds now
+        if result.outcome is ApplyOutcome.FENCED:
+            log.error("partition %d: another member claimed it since this one did; dropping it", partition)
+            self.forget(partition)
+            self.on_fenced(partition)
+        elif result.outcome is ApplyOutcome.LOST:
+            log.error("partition %d: Redis no longer holds its mark (it was at %d): Redis lost its data",
+                      partition, progress.mark)
+            self.forget(partition)
+            await self.on_lost(partition)
+        else:  # OUT_OF_ORDER
+            states = await self.call_redis("resync", self.redis.partition_states)
+            state = states.get(partition, PartitionState(result.mark, None))
+            log.warning("partition %d: Redis's mark is %d, this worker's range started at %d: "
+                        "resuming at Redis's mark", partition, state.mark, ready.first)
+            self.on_resync(partition, state)
 
     def _count_applied(self, results: list[Outcome]) -> None:
         """Counts posts once, when the fence applied them (a duplicate range counts nothing).
 
-        Latencies are observed for the whole range at once (``observe_many``), not post by post.
+        Latencies are observed for the whole range at once (``observe_many``), not post by post, and the
+        range is walked by comprehensions rather than a loop body per post.
         """
         written = self._wall_clock()
-        labels: dict[str, int] = {}
-        appended: list[float] = []
-        fetched: list[float] = []
-        for result in results:
-            if isinstance(result, Rejection):
-                self.dead_lettered += 1
-                self.metrics.dead_letters.labels(result.reason.value).inc()
-                continue
-            labels[result.label] = labels.get(result.label, 0) + 1
-            if result.appended_at is not None:
-                appended.append(result.appended_at)
-            if result.fetched_at is not None:
-                fetched.append(result.fetched_at)
+        scored = [result for result in results if not isinstance(result, Rejection)]
+        if len(scored) < len(results):
+            for result in results:
+                if isinstance(result, Rejection):
+                    self.dead_lettered += 1
+                    self.metrics.dead_letters.labels(result.reason.value).inc()
+        appended = [post.appended_at for post in scored if post.appended_at is not None]
+        fetched = [post.fetched_at for post in scored if post.fetched_at is not None]
         for times, histogram in ((appended, self.metrics.end_to_end), (fetched, self.metrics.pipeline_latency)):
             if times:
                 observe_many(histogram, np.maximum(0.0, written - np.asarray(times, dtype=np.float64)))
-        for label, count in labels.items():  # one labelled increment per label, not per post
+        for label, count in Counter([post.label for post in scored]).items():  # one increment per label
             self.scored += count
-            self.metrics.posts_scored.labels(label).inc(count)
+            series = self._scored_series.get(label)
+            if series is None:  # looked up once: labels() takes a lock and builds a key per call
+                series = self._scored_series[label] = self.metrics.posts_scored.labels(label)
+            series.inc(count)
 
 
 async def _nothing(partition: int) -> None:

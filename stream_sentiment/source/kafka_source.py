@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 FETCH_MAX_RECORDS = 500
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Admitted:
     """A valid post on its way to the scheduler, with where it came from, its event time, when Kafka
     appended it and when this worker fetched it (epoch seconds; the last two for latency metrics only).
@@ -56,6 +56,8 @@ class Admitted:
     ``owner`` is the partition's progress that fetched it: a progress replaced meanwhile (a rebase after the
     log restarted, a resync, a revoke and re-assignment) has other records at the same offsets, so a result
     is finished only in the progress that fetched its record.
+
+    Immutable by convention, not frozen: one is made per post on the hot path (see ``Post``).
     """
 
     partition: int

@@ -210,3 +210,19 @@ def test_increments_equal_the_post_by_post_definition():
         assert fast.stream_time == reference_time
 
     check()
+
+
+def test_a_sample_member_is_the_json_it_always_was():
+    """Members already in Redis must stay the same: sample_member writes exactly json.dumps's text."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from stream_sentiment.aggregation.buckets import SAMPLE_TEXT_CHARS, sample_member
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(max_size=20), st.text(max_size=300) | st.text(st.characters(codec="utf-8"), max_size=300))
+    def check(post_id, text):
+        expected = json.dumps({"id": post_id, "text": text[:SAMPLE_TEXT_CHARS]}, ensure_ascii=False)
+        assert sample_member(Post(post_id, text)) == expected
+
+    check()

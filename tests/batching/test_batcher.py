@@ -127,6 +127,27 @@ def test_posts_longer_than_the_largest_bucket_are_refused():
         Batcher(POLICY).add("x", tokens(257), now=0.0)
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=256), max_size=40))
+def test_a_fetch_added_at_once_queues_as_its_posts_added_one_by_one(lengths):
+    one_by_one: Batcher[int] = Batcher(POLICY)
+    at_once: Batcher[int] = Batcher(POLICY)
+    for index, length in enumerate(lengths):
+        one_by_one.add(index, tokens(length), now=1.0)
+    at_once.add_many(list(range(len(lengths))), [tokens(length) for length in lengths], now=1.0)
+    assert at_once.pending_by_bucket() == one_by_one.pending_by_bucket()
+    assert at_once.drain(2.0) == one_by_one.drain(2.0)
+
+
+def test_a_fetch_with_a_post_longer_than_the_largest_bucket_is_refused_after_the_posts_before_it():
+    batcher: Batcher[str] = Batcher(POLICY)
+    with pytest.raises(ValueError, match="exceed the largest bucket"):
+        batcher.add_many(["a", "b", "c"], [tokens(3), tokens(257), tokens(4)], now=0.0)
+    assert batcher.pending == 1
+    batcher.add("d", tokens(5), now=0.0)
+    assert [e.seq for e in batcher.drain(0.0)[0].entries] == [0, 1]
+
+
 def test_policy_rejects_a_budget_that_cannot_hold_the_largest_bucket():
     with pytest.raises(ValueError, match="max_tokens"):
         BatchingPolicy(buckets=(32, 256), max_tokens=200)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from stream_sentiment.sinks.redis_sink import ApplyOutcome, Increments, PartitionState, RedisSink
+from stream_sentiment.sinks.redis_sink import ApplyOutcome, Increments, PartitionState, RangeWrite, RedisSink
 
 
 def _increments(negative: int, p_negative: float) -> Increments:
@@ -120,3 +120,33 @@ def test_a_partition_claimed_by_another_member_refuses_the_previous_owners_write
     assert still_mine.outcome is ApplyOutcome.APPLIED
     assert new_owner.outcome is ApplyOutcome.APPLIED
     assert totals == {"scored": "4"}  # 1 + 1 + 2: nothing of the zombie's range
+
+
+def test_one_call_fences_and_applies_each_partitions_range_on_its_own(redis_factory):
+    """``apply_many``: several partitions' ranges in one round trip, each answered as a call of its own would be."""
+    async def scenario():
+        client = redis_factory(async_client=True)
+        sink = RedisSink(client, prefix="m", topic="posts", ttl_seconds=0)
+        await sink.claim("worker-a:1:x", [0, 1, 2, 3])
+        await sink.apply(0, 0, 10, _increments(1, 0.1), owner="worker-a:1:x")
+        await sink.claim("worker-b:2:y", [3])  # partition 3 is another member's now
+        results = await sink.apply_many([
+            RangeWrite(0, 0, 10, _increments(100, 1.0)),  # a replay of what partition 0 applied
+            RangeWrite(1, 0, 4, _increments(2, 0.2), stream_time=1001.5),
+            RangeWrite(2, 3, 6, _increments(100, 1.0)),  # starts past partition 2's (absent) mark: applied
+            RangeWrite(3, 0, 5, _increments(100, 1.0)),  # fenced
+            RangeWrite(0, 12, 20, _increments(100, 1.0)),  # a gap after partition 0's mark
+        ], owner="worker-a:1:x")
+        lost = await sink.apply_many([RangeWrite(4, 0, 1, _increments(100, 1.0), mark_expected=True)])
+        totals = await client.hgetall("t:totals")
+        states = await sink.partition_states()
+        await client.aclose()
+        return results, lost, totals, states
+
+    results, lost, totals, states = asyncio.run(scenario())
+    assert [(r.outcome, r.mark) for r in results] == [
+        (ApplyOutcome.DUPLICATE, 10), (ApplyOutcome.APPLIED, 4), (ApplyOutcome.APPLIED, 6),
+        (ApplyOutcome.FENCED, -1), (ApplyOutcome.OUT_OF_ORDER, 10)]
+    assert [(r.outcome, r.mark) for r in lost] == [(ApplyOutcome.LOST, -1)]
+    assert totals == {"scored": str(1 + 2 + 100)}
+    assert states == {0: PartitionState(10, None), 1: PartitionState(4, 1001.5), 2: PartitionState(6, None)}

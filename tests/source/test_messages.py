@@ -197,3 +197,37 @@ def test_decode_post_never_raises_on_deeply_nested_values(value, depth):
     raw = b'{"id":"a","text":"x","ts":' + b"[" * depth + _encode_any(value) + b"]" * depth + b"}"
     result = decode_post(raw, MessageLimits(max_message_bytes=1_000_000))
     assert isinstance(result, Rejection) and result.reason in (RejectReason.BAD_TIMESTAMP, RejectReason.NOT_JSON)
+
+
+# Mostly valid posts, each field at times at or past its limit, odd, or a surrogate: where the one-pass
+# decoder and the reference could part ways.
+near_valid_text = st.text(max_size=12) | st.text(st.characters(codec=None, categories=["Cs", "Cc", "Zs", "Lo"]),
+                                                 max_size=4)
+near_valid = st.fixed_dictionaries(
+    {"id": near_valid_text, "text": near_valid_text},
+    optional={"ts": st.integers(min_value=-10, max_value=2 * 10**11) | st.floats(allow_nan=False)
+              | st.sampled_from(["2026-11-22T09:30:00Z", "2026-11-22 09:30", "x", "", None]) | st.booleans(),
+              "topic": near_valid_text | st.none(), "region": near_valid_text | st.none(),
+              "lang": st.sampled_from(["en", "zh-Hans", "EN_us", "", "x" * 9]) | st.none(), "x": st.none()},
+)
+
+
+@settings(max_examples=250, deadline=None)
+@given(near_valid | st.dictionaries(st.sampled_from(["id", "text", "ts", "topic", "region", "lang"]), hostile_values),
+       st.booleans(), st.integers(min_value=1, max_value=12))
+def test_the_one_pass_decoder_and_the_reference_agree_on_every_record(document, ascii_only, limit):
+    """decode_post's msgspec pass takes only posts the reference takes, and gives the same Post."""
+    from stream_sentiment.source.messages import _checked_post
+
+    raw = json.dumps(document, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    for limits in (MessageLimits(), MessageLimits(max_message_bytes=8 * limit, max_text_chars=limit,
+                                                  max_id_chars=limit, max_field_chars=limit)):
+        assert decode_post(raw, limits) == _checked_post(raw, limits, "en"), raw
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=120) | st.text(max_size=120).map(lambda text: text.encode("utf-8", "surrogatepass")))
+def test_the_one_pass_decoder_and_the_reference_agree_on_any_bytes(raw):
+    from stream_sentiment.source.messages import _checked_post
+
+    assert decode_post(raw) == _checked_post(raw, MessageLimits(), "en"), raw
