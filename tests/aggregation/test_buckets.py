@@ -220,9 +220,10 @@ def test_a_sample_member_is_the_json_it_always_was():
     from stream_sentiment.aggregation.buckets import SAMPLE_TEXT_CHARS, sample_member
 
     @settings(max_examples=200, deadline=None)
-    @given(st.text(max_size=20), st.text(max_size=300) | st.text(st.characters(codec="utf-8"), max_size=300))
-    def check(post_id, text):
-        expected = json.dumps({"id": post_id, "text": text[:SAMPLE_TEXT_CHARS]}, ensure_ascii=False)
-        assert sample_member(Post(post_id, text)) == expected
+    @given(st.text(max_size=20), st.text(max_size=300) | st.text(st.characters(codec="utf-8"), max_size=300),
+           st.sampled_from(["", "zh", "en"]))
+    def check(post_id, text, lang):
+        member = {"id": post_id, "text": text[:SAMPLE_TEXT_CHARS]} | ({"lang": lang} if lang else {})
+        assert sample_member(Post(post_id, text, lang=lang)) == json.dumps(member, ensure_ascii=False)
 
     check()
