@@ -18,9 +18,13 @@ export PYTHONUNBUFFERED=1
 
 # A call that needs both engines carries them and the wheels xz-packed (scripts/device_bundle.py:
 # together they are over the device tool's 64 MiB as they are): unpacked here into engines/ and .carry/wheels.
-# (tar -xJ if this Python was built without lzma.)
+# (tar -xJ only if this Python was built without lzma: a refused member must not be extracted anyway.)
 if [[ -f .carry/bundle/gpu.tar.xz ]]; then
-  python3 scripts/device_bundle.py unpack .carry/bundle/gpu.tar.xz || tar -xJf .carry/bundle/gpu.tar.xz
+  if python3 -c 'import lzma' 2> /dev/null; then
+    python3 scripts/device_bundle.py unpack .carry/bundle/gpu.tar.xz
+  else
+    tar -xJf .carry/bundle/gpu.tar.xz
+  fi
 fi
 
 shopt -s nullglob

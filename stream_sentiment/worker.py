@@ -230,6 +230,10 @@ class Worker:
             self._judge.engine_version = pool.engine_name
         return self.scheduler.swap_pool(pool)
 
+    def _engine_names(self) -> dict[str, str]:
+        """``{model: model/version}`` each route serves now: what an alert names for the models its buckets counted."""
+        return {name.partition("/")[0]: name for name in (s.pool.engine_name for s in self.schedulers.values())}
+
     @contextlib.asynccontextmanager
     async def engine_time(self, wait_limit: float) -> AsyncIterator[None]:
         """Hold one slot of the active engine while the body runs (see :meth:`Scheduler.engine_time`)."""
@@ -267,6 +271,7 @@ class Worker:
         self._judge = AlertJudge.for_settings(self.settings, self._redis, self.keys, self.rules,
                                               engine_version=self.pool.engine_name, sink=self.sink, source=self.source,
                                               metrics=self.metrics, wall_clock=self.wall_clock)
+        self._judge.monitor.engine_names = self._engine_names
         ticker = asyncio.create_task(self._judge.run(stop))
         try:
             while not stop.is_set():
@@ -342,13 +347,15 @@ class Worker:
         """A scored batch: its records are finished in their partitions, then applied.
 
         ``engine`` (``model/version``) scored the whole batch (a batch never mixes engines); each post carries
-        it into its buckets, so alerts name the engines that scored their windows.
+        its model into its buckets, so alerts name the engines that scored their windows (the model only: which
+        version scored a post depends on when a hot swap cut over, and buckets are a function of the log).
 
         Array work once per batch (Python floats, the labels' argmax), then one ``finished_many`` per
         partition: indexing numpy rows or finding a label per post cost more than scoring them.
         """
         rows = probabilities.tolist()
         labels = [LABELS[column] for column in probabilities.argmax(axis=1).tolist()]
+        model = engine.partition("/")[0]
         # Grouped by the progress that fetched each record (see Admitted.owner), not only by partition.
         by_owner: dict[int, tuple[Admitted, list[int], list[ScoredPost]]] = {}
         for entry, row, label in zip(entries, rows, labels, strict=True):
@@ -358,7 +365,7 @@ class Worker:
                 group = by_owner[id(admitted.owner)] = (admitted, [], [])
             group[1].append(admitted.offset)
             group[2].append(ScoredPost(admitted.post, admitted.event_time, tuple(row),  # type: ignore[arg-type]
-                                       admitted.appended_at, admitted.fetched_at, label, engine))
+                                       admitted.appended_at, admitted.fetched_at, label, model))
         for first, offsets, results in by_owner.values():
             progress = self._owner_progress(first)
             if progress is not None:  # else revoked or replaced meanwhile: its records are read again

@@ -70,5 +70,5 @@ def test_a_mixed_stream_is_routed_by_language_and_counted_once_under_its_lang(
         for name, count in engine_counts(fields).items():
             language[name] = language.get(name, 0) + count
         assert sum(engine_counts(fields).values()) == int(fields.get("on_time_posts", 0))
-    assert engines == {"en": {"minilm-sentiment/v1": expected["en"]},
-                       "zh": {"multilingual-sentiment/v1": expected["zh"]}}
+    # Counted per model (which version scored a post depends on when a swap cut over; buckets follow the log).
+    assert engines == {"en": {"minilm-sentiment": expected["en"]}, "zh": {"multilingual-sentiment": expected["zh"]}}

@@ -60,8 +60,9 @@ class ScoredPost:
     # the metrics of each post. The worker passes it in, from one argmax over the whole batch; left
     # empty, it is computed here (ties go to the first label either way).
     label: str = field(default="", repr=False, compare=False)
-    # The ``model/version`` of the engine that scored it (``SlotPool.engine_name``); each bucket counts its
-    # on-time posts per engine, so an alert names the engines that scored its window. Empty: not recorded.
+    # The model (the route's engine) that scored it; each bucket counts its on-time posts per model, so an alert
+    # names the engines that scored its window. The model, not the version: which version scored a post
+    # depends on when a hot swap cut over, and buckets must be a function of the log. Empty: not recorded.
     engine: str = ""
 
     def __post_init__(self) -> None:
@@ -258,12 +259,12 @@ def increments_for(
     return RangeIncrements(increments, stream_time)
 
 
-# A bucket's on-time posts scored by one engine are counted in the field ``on_time_posts@<model>/<version>``.
+# A bucket's on-time posts scored by one model are counted in the field ``on_time_posts@<model>``.
 ENGINE_FIELD = "on_time_posts@"
 
 
 def engine_counts(fields: dict[str, Any]) -> dict[str, int]:
-    """``{model/version: on-time posts}`` from a bucket hash (str or bytes fields, as Redis returns them)."""
+    """``{model: on-time posts}`` from a bucket hash (str or bytes fields, as Redis returns them)."""
     counts: dict[str, int] = {}
     for name, value in fields.items():
         text = name.decode() if isinstance(name, bytes) else name

@@ -28,7 +28,7 @@ data fully covers.)
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -115,6 +115,9 @@ class AlertMonitor:
         self.rules = rules
         self.topic = topic
         self.engine_version = engine_version
+        # ``{model: model/version}`` served now (the worker's routes): buckets count posts per model, an alert
+        # names each model's current version. Unknown models are named as recorded.
+        self.engine_names: Callable[[], Mapping[str, str]] = dict
         self.stream_max_len = stream_max_len
         self.sample_posts = sample_posts
         self._judge = client.register_script(_JUDGE_SCRIPT)
@@ -310,7 +313,9 @@ class AlertMonitor:
         # The engines that scored the window's posts, from its buckets: with language routing a Chinese post's
         # alert names the engine its route sent it to, whichever engine this worker's default route serves.
         # Buckets written before engines were recorded have none: then this worker's default engine is named.
-        engines = self._window_engines(stats.dimension, stats.value, window_end, stats.window_seconds)
+        current = self.engine_names()
+        engines = {current.get(model, model): count for model, count in
+                   self._window_engines(stats.dimension, stats.value, window_end, stats.window_seconds).items()}
         return {
             "rule": alert.rule,
             "dimension": stats.dimension,

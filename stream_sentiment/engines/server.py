@@ -348,7 +348,7 @@ def _parse_hello(hello: dict[str, Any], max_rows_limit: int, default_model: str)
     """The client's request, checked; ``max_rows_limit`` (the server's ``batching.max_rows``) bounds the
     buffers and graphs a client can make the server allocate; a protocol 1 client asks for ``default_model``."""
     protocol = hello.get("protocol")
-    if protocol not in wire.PROTOCOLS:
+    if type(protocol) is not int or protocol not in wire.PROTOCOLS:  # True == 1 and 1.0 == 1: not a protocol
         raise ValueError(f"protocol {protocol!r}, this server speaks {list(wire.PROTOCOLS)}")
     model = hello.get("model") if protocol >= 2 else default_model
     if not isinstance(model, str) or not VERSION_PATTERN.fullmatch(model):

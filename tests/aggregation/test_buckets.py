@@ -188,7 +188,7 @@ def _outcomes():
                                                            engine=engine),
         st.integers(0, 10**6), st.floats(NOW - 200, NOW + 30), st.sampled_from([None, "airline", "phone", ""]),
         st.sampled_from([None, "eu", "us"]), probabilities,
-        st.sampled_from(["", "minilm-sentiment/v1", "multilingual-sentiment/v1"]))
+        st.sampled_from(["", "minilm-sentiment", "multilingual-sentiment"]))
     rejection = st.sampled_from(list(RejectReason)).map(lambda reason: Rejection(reason, "why"))
     return st.lists(st.one_of(post, post, post, rejection), max_size=60)
 

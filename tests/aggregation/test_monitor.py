@@ -175,7 +175,9 @@ def test_an_alert_names_the_engines_that_scored_its_window_not_the_judges(redis_
     """With language routing, Chinese posts are scored by the multilingual engine and English ones by MiniLM,
     in the same buckets and ranges. Each alert names the engines its window's on-time posts were scored by
     (counted in the buckets, so whichever worker judges says the same), not the judging worker's own engine."""
-    zh, en = "multilingual-sentiment/v1", "minilm-sentiment/v1"
+    # Buckets count posts per model (a function of the log); the alert names each model's version served now.
+    zh_model, en_model = "multilingual-sentiment", "minilm-sentiment"
+    zh, en = "multilingual-sentiment/v2", "minilm-sentiment/v1"
     rules = BucketRules(bucket_seconds=1, allowed_lateness=3600, dimensions=("global", "topic", "lang"),
                         max_out_of_orderness=0)
 
@@ -184,13 +186,14 @@ def test_an_alert_names_the_engines_that_scored_its_window_not_the_judges(redis_
         keys = RedisKeys("e")
         sink = RedisSink(client, "e", "posts", ttl_seconds=3600)
         monitor = AlertMonitor(client, keys, rules, windows=(2,), rules=RULES, engine_version=en)
+        monitor.engine_names = lambda: {zh_model: zh, en_model: en}
         offset, stream_time = 0, None
         for second in range(3):
             # Interleaved as a fetch split by route comes back: 10 Chinese posts (topic airline), 5 English (bank),
             # all negative, so every value's share passes the 0.95 threshold once it has 10 posts (min_posts).
             posts = [ScoredPost(Post(f"{second}-{i}", "航班又取消了" if i % 3 else "awful", None,
                                      "airline" if i % 3 else "bank", None, "zh" if i % 3 else "en"),
-                                T0 + second + 0.5, (0.9, 0.05, 0.05), engine=zh if i % 3 else en)
+                                T0 + second + 0.5, (0.9, 0.05, 0.05), engine=zh_model if i % 3 else en_model)
                      for i in range(15)]
             ranged = increments_for(posts, stream_time, rules, keys)
             await sink.apply(0, offset, offset + len(posts), ranged.increments, ranged.stream_time)

@@ -14,8 +14,8 @@ from stream_sentiment.engines.manifest import EngineManifest, EngineRepositoryEr
 from tests.conftest import REPO
 
 
-def _manifest(model: str) -> EngineManifest:
-    return EngineManifest.from_dict(json.loads((REPO / "engines" / model / "v1" / "manifest.json").read_text()))
+def _manifest(model: str, version: str = "v1") -> EngineManifest:
+    return EngineManifest.from_dict(json.loads((REPO / "engines" / model / version / "manifest.json").read_text()))
 
 
 def _settings(routes: dict[str, str], repository: Path = REPO / "engines", **engine: object) -> Settings:
@@ -63,13 +63,18 @@ def test_unknown_targets_and_two_versions_of_one_model_are_refused(tmp_path, rou
 
 
 def test_a_language_missing_from_the_engines_manifest_is_refused():
-    plan = plan_routes(_settings({"zh": "minilm-sentiment", "en": "multilingual-sentiment"}))
+    plan = plan_routes(_settings({"zh": "minilm-sentiment", "en": "multilingual-sentiment/v1"}))
     with pytest.raises(EngineRepositoryError, match=r"sends \['zh'\] to minilm-sentiment/v1, whose manifest lists "
                                                      r"only \['en'\]"):
         plan.check_manifest("minilm-sentiment", _manifest("minilm-sentiment"))
-    plan.check_manifest("multilingual-sentiment", _manifest("multilingual-sentiment"))  # en is listed there
+    plan.check_manifest("multilingual-sentiment", _manifest("multilingual-sentiment"))  # en is listed in v1's
     with pytest.raises(EngineRepositoryError, match="planned for multilingual-sentiment/v1"):
         plan.check_manifest("multilingual-sentiment", _manifest("minilm-sentiment"))
+    # A bare model name routes to its latest version: v2, which serves Chinese only.
+    latest = plan_routes(_settings({"en": "multilingual-sentiment"}))
+    with pytest.raises(EngineRepositoryError, match=r"sends \['en'\] to multilingual-sentiment/v2, whose manifest "
+                                                     r"lists only \['zh'\]"):
+        latest.check_manifest("multilingual-sentiment", _manifest("multilingual-sentiment", "v2"))
 
 
 def test_routes_are_validated_with_the_settings():
