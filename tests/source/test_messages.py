@@ -231,3 +231,28 @@ def test_the_one_pass_decoder_and_the_reference_agree_on_any_bytes(raw):
     from stream_sentiment.source.messages import _checked_post
 
     assert decode_post(raw) == _checked_post(raw, MessageLimits(), "en"), raw
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"id": "a", "text": "first", "text": "second"}',  # a duplicated key
+    b'{"id": "a", "id": "b", "text": "x"}',
+    b'{"id": "a", "text": "tab\there"}',  # a raw control character inside a string
+    b'{"id": "a", "text": "nl\nhere"}',
+    b'\xef\xbb\xbf{"id": "a", "text": "x"}',  # a UTF-8 byte-order mark
+    b' \r\n\t{"id" : "a" ,\n "text":"x"}\n ',  # whitespace around everything
+    b'{"\\u0069d": "a", "text": "x"}',  # an escaped key
+    b'{"id": "a", "text": "x", "ts": 1.7e9}',  # an exponent timestamp
+    b'{"id": "a", "text": "x", "ts": 1e400}',  # one that overflows a float
+    b'{"id": "a", "text": "x", "ts": 17000000000000000000000000}',  # an integer past 64 bits
+    b'{"id": "a", "text": "x", "ts": -0.0}',
+    b'{"id": "a", "text": "\\ud83d\\ude00 ok", "lang": "zh"}',  # a paired surrogate escape
+    b'{"id": "a", "text": "x"} trailing',
+    b'{"id": 1, "text": "x"}',
+    b'[{"id": "a", "text": "x"}]',
+])
+def test_the_one_pass_decoder_and_the_reference_agree_on_edge_cases_json_dumps_never_writes(raw):
+    """The property tests build their records with json.dumps; these are what a hand-rolled producer might send
+    instead. A msgspec upgrade that changed how any of them decodes would fail here, not count differently."""
+    from stream_sentiment.source.messages import _checked_post
+
+    assert decode_post(raw) == _checked_post(raw, MessageLimits(), "en"), raw
