@@ -27,13 +27,19 @@ def _posts(second: int, total: int, negative: int) -> list[ScoredPost]:
     ]
 
 
+async def _apply_range(sink, posts, offset, stream_time, buckets, keys, partition=0):
+    """Apply ``posts`` as the range starting at ``offset``; returns the next offset and the stream time."""
+    ranged = increments_for(posts, stream_time, buckets, keys)
+    await sink.apply(partition, offset, offset + len(posts), ranged.increments, ranged.stream_time)
+    return offset + len(posts), ranged.stream_time
+
+
 async def _apply_seconds(sink, seconds, *, partition=0, start=0, offset=0, stream_time=None, keys=KEYS,
                          buckets=BUCKETS):
     """Apply one range per second of (total, negative) posts; yields after each, like a worker's applier."""
     for index, (total, negative) in enumerate(seconds, start=start):
-        ranged = increments_for(_posts(T0 + index, total, negative), stream_time, buckets, keys)
-        await sink.apply(partition, offset, offset + total, ranged.increments, ranged.stream_time)
-        offset, stream_time = offset + total, ranged.stream_time
+        offset, stream_time = await _apply_range(sink, _posts(T0 + index, total, negative), offset, stream_time,
+                                                 buckets, keys, partition)
         yield index
 
 
@@ -152,9 +158,7 @@ def test_an_alert_quotes_the_windows_most_negative_posts(redis_factory):
             count = 5 if second == 0 else 10
             posts = [ScoredPost(Post(f"s{second}-{i}", f"awful {second}-{i}", None, "airline"), T0 + second + 0.5,
                                 (p_negative - i / 100, 0.0, 1 - p_negative + i / 100)) for i in range(count)]
-            ranged = increments_for(posts, stream_time, rules, keys)
-            await sink.apply(0, offset, offset + count, ranged.increments, ranged.stream_time)
-            offset, stream_time = offset + count, ranged.stream_time
+            offset, stream_time = await _apply_range(sink, posts, offset, stream_time, rules, keys)
         # the samples set of a bucket keeps only the best two of its ten negative posts
         assert await client.zcard(keys.samples("topic", "airline", T0)) == 2
         await monitor.judge_due(partitions=1)
@@ -195,9 +199,7 @@ def test_an_alert_names_the_engines_that_scored_its_window_not_the_judges(redis_
                                      "airline" if i % 3 else "bank", None, "zh" if i % 3 else "en"),
                                 T0 + second + 0.5, (0.9, 0.05, 0.05), engine=zh_model if i % 3 else en_model)
                      for i in range(15)]
-            ranged = increments_for(posts, stream_time, rules, keys)
-            await sink.apply(0, offset, offset + len(posts), ranged.increments, ranged.stream_time)
-            offset, stream_time = offset + len(posts), ranged.stream_time
+            offset, stream_time = await _apply_range(sink, posts, offset, stream_time, rules, keys)
         await monitor.judge_due(partitions=1)
         stream = await client.xrange(keys.alerts)
         await client.aclose()
@@ -229,9 +231,7 @@ def test_an_alert_quotes_each_text_once(redis_factory):
             texts = ["航班又取消了"] * 2 + [f"other {second}-{i}" for i in range(2)] + ["fine"] * 8
             posts = [ScoredPost(Post(f"{second}-{i}", text, None, "airline"), T0 + second + 0.5,
                                 (0.99 - i / 100, 0.0, 0.01 + i / 100)) for i, text in enumerate(texts)]
-            ranged = increments_for(posts, stream_time, rules, keys)
-            await sink.apply(0, offset, offset + len(posts), ranged.increments, ranged.stream_time)
-            offset, stream_time = offset + len(posts), ranged.stream_time
+            offset, stream_time = await _apply_range(sink, posts, offset, stream_time, rules, keys)
         await monitor.judge_due(partitions=1)
         stream = await client.xrange(keys.alerts)
         await client.aclose()
