@@ -232,7 +232,7 @@ class Worker:
 
     def _engine_names(self) -> dict[str, str]:
         """``{model: model/version}`` each route serves now: what an alert names for the models its buckets counted."""
-        return {name.partition("/")[0]: name for name in (s.pool.engine_name for s in self.schedulers.values())}
+        return {s.pool.model: s.pool.engine_name for s in self.schedulers.values()}
 
     @contextlib.asynccontextmanager
     async def engine_time(self, wait_limit: float) -> AsyncIterator[None]:
@@ -343,19 +343,18 @@ class Worker:
             scheduler.dispatch()
         self._apply_in_background()
 
-    async def _scored(self, entries: Sequence[Pending[Admitted]], probabilities: np.ndarray, engine: str) -> None:
+    async def _scored(self, entries: Sequence[Pending[Admitted]], probabilities: np.ndarray, model: str) -> None:
         """A scored batch: its records are finished in their partitions, then applied.
 
-        ``engine`` (``model/version``) scored the whole batch (a batch never mixes engines); each post carries
-        its model into its buckets, so alerts name the engines that scored their windows (the model only: which
-        version scored a post depends on when a hot swap cut over, and buckets are a function of the log).
+        ``model``'s engine scored the whole batch (a batch never mixes engines); each post carries it into its
+        buckets, so alerts name the engines that scored their windows (the model only: which version scored a
+        post depends on when a hot swap cut over, and buckets are a function of the log).
 
         Array work once per batch (Python floats, the labels' argmax), then one ``finished_many`` per
         partition: indexing numpy rows or finding a label per post cost more than scoring them.
         """
         rows = probabilities.tolist()
         labels = [LABELS[column] for column in probabilities.argmax(axis=1).tolist()]
-        model = engine.partition("/")[0]
         # Grouped by the progress that fetched each record (see Admitted.owner), not only by partition.
         by_owner: dict[int, tuple[Admitted, list[int], list[ScoredPost]]] = {}
         for entry, row, label in zip(entries, rows, labels, strict=True):

@@ -49,7 +49,7 @@ MAX_FETCH_WAIT_MS = 100
 TOKENIZE_CHUNK_CHARS = 8192
 
 # A scored batch's entries and their probabilities ``float32 [rows, labels]``, in the entries' order.
-# A scored batch: its entries, their probabilities, and the ``model/version`` of the engine that scored them.
+# A scored batch: its entries, their probabilities, and the model of the engine that scored them.
 Scored = Callable[[Sequence[Pending[Admitted]], np.ndarray, str], Awaitable[None]]
 
 
@@ -92,9 +92,8 @@ class Scheduler:
         engine: an active engine whose version matches ``tokenizer``.
         tokenizer: the engine version's tokenizer.
         metrics: batch, stage and engine figures.
-        on_scored: called with a batch's entries, their probabilities and the scoring engine's ``model/version``
-            (the pool that ran it: a batch still running at a hot swap names the old engine), once the stream is
-            free again.
+        on_scored: called with a batch's entries, their probabilities and the scoring engine's model (the pool
+            that ran it), once the stream is free again.
         on_poison: called with a post the engine fails on alone.
         fail: records a failure that must stop the worker (a task cannot raise to it).
         clock: monotonic seconds, injectable for tests.
@@ -339,7 +338,7 @@ class Scheduler:
             holding_stream = False
             pool.give_back(stream)
             self.dispatch()
-            await self._on_scored(batch.entries, probabilities, pool.engine_name)
+            await self._on_scored(batch.entries, probabilities, pool.model)
         except Exception as error:  # a bug here must stop the worker, not vanish in a task
             self._fail(error)
         finally:

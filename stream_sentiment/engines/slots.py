@@ -69,9 +69,12 @@ class SlotPool:
     def __init__(self, engine: Engine, metrics: PipelineMetrics, policy: RecoveryPolicy | None = None) -> None:
         self.engine = engine
         manifest = engine.version.manifest
-        # ``model/version``: what the posts this pool scores are recorded as scored by (and alerts name).
-        # One string object per pool, so the per-post bookkeeping compares it by identity.
+        # ``model/version``: what logs, metrics and alerts name.
         self.engine_name = f"{manifest.model}/{manifest.version}"
+        # The model the posts this pool scores are counted under in their buckets (the version is not: which
+        # version scored a post depends on when a hot swap cut over). The manifest's one string object, so the
+        # per-post bookkeeping compares it by identity.
+        self.model = manifest.model
         self.metrics = metrics
         self.policy = policy or RecoveryPolicy()
         self.idle: list[int] = list(range(engine.streams))
