@@ -226,12 +226,11 @@ class Scheduler:
                         now = self.clock()
                         # Partitions revoked meanwhile are asked about once per fetch, not once per post.
                         kept = {partition: keep(partition) for partition in {item.partition for item in admitted}}
-                        if all(kept.values()):
-                            self.batcher.add_many(admitted, token_ids, now)
-                        else:
-                            pairs = [(item, ids) for item, ids in zip(admitted, token_ids, strict=True)
-                                     if kept[item.partition]]
-                            self.batcher.add_many([item for item, _ in pairs], [ids for _, ids in pairs], now)
+                        items: Sequence[Admitted] = admitted
+                        if not all(kept.values()):
+                            chosen = [i for i, item in enumerate(admitted) if kept[item.partition]]
+                            items, token_ids = [admitted[i] for i in chosen], [token_ids[i] for i in chosen]
+                        self.batcher.add_many(items, token_ids, now)
                 self.dispatch()
             except asyncio.CancelledError:
                 raise
