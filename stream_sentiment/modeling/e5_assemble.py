@@ -109,8 +109,8 @@ def assemble(run: Path, output: Path, cache_dir: Path, *, ascii_pieces: int = DE
         "out_of_domain_dev": [t.text for t in read_out_of_domain_dev(cache_dir)],
         "review_test": [r.text for r in reviews if r.split == "test"],
     }
-    if read_zh_social("eval"):
-        held_out["zh_social_eval"] = [post.text for post in read_zh_social("eval")]
+    if social_eval := read_zh_social("eval"):
+        held_out["zh_social_eval"] = [post.text for post in social_eval]
     changes = {name: tokenization_changes(full, serving, pruned, texts) for name, texts in held_out.items()}
     record["serving_vocabulary"] = {
         "rule": "specials + single CJK characters + pieces of the training-side texts (all CrowdFlower "

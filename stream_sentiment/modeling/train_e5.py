@@ -242,8 +242,8 @@ def train(config: E5TrainingConfig, *, carry: Path, output_dir: Path, device_nam
         "review_dev": review_split["dev"],
         "out_of_domain_dev": read_out_of_domain_dev(corpora_dir)[:limit],
     }
-    if read_zh_social("dev"):
-        scoring["zh_social_dev"] = read_zh_social("dev")[:limit]
+    if zh_social_dev := read_zh_social("dev"):
+        scoring["zh_social_dev"] = zh_social_dev[:limit]
     scoring_ids = {name: ids_of([row.text for row in rows]) for name, rows in scoring.items()}
 
     model = SentimentClassifier(encoder_config(e5), num_labels=len(LABELS), fused_attention=True)
@@ -357,8 +357,7 @@ def train(config: E5TrainingConfig, *, carry: Path, output_dir: Path, device_nam
         "vader_test": score("vader_test", vader, ids_of([t.text for t in vader])),
         "review_test": score("review_test", review_split["test"], ids_of([r.text for r in review_split["test"]])),
     }
-    if read_zh_social("eval"):
-        social_eval = read_zh_social("eval")[:limit]
+    if social_eval := read_zh_social("eval")[:limit]:
         test["zh_social_eval"] = score("zh_social_eval", social_eval, ids_of([p.text for p in social_eval]))
     return _write_record(output_dir, config, history, best, device, started, e5.header.vocab_rows, test=test)
 
