@@ -9,7 +9,7 @@ on Ctrl-C / SIGTERM, leaving no process behind.
 ``--lang zh`` replays the bundled Chinese samples instead, and ``--lang mixed`` the
 tweets and the Chinese samples interleaved; both route Chinese posts to
 ``multilingual-sentiment/v2`` (``engine.routes``), at a lower rate (that engine is
-~2.3x MiniLM's cost per post) and with a higher ratio threshold (a Chinese surge as
+~3x MiniLM's CPU per post) and with a higher ratio threshold (a Chinese surge as
 large as the stream lifts the whole ``lang=zh`` stream to ~70% negative, which is not
 what the demo shows).
 
