@@ -107,7 +107,7 @@ class EngineSettings(_Group):
     routes: dict[Annotated[str, Field(pattern=LANGUAGE_PATTERN)], Annotated[str, Field(pattern=ROUTE_PATTERN)]] = Field(
         default_factory=dict, description=(
             "Language routing: post language -> `model/version` or `model` (its version: engine.version for "
-            "engine.model, else the repository's latest), e.g. `{\"zh\": \"multilingual-sentiment/v2\"}`. Every "
+            "engine.model, else the repository's latest), e.g. `{\"zh\": \"multilingual-sentiment/v3\"}`. Every "
             "language not named goes to engine.model/engine.version. Each engine gets its own buckets and slots; "
             "one version per model; a language its manifest does not list is refused. Empty = one engine for all. "
             "With backend engine-server, give the engine server the same engine.model and engine.routes: it hosts "

@@ -8,7 +8,7 @@ on Ctrl-C / SIGTERM, leaving no process behind.
 
 ``--lang zh`` replays the bundled Chinese samples instead, and ``--lang mixed`` the
 tweets and the Chinese samples interleaved; both route Chinese posts to
-``multilingual-sentiment/v2`` (``engine.routes``), at a lower rate (that engine is
+``multilingual-sentiment/v3`` (``engine.routes``), at a lower rate (that engine is
 ~3x MiniLM's CPU per post) and with a higher ratio threshold (a Chinese surge as
 large as the stream lifts the whole ``lang=zh`` stream to ~70% negative, which is not
 what the demo shows).
@@ -52,7 +52,7 @@ DEMO_AGGREGATION = {"bucket_seconds": 5, "windows_seconds": (30, 60, 300)}
 # few dozen, whose ratio swings past the threshold by chance: not judged.
 DEMO_ALERTS = {"min_posts": 100, "cooldown_seconds": 120}
 # The engine that reads Chinese, and the route that sends Chinese posts to it (the rest stay on MiniLM).
-MULTILINGUAL = "multilingual-sentiment/v2"
+MULTILINGUAL = "multilingual-sentiment/v3"
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class DemoLanguage:
 LANGUAGES: dict[str, DemoLanguage] = {
     "en": DemoLanguage(sample_posts, DEFAULT_RATE, SURGE_FACTOR, "en", "the sample tweets"),
     # ~20 posts/s in all during the surge, against the multilingual engine's ~50/s here: a margin for a busy
-    # machine. The Chinese samples keep their own topics; v2 calls 0.35-0.6 of a calm topic's posts negative
+    # machine. The Chinese samples keep their own topics; v2 and v3 call 0.35-0.6 of a calm topic's posts negative
     # (airline highest: 45 of its 80 samples are complaints). An airline surge of as many posts again as the
     # whole stream lifts airline to ~0.9 but also the whole stream, and with it lang=zh, to ~0.7: 0.75 alerts on
     # the surge topic only.

@@ -60,7 +60,7 @@ def test_demo_shows_the_surge_alert_and_exits_cleanly():
 
 
 def test_the_chinese_demo_routes_chinese_posts_to_the_multilingual_engine_and_shows_the_surge_alert():
-    """``demo --lang zh``: Chinese posts, routed to multilingual-sentiment/v2, and an airline surge's alert naming it.
+    """``demo --lang zh``: Chinese posts, routed to multilingual-sentiment/v3, and an airline surge's alert naming it.
 
     Shorter than the English demo's test (35 s instead of 40): what both demos share (the
     accounting, the servers stopped, the settings note's windows) is checked there; here, what Chinese changes.
@@ -72,13 +72,13 @@ def test_the_chinese_demo_routes_chinese_posts_to_the_multilingual_engine_and_sh
     )
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output[-3000:]
-    assert "language routing (engine.routes): zh -> multilingual-sentiment/v2" in output
+    assert "language routing (engine.routes): zh -> multilingual-sentiment/v3" in output
     assert "a ratio alert needs 75% negative (default 60%" in output
     alerts = [line for line in output.splitlines() if " ALERT " in line]
     surge = [line for line in alerts if "topic=airline" in line]
     assert surge, output[-3000:]
     # Every post of the window is Chinese: the alert names the engine that scored them, not the default route's.
-    assert all(line.endswith("engine multilingual-sentiment/v2") for line in surge), surge
+    assert all(line.endswith("engine multilingual-sentiment/v3") for line in surge), surge
     assert not any("topic=" in line and "topic=airline" not in line for line in alerts), alerts
     # ... and quotes Chinese posts, whole characters, as they were written.
     samples = [line for line in output.splitlines() if line.startswith('    e.g. "')]

@@ -210,7 +210,7 @@ def add_commands(commands: Commands) -> None:
     demo.add_argument("--surge-topic", default="airline", help="the topic that turns negative")
     demo.add_argument("--surge-start", type=float, default=15.0, help="seconds after the start")
     demo.add_argument("--lang", choices=("en", "zh", "mixed"), default="en",
-                      help="en: the sample tweets; zh: Chinese sample posts, routed to multilingual-sentiment/v2; "
+                      help="en: the sample tweets; zh: Chinese sample posts, routed to multilingual-sentiment/v3; "
                            "mixed: both interleaved, Chinese routed there and English to minilm-sentiment/v1 "
                            "(the surge is Chinese for zh and mixed)")
     demo.set_defaults(handler=_demo)

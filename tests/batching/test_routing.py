@@ -70,11 +70,11 @@ def test_a_language_missing_from_the_engines_manifest_is_refused():
     plan.check_manifest("multilingual-sentiment", _manifest("multilingual-sentiment"))  # en is listed in v1's
     with pytest.raises(EngineRepositoryError, match="planned for multilingual-sentiment/v1"):
         plan.check_manifest("multilingual-sentiment", _manifest("minilm-sentiment"))
-    # A bare model name routes to its latest version: v2, which serves Chinese only.
+    # A bare model name routes to its latest version: v3, which serves Chinese only.
     latest = plan_routes(_settings({"en": "multilingual-sentiment"}))
-    with pytest.raises(EngineRepositoryError, match=r"sends \['en'\] to multilingual-sentiment/v2, whose manifest "
+    with pytest.raises(EngineRepositoryError, match=r"sends \['en'\] to multilingual-sentiment/v3, whose manifest "
                                                      r"lists only \['zh'\]"):
-        latest.check_manifest("multilingual-sentiment", _manifest("multilingual-sentiment", "v2"))
+        latest.check_manifest("multilingual-sentiment", _manifest("multilingual-sentiment", "v3"))
 
 
 def test_routes_are_validated_with_the_settings():
