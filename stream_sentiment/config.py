@@ -355,6 +355,11 @@ class Settings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(default=20, ge=1, description=(
         "Longest the broker may hold a fetch waiting for data. Kafka answers as soon as data arrives, but some "
         "brokers (Tansu) wait it out, and it adds to latency; 20 ms costs only idle polls."))
+    kafka_fetch_min_interval_ms: float = Field(default=0, ge=0, le=1000, description=(
+        "Least time between two fetches of the worker's fetch loop: records that arrive meanwhile wait in the "
+        "consumer and come in one larger fetch, so per-fetch and per-batch costs (decode, tokenizer and "
+        "scheduler calls, engine calls, Redis writes) are spread over more posts, at up to this much more "
+        "latency for a post (half on average). 0 = fetch as soon as the loop comes round (the default)."))
 
     @property
     def dead_letter_topic(self) -> str:

@@ -111,6 +111,8 @@ class KafkaSource:
         # Names this member in the owner tokens it claims partitions with (logs, the owners hash).
         self._member_name = f"{socket.gethostname()}-{os.getpid()}"
         self.paused = False
+        # When the last fetch began (monotonic seconds): kafka_fetch_min_interval_ms spaces fetches from it.
+        self._fetched_at = float("-inf")
         sink.on_resync = self.resync
         sink.on_fenced = self.fenced
         sink.on_lost = self.redis_lost
@@ -253,6 +255,14 @@ class KafkaSource:
         polls, so the group keeps this member.
         """
         consumer = self.consumer
+        min_interval = self.settings.kafka_fetch_min_interval_ms / 1000
+        if min_interval and not paused:
+            # Records arriving meanwhile wait in the consumer's buffer and come in this fetch: fewer, larger
+            # fetches. Batches, scored results and Redis writes do not wait for it (their own tasks and timers).
+            wait = self._fetched_at + min_interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._fetched_at = time.monotonic()
         assigned = consumer.assignment()
         self.paused = paused
         if paused:

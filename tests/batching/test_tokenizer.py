@@ -94,6 +94,19 @@ def test_words_longer_than_wordpiece_takes_are_unknown_and_not_memoized(tokenize
     assert not [word for word in fast._pieces if len(word) > 100]
 
 
+def test_each_word_shape_gets_the_pieces_the_whole_tokenizer_gives_it(tokenizer):
+    """The memo asks WordPiece alone (no normalizer, no pre-tokenizer) for each word the regex yields: a run
+    of [a-z0-9] up to the longest WordPiece takes, or one punctuation character."""
+    fast = AsciiWordPieces.for_tokenizer(tokenizer._tokenizer, tokenizer.max_length)
+    rng = random.Random(7)
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    words = [c for c in map(chr, range(33, 127)) if not c.isalnum()] + list(alphabet) + [
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 100))) for _ in range(300)]
+    words += ["x" * 100, "unaffable", "running", "2026", "lol", "sooooo"]
+    whole = [tuple(e.ids) for e in tokenizer._tokenizer.encode_batch(words, add_special_tokens=False)]
+    assert fast._word_pieces(words) == dict(zip(words, whole, strict=True))
+
+
 def test_a_tokenizer_that_truncates_on_the_left_gets_no_fast_path(tokenizer):
     left = Tokenizer.from_str(tokenizer._tokenizer.to_str())
     left.enable_truncation(tokenizer.max_length, direction="left")
