@@ -115,6 +115,18 @@ class FixedEngine(Engine):
         pass
 
 
+class LoopFixedEngine(FixedEngine):
+    """:class:`FixedEngine` called on the event loop (``scores_on_event_loop``, as the engine server's client is):
+    the GPU's time is an ``asyncio.sleep``, so what differs from the thread-called one is the hand-off per call."""
+
+    scores_on_event_loop = True
+
+    async def _infer_on_loop_impl(self, batch: TokenBatch, stream: int) -> np.ndarray:
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        return 2.0 * np.sin(batch.input_ids.sum(axis=1, dtype=np.float64)[:, None] * self.PHASES)
+
+
 def workload_values(workload: str, count: int) -> list[bytes]:
     """Record values: sample tweets, or four of them joined (``long``)."""
     posts = sample_posts(seed=0)
@@ -408,7 +420,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     # The paced mode's engine: the GPU bench's fine buckets, two slots, a GPU's time per call.
     paced_version = version.serving(sorted(set(PACED_BUCKETS) | set(version.manifest.buckets)))
     paced_tokenizer = PostTokenizer(paced_version)
-    paced_engine = FixedEngine(paced_version, 2, latency_s=args.engine_ms / 1000)
+    paced_class = LoopFixedEngine if args.engine_call == "loop" else FixedEngine
+    paced_engine = paced_class(paced_version, 2, latency_s=args.engine_ms / 1000)
     paced_engine.activate()
     results: dict[str, Any] = {}
     runs = itertools.count()
@@ -482,6 +495,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=6250.0,
                         help="paced: posts/s arriving at the worker (50,000/s over 8 workers)")
     parser.add_argument("--engine-ms", type=float, default=1.5, help="paced: the engine's time per call")
+    parser.add_argument("--engine-call", choices=("loop", "thread"), default="loop",
+                        help="paced: the engine called on the event loop (as the engine server's client is) or on "
+                             "slot threads (as the in-process backends are)")
     parser.add_argument("--producer-batch", type=int, default=PRODUCER_BATCH,
                         help="paced: records per producer batch, one batch per fetch")
     parser.add_argument("--window-ms", type=float, default=PACED_BATCHING["window_ms"],

@@ -66,6 +66,9 @@ class Engine(abc.ABC):
     """
 
     backend: ClassVar[str]
+    #: Whether :meth:`infer_on_loop` works: a backend whose call is only I/O (the engine server's socket) scores
+    #: on the worker's event loop, sparing each call the hand-off to a slot thread and back.
+    scores_on_event_loop: ClassVar[bool] = False
 
     def __init__(self, version: EngineVersion, streams: int = 1) -> None:
         if streams < 1:
@@ -111,13 +114,29 @@ class Engine(abc.ABC):
 
     def logits(self, batch: TokenBatch, stream: int = 0) -> np.ndarray:
         """The raw model outputs ``[rows, len(labels)]`` behind :meth:`infer` (the engine server sends these)."""
+        self._check_call(batch, stream)
+        return self._infer_impl(batch, stream)
+
+    async def infer_on_loop(self, batch: TokenBatch, stream: int = 0) -> np.ndarray:
+        """:meth:`infer` as a coroutine on the running event loop, for backends with ``scores_on_event_loop``.
+
+        Cancelling it (a timeout, a shutdown) leaves the slot usable: the backend drops what the call had half
+        done. Slot ``stream`` is still used by one call at a time, on the loop or on a thread, never both.
+        """
+        self._check_call(batch, stream)
+        return softmax(await self._infer_on_loop_impl(batch, stream))
+
+    def _check_call(self, batch: TokenBatch, stream: int) -> None:
         if not self.is_active:
             raise EngineError(f"{self.describe()} is not active")
         if not 0 <= stream < self.streams:
             raise EngineError(f"stream {stream} out of range 0..{self.streams - 1}")
         if batch.bucket not in self.version.manifest.buckets:
             raise EngineError(f"bucket {batch.bucket} is not one of {self.version.manifest.buckets}")
-        return self._infer_impl(batch, stream)
+
+    async def _infer_on_loop_impl(self, batch: TokenBatch, stream: int) -> np.ndarray:
+        """Return logits ``[rows, labels]`` without blocking the loop (only where ``scores_on_event_loop``)."""
+        raise EngineError(f"{self.backend} engines score on slot threads, not on the event loop")
 
     def max_rows_for(self, bucket: int) -> int | None:
         """The most rows one call takes at ``bucket``; None: any number (the batcher's limits apply)."""

@@ -1,8 +1,11 @@
 """``engine-server``: a worker's engine whose batches run in the host's engine server process.
 
-Each slot is one Unix-socket connection to ``stream-sentiment engine-server``
-(:mod:`stream_sentiment.engines.server`), used by that slot's thread alone, so a slot
-keeps the Engine contract: one call at a time, never shared. Activation asks the
+Each slot is a Unix-socket connection to ``stream-sentiment engine-server``
+(:mod:`stream_sentiment.engines.server`) with one request in flight at a time, so a slot
+keeps the Engine contract: one call at a time, never shared. A call is only socket I/O,
+so the worker's slot pool makes it on its event loop (``infer_on_loop``, the slot's
+connection switched to non-blocking) instead of handing every batch to a slot thread and
+back; calls from threads (warm-up, a hot swap's validation) use it blocking. Activation asks the
 server for this worker's model, version, buckets and largest batch (the server loads
 and warms it if no other worker already did; a model it does not host -- a route the
 server was not given -- is refused there, at start-up or in a hot swap). With language
@@ -14,6 +17,7 @@ rotation, pause or CPU fallback).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from pathlib import Path
@@ -38,6 +42,7 @@ class EngineServerEngine(Engine):
     """
 
     backend = "engine-server"
+    scores_on_event_loop = True
 
     def __init__(self, version: EngineVersion, streams: int = 1, *, socket_path: Path, max_rows: int,
                  timeout_s: float = 30.0) -> None:
@@ -46,6 +51,8 @@ class EngineServerEngine(Engine):
         self.max_rows = max_rows
         self.timeout_s = timeout_s
         self.server_info: dict[str, Any] = {}
+        # One connection per slot, blocking (with the call timeout) for calls on a thread -- activation's warm-up,
+        # a hot swap's validation -- and non-blocking once the event loop calls on it (``infer_on_loop``).
         self._connections: list[socket.socket | None] = []
 
     def describe(self) -> str:
@@ -66,52 +73,88 @@ class EngineServerEngine(Engine):
             raise
 
     def _connect(self) -> socket.socket:
-        manifest = self.version.manifest
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # A cold server loads and warms the version before it answers HELLO (CUDA graphs: seconds).
         connection.settimeout(max(self.timeout_s, 300.0))
         try:
             connection.connect(str(self.socket_path))
-            wire.send_json(connection, wire.HELLO, {
-                "protocol": wire.PROTOCOL, "model": manifest.model, "version": manifest.version,
-                "buckets": list(manifest.buckets),
-                "max_rows": self.max_rows, "model_sha256": manifest.files.get(manifest.model_file),
-            })
+            wire.send_json(connection, wire.HELLO, self._hello())
             kind, body = wire.recv_frame(connection)
+            self.server_info = self._ready_info(kind, body)
         except OSError as error:
             connection.close()
             raise EngineError(f"engine server at {self.socket_path}: {error}") from error
-        if kind == wire.ERROR:
+        except BaseException:
             connection.close()
+            raise
+        connection.settimeout(self.timeout_s)
+        return connection
+
+    def _hello(self) -> dict[str, Any]:
+        manifest = self.version.manifest
+        return {
+            "protocol": wire.PROTOCOL, "model": manifest.model, "version": manifest.version,
+            "buckets": list(manifest.buckets),
+            "max_rows": self.max_rows, "model_sha256": manifest.files.get(manifest.model_file),
+        }
+
+    def _ready_info(self, kind: bytes, body: memoryview) -> dict[str, Any]:
+        """The server's READY answer to HELLO, checked against this version; EngineError otherwise."""
+        manifest = self.version.manifest
+        if kind == wire.ERROR:
             raise EngineError(f"engine server refused {self.version.label}: {bytes(body).decode(errors='replace')}")
         if kind != wire.READY:
-            connection.close()
             raise EngineError(f"engine server answered HELLO with {kind!r}")
         info = wire.parse_json(body)
         if info.get("model") != manifest.model:
-            connection.close()
             raise EngineError(f"engine server answered for model {info.get('model')!r}, not {manifest.model!r}")
         if tuple(info.get("labels", ())) != manifest.labels:
-            connection.close()
             raise EngineError(f"engine server labels {info.get('labels')} differ from {list(manifest.labels)}")
-        self.server_info = info
-        connection.settimeout(self.timeout_s)
-        return connection
+        return info
 
     def _infer_impl(self, batch: TokenBatch, stream: int) -> np.ndarray:
         connection = self._connections[stream]
         if connection is None:
             raise EngineError(f"stream {stream} has no connection to the engine server; rebuild it")
+        if connection.gettimeout() != self.timeout_s:
+            connection.settimeout(self.timeout_s)  # blocking again after calls on the event loop
         try:
             wire.send_frame(connection, wire.INFER, *wire.batch_parts(batch))
             kind, body = wire.recv_frame(connection)
         except OSError as error:  # WireError included: the server died or hung; this connection is done
             self._drop(stream)
             raise EngineError(f"engine server at {self.socket_path}: {error}") from error
+        if kind not in (wire.LOGITS, wire.ERROR):
+            self._drop(stream)
+        return self._logits(kind, body, batch)
+
+    async def _infer_on_loop_impl(self, batch: TokenBatch, stream: int) -> np.ndarray:
+        connection = self._connections[stream]
+        if connection is None:
+            raise EngineError(f"stream {stream} has no connection to the engine server; rebuild it")
+        if connection.gettimeout() != 0.0:
+            connection.setblocking(False)  # the loop's from now on (a thread's call sets its timeout back)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(connection, wire.frame(wire.INFER, *wire.batch_parts(batch)))
+            kind, body = await wire.recv_frame_on_loop(loop, connection)
+        except OSError as error:  # WireError included: the server died or hung; this connection is done
+            self._drop(stream)
+            raise EngineError(f"engine server at {self.socket_path}: {error}") from error
+        except BaseException:
+            # Cancelled (a call timeout, a shutdown) with a frame half sent or half read: the connection's
+            # place in the protocol is unknown, so it goes, and rebuilding the slot opens a new one.
+            self._drop(stream)
+            raise
+        if kind not in (wire.LOGITS, wire.ERROR):
+            self._drop(stream)
+        return self._logits(kind, body, batch)
+
+    def _logits(self, kind: bytes, body: memoryview, batch: TokenBatch) -> np.ndarray:
+        """The logits of an answer to INFER (an ERROR answer leaves the connection usable)."""
         if kind == wire.ERROR:
             raise EngineError(f"engine server: {bytes(body).decode(errors='replace')}")
         if kind != wire.LOGITS:
-            self._drop(stream)
             raise EngineError(f"engine server answered INFER with {kind!r}")
         logits = wire.parse_logits(body)
         if logits.shape != (batch.rows, len(self.labels)):

@@ -2,7 +2,9 @@
 
 The worker hands a bucketed batch to an idle slot; the slot's own thread runs
 the blocking ``Engine.infer`` (one thread per slot, so a session or execution
-context is never shared), and the event loop only awaits the result.
+context is never shared), and the event loop only awaits the result. An engine
+whose call is only I/O (``scores_on_event_loop``: the engine server's client) is
+called on the event loop itself, which spares each call two thread hand-offs.
 
 When a call fails -- an exception, a CUDA error, or no answer within the call
 timeout -- the slot is rebuilt (``Engine.rebuild``) and the batch retried, a
@@ -118,14 +120,11 @@ class SlotPool:
         Raises:
             SlotFailedError: the retries ran out, or the slot left rotation; the batch was not scored.
         """
-        loop = asyncio.get_running_loop()
-        executor = self._executors[stream]
         attempt = 0
         while True:
             started = time.perf_counter()
             try:
-                future = loop.run_in_executor(executor, self.engine.infer, batch, stream)
-                probabilities = await asyncio.wait_for(future, self.policy.call_timeout)
+                probabilities = await self._call(batch, stream)
             except Exception as error:  # any backend fault: exception types differ per backend
                 self._record_failure(stream, error)
                 if isinstance(error, TimeoutError):
@@ -151,14 +150,21 @@ class SlotPool:
             self.metrics.engine_latency.labels(str(batch.bucket)).observe(elapsed)
             return probabilities
 
+    async def _call(self, batch: TokenBatch, stream: int) -> np.ndarray:
+        """One engine call on slot ``stream``, bounded by the call timeout (TimeoutError past it)."""
+        if self.engine.scores_on_event_loop:
+            # No thread: a timeout cancels the call, and the engine drops the half-used connection.
+            async with asyncio.timeout(self.policy.call_timeout):
+                return await self.engine.infer_on_loop(batch, stream)
+        future = asyncio.get_running_loop().run_in_executor(self._executors[stream], self.engine.infer, batch, stream)
+        return await asyncio.wait_for(future, self.policy.call_timeout)
+
     async def _probe(self, stream: int) -> bool:
         """Score one padding-only row of the smallest bucket on ``stream``: does the slot work at all?"""
         bucket = self.engine.version.manifest.buckets[0]
         probe = TokenBatch(np.zeros((1, bucket), dtype=np.int64), np.ones((1, bucket), dtype=np.int64), bucket)
-        loop = asyncio.get_running_loop()
         try:
-            future = loop.run_in_executor(self._executors[stream], self.engine.infer, probe, stream)
-            await asyncio.wait_for(future, self.policy.call_timeout)
+            await self._call(probe, stream)
         except Exception as error:
             self._record_failure(stream, error)
             return False

@@ -16,6 +16,7 @@ model, so a worker of the previous release still connects.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import struct
@@ -38,18 +39,48 @@ class WireError(ConnectionError):
     """The peer closed the connection, or sent something that is not a frame of this protocol."""
 
 
-def send_frame(sock: socket.socket, kind: bytes, *parts: bytes) -> None:
+def frame(kind: bytes, *parts: bytes) -> bytes:
+    """One frame's bytes: the length prefix, the kind byte and the body."""
     body = b"".join(parts)
-    sock.sendall(_LENGTH.pack(1 + len(body)) + kind + body)
+    return _LENGTH.pack(1 + len(body)) + kind + body
+
+
+def send_frame(sock: socket.socket, kind: bytes, *parts: bytes) -> None:
+    sock.sendall(frame(kind, *parts))
 
 
 def recv_frame(sock: socket.socket) -> tuple[bytes, memoryview]:
     """The next frame's kind and body; raises :class:`WireError` on EOF or an impossible length."""
-    (length,) = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size))
+    length = _frame_length(_recv_exact(sock, _LENGTH.size))
+    body = memoryview(_recv_exact(sock, length))
+    return bytes(body[:1]), body[1:]
+
+
+async def recv_frame_on_loop(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[bytes, memoryview]:
+    """:func:`recv_frame` on a non-blocking socket, awaiting readiness on ``loop`` instead of blocking."""
+    length = _frame_length(await _recv_exact_on_loop(loop, sock, _LENGTH.size))
+    body = memoryview(await _recv_exact_on_loop(loop, sock, length))
+    return bytes(body[:1]), body[1:]
+
+
+def _frame_length(prefix: bytearray) -> int:
+    (length,) = _LENGTH.unpack(prefix)
     if not 1 <= length <= MAX_FRAME_BYTES:
         raise WireError(f"frame of {length} bytes")
-    frame = memoryview(_recv_exact(sock, length))
-    return bytes(frame[:1]), frame[1:]
+    return int(length)
+
+
+async def _recv_exact_on_loop(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytearray:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    received = 0
+    while received < size:
+        # sock_recv_into reads at once when data is there; it waits on the loop only when none is.
+        count = await loop.sock_recv_into(sock, view[received:])
+        if count == 0:
+            raise WireError("connection closed by the peer")
+        received += count
+    return buffer
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytearray:

@@ -85,6 +85,42 @@ def test_scores_through_the_server_equal_the_local_engine(repository, socket_pat
     assert not socket_path.exists()
 
 
+def test_calls_on_the_event_loop_answer_as_on_a_thread_and_a_cancelled_one_costs_only_its_connection(
+    repository, socket_path, batch
+):
+    """The worker's path (``infer_on_loop``, no slot thread) against the blocking one on the same connection, and a
+    call cancelled with its answer still due (a call timeout, a shutdown): the connection goes, the slot is rebuilt."""
+    with EngineServer(_server_settings(repository, socket_path), open_engine) as server:
+        _, client = open_engine(_client_settings(repository, socket_path, streams=1))
+        assert client.scores_on_event_loop
+
+        async def on_loop() -> tuple[np.ndarray, type[BaseException] | None, np.ndarray]:
+            first = await client.infer_on_loop(batch, 0)
+            call = asyncio.create_task(client.infer_on_loop(batch, 0))
+            await asyncio.sleep(0)  # the request is sent; the server needs milliseconds to answer
+            assert not call.done()
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            try:
+                await client.infer_on_loop(batch, 0)
+                unusable = None
+            except EngineError as error:
+                assert "rebuild" in str(error)
+                unusable = type(error)
+            await asyncio.get_running_loop().run_in_executor(None, client.rebuild, 0)
+            return first, unusable, await client.infer_on_loop(batch, 0)
+
+        with client:
+            on_thread = client.infer(batch, 0)
+            first, unusable, after_rebuild = asyncio.run(on_loop())
+            np.testing.assert_array_equal(first, on_thread)
+            assert unusable is EngineError
+            np.testing.assert_array_equal(after_rebuild, on_thread)
+            np.testing.assert_array_equal(client.infer(batch, 0), on_thread)  # blocking again on a thread
+        assert server.hosted()[0]["lost_streams"] == []
+
+
 def test_clients_of_one_version_share_an_engine_and_a_hot_swap_loads_and_releases_another(
     repository, socket_path, batch
 ):
