@@ -79,7 +79,9 @@ T0 = 1_700_000_000.0
 # an 8 ms window, a 2 ms timeout, smaller buckets merged into a timeout batch, 32,768 padded tokens).
 PACED_BUCKETS = (16, 24, 32, 40, 48, 64, 96, 112, 128, 160, 256)
 PACED_BATCHING = {"max_rows": MAX_ROWS, "max_tokens": 32768, "window_ms": 8.0, "timeout_ms": 2.0,
-                  "formation": "least-cost", "merge_smaller_on_timeout": True, "buckets": list(PACED_BUCKETS)}
+                  "formation": "least-cost", "merge_smaller_on_timeout": True, "buckets": list(PACED_BUCKETS),
+                  # The engine server's cost model (batching.cost), not the settings' default CPU backend's.
+                  "call_cost_us": 1000.0, "token_cost_ns": 100.0}
 # Records per producer batch in the paced mode: bench/gpu_e2e's two producers at 50,000/s send each 2 ms tick's
 # posts (50) to one partition of 16, so a worker with two partitions gets a batch of ~50 every ~8 ms.
 PRODUCER_BATCH = 50
@@ -418,7 +420,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = FixedEngine(version)
     engine.activate()
     # The paced mode's engine: the GPU bench's fine buckets, two slots, a GPU's time per call.
-    paced_version = version.serving(sorted(set(PACED_BUCKETS) | set(version.manifest.buckets)))
+    paced_batching: dict[str, Any] = {**PACED_BATCHING, "max_in_flight_posts": 10_000, "window_ms": args.window_ms,
+                                      "timeout_ms": args.timeout_ms, "formation": args.formation}
+    if args.formation == "arrival":  # bench/gpu_e2e's (e): a bucket every 8 tokens, batches in arrival order
+        paced_batching["buckets"] = [*range(8, 256, 8), 256]
+    paced_version = version.serving(sorted(set(paced_batching["buckets"]) | set(version.manifest.buckets)))
     paced_tokenizer = PostTokenizer(paced_version)
     paced_class = LoopFixedEngine if args.engine_call == "loop" else FixedEngine
     paced_engine = paced_class(paced_version, 2, latency_s=args.engine_ms / 1000)
@@ -442,8 +448,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         consumer = FakeConsumer(RecordLog(name, values, args.producer_batch, args.rate),
                                                 args.producer_batch)
                         worker = await new_worker(redis.url, paced_engine, paced_tokenizer, name, consumer,
-                                                  {**PACED_BATCHING, "max_in_flight_posts": 10_000,
-                                                   "window_ms": args.window_ms, "timeout_ms": args.timeout_ms},
+                                                  paced_batching,
                                                   fetch_min_interval_ms=args.fetch_interval_ms)
                         internal = RecordingHistogram(worker.metrics.pipeline_latency)
                         worker.metrics.pipeline_latency = internal  # type: ignore[assignment]
@@ -500,6 +505,8 @@ def main() -> None:
                              "slot threads (as the in-process backends are)")
     parser.add_argument("--producer-batch", type=int, default=PRODUCER_BATCH,
                         help="paced: records per producer batch, one batch per fetch")
+    parser.add_argument("--formation", choices=("least-cost", "buckets", "arrival"), default="least-cost",
+                        help="paced: batching.formation (arrival: bench/gpu_e2e's dynamic padding, a bucket every 8)")
     parser.add_argument("--window-ms", type=float, default=PACED_BATCHING["window_ms"],
                         help="paced: batching.window_ms")
     parser.add_argument("--timeout-ms", type=float, default=PACED_BATCHING["timeout_ms"],
