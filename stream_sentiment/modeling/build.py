@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stream_sentiment.engines.manifest import EngineManifest, load_engine_version, write_manifest
+from stream_sentiment.modeling.class_bias import RECORD_FILE as CLASS_BIAS_RECORD
 from stream_sentiment.modeling.corpora import (
     LabelledTweet,
     clean_training_text,
@@ -91,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     if (args.checkpoint / "training.json").exists():
         training_record = json.loads((args.checkpoint / "training.json").read_text())
     normalization = training_record.get("config", {}).get("normalization", "twitter-v1")
+    # A dev-chosen shift of the classifier's bias (modeling.class_bias), recorded with the version it went into.
+    class_bias: dict[str, object] = {}
+    if (args.checkpoint / CLASS_BIAS_RECORD).exists():
+        chosen = json.loads((args.checkpoint / CLASS_BIAS_RECORD).read_text())
+        class_bias = {"class_bias": {k: chosen.get(k) for k in ("shift", "selection_score", "selection_score_unshifted",
+                                                                 "grid")}}
     started = time.time()
 
     fp32_dir = args.work_dir / args.model_name / f"{args.version}-fp32"
@@ -98,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     fp32_manifest = export_engine_version(
         args.checkpoint, fp32_dir, model_name=args.model_name, version=f"{args.version}-fp32",
         normalization=normalization, max_length=args.max_length,
-        build_info={"training": {k: training_record.get(k) for k in TRAINING_FIELDS}}, languages=languages,
+        build_info={"training": {k: training_record.get(k) for k in TRAINING_FIELDS}, **class_bias},
+        languages=languages,
     )
     fp32 = load_engine_version(fp32_dir)
 
