@@ -113,6 +113,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--seconds", type=float, default=6.0, help="how long each offered rate is produced")
     add("--grace", type=float, default=4.0, help="how long a rate run may take to catch up after producing")
     add("--drain-seconds", type=float, default=12.0, help="most seconds a backlog drain is measured")
+    add("--repeats", type=int, default=1,
+        help="runs of each equal-load cell (every --rates step and matched rate) of ours and of (c) and (e), the "
+             "set-ups' order alternating; the repeats table gives each one's median P99 and its range")
     add("--matched", type=float, default=0.8, help="also run ours and baselines (b), (c) at this x the baseline's "
         "drain rate, to compare P99 at equal load (0: off)")
     add("--backend", default="torch-cuda", choices=["torch-cuda", "onnxruntime"])

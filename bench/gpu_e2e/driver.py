@@ -5,7 +5,9 @@ on its model's, with the set-ups ``workload_plan`` gives it: the baselines' pipe
 engine-only run, then each Kafka set-up in ``RUN_ORDER``: a backlog drain (the sustained maximum) and
 each ``--rates`` step for ``--seconds`` (a step above 1.2x the set-up's drain rate is reported saturated,
 not run); then ours and the baselines in ``MATCHED_BASELINES`` once more at ``--matched`` x the
-baseline's drain rate, so P99s are compared at the same offered load. Every run gets a fresh broker
+baseline's drain rate, so P99s are compared at the same offered load; with ``--repeats N``, each such cell
+of ours and of (c) and (e) runs N times in all, ours first on odd repeats and last on even ones (one run's P99
+at these loads moves more between runs minutes apart than ours and the baselines differ). Every run gets a fresh broker
 (Tansu's cost grows with what it holds), checks that Redis counted exactly what was produced, and
 releases the consumer group only once it has formed. The figures come from ``measure``, the tables
 from ``report``.
@@ -33,6 +35,7 @@ from bench.gpu_e2e.setups import (
     BASELINE_KINDS,
     DEFAULT_BUCKETS,
     MATCHED_BASELINES,
+    REPEATED,
     RUN_ORDER,
     Setup,
     engine_buckets,
@@ -385,6 +388,27 @@ class Bench:
                     for rate in self.args.rates]
         return results
 
+    async def repeat_cells(self, workload: Workload, runs: list[RunResult]) -> list[RunResult]:
+        """``--repeats``: each equal-load cell where ours and (c) or (e) both ran, again, the order alternating."""
+        cells: dict[float, tuple[str, list[str]]] = {}
+        for r in runs:
+            if r.mode in ("rate", "matched") and not r.skipped and r.offered and r.setup in REPEATED:
+                mode, names = cells.setdefault(r.offered, (r.mode, []))
+                names.append(r.setup)
+        repeated: list[RunResult] = []
+        for repeat in range(1, self.args.repeats):
+            for rate, (mode, names) in sorted(cells.items()):
+                if "ours" not in names or len(names) < 2:
+                    continue
+                # The first pass ran the baselines before ours: ours goes first on odd repeats.
+                order = ["ours", *(n for n in REPEATED if n in names and n != "ours")]
+                for name in order if repeat % 2 else order[::-1]:
+                    result = await self.run(workload, self.setups[name], mode, rate)
+                    result.repeat = repeat
+                    self.report_run(result)
+                    repeated.append(result)
+        return repeated
+
     async def rate_run(self, workload: Workload, setup: Setup, mode: str, rate: float, capacity: float) -> RunResult:
         if rate > SKIP_ABOVE_CAPACITY * capacity:  # it would only saturate, at the price of a run
             result = skipped_run(workload.name, setup, mode, rate,
@@ -473,6 +497,8 @@ class Bench:
                 for setup in compared:
                     if not any(r.setup == setup.name and r.offered == rate for r in runs):
                         runs.append(await self.rate_run(workload, setup, "matched", rate, capacity[setup.name]))
+        if self.args.repeats > 1:
+            runs += await self.repeat_cells(workload, runs)
         # The targets are the English workloads' (issue 19's); another model's figures stand beside them.
         out["acceptance"] = acceptance(runs, out) if workload.model == MODEL else []
         print(render_workload(workload.name, workload.mean_tokens, out, self.setups), flush=True)

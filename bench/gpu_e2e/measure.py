@@ -65,6 +65,9 @@ class RunResult:
     group_seconds: float = 0.0
     rebalances: int = 0
     wall_seconds: float = 0.0
+    # --repeats: 0 for a cell's first run, n for its n-th repeat (the ratio table and targets use the first;
+    # the repeats table the median of all)
+    repeat: int = 0
 
     @property
     def exact(self) -> bool:
@@ -73,7 +76,8 @@ class RunResult:
     def row_name(self) -> str:
         if self.mode == "backlog":
             return "backlog (max)"
-        return f"{'matched ' if self.mode == 'matched' else ''}offered {self.offered:,.0f}/s"
+        again = f"repeat {self.repeat}, " if self.repeat else ""
+        return f"{again}{'matched ' if self.mode == 'matched' else ''}offered {self.offered:,.0f}/s"
 
 
 def skipped_run(workload: str, setup: Setup, mode: str, rate: float, why: str) -> RunResult:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 # The set-ups in the order they are drawn (any other name is drawn after them).
 ORDER = ("ours", "ours-own", "ours-coarse", "ours-python-gc", "ours-uvloop", "dynamic-pad", "pad-to-max", "hf-b64",
          "hf-b1", "kafka-only")
@@ -43,16 +45,21 @@ def curves(report: dict[str, Any], workload: str) -> dict[str, Curve]:
     """
     labels = {name: s.get("label", name) for name, s in report.get("setups", {}).items()}
     found: dict[str, Curve] = {}
+    measured: dict[tuple[str, float], list[tuple[float, float]]] = {}  # (set-up, offered) -> [(P50, P99)] per run
     for run in report["workloads"][workload]["runs"]:
         curve = found.setdefault(run["setup"], Curve(labels.get(run["setup"], run["setup"])))
         if run["mode"] == "backlog":
             curve.backlog_posts_per_s = run["posts_per_s"]
         elif run["saturated"] or run["skipped"] or run["p99_ms"] is None:
             curve.behind.append(run["offered"])
-        elif run["offered"] not in curve.offered:
-            curve.offered.append(run["offered"])
-            curve.p50_ms.append(run["p50_ms"])
-            curve.p99_ms.append(run["p99_ms"])
+        else:
+            measured.setdefault((run["setup"], run["offered"]), []).append((run["p50_ms"], run["p99_ms"]))
+    # A cell run more than once (--repeats) is drawn at its medians.
+    for (setup, offered), values in measured.items():
+        curve = found[setup]
+        curve.offered.append(offered)
+        curve.p50_ms.append(float(np.median([v[0] for v in values])))
+        curve.p99_ms.append(float(np.median([v[1] for v in values])))
     for curve in found.values():
         ranked = sorted(zip(curve.offered, curve.p50_ms, curve.p99_ms, strict=True))
         curve.offered, curve.p50_ms, curve.p99_ms = (list(column) for column in zip(*ranked, strict=True)) if ranked \

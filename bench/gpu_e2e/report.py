@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from bench.gpu_e2e.measure import RunResult
-from bench.gpu_e2e.setups import MATCHED_BASELINES, Setup
+from bench.gpu_e2e.setups import MATCHED_BASELINES, REPEATED, Setup
 from stream_sentiment.metrics import STAGES
 
 
@@ -141,6 +141,8 @@ def render_workload(name: str, mean_tokens: float, out: dict[str, Any], setups: 
                      f"{check['pipeline_over_list_posts_per_s']:,.0f} posts/s"
                      + (f"; argmax agreement with our engine: {agreement:.1%}" if agreement is not None else ""))
     lines += ["", ratio_table(runs, labels)]
+    if (repeats := repeat_table(runs, labels)) is not None:
+        lines += ["", repeats]
     verdicts = out["acceptance"] if "acceptance" in out else acceptance(runs, out)
     if verdicts:
         lines += ["", "| acceptance target | measured | met |", "|---|---|---|"]
@@ -150,8 +152,44 @@ def render_workload(name: str, mean_tokens: float, out: dict[str, Any], setups: 
 
 
 def _ours(runs: list[RunResult]) -> dict[tuple[str, float | None], RunResult]:
+    """Ours' first run of each cell (repeats have their own table)."""
     return {(r.mode if r.mode == "backlog" else "rate", r.offered): r for r in runs
-            if r.setup == "ours" and not r.skipped}
+            if r.setup == "ours" and not r.skipped and not r.repeat}
+
+
+def p99_spread(runs: list[RunResult]) -> dict[tuple[str, float], tuple[float, float, float, int]]:
+    """(set-up, offered) -> median, lowest and highest P99 ms and the number of runs, for the cells --repeats ran
+    more than once. A saturated run's P99 counts as infinite."""
+    repeated = {r.offered for r in runs if r.repeat and r.offered}
+    p99s: dict[tuple[str, float], list[float]] = {}
+    for r in runs:
+        if r.offered in repeated and r.mode != "backlog" and not r.skipped and r.offered:
+            p99 = float("inf") if r.saturated or r.p99_ms is None else float(r.p99_ms)
+            p99s.setdefault((r.setup, r.offered), []).append(p99)
+    return {key: (float(np.median(values)), min(values), max(values), len(values)) for key, values in p99s.items()}
+
+
+def repeat_table(runs: list[RunResult], labels: dict[str, str]) -> str | None:
+    """Median P99 (lowest-highest) per repeated cell for ours and each baseline there; None without repeats."""
+    spread = p99_spread(runs)
+    if not spread:
+        return None
+    names = [n for n in REPEATED if any(setup == n for setup, _ in spread)]
+    lines = ["Repeated equal-load cells (--repeats): P99 ms, median (lowest-highest) over the runs, the set-ups' "
+             "order alternating:", "",
+             "| offered/s | " + " | ".join(labels.get(n, n) for n in names) + " | ours' median the lowest |",
+             "|---:|" + "---|" * len(names) + "---|"]
+    for offered in sorted({o for _, o in spread}):
+        cells = []
+        for name in names:
+            entry = spread.get((name, offered))
+            cells.append("—" if entry is None else
+                         f"{_cell(entry[0])} ({_cell(entry[1])}-{_cell(entry[2])}), {entry[3]} runs")
+        ours = spread.get(("ours", offered))
+        others = [v[0] for (n, o), v in spread.items() if o == offered and n != "ours"]
+        verdict = "—" if ours is None or not others else ("yes" if ours[0] <= min(others) else "no")
+        lines.append(f"| {offered:,.0f} | " + " | ".join(cells) + f" | {verdict} |")
+    return "\n".join(lines)
 
 
 def ratio_table(runs: list[RunResult], labels: dict[str, str]) -> str:
@@ -167,7 +205,7 @@ def ratio_table(runs: list[RunResult], labels: dict[str, str]) -> str:
             continue
         ratio = f"{mine.posts_per_s / theirs.posts_per_s:.2f}×" if theirs.posts_per_s else "∞"
         shared = [(ours[("rate", r.offered)], r) for r in runs if r.setup == name and r.mode != "backlog"
-                  and not r.skipped and ("rate", r.offered) in ours]
+                  and not r.skipped and not r.repeat and ("rate", r.offered) in ours]
         if not shared:
             lines.append(f"| {labels.get(name, name)} | {ratio} | — | — | — |")
         for our, their in shared:
@@ -215,7 +253,7 @@ def acceptance(runs: list[RunResult], out: dict[str, Any]) -> list[dict[str, Any
             add(f"≥ {factor:g}× {name} throughput at equal or lower P99", "not run", None)
             continue
         ratio = mine.posts_per_s / theirs.posts_per_s if theirs.posts_per_s else float("inf")
-        matched = [r for r in runs if r.setup == name and r.mode == "matched" and not r.saturated]
+        matched = [r for r in runs if r.setup == name and r.mode == "matched" and not r.saturated and not r.repeat]
         ours_matched = [ours.get(("rate", r.offered)) for r in matched]
         p99_ok = all(o is not None and not o.saturated and (o.p99_ms or 0) <= (r.p99_ms or 0)
                      for o, r in zip(ours_matched, matched, strict=True)) if matched else None
@@ -223,6 +261,14 @@ def acceptance(runs: list[RunResult], out: dict[str, Any]) -> list[dict[str, Any
                              for o, r in zip(ours_matched, matched, strict=True)) or "no matched-rate run"
         add(f"≥ {factor:g}× {name} throughput at equal or lower P99", f"{ratio:.2f}×; {p99_text}",
             ratio >= factor and p99_ok is not False)
+    spread = p99_spread(runs)
+    if spread:
+        cells = sorted({o for _, o in spread})
+        losing = [o for o in cells if ("ours", o) in spread
+                  and any(v[0] < spread[("ours", o)][0] for (n, c), v in spread.items() if c == o and n != "ours")]
+        add("lower median P99 than (c) and (e) at every repeated equal-load cell",
+            f"{len(cells) - len(losing)} of {len(cells)} cells" + (
+                f"; not at {', '.join(f'{o:,.0f}/s' for o in losing)}" if losing else ""), not losing)
     efficiency = mine.padding_efficiency if mine is not None else None
     add("padding efficiency ≥ 85%", "not run" if efficiency is None else
         f"{efficiency:.1%} (static estimate {out.get('padding_estimate', 0):.1%})",

@@ -57,6 +57,8 @@ RUN_ORDER = ("kafka-only", "hf-b1", "hf-b64", "pad-to-max", "dynamic-pad", "ours
              "ours-python-gc", "ours-uvloop", "ours")
 # Ours is compared at equal offered load against these (each at --matched x its drain rate).
 MATCHED_BASELINES = ("hf-b64", "pad-to-max", "dynamic-pad")
+# What --repeats runs again at each equal-load cell: ours and the baselines its P99 is judged against there.
+REPEATED = ("ours", "pad-to-max", "dynamic-pad")
 # The set-ups a workload runs where --workload-setups does not say: the Chinese posts on the 12-layer
 # multilingual engine, end to end and engine only (beside the English workloads' full comparison).
 DEFAULT_WORKLOAD_SETUPS: dict[str, tuple[str, ...]] = {"zh": ("ours", "engine-only")}

@@ -14,8 +14,9 @@ import numpy as np
 import redis.asyncio
 
 from bench.gpu_e2e.children import PostTimes
-from bench.gpu_e2e.measure import summarize
+from bench.gpu_e2e.measure import RunResult, summarize
 from bench.gpu_e2e.plot import curves
+from bench.gpu_e2e.report import acceptance, p99_spread, ratio_table, repeat_table
 from bench.gpu_e2e.setups import build_setups
 from stream_sentiment.aggregation.buckets import BucketRules, RedisKeys, ScoredPost
 from stream_sentiment.metrics import PipelineMetrics
@@ -166,3 +167,38 @@ def test_engine_only_flops_follow_the_served_encoder() -> None:
     assert minilm == EncoderShape() == EncoderShape(layers=6, hidden=384, ffn=1536)  # the probe's constants
     assert multilingual == EncoderShape(layers=12, hidden=384, ffn=1536)
     assert encoder_flops(2600.0, 70000.0, multilingual) == 2 * encoder_flops(2600.0, 70000.0)
+
+
+def _run(setup: str, offered: float, p99: float, repeat: int = 0, saturated: bool = False) -> RunResult:
+    return RunResult("long", setup, "rate", offered, 9, 100, 100, offered, p50_ms=p99 / 2, p99_ms=p99,
+                     saturated=saturated, repeat=repeat)
+
+
+def test_repeated_cells_are_judged_by_their_median_p99_and_first_runs_keep_the_ratio_table() -> None:
+    """--repeats: one noisy first run does not decide a cell; the median of its runs does."""
+    runs = [RunResult("long", "ours", "backlog", None, 9, 100, 100, 60000.0),
+            RunResult("long", "dynamic-pad", "backlog", None, 9, 100, 100, 40000.0),
+            _run("dynamic-pad", 8000.0, 14.0), _run("ours", 8000.0, 19.0),  # the first runs: ours loses
+            _run("ours", 8000.0, 13.0, 1), _run("dynamic-pad", 8000.0, 15.0, 1),
+            _run("dynamic-pad", 8000.0, 16.0, 2), _run("ours", 8000.0, 12.0, 2),
+            _run("dynamic-pad", 32000.0, 30.0), _run("ours", 32000.0, 40.0, saturated=True),
+            _run("ours", 32000.0, 35.0, 1), _run("dynamic-pad", 32000.0, 31.0, 1)]
+    spread = p99_spread(runs)
+    assert spread[("ours", 8000.0)] == (13.0, 12.0, 19.0, 3)
+    assert spread[("dynamic-pad", 8000.0)] == (15.0, 14.0, 16.0, 3)
+    assert spread[("ours", 32000.0)][0] == float("inf")  # of a saturated run and a 35 ms one, the median is inf
+    table = repeat_table(runs, {"ours": "ours", "dynamic-pad": "(e)"})
+    assert table is not None and "| 8,000 | 13.0 (12.0-19.0), 3 runs | 15.0 (14.0-16.0), 3 runs | yes |" in table
+    verdict = next(v for v in acceptance(runs, {}) if v["target"].startswith("lower median P99"))
+    assert (verdict["met"], verdict["measured"]) == (False, "1 of 2 cells; not at 32,000/s")
+    # The ratio table compares the first runs only, as before repeats existed.
+    assert "| 8,000 | 19.0 / 14.0 | no |" in ratio_table(runs, {})
+    assert repeat_table(runs[:4], {}) is None
+
+
+def test_plot_draws_a_repeated_cell_at_its_medians() -> None:
+    report = {"setups": {}, "workloads": {"long": {"runs": [
+        {"setup": "ours", "mode": "rate", "offered": 8000.0, "saturated": False, "skipped": "", "p50_ms": p50,
+         "p99_ms": p99, "posts_per_s": 8000.0} for p50, p99 in ((9.0, 19.0), (8.0, 13.0), (7.0, 12.0))]}}}
+    ours = curves(report, "long")["ours"]
+    assert (ours.offered, ours.p50_ms, ours.p99_ms) == ([8000.0], [8.0], [13.0])
