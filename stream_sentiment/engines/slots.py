@@ -128,6 +128,8 @@ class SlotPool:
             except Exception as error:  # any backend fault: exception types differ per backend
                 self._record_failure(stream, error)
                 if isinstance(error, TimeoutError):
+                    # A thread may still be stuck in the call; on the event-loop path none is, but a server
+                    # that let a call run past the timeout is not answering, and rotation treats both alike.
                     self._lose(stream, error)
                     raise SlotFailedError(stream, True, error) from error
                 if attempt < self.policy.max_retries:
