@@ -58,6 +58,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.gpu_e2e.setups import dynamic_padding  # noqa: E402
 from bench.recording import RecordingHistogram  # noqa: E402
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket  # noqa: E402
 from stream_sentiment.config import Settings  # noqa: E402
@@ -78,6 +79,7 @@ T0 = 1_700_000_000.0
 # The paced mode's batching: bench/gpu_e2e's defaults for `ours` (its fine buckets, least-cost formation,
 # an 8 ms window, a 2 ms timeout, smaller buckets merged into a timeout batch, 32,768 padded tokens).
 PACED_BUCKETS = (16, 24, 32, 40, 48, 64, 96, 112, 128, 160, 256)
+MAX_BUCKET = PACED_BUCKETS[-1]
 PACED_BATCHING = {"max_rows": MAX_ROWS, "max_tokens": 32768, "window_ms": 8.0, "timeout_ms": 2.0,
                   "formation": "least-cost", "merge_smaller_on_timeout": True, "buckets": list(PACED_BUCKETS),
                   # The engine server's cost model (batching.cost), not the settings' default CPU backend's.
@@ -108,6 +110,9 @@ class FixedEngine(Engine):
     def _infer_impl(self, batch: TokenBatch, stream: int) -> np.ndarray:
         if self.latency_s:
             time.sleep(self.latency_s)
+        return self.fixed_logits(batch)
+
+    def fixed_logits(self, batch: TokenBatch) -> np.ndarray:
         return 2.0 * np.sin(batch.input_ids.sum(axis=1, dtype=np.float64)[:, None] * self.PHASES)
 
     def _rebuild_impl(self, stream: int) -> None:
@@ -126,7 +131,7 @@ class LoopFixedEngine(FixedEngine):
     async def _infer_on_loop_impl(self, batch: TokenBatch, stream: int) -> np.ndarray:
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
-        return 2.0 * np.sin(batch.input_ids.sum(axis=1, dtype=np.float64)[:, None] * self.PHASES)
+        return self.fixed_logits(batch)
 
 
 def workload_values(workload: str, count: int) -> list[bytes]:
@@ -423,7 +428,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     paced_batching: dict[str, Any] = {**PACED_BATCHING, "max_in_flight_posts": 10_000, "window_ms": args.window_ms,
                                       "timeout_ms": args.timeout_ms, "formation": args.formation}
     if args.formation == "arrival":  # bench/gpu_e2e's (e): a bucket every 8 tokens, batches in arrival order
-        paced_batching["buckets"] = [*range(8, 256, 8), 256]
+        paced_batching, _ = dynamic_padding(paced_batching, MAX_BUCKET)
     paced_version = version.serving(sorted(set(paced_batching["buckets"]) | set(version.manifest.buckets)))
     paced_tokenizer = PostTokenizer(paced_version)
     paced_class = LoopFixedEngine if args.engine_call == "loop" else FixedEngine

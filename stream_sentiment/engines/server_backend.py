@@ -124,9 +124,7 @@ class EngineServerEngine(Engine):
         except OSError as error:  # WireError included: the server died or hung; this connection is done
             self._drop(stream)
             raise EngineError(f"engine server at {self.socket_path}: {error}") from error
-        if kind not in (wire.LOGITS, wire.ERROR):
-            self._drop(stream)
-        return self._logits(kind, body, batch)
+        return self._logits(kind, body, batch, stream)
 
     async def _infer_on_loop_impl(self, batch: TokenBatch, stream: int) -> np.ndarray:
         connection = self._connections[stream]
@@ -146,15 +144,15 @@ class EngineServerEngine(Engine):
             # place in the protocol is unknown, so it goes, and rebuilding the slot opens a new one.
             self._drop(stream)
             raise
-        if kind not in (wire.LOGITS, wire.ERROR):
-            self._drop(stream)
-        return self._logits(kind, body, batch)
+        return self._logits(kind, body, batch, stream)
 
-    def _logits(self, kind: bytes, body: memoryview, batch: TokenBatch) -> np.ndarray:
-        """The logits of an answer to INFER (an ERROR answer leaves the connection usable)."""
+    def _logits(self, kind: bytes, body: memoryview, batch: TokenBatch, stream: int) -> np.ndarray:
+        """The logits of an answer to INFER on ``stream``: an ERROR answer leaves the connection usable, an answer
+        of another kind drops it (the protocol is out of step)."""
         if kind == wire.ERROR:
             raise EngineError(f"engine server: {bytes(body).decode(errors='replace')}")
         if kind != wire.LOGITS:
+            self._drop(stream)
             raise EngineError(f"engine server answered INFER with {kind!r}")
         logits = wire.parse_logits(body)
         if logits.shape != (batch.rows, len(self.labels)):
