@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from stream_sentiment.engines.base import softmax
 from stream_sentiment.labels import LABELS
 from stream_sentiment.modeling.metrics import classification_report
 from stream_sentiment.modeling.mixture import DEV_SETS, load_mixture, selection_score_v2
@@ -42,10 +43,8 @@ DevLogits = dict[str, tuple[np.ndarray, list[str]]]
 
 
 def shifted_probabilities(log_probabilities: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """Softmax of ``log_probabilities + bias`` (what the shifted classifier outputs)."""
-    shifted = log_probabilities + bias
-    shifted = np.exp(shifted - shifted.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+    """What the shifted classifier outputs: the engines' softmax of ``log_probabilities + bias``."""
+    return softmax(log_probabilities + bias)
 
 
 def _bias_vector(negative: float, positive: float) -> np.ndarray:
