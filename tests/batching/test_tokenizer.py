@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import random
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
+from stream_sentiment.batching import tokenizer as tokenizer_module
 from stream_sentiment.batching.tokenizer import AsciiWordPieces, PostTokenizer
 from stream_sentiment.engines.manifest import load_engine_version
 from stream_sentiment.source.replay import sample_rows
@@ -19,9 +21,29 @@ from stream_sentiment.source.replay import sample_rows
 VERSION = Path(__file__).resolve().parents[2] / "engines" / "minilm-sentiment" / "v1"
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> PostTokenizer:
-    return PostTokenizer(load_engine_version(VERSION, verify=False))
+NATIVE_BUILT = tokenizer_module._native_wordpieces is not None
+
+
+# Every test runs on both inner loops of the fast path: the C one (where the install built it: CI must)
+# and the pure-Python fallback.
+@pytest.fixture(scope="module", params=["native", "python"])
+def tokenizer(request) -> PostTokenizer:
+    if request.param == "native" and not NATIVE_BUILT:
+        if os.environ.get("CI"):
+            pytest.fail("the C fast path (stream_sentiment/batching/_wordpieces.c) was not built by the install")
+        pytest.skip("the C fast path was not built here (no C compiler at install time)")
+    posts = PostTokenizer(load_engine_version(VERSION, verify=False))
+    assert posts._ascii is not None
+    posts._ascii.native = request.param == "native"
+    return posts
+
+
+def fast_path(tokenizer: PostTokenizer) -> AsciiWordPieces:
+    """A fresh fast path (empty memo) with the same inner loop as ``tokenizer``'s."""
+    fast = AsciiWordPieces.for_tokenizer(tokenizer._tokenizer, tokenizer.max_length)
+    assert fast is not None and tokenizer._ascii is not None
+    fast.native = tokenizer._ascii.native
+    return fast
 
 
 def rust_ids(tokenizer: PostTokenizer, texts: list[str]) -> list[tuple[int, ...]]:
@@ -69,7 +91,7 @@ def test_equals_the_tokenizer_on_generated_text(tokenizer, texts):
 
 
 def test_a_full_memo_starts_over_and_stays_exact(tokenizer, monkeypatch):
-    fast = AsciiWordPieces.for_tokenizer(tokenizer._tokenizer, tokenizer.max_length)
+    fast = fast_path(tokenizer)
     monkeypatch.setattr(AsciiWordPieces, "MAX_WORDS", 20)
     texts = [f"word{n} and more words {n * 7}" for n in range(30)]
     for text in texts:
@@ -77,8 +99,18 @@ def test_a_full_memo_starts_over_and_stays_exact(tokenizer, monkeypatch):
         assert len(fast._pieces) <= 20
 
 
+def test_a_batch_with_more_new_words_than_the_memo_holds_is_exact_and_leaves_it_bounded(tokenizer, monkeypatch):
+    fast = fast_path(tokenizer)
+    monkeypatch.setattr(AsciiWordPieces, "MAX_WORDS", 20)
+    fast.encode(["one two three four five six seven eight nine ten"] * 2)  # a memo half full of old words
+    texts = [f"old {n} new{n} words word{n * 3} and four five six" for n in range(40)]  # ~90 distinct words
+    assert fast.encode(texts) == rust_ids(tokenizer, texts)
+    # Cleared, then one batch's words at most (as many as the batch needs; the next new word clears it again).
+    assert len(fast._pieces) <= len({w for t in texts for w in t.split()})
+
+
 def test_a_caller_that_finds_the_memo_locked_does_not_wait_and_gets_the_same_ids(tokenizer):
-    fast = AsciiWordPieces.for_tokenizer(tokenizer._tokenizer, tokenizer.max_length)
+    fast = fast_path(tokenizer)
     texts = ["good morning everyone", "an unmemoized zygomorphic word", "x" * 150 + " spam"]
     fast.encode(texts[:1])
     memo = dict(fast._pieces)
@@ -88,7 +120,7 @@ def test_a_caller_that_finds_the_memo_locked_does_not_wait_and_gets_the_same_ids
 
 
 def test_words_longer_than_wordpiece_takes_are_unknown_and_not_memoized(tokenizer):
-    fast = AsciiWordPieces.for_tokenizer(tokenizer._tokenizer, tokenizer.max_length)
+    fast = fast_path(tokenizer)
     blobs = [f"spam {n:03d}" + "x" * 150 + " end" for n in range(50)]
     assert fast.encode(blobs) == rust_ids(tokenizer, blobs)
     assert not [word for word in fast._pieces if len(word) > 100]
@@ -97,7 +129,7 @@ def test_words_longer_than_wordpiece_takes_are_unknown_and_not_memoized(tokenize
 def test_each_word_shape_gets_the_pieces_the_whole_tokenizer_gives_it(tokenizer):
     """The memo asks WordPiece alone (no normalizer, no pre-tokenizer) for each word the regex yields: a run
     of [a-z0-9] up to the longest WordPiece takes, or one punctuation character."""
-    fast = AsciiWordPieces.for_tokenizer(tokenizer._tokenizer, tokenizer.max_length)
+    fast = fast_path(tokenizer)
     rng = random.Random(7)
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
     words = [c for c in map(chr, range(33, 127)) if not c.isalnum()] + list(alphabet) + [
