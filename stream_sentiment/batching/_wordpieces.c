@@ -8,9 +8,11 @@
  * Python). Here a word costs one short string and one dict lookup, and a post's tuple shares the memo's
  * int objects.
  *
- * Stable ABI (Py_LIMITED_API 3.11): one build serves Python 3.11 and 3.12. It runs without releasing
- * the GIL, so the memo, a plain dict the caller mutates only while holding the GIL, cannot change under
- * it.
+ * Words not in the memo yet are split by WordPiece here too (the Rust tokenizer's model called once per
+ * word from Python cost more than the rest of a cold post) and memoized.
+ *
+ * Stable ABI (Py_LIMITED_API 3.11): one build serves Python 3.11 and 3.12. It never releases the GIL, so
+ * no other thread sees the memo or the vocabulary mid-call.
  */
 #define Py_LIMITED_API 0x030B0000
 #define PY_SSIZE_T_CLEAN
@@ -48,22 +50,59 @@ static inline char ascii_lower(char c) { return (c >= 'A' && c <= 'Z') ? (char)(
 
 static inline int is_word_char(char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'); }
 
-/* The word's piece tuple (a new reference), NULL with no error if neither mapping has it, NULL with an
- * error set on failure. */
-static PyObject *lookup(PyObject *memo, PyObject *extra, PyObject *key) {
-    PyObject *found = PyDict_GetItemWithError(memo, key);
-    if (found == NULL && !PyErr_Occurred() && extra != Py_None) {
-        found = PyDict_GetItemWithError(extra, key);
+/* WordPiece of one word, exactly as the Rust tokenizer's model does it for ASCII (a character is a
+ * byte): the longest vocabulary entry from the start, then the longest ``continuation``-prefixed entry
+ * from where that ended, and so on; a word with any part that matches nothing is ``unknown``. Returns a
+ * new reference to a tuple of ids, or NULL with an error set. ``buffer`` holds continuation + word. */
+static PyObject *word_pieces(const char *word, Py_ssize_t size, PyObject *vocab, const char *continuation,
+                             Py_ssize_t continuation_size, PyObject *unknown, char *buffer) {
+    PyObject **ids = PyMem_Malloc((size_t)size * sizeof(PyObject *)); /* borrowed from the vocabulary */
+    Py_ssize_t count = 0, start = 0;
+    if (ids == NULL) {
+        return PyErr_NoMemory();
     }
-    if (found == NULL) {
-        return NULL;
+    while (start < size) {
+        PyObject *id = NULL;
+        Py_ssize_t end = size;
+        for (; end > start; end--) {
+            Py_ssize_t at = 0;
+            if (start > 0) {
+                memcpy(buffer, continuation, (size_t)continuation_size);
+                at = continuation_size;
+            }
+            memcpy(buffer + at, word + start, (size_t)(end - start));
+            PyObject *piece = PyUnicode_FromStringAndSize(buffer, at + end - start);
+            if (piece == NULL) {
+                PyMem_Free(ids);
+                return NULL;
+            }
+            id = PyDict_GetItemWithError(vocab, piece);
+            Py_DECREF(piece);
+            if (id != NULL) {
+                break;
+            }
+            if (PyErr_Occurred()) {
+                PyMem_Free(ids);
+                return NULL;
+            }
+        }
+        if (id == NULL) {
+            PyMem_Free(ids);
+            Py_INCREF(unknown);
+            return unknown;
+        }
+        ids[count++] = id;
+        start = end;
     }
-    if (!PyTuple_Check(found)) {
-        PyErr_SetString(PyExc_TypeError, "memo values must be tuples of token ids");
-        return NULL;
+    PyObject *pieces = PyTuple_New(count);
+    for (Py_ssize_t k = 0; pieces != NULL && k < count; k++) {
+        Py_INCREF(ids[k]);
+        if (PyTuple_SetItem(pieces, k, ids[k]) < 0) {
+            Py_CLEAR(pieces);
+        }
     }
-    Py_INCREF(found);
-    return found;
+    PyMem_Free(ids);
+    return pieces;
 }
 
 /* Copies ``count`` items of ``source`` into ``target`` from ``at``; returns the next free index or -1. */
@@ -82,24 +121,20 @@ static Py_ssize_t copy_items(PyObject *target, Py_ssize_t at, PyObject *source, 
 }
 
 PyDoc_STRVAR(encode_doc,
-"encode(texts, memo, extra, prefix, suffix, keep, unknown, longest) -> list of id tuples | set of words\n\n"
+"encode(texts, memo, vocab, continuation, prefix, suffix, keep, unknown, longest) -> list of id tuples\n\n"
 "Token ids of each text (printable ASCII, as AsciiWordPieces.accepts). A text is lowercased and split\n"
 "into runs of [a-z0-9] and single other non-space characters; a word longer than ``longest`` is\n"
-"``unknown``, any other is looked up in ``memo``, then in ``extra`` (a dict or None). ``prefix`` +\n"
-"pieces, cut to ``keep`` ids, + ``suffix``. If a word is in neither mapping, returns the set of such\n"
-"words instead, and the caller fills the memo and asks again.");
+"``unknown``; any other word's ids come from ``memo``, or are found by WordPiece over ``vocab`` (with\n"
+"the ``continuation`` prefix) and added to ``memo``. ``prefix`` + ids, cut to ``keep``, + ``suffix``.");
 
 static PyObject *encode(PyObject *self, PyObject *args) {
-    PyObject *texts, *memo, *extra, *prefix, *suffix, *unknown;
-    Py_ssize_t keep, longest;
+    PyObject *texts, *memo, *vocab, *prefix, *suffix, *unknown;
+    const char *continuation;
+    Py_ssize_t continuation_size, keep, longest;
     (void)self;
-    if (!PyArg_ParseTuple(args, "O!O!OO!O!nO!n", &PyList_Type, &texts, &PyDict_Type, &memo, &extra,
-                          &PyTuple_Type, &prefix, &PyTuple_Type, &suffix, &keep, &PyTuple_Type, &unknown,
-                          &longest)) {
-        return NULL;
-    }
-    if (extra != Py_None && !PyDict_Check(extra)) {
-        PyErr_SetString(PyExc_TypeError, "extra must be a dict or None");
+    if (!PyArg_ParseTuple(args, "O!O!O!s#O!O!nO!n", &PyList_Type, &texts, &PyDict_Type, &memo, &PyDict_Type,
+                          &vocab, &continuation, &continuation_size, &PyTuple_Type, &prefix, &PyTuple_Type,
+                          &suffix, &keep, &PyTuple_Type, &unknown, &longest)) {
         return NULL;
     }
     Py_ssize_t count = PyList_Size(texts);
@@ -115,8 +150,9 @@ static PyObject *encode(PyObject *self, PyObject *args) {
     Pieces found = {NULL, 0, 0};
     Py_ssize_t *ends = PyMem_Malloc((size_t)(count + 1) * sizeof(Py_ssize_t));
     char *word = PyMem_Malloc((size_t)longest);
-    PyObject *missing = NULL, *result = NULL, *encoded = NULL;
-    if (ends == NULL || word == NULL) {
+    char *buffer = PyMem_Malloc((size_t)(continuation_size + longest));
+    PyObject *encoded = NULL, *result = NULL;
+    if (ends == NULL || word == NULL || buffer == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -150,7 +186,7 @@ static PyObject *encode(PyObject *self, PyObject *args) {
             size = at - start;
             PyObject *ids_of_word;
             if (size > longest) {
-                Py_INCREF(unknown);
+                Py_INCREF(unknown); /* as WordPiece does; not memoized, so spam blobs cannot fill the memo */
                 ids_of_word = unknown;
             } else {
                 for (Py_ssize_t k = 0; k < size; k++) {
@@ -160,22 +196,22 @@ static PyObject *encode(PyObject *self, PyObject *args) {
                 if (key == NULL) {
                     goto done;
                 }
-                ids_of_word = lookup(memo, extra, key);
-                if (ids_of_word == NULL) {
-                    if (PyErr_Occurred()) {
-                        Py_DECREF(key);
-                        goto done;
+                ids_of_word = PyDict_GetItemWithError(memo, key);
+                if (ids_of_word != NULL && PyTuple_Check(ids_of_word)) {
+                    Py_INCREF(ids_of_word);
+                } else if (ids_of_word != NULL || PyErr_Occurred()) {
+                    if (!PyErr_Occurred()) {
+                        PyErr_SetString(PyExc_TypeError, "memo values must be tuples of token ids");
                     }
-                    if (missing == NULL && (missing = PySet_New(NULL)) == NULL) {
-                        Py_DECREF(key);
-                        goto done;
-                    }
-                    int added = PySet_Add(missing, key);
                     Py_DECREF(key);
-                    if (added < 0) {
+                    goto done;
+                } else {
+                    ids_of_word = word_pieces(word, size, vocab, continuation, continuation_size, unknown, buffer);
+                    if (ids_of_word == NULL || PyDict_SetItem(memo, key, ids_of_word) < 0) {
+                        Py_XDECREF(ids_of_word);
+                        Py_DECREF(key);
                         goto done;
                     }
-                    continue;
                 }
                 Py_DECREF(key);
             }
@@ -188,12 +224,6 @@ static PyObject *encode(PyObject *self, PyObject *args) {
             ids += pieces;
         }
         ends[i] = found.len;
-    }
-
-    if (missing != NULL) {
-        result = missing;
-        missing = NULL;
-        goto done;
     }
 
     encoded = PyList_New(count);
@@ -235,10 +265,10 @@ static PyObject *encode(PyObject *self, PyObject *args) {
 
 done:
     Py_XDECREF(encoded);
-    Py_XDECREF(missing);
     pieces_free(&found);
     PyMem_Free(ends);
     PyMem_Free(word);
+    PyMem_Free(buffer);
     return result;
 }
 

@@ -3,11 +3,12 @@
 def encode(
     texts: list[str],
     memo: dict[str, tuple[int, ...]],
-    extra: dict[str, tuple[int, ...]] | None,
+    vocab: dict[str, int],
+    continuation: str,
     prefix: tuple[int, ...],
     suffix: tuple[int, ...],
     keep: int,
     unknown: tuple[int, ...],
     longest: int,
-) -> list[tuple[int, ...]] | set[str]:
-    """The texts' token ids, or, if some words are in neither mapping, the set of those words."""
+) -> list[tuple[int, ...]]:
+    """The texts' token ids; words not in ``memo`` are split by WordPiece over ``vocab`` and added to it."""

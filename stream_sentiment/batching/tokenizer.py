@@ -76,10 +76,15 @@ class AsciiWordPieces:
     MAX_WORDS = 1 << 16
 
     def __init__(self, tokenizer: Tokenizer, max_length: int, prefix: list[int], suffix: list[int],
-                 refused_characters: str, unknown: list[int], max_word_chars: int) -> None:
+                 refused_characters: str, unknown: list[int], max_word_chars: int,
+                 vocab: dict[str, int] | None = None, continuation: str = "##") -> None:
         self._tokenizer = tokenizer
         self._model = tokenizer.model
+        # WordPiece's own vocabulary and prefix of a word's later pieces, for the C loop's misses.
+        self._vocab = vocab if vocab is not None else tokenizer.get_vocab(with_added_tokens=False)
+        self._continuation = continuation
         self._prefix = prefix
+        self._prefix_ids = tuple(prefix)
         self._suffix = tuple(suffix)
         self._keep = max_length - len(suffix)  # ids kept before the suffix, prefix included
         self._refused = refused_characters
@@ -124,8 +129,12 @@ class AsciiWordPieces:
         # which ordinary posts rarely contain).
         firsts = {t["content"][0] for t in config.get("added_tokens") or [] if t["content"]}
         refused = "".join(sorted({c for first in firsts for c in (first, first.lower(), first.upper())}))
+        vocab = model.get("vocab")
+        if not isinstance(vocab, dict):
+            return None
         fast = cls(tokenizer, max_length, list(prefix), list(suffix), refused, [unknown_id],
-                   int(model.get("max_input_chars_per_word", 100)))
+                   int(model.get("max_input_chars_per_word", 100)), vocab,
+                   str(model.get("continuing_subword_prefix", "##")))
         probes = [text for text in _PROBES if fast.accepts(text)]
         expected = [e.ids for e in tokenizer.encode_batch(probes)]
         if [list(ids) for ids in fast.encode(probes)] != expected:
@@ -168,36 +177,20 @@ class AsciiWordPieces:
             self._lock.release()
 
     def _encode_native(self, texts: list[str]) -> list[tuple[int, ...]]:
-        """:meth:`encode` by the C loop: one call per batch of texts, a second once new words are memoized.
+        """:meth:`encode` by the C loop, which also splits and memoizes words it has not seen.
 
-        The C call holds the GIL throughout and only reads the memo, so it needs no lock; filling the
-        memo follows the Python path's rules (the lock, never waited for; the memo starts over when full).
+        The C call holds the GIL throughout, so it needs no lock to read or add to the memo (it never
+        clears it); clearing a full memo follows the Python path's rule (its lock, never waited for).
         """
         assert _native_wordpieces is not None
-        native = _native_wordpieces.encode
-        rest = (tuple(self._prefix), self._suffix, self._keep, self._unknown, self._max_word_chars)
-        missing = native(texts, self._pieces, None, *rest)
-        if isinstance(missing, list):
-            return missing  # every word was in the memo: the usual case
-        # New words: into the memo, where its lock is free; words a clearing of the memo (ours, or another
-        # caller's) made missing again go into this call's own ``extra``, so the loop always ends.
-        extra: dict[str, tuple[int, ...]] = {}
-        new = self._word_pieces(missing)
-        if self._lock.acquire(blocking=False):
+        pieces = self._pieces
+        if len(pieces) > self.MAX_WORDS and self._lock.acquire(blocking=False):
             try:
-                pieces = self._pieces
-                if len(pieces) + len(new) > self.MAX_WORDS:
-                    pieces.clear()  # rare: a stream of new words; the next batches refill it
-                pieces.update(new)
+                pieces.clear()  # rare: a stream of new words; this and the next batches refill it
             finally:
                 self._lock.release()
-        else:
-            extra.update(new)
-        while True:
-            missing = native(texts, self._pieces, extra or None, *rest)
-            if isinstance(missing, list):
-                return missing
-            extra.update(self._word_pieces(missing))
+        return _native_wordpieces.encode(texts, pieces, self._vocab, self._continuation, self._prefix_ids,
+                                         self._suffix, self._keep, self._unknown, self._max_word_chars)
 
     def _word_pieces(self, words: Iterable[str]) -> dict[str, tuple[int, ...]]:
         # WordPiece alone: a word here is a run of [a-z0-9] or one punctuation character, which the
