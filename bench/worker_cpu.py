@@ -60,7 +60,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.gpu_e2e.setups import dynamic_padding  # noqa: E402
 from bench.recording import RecordingHistogram  # noqa: E402
-from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket  # noqa: E402
+from stream_sentiment.batching.tokenizer import PostTokenizer, fast_path_loop, pad_to_bucket  # noqa: E402
 from stream_sentiment.config import Settings  # noqa: E402
 from stream_sentiment.embedded import EmbeddedRedis  # noqa: E402
 from stream_sentiment.engines.base import Engine, TokenBatch  # noqa: E402
@@ -527,7 +527,7 @@ def main() -> None:
     results = asyncio.run(run(args))
     print(f"\nus of process CPU per post (median of {args.repeat}); paced at {args.rate:,.0f} posts/s, engine "
           f"{args.engine_ms} ms per call; machine: {platform.processor() or platform.machine()}, {os.cpu_count()} "
-          f"cores; python {platform.python_version()}")
+          f"cores; python {platform.python_version()}; tokenizer fast path loop: {fast_path_loop()}")
     columns = [c for c in (*STAGES, "sum", "loop", "paced") if any(c in r for r in results.values())]
     print("| workload | " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * len(columns))

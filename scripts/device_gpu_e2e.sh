@@ -41,6 +41,9 @@ python3 -m pip install --quiet --no-deps --no-index "${wheels[@]}" 2>/dev/null \
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   nproc
   python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+  # The tokenizer's C loop travels built (carry stream_sentiment/batching/_wordpieces.abi3.so, made here by
+  # pip install -e .; the stable ABI loads in 3.12): without it the workers run the Python loop.
+  python3 -c 'from stream_sentiment.batching.tokenizer import fast_path_loop; print("tokenizer fast path loop:", fast_path_loop())'
 } | tee "$out/gpu.txt"
 
 # MPS=1: run the worker processes under CUDA MPS (one shared GPU context instead of time slices

@@ -23,6 +23,7 @@ import numpy as np
 
 from bench.gpu_e2e.measure import RunResult
 from bench.gpu_e2e.setups import MATCHED_BASELINES, REPEATED, Setup
+from stream_sentiment.batching.tokenizer import fast_path_loop
 from stream_sentiment.metrics import STAGES
 
 
@@ -289,6 +290,7 @@ def versions() -> dict[str, str | None]:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             found[package] = None
+    found["tokenizer_fast_path_loop"] = fast_path_loop()  # the worker's tokenizer: C where it was built
     return found
 
 

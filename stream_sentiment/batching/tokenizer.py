@@ -49,6 +49,11 @@ except ImportError:  # pragma: no cover - depends on the install
 
 log = logging.getLogger(__name__)
 
+
+def fast_path_loop() -> str:
+    """Which inner loop the ASCII fast path runs here: ``"C"`` (built at install) or ``"Python"``."""
+    return "C" if _native_wordpieces is not None else "Python"
+
 # What BertPreTokenizer does to lowercased printable ASCII: runs of letters and digits are words,
 # every other character but the space is punctuation and a word of its own (Rust's
 # is_ascii_punctuation is exactly the printable ASCII that is neither alphanumeric nor a space).
