@@ -194,6 +194,12 @@ def test_repeated_cells_are_judged_by_their_median_p99_and_first_runs_keep_the_r
     # The ratio table compares the first runs only, as before repeats existed.
     assert "| 8,000 | 19.0 / 14.0 | no |" in ratio_table(runs, {})
     assert repeat_table(runs[:4], {}) is None
+    # The pipeline's own part gets its own table, from the runs' fetch -> counted P99.
+    for run in runs:
+        run.internal_p99_ms = None if run.p99_ms is None else run.p99_ms / 2
+    assert p99_spread(runs, "internal_p99_ms")[("ours", 8000.0)] == (6.5, 6.0, 9.5, 3)
+    internal = repeat_table(runs, {"ours": "ours", "dynamic-pad": "(e)"}, "internal_p99_ms")
+    assert internal is not None and "pipeline-internal" in internal and "| 8,000 | 6.5 (6.0-9.5), 3 runs |" in internal
 
 
 def test_plot_draws_a_repeated_cell_at_its_medians() -> None:
