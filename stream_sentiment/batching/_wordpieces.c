@@ -120,6 +120,231 @@ static Py_ssize_t copy_items(PyObject *target, Py_ssize_t at, PyObject *source, 
     return at;
 }
 
+/* What a call tokenizes with: the caller's memo and vocabulary, the special tokens, the limits. */
+typedef struct {
+    PyObject *memo, *vocab, *prefix, *suffix, *unknown;
+    const char *continuation;
+    Py_ssize_t continuation_size, keep, longest, prefix_len, suffix_len;
+    char *word, *buffer; /* a lowercased word; continuation + word for WordPiece */
+} Model;
+
+static int model_open(Model *m) {
+    m->prefix_len = PyTuple_Size(m->prefix);
+    m->suffix_len = PyTuple_Size(m->suffix);
+    if (m->prefix_len < 0 || m->suffix_len < 0) {
+        return -1;
+    }
+    if (m->keep < m->prefix_len || m->longest < 1) {
+        PyErr_SetString(PyExc_ValueError, "keep must hold the prefix and longest must be positive");
+        return -1;
+    }
+    m->word = PyMem_Malloc((size_t)m->longest);
+    m->buffer = PyMem_Malloc((size_t)(m->continuation_size + m->longest));
+    if (m->word == NULL || m->buffer == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void model_close(Model *m) {
+    PyMem_Free(m->word);
+    PyMem_Free(m->buffer);
+}
+
+/* Pushes the piece tuples of one ASCII text onto ``found`` (emptied first), up to where ``keep`` ids are
+ * reached: words past the truncation point are never looked up. 0, or -1 with an error set. */
+static int tokenize_text(Model *m, const char *text, Py_ssize_t length, Pieces *found) {
+    for (Py_ssize_t k = 0; k < found->len; k++) {
+        Py_DECREF(found->items[k]);
+    }
+    found->len = 0;
+    Py_ssize_t ids = m->prefix_len, at = 0;
+    while (at < length && ids < m->keep) {
+        char c = ascii_lower(text[at]);
+        if ((unsigned char)c >= 0x80) {
+            PyErr_SetString(PyExc_ValueError, "texts must be ASCII");
+            return -1;
+        }
+        if (c == ' ') {
+            at++;
+            continue;
+        }
+        Py_ssize_t start = at, size;
+        if (is_word_char(c)) {
+            while (at < length && is_word_char(ascii_lower(text[at]))) {
+                at++;
+            }
+        } else {
+            at++; /* punctuation: a word of its own */
+        }
+        size = at - start;
+        PyObject *ids_of_word;
+        if (size > m->longest) {
+            Py_INCREF(m->unknown); /* as WordPiece does; not memoized, so spam blobs cannot fill the memo */
+            ids_of_word = m->unknown;
+        } else {
+            for (Py_ssize_t k = 0; k < size; k++) {
+                m->word[k] = ascii_lower(text[start + k]);
+            }
+            PyObject *key = PyUnicode_FromStringAndSize(m->word, size);
+            if (key == NULL) {
+                return -1;
+            }
+            ids_of_word = PyDict_GetItemWithError(m->memo, key);
+            if (ids_of_word != NULL && PyTuple_Check(ids_of_word)) {
+                Py_INCREF(ids_of_word);
+            } else if (ids_of_word != NULL || PyErr_Occurred()) {
+                if (!PyErr_Occurred()) {
+                    PyErr_SetString(PyExc_TypeError, "memo values must be tuples of token ids");
+                }
+                Py_DECREF(key);
+                return -1;
+            } else {
+                ids_of_word = word_pieces(m->word, size, m->vocab, m->continuation, m->continuation_size,
+                                          m->unknown, m->buffer);
+                if (ids_of_word == NULL || PyDict_SetItem(m->memo, key, ids_of_word) < 0) {
+                    Py_XDECREF(ids_of_word);
+                    Py_DECREF(key);
+                    return -1;
+                }
+            }
+            Py_DECREF(key);
+        }
+        int pushed = pieces_push(found, ids_of_word);
+        Py_ssize_t pieces = PyTuple_Size(ids_of_word);
+        Py_DECREF(ids_of_word);
+        if (pushed < 0) {
+            return -1;
+        }
+        ids += pieces;
+    }
+    return 0;
+}
+
+/* One post's ids: prefix + the pieces in ``found``, cut to ``keep``, + suffix (a new tuple, or NULL). */
+static PyObject *assemble(Model *m, Pieces *found) {
+    Py_ssize_t body = 0;
+    for (Py_ssize_t p = 0; p < found->len; p++) {
+        body += PyTuple_Size(found->items[p]);
+    }
+    if (m->prefix_len + body > m->keep) {
+        body = m->keep - m->prefix_len;
+    }
+    Py_ssize_t end = m->prefix_len + body;
+    PyObject *row = PyTuple_New(end + m->suffix_len);
+    if (row == NULL) {
+        return NULL;
+    }
+    Py_ssize_t at = copy_items(row, 0, m->prefix, m->prefix_len);
+    for (Py_ssize_t p = 0; p < found->len && at >= 0 && at < end; p++) {
+        Py_ssize_t take = PyTuple_Size(found->items[p]);
+        if (take > end - at) {
+            take = end - at;
+        }
+        at = copy_items(row, at, found->items[p], take);
+    }
+    if (at >= 0) {
+        at = copy_items(row, at, m->suffix, m->suffix_len);
+    }
+    if (at < 0) {
+        Py_DECREF(row);
+        return NULL;
+    }
+    return row;
+}
+
+/* Python's str.isspace() on ASCII: what str.split() and the regular expressions' \s take as space. */
+static inline int is_space(unsigned char c) { return c == ' ' || (c >= 0x09 && c <= 0x0d) || (c >= 0x1c && c <= 0x1f); }
+
+/* Python's \w on ASCII (the mention's word) and str.isalnum() or "_" (what may not come before it). */
+static inline int is_python_word(unsigned char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
+}
+
+static inline int starts_url(const char *t, Py_ssize_t n, Py_ssize_t i, Py_ssize_t *after) {
+    /* (?:[hH][tT][tT][pP][sS]?://|[wW][wW][wW]\.) at i, needing one non-space after it (\S+). */
+    Py_ssize_t j = -1;
+    if (i + 4 <= n && (t[i] | 0x20) == 'h' && (t[i + 1] | 0x20) == 't' && (t[i + 2] | 0x20) == 't'
+        && (t[i + 3] | 0x20) == 'p') {
+        Py_ssize_t k = i + 4;
+        if (k + 3 <= n && (t[k] | 0x20) == 's' && t[k + 1] == ':' && t[k + 2] == '/' && k + 3 < n && t[k + 3] == '/') {
+            j = k + 4;
+        } else if (k + 3 <= n && t[k] == ':' && t[k + 1] == '/' && t[k + 2] == '/') {
+            j = k + 3;
+        }
+    }
+    if (j >= 0 && j < n && !is_space((unsigned char)t[j])) {
+        *after = j;
+        return 1;
+    }
+    if (i + 4 <= n && (t[i] | 0x20) == 'w' && (t[i + 1] | 0x20) == 'w' && (t[i + 2] | 0x20) == 'w' && t[i + 3] == '.'
+        && i + 4 < n && !is_space((unsigned char)t[i + 4])) {
+        *after = i + 4;
+        return 1;
+    }
+    return 0;
+}
+
+/* The ``twitter-v1`` normalization (stream_sentiment.batching.normalization) of ASCII text without "&"
+ * (html.unescape stays in Python): links -> "http", @handles -> "@user" unless a word character precedes
+ * them, whitespace runs -> one space, stripped. Writes into ``out`` (3 x n + 8 bytes: "@x" grows to
+ * "@user") and returns the length. */
+static Py_ssize_t normalize_twitter_v1(const char *t, Py_ssize_t n, char *out, char *linked) {
+    /* 1. Links, left to right, each running to the next space (\S+ is greedy). */
+    Py_ssize_t m = 0;
+    for (Py_ssize_t i = 0; i < n;) {
+        Py_ssize_t after;
+        if (starts_url(t, n, i, &after)) {
+            while (after < n && !is_space((unsigned char)t[after])) {
+                after++;
+            }
+            memcpy(linked + m, "http", 4);
+            m += 4;
+            i = after;
+        } else {
+            linked[m++] = t[i++];
+        }
+    }
+    /* 2. Mentions in what step 1 left (the character before a match is read there, as re.sub does). */
+    Py_ssize_t w = 0;
+    for (Py_ssize_t i = 0; i < m;) {
+        if (linked[i] == '@' && i + 1 < m && is_python_word((unsigned char)linked[i + 1])) {
+            Py_ssize_t end = i + 1;
+            while (end < m && is_python_word((unsigned char)linked[end])) {
+                end++;
+            }
+            if (i > 0 && is_python_word((unsigned char)linked[i - 1])) {
+                memcpy(out + w, linked + i, (size_t)(end - i));
+                w += end - i;
+            } else {
+                memcpy(out + w, "@user", 5);
+                w += 5;
+            }
+            i = end;
+        } else {
+            out[w++] = linked[i++];
+        }
+    }
+    /* 3. " ".join(text.split()), in place. */
+    Py_ssize_t r = 0, length = 0;
+    while (r < w) {
+        while (r < w && is_space((unsigned char)out[r])) {
+            r++;
+        }
+        if (r >= w) {
+            break;
+        }
+        if (length > 0) {
+            out[length++] = ' ';
+        }
+        while (r < w && !is_space((unsigned char)out[r])) {
+            out[length++] = out[r++];
+        }
+    }
+    return length;
+}
+
 PyDoc_STRVAR(encode_doc,
 "encode(texts, memo, vocab, continuation, prefix, suffix, keep, unknown, longest) -> list of id tuples\n\n"
 "Token ids of each text (printable ASCII, as AsciiWordPieces.accepts). A text is lowercased and split\n"
@@ -128,152 +353,127 @@ PyDoc_STRVAR(encode_doc,
 "the ``continuation`` prefix) and added to ``memo``. ``prefix`` + ids, cut to ``keep``, + ``suffix``.");
 
 static PyObject *encode(PyObject *self, PyObject *args) {
-    PyObject *texts, *memo, *vocab, *prefix, *suffix, *unknown;
-    const char *continuation;
-    Py_ssize_t continuation_size, keep, longest;
+    PyObject *texts;
+    Model m = {0};
     (void)self;
-    if (!PyArg_ParseTuple(args, "O!O!O!s#O!O!nO!n", &PyList_Type, &texts, &PyDict_Type, &memo, &PyDict_Type,
-                          &vocab, &continuation, &continuation_size, &PyTuple_Type, &prefix, &PyTuple_Type,
-                          &suffix, &keep, &PyTuple_Type, &unknown, &longest)) {
+    if (!PyArg_ParseTuple(args, "O!O!O!s#O!O!nO!n", &PyList_Type, &texts, &PyDict_Type, &m.memo, &PyDict_Type,
+                          &m.vocab, &m.continuation, &m.continuation_size, &PyTuple_Type, &m.prefix, &PyTuple_Type,
+                          &m.suffix, &m.keep, &PyTuple_Type, &m.unknown, &m.longest)) {
         return NULL;
     }
     Py_ssize_t count = PyList_Size(texts);
-    Py_ssize_t prefix_len = PyTuple_Size(prefix), suffix_len = PyTuple_Size(suffix);
-    if (count < 0 || prefix_len < 0 || suffix_len < 0) {
-        return NULL;
-    }
-    if (keep < prefix_len || longest < 1) {
-        PyErr_SetString(PyExc_ValueError, "keep must hold the prefix and longest must be positive");
-        return NULL;
-    }
-
+    PyObject *encoded = NULL;
     Pieces found = {NULL, 0, 0};
-    Py_ssize_t *ends = PyMem_Malloc((size_t)(count + 1) * sizeof(Py_ssize_t));
-    char *word = PyMem_Malloc((size_t)longest);
-    char *buffer = PyMem_Malloc((size_t)(continuation_size + longest));
-    PyObject *encoded = NULL, *result = NULL;
-    if (ends == NULL || word == NULL || buffer == NULL) {
-        PyErr_NoMemory();
+    if (count < 0 || model_open(&m) < 0 || (encoded = PyList_New(count)) == NULL) {
         goto done;
     }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_ssize_t length;
+        const char *text = PyUnicode_AsUTF8AndSize(PyList_GetItem(texts, i), &length);
+        PyObject *row;
+        if (text == NULL || tokenize_text(&m, text, length, &found) < 0 || (row = assemble(&m, &found)) == NULL) {
+            Py_CLEAR(encoded);
+            goto done;
+        }
+        PyList_SetItem(encoded, i, row);
+    }
+done:
+    pieces_free(&found);
+    model_close(&m);
+    return encoded;
+}
 
+PyDoc_STRVAR(normalize_encode_doc,
+"normalize_encode(texts, normalization, refused, memo, vocab, continuation, prefix, suffix, keep, unknown,\n"
+"longest) -> list of id tuples or None\n\n"
+"``encode`` of each raw text normalized by ``normalization`` (0: none, 1: twitter-v1), for the texts this\n"
+"can do all of: ASCII, no \"&\" (twitter-v1 unescapes HTML in Python), and, once normalized, printable with\n"
+"none of ``refused``. None for any other text: the caller normalizes and tokenizes it the general way.");
+
+static PyObject *normalize_encode(PyObject *self, PyObject *args) {
+    PyObject *texts;
+    int normalization;
+    const char *refused;
+    Py_ssize_t refused_size;
+    Model m = {0};
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!is#O!O!s#O!O!nO!n", &PyList_Type, &texts, &normalization, &refused,
+                          &refused_size, &PyDict_Type, &m.memo, &PyDict_Type, &m.vocab, &m.continuation,
+                          &m.continuation_size, &PyTuple_Type, &m.prefix, &PyTuple_Type, &m.suffix, &m.keep,
+                          &PyTuple_Type, &m.unknown, &m.longest)) {
+        return NULL;
+    }
+    if (normalization != 0 && normalization != 1) {
+        PyErr_SetString(PyExc_ValueError, "normalization must be 0 (none) or 1 (twitter-v1)");
+        return NULL;
+    }
+    Py_ssize_t count = PyList_Size(texts);
+    PyObject *encoded = NULL;
+    Pieces found = {NULL, 0, 0};
+    char *normalized = NULL, *linked = NULL;
+    Py_ssize_t capacity = 0;
+    if (count < 0 || model_open(&m) < 0 || (encoded = PyList_New(count)) == NULL) {
+        goto done;
+    }
     for (Py_ssize_t i = 0; i < count; i++) {
         Py_ssize_t length;
         const char *text = PyUnicode_AsUTF8AndSize(PyList_GetItem(texts, i), &length);
         if (text == NULL) {
+            Py_CLEAR(encoded);
             goto done;
         }
-        Py_ssize_t ids = prefix_len, at = 0;
-        /* Words past the truncation point are never looked up: a long post stops at ``keep`` ids. */
-        while (at < length && ids < keep) {
-            char c = ascii_lower(text[at]);
-            if ((unsigned char)c >= 0x80) {
-                PyErr_SetString(PyExc_ValueError, "texts must be ASCII");
-                goto done;
-            }
-            if (c == ' ') {
-                at++;
-                continue;
-            }
-            Py_ssize_t start = at, size;
-            if (is_word_char(c)) {
-                while (at < length && is_word_char(ascii_lower(text[at]))) {
-                    at++;
-                }
-            } else {
-                at++; /* punctuation: a word of its own */
-            }
-            size = at - start;
-            PyObject *ids_of_word;
-            if (size > longest) {
-                Py_INCREF(unknown); /* as WordPiece does; not memoized, so spam blobs cannot fill the memo */
-                ids_of_word = unknown;
-            } else {
-                for (Py_ssize_t k = 0; k < size; k++) {
-                    word[k] = ascii_lower(text[start + k]);
-                }
-                PyObject *key = PyUnicode_FromStringAndSize(word, size);
-                if (key == NULL) {
-                    goto done;
-                }
-                ids_of_word = PyDict_GetItemWithError(memo, key);
-                if (ids_of_word != NULL && PyTuple_Check(ids_of_word)) {
-                    Py_INCREF(ids_of_word);
-                } else if (ids_of_word != NULL || PyErr_Occurred()) {
-                    if (!PyErr_Occurred()) {
-                        PyErr_SetString(PyExc_TypeError, "memo values must be tuples of token ids");
-                    }
-                    Py_DECREF(key);
-                    goto done;
-                } else {
-                    ids_of_word = word_pieces(word, size, vocab, continuation, continuation_size, unknown, buffer);
-                    if (ids_of_word == NULL || PyDict_SetItem(memo, key, ids_of_word) < 0) {
-                        Py_XDECREF(ids_of_word);
-                        Py_DECREF(key);
+        int plain = 1;
+        for (Py_ssize_t k = 0; k < length && plain; k++) {
+            unsigned char c = (unsigned char)text[k];
+            plain = c < 0x80 && !(normalization == 1 && c == '&');
+        }
+        PyObject *row = Py_None;
+        if (plain) {
+            const char *ready = text;
+            Py_ssize_t size = length;
+            if (normalization == 1) {
+                if (3 * length + 8 > capacity) {
+                    capacity = 3 * length + 8;
+                    PyMem_Free(normalized);
+                    PyMem_Free(linked);
+                    normalized = PyMem_Malloc((size_t)capacity);
+                    linked = PyMem_Malloc((size_t)capacity);
+                    if (normalized == NULL || linked == NULL) {
+                        PyErr_NoMemory();
+                        Py_CLEAR(encoded);
                         goto done;
                     }
                 }
-                Py_DECREF(key);
+                size = normalize_twitter_v1(text, length, normalized, linked);
+                ready = normalized;
             }
-            int pushed = pieces_push(&found, ids_of_word);
-            Py_ssize_t pieces = PyTuple_Size(ids_of_word);
-            Py_DECREF(ids_of_word);
-            if (pushed < 0) {
-                goto done;
+            for (Py_ssize_t k = 0; k < size && plain; k++) { /* AsciiWordPieces.accepts */
+                unsigned char c = (unsigned char)ready[k];
+                plain = c >= 0x20 && c < 0x7f && memchr(refused, c, (size_t)refused_size) == NULL;
             }
-            ids += pieces;
-        }
-        ends[i] = found.len;
-    }
-
-    encoded = PyList_New(count);
-    if (encoded == NULL) {
-        goto done;
-    }
-    Py_ssize_t first = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        Py_ssize_t body = 0;
-        for (Py_ssize_t p = first; p < ends[i]; p++) {
-            body += PyTuple_Size(found.items[p]);
-        }
-        if (prefix_len + body > keep) {
-            body = keep - prefix_len;
-        }
-        PyObject *row = PyTuple_New(prefix_len + body + suffix_len);
-        if (row == NULL) {
-            goto done;
-        }
-        PyList_SetItem(encoded, i, row); /* the list owns it from here, even if filling fails */
-        Py_ssize_t at = copy_items(row, 0, prefix, prefix_len);
-        for (Py_ssize_t p = first; p < ends[i] && at >= 0 && at < prefix_len + body; p++) {
-            Py_ssize_t take = PyTuple_Size(found.items[p]);
-            if (take > prefix_len + body - at) {
-                take = prefix_len + body - at;
+            if (plain) {
+                if (tokenize_text(&m, ready, size, &found) < 0 || (row = assemble(&m, &found)) == NULL) {
+                    Py_CLEAR(encoded);
+                    goto done;
+                }
             }
-            at = copy_items(row, at, found.items[p], take);
         }
-        if (at >= 0) {
-            at = copy_items(row, at, suffix, suffix_len);
+        if (row == Py_None) {
+            Py_INCREF(Py_None);
         }
-        if (at < 0) {
-            goto done;
-        }
-        first = ends[i];
+        PyList_SetItem(encoded, i, row);
     }
-    result = encoded;
-    encoded = NULL;
-
 done:
-    Py_XDECREF(encoded);
+    PyMem_Free(normalized);
+    PyMem_Free(linked);
     pieces_free(&found);
-    PyMem_Free(ends);
-    PyMem_Free(word);
-    PyMem_Free(buffer);
-    return result;
+    model_close(&m);
+    return encoded;
 }
 
 static PyMethodDef methods[] = {
     {"encode", encode, METH_VARARGS, encode_doc},
+    {"normalize_encode", normalize_encode, METH_VARARGS, normalize_encode_doc},
     {NULL, NULL, 0, NULL},
 };
 

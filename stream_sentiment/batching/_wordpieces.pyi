@@ -12,3 +12,18 @@ def encode(
     longest: int,
 ) -> list[tuple[int, ...]]:
     """The texts' token ids; words not in ``memo`` are split by WordPiece over ``vocab`` and added to it."""
+
+def normalize_encode(
+    texts: list[str],
+    normalization: int,
+    refused: str,
+    memo: dict[str, tuple[int, ...]],
+    vocab: dict[str, int],
+    continuation: str,
+    prefix: tuple[int, ...],
+    suffix: tuple[int, ...],
+    keep: int,
+    unknown: tuple[int, ...],
+    longest: int,
+) -> list[tuple[int, ...] | None]:
+    """``encode`` of each raw text normalized (0: none, 1: twitter-v1); None where it cannot take the text."""

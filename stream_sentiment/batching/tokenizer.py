@@ -188,14 +188,26 @@ class AsciiWordPieces:
         clears it); clearing a full memo follows the Python path's rule (its lock, never waited for).
         """
         assert _native_wordpieces is not None
+        self._bound_memo()
+        return _native_wordpieces.encode(texts, self._pieces, self._vocab, self._continuation, self._prefix_ids,
+                                         self._suffix, self._keep, self._unknown, self._max_word_chars)
+
+    def normalize_encode(self, texts: list[str], normalization: int) -> list[tuple[int, ...] | None]:
+        """Raw texts normalized (0: none, 1: twitter-v1) and encoded by the C loop: None for each text it
+        cannot take whole (non-ASCII; "&" under twitter-v1; not :meth:`accepts` once normalized)."""
+        assert _native_wordpieces is not None
+        self._bound_memo()
+        return _native_wordpieces.normalize_encode(
+            texts, normalization, self._refused, self._pieces, self._vocab, self._continuation, self._prefix_ids,
+            self._suffix, self._keep, self._unknown, self._max_word_chars)
+
+    def _bound_memo(self) -> None:
         pieces = self._pieces
         if len(pieces) > self.MAX_WORDS and self._lock.acquire(blocking=False):
             try:
                 pieces.clear()  # rare: a stream of new words; this and the next batches refill it
             finally:
                 self._lock.release()
-        return _native_wordpieces.encode(texts, pieces, self._vocab, self._continuation, self._prefix_ids,
-                                         self._suffix, self._keep, self._unknown, self._max_word_chars)
 
     def _word_pieces(self, words: Iterable[str]) -> dict[str, tuple[int, ...]]:
         # WordPiece alone: a word here is a run of [a-z0-9] or one punctuation character, which the
@@ -253,6 +265,8 @@ class PostTokenizer:
         self.max_length = manifest.max_length
         self.buckets = tuple(manifest.buckets)
         self._normalize = get_normalizer(manifest.text_normalization)
+        # The normalizations the C loop also does (its code for each), else None: Python normalizes.
+        self._native_normalization = {"none": 0, "twitter-v1": 1}.get(manifest.text_normalization)
         self._tokenizer = Tokenizer.from_file(str(version.tokenizer_path))
         self._tokenizer.enable_truncation(max_length=self.max_length)
         self._tokenizer.no_padding()
@@ -280,6 +294,27 @@ class PostTokenizer:
         Returns the ids (``()`` where not encoded yet), the positions of the texts left over and their
         normalized text, for :meth:`encode_normalized` (the Rust tokenizer, which releases the GIL).
         """
+        if self._ascii is not None and self._ascii.native and self._native_normalization is not None:
+            return self._encode_fast_native(texts)
+        return self.encode_fast_python(texts)
+
+    def _encode_fast_native(self, texts: Sequence[str]) -> tuple[list[tuple[int, ...]], list[int], list[str]]:
+        """:meth:`encode_fast` with the normalization in C too, for the texts it can take (ASCII; for
+        ``twitter-v1`` no "&", whose HTML unescaping stays in Python); the rest go the general way."""
+        assert self._ascii is not None and self._native_normalization is not None
+        encoded = self._ascii.normalize_encode(list(texts), self._native_normalization)
+        left = [index for index, ids in enumerate(encoded) if ids is None]
+        if not left:
+            return encoded, [], []  # type: ignore[return-value]  # no None left
+        rest, slow, normalized = self.encode_fast_python([texts[i] for i in left])
+        result: list[tuple[int, ...]] = [() if ids is None else ids for ids in encoded]
+        for index, ids in zip(left, rest, strict=True):
+            result[index] = ids
+        return result, [left[i] for i in slow], normalized
+
+    def encode_fast_python(self, texts: Sequence[str]) -> tuple[list[tuple[int, ...]], list[int], list[str]]:
+        """:meth:`encode_fast` with the normalization in Python: where the C loop was not built, for
+        normalizations it does not know, and for the texts its own normalization does not take."""
         normalized = [self._normalize(t) for t in texts]
         if self._ascii is None:
             return [()] * len(normalized), list(range(len(normalized))), normalized
