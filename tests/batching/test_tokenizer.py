@@ -90,6 +90,18 @@ def test_equals_the_tokenizer_on_generated_text(tokenizer, texts):
     assert tokenizer.encode(texts) == rust_ids(tokenizer, texts)
 
 
+# Pieces of text the twitter-v1 normalization acts on, which random characters seldom spell out.
+NORMALIZED_PARTS = ["http://", "https://", "HTTPS://", "hTtP://", "https//", "http:// ", "www.", "WwW.", "www. ",
+                    "ftp://", "@", "@user", "@Jet_Blue", "a@b", "__@x", "@@", "&amp;", "&lt;3", "&", "\x1c", "\x1f",
+                    "\t", "\n", "\r\n", " ", "  ", "x", "_", "é", "[MASK]", "'", "!", ".", "t.co/x", "9"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(NORMALIZED_PARTS), max_size=14).map("".join), min_size=1, max_size=6))
+def test_links_mentions_and_spaces_normalize_as_the_python_normalizer_does(tokenizer, texts):
+    assert tokenizer.encode(texts) == rust_ids(tokenizer, texts)
+
+
 def test_a_full_memo_starts_over_and_stays_exact(tokenizer, monkeypatch):
     fast = fast_path(tokenizer)
     monkeypatch.setattr(AsciiWordPieces, "MAX_WORDS", 20)
