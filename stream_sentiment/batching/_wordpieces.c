@@ -1,22 +1,23 @@
-/* The ASCII tokenization fast path's inner loop (stream_sentiment.batching.tokenizer.AsciiWordPieces),
- * in C: lowercase, split into words, look each word's WordPiece ids up in the memo, truncate, add the
- * special tokens. The same ids as the pure-Python loop it replaces, which stays as the fallback where
- * this module was not built; tests/batching compare the two and the Rust tokenizer on every sample.
+/* The ASCII tokenization fast path (stream_sentiment.batching.tokenizer.AsciiWordPieces) in C: the
+ * twitter-v1 normalization (links, mentions, spaces; HTML entities stay in Python), lowercasing, the split
+ * into words, each word's WordPiece ids from a memo (WordPiece itself for a word not seen yet),
+ * truncation and the special tokens. The same ids as the Python path, which stays as the fallback where
+ * this module was not built and for the posts it does not take (non-ASCII, "&"); tests/batching compare
+ * both with the Rust tokenizer on every sample tweet and on generated text.
  *
- * Why C: on a GPU host the worker's CPU, not the GPU, limits throughput, and this loop was the largest
- * stage (~21 us per tweet, ~75 us per long post, one regex match and one dict lookup per word in
- * Python). Here a word costs one short string and one dict lookup, and a post's tuple shares the memo's
- * int objects.
- *
- * Words not in the memo yet are split by WordPiece here too (the Rust tokenizer's model called once per
- * word from Python cost more than the rest of a cold post) and memoized.
+ * Why C: on a GPU host the worker's CPU, not the GPU, limits throughput, and tokenizing was its largest
+ * stage (~21 us per tweet, ~75 us per long post in Python: a regex pass and a dict lookup with a new str
+ * per word). Here a word costs a hash of its bytes and a probe of the memo, and a post's tuple shares
+ * the memo's int objects.
  *
  * Stable ABI (Py_LIMITED_API 3.11): one build serves Python 3.11 and 3.12. It never releases the GIL, so
- * no other thread sees the memo or the vocabulary mid-call.
+ * no other thread sees a memo or the vocabulary mid-call.
  */
 #define Py_LIMITED_API 0x030B0000
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
+#include <string.h>
 
 typedef struct {
     PyObject **items; /* strong references to the memo's piece tuples, in post order */
@@ -45,6 +46,156 @@ static void pieces_free(Pieces *v) {
     }
     PyMem_Free(v->items);
 }
+
+/* The C loop's memo: a word's bytes -> its tuple of ids, open addressing, FNV-1a. A Python dict keyed by
+ * str cost a new str object, its hash and a lookup per word: ~100 ns, most of a long post's time. */
+typedef struct {
+    char *key; /* NULL: empty */
+    Py_ssize_t size;
+    uint64_t hash;
+    PyObject *ids;
+} Slot;
+
+typedef struct {
+    PyObject_HEAD
+    Slot *slots;
+    Py_ssize_t capacity, used; /* capacity: a power of two, at least twice ``used`` */
+} WordMemo;
+
+static uint64_t fnv1a(const char *bytes, Py_ssize_t size) {
+    uint64_t hash = 1469598103934665603ULL;
+    for (Py_ssize_t k = 0; k < size; k++) {
+        hash = (hash ^ (unsigned char)bytes[k]) * 1099511628211ULL;
+    }
+    return hash;
+}
+
+static void memo_clear_slots(WordMemo *memo) {
+    for (Py_ssize_t k = 0; k < memo->capacity; k++) {
+        if (memo->slots[k].key != NULL) {
+            PyMem_Free(memo->slots[k].key);
+            Py_DECREF(memo->slots[k].ids);
+            memo->slots[k].key = NULL;
+        }
+    }
+    memo->used = 0;
+}
+
+/* The slot of ``bytes``: its entry, or the empty slot where it would go. */
+static Slot *memo_find(WordMemo *memo, const char *bytes, Py_ssize_t size, uint64_t hash) {
+    size_t mask = (size_t)memo->capacity - 1;
+    for (size_t at = (size_t)hash & mask;; at = (at + 1) & mask) {
+        Slot *slot = &memo->slots[at];
+        if (slot->key == NULL || (slot->hash == hash && slot->size == size && memcmp(slot->key, bytes, (size_t)size) == 0)) {
+            return slot;
+        }
+    }
+}
+
+static int memo_grow(WordMemo *memo) {
+    Py_ssize_t capacity = memo->capacity ? memo->capacity * 2 : 1024;
+    Slot *old = memo->slots, *slots = PyMem_Calloc((size_t)capacity, sizeof(Slot));
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_ssize_t old_capacity = memo->capacity;
+    memo->slots = slots;
+    memo->capacity = capacity;
+    for (Py_ssize_t k = 0; k < old_capacity; k++) {
+        if (old[k].key != NULL) {
+            *memo_find(memo, old[k].key, old[k].size, old[k].hash) = old[k];
+        }
+    }
+    PyMem_Free(old);
+    return 0;
+}
+
+/* Adds ``ids`` for ``bytes`` (not there yet); starts over first if ``max_words`` are held. */
+static int memo_add(WordMemo *memo, const char *bytes, Py_ssize_t size, uint64_t hash, PyObject *ids,
+                    Py_ssize_t max_words) {
+    if (memo->used >= max_words) {
+        memo_clear_slots(memo); /* rare: a stream of new words; the next batches refill it */
+    }
+    if (2 * (memo->used + 1) > memo->capacity && memo_grow(memo) < 0) {
+        return -1;
+    }
+    char *key = PyMem_Malloc((size_t)(size > 0 ? size : 1));
+    if (key == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(key, bytes, (size_t)size);
+    Slot *slot = memo_find(memo, bytes, size, hash);
+    slot->key = key;
+    slot->size = size;
+    slot->hash = hash;
+    Py_INCREF(ids);
+    slot->ids = ids;
+    memo->used++;
+    return 0;
+}
+
+static PyObject *memo_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    if (!PyArg_ParseTuple(args, ":WordMemo") || (kwargs != NULL && PyDict_Size(kwargs) > 0)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "WordMemo() takes no arguments");
+        }
+        return NULL;
+    }
+    allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
+    WordMemo *memo = (WordMemo *)alloc(type, 0);
+    if (memo == NULL) {
+        return NULL;
+    }
+    memo->slots = NULL;
+    memo->capacity = memo->used = 0;
+    if (memo_grow(memo) < 0) {
+        Py_DECREF(memo);
+        return NULL;
+    }
+    return (PyObject *)memo;
+}
+
+static void memo_dealloc(PyObject *self) {
+    WordMemo *memo = (WordMemo *)self;
+    PyTypeObject *type = Py_TYPE(self);
+    if (memo->slots != NULL) {
+        memo_clear_slots(memo);
+        PyMem_Free(memo->slots);
+    }
+    freefunc free_memory = (freefunc)PyType_GetSlot(type, Py_tp_free);
+    free_memory(self);
+    Py_DECREF(type);
+}
+
+static Py_ssize_t memo_length(PyObject *self) { return ((WordMemo *)self)->used; }
+
+static PyObject *memo_clear(PyObject *self, PyObject *unused) {
+    (void)unused;
+    memo_clear_slots((WordMemo *)self);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef memo_methods[] = {
+    {"clear", memo_clear, METH_NOARGS, "Forget every word."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot memo_slots[] = {
+    {Py_tp_new, memo_new},
+    {Py_tp_dealloc, memo_dealloc},
+    {Py_tp_methods, memo_methods},
+    {Py_mp_length, memo_length},
+    {Py_tp_doc, "The C loop's memo of each word's WordPiece ids (len() words; clear())."},
+    {0, NULL},
+};
+
+static PyType_Spec memo_spec = {
+    "stream_sentiment.batching._wordpieces.WordMemo", sizeof(WordMemo), 0, Py_TPFLAGS_DEFAULT, memo_slots,
+};
+
+static PyObject *memo_type = NULL;
 
 static inline char ascii_lower(char c) { return (c >= 'A' && c <= 'Z') ? (char)(c + ('a' - 'A')) : c; }
 
@@ -124,11 +275,15 @@ static Py_ssize_t copy_items(PyObject *target, Py_ssize_t at, PyObject *source, 
 typedef struct {
     PyObject *memo, *vocab, *prefix, *suffix, *unknown;
     const char *continuation;
-    Py_ssize_t continuation_size, keep, longest, prefix_len, suffix_len;
+    Py_ssize_t continuation_size, keep, longest, max_words, prefix_len, suffix_len;
     char *word, *buffer; /* a lowercased word; continuation + word for WordPiece */
 } Model;
 
 static int model_open(Model *m) {
+    if (!PyObject_TypeCheck(m->memo, (PyTypeObject *)memo_type)) {
+        PyErr_SetString(PyExc_TypeError, "memo must be a WordMemo");
+        return -1;
+    }
     m->prefix_len = PyTuple_Size(m->prefix);
     m->suffix_len = PyTuple_Size(m->suffix);
     if (m->prefix_len < 0 || m->suffix_len < 0) {
@@ -187,29 +342,20 @@ static int tokenize_text(Model *m, const char *text, Py_ssize_t length, Pieces *
             for (Py_ssize_t k = 0; k < size; k++) {
                 m->word[k] = ascii_lower(text[start + k]);
             }
-            PyObject *key = PyUnicode_FromStringAndSize(m->word, size);
-            if (key == NULL) {
-                return -1;
-            }
-            ids_of_word = PyDict_GetItemWithError(m->memo, key);
-            if (ids_of_word != NULL && PyTuple_Check(ids_of_word)) {
-                Py_INCREF(ids_of_word);
-            } else if (ids_of_word != NULL || PyErr_Occurred()) {
-                if (!PyErr_Occurred()) {
-                    PyErr_SetString(PyExc_TypeError, "memo values must be tuples of token ids");
-                }
-                Py_DECREF(key);
-                return -1;
+            WordMemo *memo = (WordMemo *)m->memo;
+            uint64_t hash = fnv1a(m->word, size);
+            Slot *slot = memo_find(memo, m->word, size, hash);
+            if (slot->key != NULL) {
+                Py_INCREF(slot->ids);
+                ids_of_word = slot->ids;
             } else {
                 ids_of_word = word_pieces(m->word, size, m->vocab, m->continuation, m->continuation_size,
                                           m->unknown, m->buffer);
-                if (ids_of_word == NULL || PyDict_SetItem(m->memo, key, ids_of_word) < 0) {
+                if (ids_of_word == NULL || memo_add(memo, m->word, size, hash, ids_of_word, m->max_words) < 0) {
                     Py_XDECREF(ids_of_word);
-                    Py_DECREF(key);
                     return -1;
                 }
             }
-            Py_DECREF(key);
         }
         int pushed = pieces_push(found, ids_of_word);
         Py_ssize_t pieces = PyTuple_Size(ids_of_word);
@@ -346,17 +492,19 @@ static Py_ssize_t normalize_twitter_v1(const char *t, Py_ssize_t n, char *out, c
 }
 
 PyDoc_STRVAR(encode_doc,
-"encode(texts, memo, vocab, continuation, prefix, suffix, keep, unknown, longest) -> list of id tuples\n\n"
+"encode(texts, memo, max_words, vocab, continuation, prefix, suffix, keep, unknown, longest) -> list of id\n"
+"tuples\n\n"
 "Token ids of each text (printable ASCII, as AsciiWordPieces.accepts). A text is lowercased and split\n"
 "into runs of [a-z0-9] and single other non-space characters; a word longer than ``longest`` is\n"
-"``unknown``; any other word's ids come from ``memo``, or are found by WordPiece over ``vocab`` (with\n"
-"the ``continuation`` prefix) and added to ``memo``. ``prefix`` + ids, cut to ``keep``, + ``suffix``.");
+"``unknown``; any other word's ids come from ``memo`` (a WordMemo), or are found by WordPiece over ``vocab``\n"
+"(with the ``continuation`` prefix) and added to it (cleared first when it holds ``max_words``).\n"
+"``prefix`` + ids, cut to ``keep``, + ``suffix``.");
 
 static PyObject *encode(PyObject *self, PyObject *args) {
     PyObject *texts;
     Model m = {0};
     (void)self;
-    if (!PyArg_ParseTuple(args, "O!O!O!s#O!O!nO!n", &PyList_Type, &texts, &PyDict_Type, &m.memo, &PyDict_Type,
+    if (!PyArg_ParseTuple(args, "O!OnO!s#O!O!nO!n", &PyList_Type, &texts, &m.memo, &m.max_words, &PyDict_Type,
                           &m.vocab, &m.continuation, &m.continuation_size, &PyTuple_Type, &m.prefix, &PyTuple_Type,
                           &m.suffix, &m.keep, &PyTuple_Type, &m.unknown, &m.longest)) {
         return NULL;
@@ -384,7 +532,8 @@ done:
 }
 
 PyDoc_STRVAR(normalize_encode_doc,
-"normalize_encode(texts, normalization, refused, memo, vocab, continuation, prefix, suffix, keep, unknown,\n"
+"normalize_encode(texts, normalization, refused, memo, max_words, vocab, continuation, prefix, suffix, keep,\n"
+"unknown, "
 "longest) -> list of id tuples or None\n\n"
 "``encode`` of each raw text normalized by ``normalization`` (0: none, 1: twitter-v1), for the texts this\n"
 "can do all of: ASCII, no \"&\" (twitter-v1 unescapes HTML in Python), and, once normalized, printable with\n"
@@ -397,8 +546,8 @@ static PyObject *normalize_encode(PyObject *self, PyObject *args) {
     Py_ssize_t refused_size;
     Model m = {0};
     (void)self;
-    if (!PyArg_ParseTuple(args, "O!is#O!O!s#O!O!nO!n", &PyList_Type, &texts, &normalization, &refused,
-                          &refused_size, &PyDict_Type, &m.memo, &PyDict_Type, &m.vocab, &m.continuation,
+    if (!PyArg_ParseTuple(args, "O!is#OnO!s#O!O!nO!n", &PyList_Type, &texts, &normalization, &refused,
+                          &refused_size, &m.memo, &m.max_words, &PyDict_Type, &m.vocab, &m.continuation,
                           &m.continuation_size, &PyTuple_Type, &m.prefix, &PyTuple_Type, &m.suffix, &m.keep,
                           &PyTuple_Type, &m.unknown, &m.longest)) {
         return NULL;
@@ -483,4 +632,15 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__wordpieces(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__wordpieces(void) {
+    PyObject *created = PyModule_Create(&module);
+    if (created == NULL) {
+        return NULL;
+    }
+    memo_type = PyType_FromSpec(&memo_spec);
+    if (memo_type == NULL || PyModule_AddObjectRef(created, "WordMemo", memo_type) < 0) {
+        Py_DECREF(created);
+        return NULL;
+    }
+    return created;
+}

@@ -1,8 +1,15 @@
 """Types of the C extension built from ``_wordpieces.c`` (see there and ``tokenizer.AsciiWordPieces``)."""
 
+class WordMemo:
+    """Each word's WordPiece ids, as the C loop memoizes them."""
+
+    def __len__(self) -> int: ...
+    def clear(self) -> None: ...
+
 def encode(
     texts: list[str],
-    memo: dict[str, tuple[int, ...]],
+    memo: WordMemo,
+    max_words: int,
     vocab: dict[str, int],
     continuation: str,
     prefix: tuple[int, ...],
@@ -11,13 +18,15 @@ def encode(
     unknown: tuple[int, ...],
     longest: int,
 ) -> list[tuple[int, ...]]:
-    """The texts' token ids; words not in ``memo`` are split by WordPiece over ``vocab`` and added to it."""
+    """The texts' token ids; words not in ``memo`` are split by WordPiece over ``vocab`` and added to it (which
+    starts over first when it holds ``max_words``)."""
 
 def normalize_encode(
     texts: list[str],
     normalization: int,
     refused: str,
-    memo: dict[str, tuple[int, ...]],
+    memo: WordMemo,
+    max_words: int,
     vocab: dict[str, int],
     continuation: str,
     prefix: tuple[int, ...],
