@@ -20,9 +20,14 @@ out=${1:?output folder}
 # and 2 layers with half the FFN (~4.3x).
 FAST_LAYERS=${FAST_LAYERS:-2}
 FAST_FFN=${FAST_FFN:-768}
-STAGE_A_S=${STAGE_A_S:-230}   # teachers stop stepping this many seconds after the start
-STAGE_B_S=${STAGE_B_S:-450}   # students likewise
 carry=${CARRY:-.carry/train16}
+# Teachers: minilm (four 6-layer MiniLMs, the first runs), mpnet (two 12-layer MPNets: stage the base first,
+# scripts/device_stage_mpnet.sh) or both; the students learn from the mean of whichever ran.
+TEACHERS=${TEACHERS:-minilm}
+MPNET_EPOCHS=${MPNET_EPOCHS:-2}
+if [ "$TEACHERS" = minilm ]; then a_default=230; b_default=450; else a_default=330; b_default=520; fi
+STAGE_A_S=${STAGE_A_S:-$a_default}   # teachers stop stepping this many seconds after the start
+STAGE_B_S=${STAGE_B_S:-$b_default}   # students likewise
 # For a CPU smoke run only: DEVICE=cpu SMOKE_ARGS="--max-train-rows 64 --max-eval-rows 40 --epochs 1" (appended last).
 device=${DEVICE:-cuda}
 read -r -a smoke <<< "${SMOKE_ARGS:-}"
@@ -49,13 +54,36 @@ finish() {  # wait for every launched run; a failed run is reported, not fatal (
 
 pids=()
 deadline=$((start + STAGE_A_S))
-launch teacher-s13 --seed 13 --learning-rate 5e-5 --epochs 3 --write-train-probabilities --deadline $deadline
-launch teacher-s14 --seed 14 --learning-rate 5e-5 --epochs 3 --write-train-probabilities --deadline $deadline
-launch teacher-s15 --seed 15 --learning-rate 3e-5 --epochs 3 --write-train-probabilities --deadline $deadline
-launch teacher-s16 --seed 16 --learning-rate 3e-5 --epochs 3 --write-train-probabilities --deadline $deadline
+if [ "$TEACHERS" != mpnet ]; then
+  launch teacher-s13 --seed 13 --learning-rate 5e-5 --epochs 3 --write-train-probabilities --deadline $deadline
+  launch teacher-s14 --seed 14 --learning-rate 5e-5 --epochs 3 --write-train-probabilities --deadline $deadline
+  launch teacher-s15 --seed 15 --learning-rate 3e-5 --epochs 3 --write-train-probabilities --deadline $deadline
+  launch teacher-s16 --seed 16 --learning-rate 3e-5 --epochs 3 --write-train-probabilities --deadline $deadline
+fi
+if [ "$TEACHERS" != minilm ]; then
+  # 12-layer MPNet teachers (stream_sentiment.modeling.mpnet_teacher) from the staged base, joined and checked.
+  python3 - <<'PY'
+import hashlib, json, pathlib, shutil
+staged, base = pathlib.Path("build/mpnet-staged"), pathlib.Path("build/mpnet-base")
+manifest = json.loads((staged / "manifest.json").read_text())
+data = b"".join((staged / piece["name"]).read_bytes() for piece in manifest["pieces"])
+if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+    raise SystemExit("the staged MPNet pieces do not join into the prepared file (sha256 differs)")
+base.mkdir(parents=True, exist_ok=True)
+(base / "model.safetensors").write_bytes(data)
+for name in ("config.json", "tokenizer.json"):
+    shutil.copy(staged / name, base / name)
+print("MPNet base joined:", len(data), "bytes")
+PY
+  mpnet=(--encoder mpnet --base-model build/mpnet-base --freeze-word-embeddings false --epochs "$MPNET_EPOCHS"
+         --write-train-probabilities --deadline $deadline)
+  launch mpnet-s13 "${mpnet[@]}" --seed 13 --learning-rate 2e-5
+  launch mpnet-s14 "${mpnet[@]}" --seed 14 --learning-rate 3e-5
+fi
 finish
 echo "stage A done at +$(( $(date +%s) - start )) s" | tee -a "$runs/timeline.txt"
-python3 scripts/ensemble_v2.py --corpora-dir "$carry/corpora" --output "$runs/soft.npy" "$runs"/teacher-s*/ | tail -1
+teachers=("$runs"/teacher-s*/ "$runs"/mpnet-s*/)
+python3 scripts/ensemble_v2.py --corpora-dir "$carry/corpora" --output "$runs/soft.npy" "${teachers[@]}" | tail -1
 
 deadline=$((start + STAGE_B_S))
 launch v2-s13-soft0.5 --seed 13 --learning-rate 5e-5 --epochs 3 --soft-labels "$runs/soft.npy" --soft-weight 0.5 --deadline $deadline

@@ -1,9 +1,9 @@
 """Choose the v2 run and the fast-student run on dev figures, check FP16 storage, split them for the trip back.
 
-Candidates: every finished run under RUNS. Six-layer full-width runs (teachers and distilled
-students alike) compete for ``minilm-sentiment`` v2; each student shape (``fast-l2``,
-``fast-l2-ffn768``, ...) is a group of its own, since a deeper student would always win on dev
-figures and the shape is chosen on speed afterwards (docs/model.md). Each group's run with
+Candidates: every finished MiniLM run under RUNS (MPNet teachers only teach: their dev figures go into the
+report). Six-layer full-width runs (teachers and distilled students alike) compete for ``minilm-sentiment``
+v2; each student shape (``fast-l2``, ``fast-l2-ffn768``, ...) is a group of its own, since a deeper student
+would always win on dev figures and the shape is chosen on speed afterwards (docs/model.md). Each group's run with
 the best ``selection_score`` (:func:`mixture.selection_score_v2`, dev sets only) is chosen; the
 VADER test figures are copied into the report for the chosen runs only, after choosing.
 
@@ -83,10 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpora-dir", type=Path, default=Path(".carry/train16/corpora"))
     parser.add_argument("--base-model", type=Path, default=Path(".carry/train16/base"))
     args = parser.parse_args(argv)
-    records = {run.name: json.loads((run / "training.json").read_text()) for run in sorted(args.runs.iterdir())
-               if (run / "training.json").exists()}
+    finished = {run.name: json.loads((run / "training.json").read_text()) for run in sorted(args.runs.iterdir())
+                if (run / "training.json").exists()}
+    # Teachers of another architecture (the MPNet ones) only teach: they never compete for a shipped engine.
+    records = {n: r for n, r in finished.items() if r["config"].get("encoder", "minilm") == "minilm"}
+    other_teachers = {n: r for n, r in finished.items() if n not in records}
     if not records:
-        raise SystemExit(f"no finished run under {args.runs}")
+        raise SystemExit(f"no finished MiniLM run under {args.runs}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     some = next(iter(records.values()))["config"]
     mixture = load_mixture(args.corpora_dir, review_dev_fraction=some["review_dev_fraction"])
@@ -118,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
                                                   for group, name in chosen.items()},
         "mixture_stats": next(iter(records.values()))["mixture_stats"],
     }
+    report["other_teachers"] = {
+        name: {"encoder": r["config"]["encoder"], "config": r["config"], "best_epoch": r["best_epoch"],
+               "selection_score": r["selection_score"], "seconds": r["seconds"],
+               "stopped_by_deadline": r["stopped_by_deadline"],
+               "dev": {s: {k: r["dev"][s][k] for k in HEADLINE} for s in DEV_SETS},
+               "vader_test_record_only": {k: r["vader_test_fp32"][k] for k in HEADLINE}}
+        for name, r in other_teachers.items()}
     soft = args.runs / "soft.json"
     if soft.exists():
         report["teacher_ensemble"] = json.loads(soft.read_text())

@@ -104,7 +104,7 @@ def encode(tokenizer: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarr
 
 @torch.no_grad()
 def predict(
-    model: SentimentClassifier,
+    model: torch.nn.Module,
     tokenizer: Tokenizer,
     texts: list[str],
     device: torch.device,

@@ -69,6 +69,9 @@ HEADLINE = ("accuracy", "macro_f1", "polar_accuracy")
 
 @dataclass(frozen=True)
 class V2Config:
+    # "minilm": the serving architecture (v2, students); "mpnet": a 12-layer teacher only
+    # (stream_sentiment.modeling.mpnet_teacher; --base-model is its folder, and no checkpoint is written).
+    encoder: str = "minilm"
     layers: int = 6
     # FFN width of a student (0 = the base's 1536): its most important neurons are kept (student.prune_ffn).
     intermediate_size: int = 0
@@ -137,7 +140,7 @@ def _read_soft_labels(path: Path, mixture_train: list[Example], rows: int) -> np
     return soft[:rows].astype(np.float32)
 
 
-def _score_sets(model: SentimentClassifier, tokenizer: Any, sets: dict[str, list[Example]], device: torch.device,
+def _score_sets(model: torch.nn.Module, tokenizer: Any, sets: dict[str, list[Example]], device: torch.device,
                 show_progress: bool) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
     reports, probabilities = {}, {}
     for name, rows in sets.items():
@@ -178,13 +181,26 @@ def train_v2(
         raise ValueError("--soft-weight needs --soft-labels")
 
     tokenizer = load_tokenizer(base_model_dir, config.max_length)
-    base_config = EncoderConfig.from_json(base_model_dir / "config.json")
-    encoder_config = replace(base_config, num_hidden_layers=config.layers,
-                             intermediate_size=config.intermediate_size or base_config.intermediate_size)
-    model = SentimentClassifier(encoder_config, num_labels=len(LABELS), fused_attention=True)
-    left_at_init = _init_from_base(model, base_model_dir)
-    if config.freeze_word_embeddings:
-        model.embeddings.word_embeddings.weight.requires_grad_(False)
+    model: torch.nn.Module
+    if config.encoder == "mpnet":
+        from stream_sentiment.modeling.mpnet_teacher import MPNetClassifier
+
+        teacher = MPNetClassifier(base_model_dir, num_labels=len(LABELS))
+        left_at_init = teacher.load_base(base_model_dir)
+        if config.freeze_word_embeddings:
+            teacher.word_embeddings.weight.requires_grad_(False)
+        model, encoder_config_dict = teacher, teacher.config.to_dict()
+    elif config.encoder == "minilm":
+        base_config = EncoderConfig.from_json(base_model_dir / "config.json")
+        encoder_config = replace(base_config, num_hidden_layers=config.layers,
+                                 intermediate_size=config.intermediate_size or base_config.intermediate_size)
+        minilm = SentimentClassifier(encoder_config, num_labels=len(LABELS), fused_attention=True)
+        left_at_init = _init_from_base(minilm, base_model_dir)
+        if config.freeze_word_embeddings:
+            minilm.embeddings.word_embeddings.weight.requires_grad_(False)
+        model, encoder_config_dict = minilm, encoder_config.to_dict()
+    else:
+        raise ValueError(f"unknown encoder {config.encoder!r}: minilm or mpnet")
     model.to(device)
 
     # Tokenized once: the step loop only pads.
@@ -265,7 +281,10 @@ def train_v2(
     dev_reports, dev_probabilities = _score_sets(model, tokenizer, dev, device, show_progress)
     test_reports, test_probabilities = _score_sets(model, tokenizer, test, device, show_progress)
 
-    write_checkpoint(output_dir, best_state, encoder_config.to_dict(), base_model_dir)
+    if config.encoder == "minilm":  # an MPNet teacher's worth is its probabilities; its 438 MB are not kept
+        write_checkpoint(output_dir, best_state, encoder_config_dict, base_model_dir)
+    else:
+        output_dir.mkdir(parents=True, exist_ok=True)
     # Dev and test probabilities let the ensemble be scored without a GPU (scripts/ensemble_v2.py).
     np.savez(output_dir / "probabilities.npz", **{**dev_probabilities, **test_probabilities})  # type: ignore[arg-type]
     record: dict[str, Any] = {

