@@ -620,9 +620,84 @@ done:
     return encoded;
 }
 
+/* One row's id at ``k`` (a tuple, a list or any sequence of ints); -1 with an error set on failure. */
+static int row_id(PyObject *row, Py_ssize_t k, long long *value) {
+    PyObject *item;
+    int owned = 0;
+    if (PyTuple_Check(row)) {
+        item = PyTuple_GetItem(row, k);
+    } else if (PyList_Check(row)) {
+        item = PyList_GetItem(row, k);
+    } else {
+        item = PySequence_GetItem(row, k);
+        owned = 1;
+    }
+    if (item == NULL) {
+        return -1;
+    }
+    *value = PyLong_AsLongLong(item);
+    if (owned) {
+        Py_DECREF(item);
+    }
+    return (*value == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+PyDoc_STRVAR(pad_doc,
+"pad(rows, bucket) -> (input_ids, attention_mask)\n\n"
+"The rows (a list of sequences of token ids) left-aligned and zero-padded to ``bucket``: two bytearrays of\n"
+"native int64, row-major ``[len(rows), bucket]``, the mask 1 on real tokens. ValueError for a longer row.");
+
+static PyObject *pad(PyObject *self, PyObject *args) {
+    PyObject *rows;
+    Py_ssize_t bucket;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &rows, &bucket)) {
+        return NULL;
+    }
+    Py_ssize_t count = PyList_Size(rows);
+    if (count < 0 || bucket < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "bucket must not be negative");
+        }
+        return NULL;
+    }
+    Py_ssize_t cells = count * bucket;
+    PyObject *ids = PyByteArray_FromStringAndSize(NULL, cells * (Py_ssize_t)sizeof(long long));
+    PyObject *mask = PyByteArray_FromStringAndSize(NULL, cells * (Py_ssize_t)sizeof(long long));
+    if (ids == NULL || mask == NULL) {
+        goto fail;
+    }
+    long long *id_cells = (long long *)PyByteArray_AsString(ids), *mask_cells = (long long *)PyByteArray_AsString(mask);
+    memset(id_cells, 0, (size_t)cells * sizeof(long long));
+    memset(mask_cells, 0, (size_t)cells * sizeof(long long));
+    for (Py_ssize_t r = 0; r < count; r++) {
+        PyObject *row = PyList_GetItem(rows, r);
+        Py_ssize_t length = row == NULL ? -1 : PyObject_Length(row);
+        if (length < 0) {
+            goto fail;
+        }
+        if (length > bucket) {
+            PyErr_Format(PyExc_ValueError, "row %zd has %zd tokens, more than bucket %zd", r, length, bucket);
+            goto fail;
+        }
+        for (Py_ssize_t k = 0; k < length; k++) {
+            if (row_id(row, k, &id_cells[r * bucket + k]) < 0) {
+                goto fail;
+            }
+            mask_cells[r * bucket + k] = 1;
+        }
+    }
+    return Py_BuildValue("(NN)", ids, mask);
+fail:
+    Py_XDECREF(ids);
+    Py_XDECREF(mask);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"encode", encode, METH_VARARGS, encode_doc},
     {"normalize_encode", normalize_encode, METH_VARARGS, normalize_encode_doc},
+    {"pad", pad, METH_VARARGS, pad_doc},
     {NULL, NULL, 0, NULL},
 };
 

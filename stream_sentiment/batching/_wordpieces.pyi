@@ -1,5 +1,7 @@
 """Types of the C extension built from ``_wordpieces.c`` (see there and ``tokenizer.AsciiWordPieces``)."""
 
+from collections.abc import Sequence
+
 class WordMemo:
     """Each word's WordPiece ids, as the C loop memoizes them."""
 
@@ -36,3 +38,6 @@ def normalize_encode(
     longest: int,
 ) -> list[tuple[int, ...] | None]:
     """``encode`` of each raw text normalized (0: none, 1: twitter-v1); None where it cannot take the text."""
+
+def pad(rows: list[Sequence[int]], bucket: int) -> tuple[bytearray, bytearray]:
+    """Rows zero-padded to ``bucket``: input ids and attention mask, native int64, row-major."""

@@ -341,6 +341,16 @@ class PostTokenizer:
 
 def pad_to_bucket(token_ids: Sequence[Sequence[int]], bucket: int) -> TokenBatch:
     """Stack token-id lists into a zero-padded ``[rows, bucket]`` batch."""
+    if _native_wordpieces is not None:  # one pass in C: ~5% of a worker's CPU per batch was this function
+        rows = token_ids if isinstance(token_ids, list) else list(token_ids)
+        ids, mask = _native_wordpieces.pad(rows, bucket)
+        shape = (len(rows), bucket)
+        return TokenBatch(np.frombuffer(ids, dtype=np.int64).reshape(shape),
+                          np.frombuffer(mask, dtype=np.int64).reshape(shape), bucket)
+    return _pad_to_bucket_python(token_ids, bucket)
+
+
+def _pad_to_bucket_python(token_ids: Sequence[Sequence[int]], bucket: int) -> TokenBatch:
     lengths = np.fromiter((len(tokens) for tokens in token_ids), dtype=np.int64, count=len(token_ids))
     if len(lengths) and lengths.max() > bucket:
         row = int(np.argmax(lengths > bucket))

@@ -231,3 +231,23 @@ def test_the_scheduler_tokenizes_chunk_by_chunk_on_the_loop_the_rest_in_its_thre
     for bucket in {tokenizer.bucket_for(len(ids)) for _, ids in got}:  # in each bucket, fetch order
         offsets = [item.offset for item, ids in got if tokenizer.bucket_for(len(ids)) == bucket]
         assert offsets == sorted(offsets)
+
+
+@pytest.mark.skipif(not NATIVE_BUILT, reason="the C fast path was not built here")
+def test_padding_in_c_equals_the_python_padding_and_refuses_the_same_rows():
+    import numpy as np
+
+    from stream_sentiment.batching.tokenizer import _pad_to_bucket_python, pad_to_bucket
+
+    rng = random.Random(3)
+    rows = [tuple(rng.randrange(30522) for _ in range(rng.randint(0, 48))) for _ in range(200)]
+    for batch, bucket in ((rows, 48), ([list(r) for r in rows[:7]], 64), ([], 16), ([(np.int64(5), 7)], 2)):
+        native, python = pad_to_bucket(batch, bucket), _pad_to_bucket_python(batch, bucket)
+        assert native.input_ids.dtype == python.input_ids.dtype == np.int64
+        assert native.input_ids.shape == python.input_ids.shape == (len(batch), bucket)
+        assert (native.input_ids == python.input_ids).all() and (native.attention_mask == python.attention_mask).all()
+        native.input_ids[:1] = 0  # writable, as engines may assume
+    with pytest.raises(ValueError, match="row 1 has 3 tokens, more than bucket 2"):
+        pad_to_bucket([(1,), (1, 2, 3)], 2)
+    with pytest.raises(ValueError, match="row 1 has 3 tokens, more than bucket 2"):
+        _pad_to_bucket_python([(1,), (1, 2, 3)], 2)
