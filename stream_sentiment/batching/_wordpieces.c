@@ -10,8 +10,10 @@
  * per word). Here a word costs a hash of its bytes and a probe of the memo, and a post's tuple shares
  * the memo's int objects.
  *
- * Stable ABI (Py_LIMITED_API 3.11): one build serves Python 3.11 and 3.12. It never releases the GIL, so
- * no other thread sees a memo or the vocabulary mid-call.
+ * Stable ABI (Py_LIMITED_API 3.11): one in-place build (pip install -e .) serves Python 3.11 and 3.12. It never
+ * releases the GIL, so no other thread sees a memo or the vocabulary mid-call (a garbage collection inside an
+ * allocation may run a finalizer; the memo's entries and ``found`` hold their own references, and memo_add
+ * leaves a word another call added meanwhile as it is).
  */
 #define Py_LIMITED_API 0x030B0000
 #define PY_SSIZE_T_CLEAN
@@ -47,8 +49,13 @@ static void pieces_free(Pieces *v) {
     PyMem_Free(v->items);
 }
 
-/* The C loop's memo: a word's bytes -> its tuple of ids, open addressing, FNV-1a. A Python dict keyed by
- * str cost a new str object, its hash and a lookup per word: ~100 ns, most of a long post's time. */
+/* The C loop's memo: a word's bytes -> its tuple of ids, open addressing. A Python dict keyed by str cost a new
+ * str object, its hash and a lookup per word: ~100 ns, most of a long post's time. The hash is SipHash-1-3
+ * under a per-memo random key (as CPython hashes str): anyone can post words, and with an unkeyed hash they
+ * could post thousands that share a slot and make every lookup a long probe. Probes are capped anyway: a word
+ * not found within MAX_PROBE slots is looked up the slow way and not memoized. */
+#define MAX_PROBE 64
+
 typedef struct {
     char *key; /* NULL: empty */
     Py_ssize_t size;
@@ -60,14 +67,50 @@ typedef struct {
     PyObject_HEAD
     Slot *slots;
     Py_ssize_t capacity, used; /* capacity: a power of two, at least twice ``used`` */
+    uint64_t k0, k1;           /* the hash key */
 } WordMemo;
 
-static uint64_t fnv1a(const char *bytes, Py_ssize_t size) {
-    uint64_t hash = 1469598103934665603ULL;
-    for (Py_ssize_t k = 0; k < size; k++) {
-        hash = (hash ^ (unsigned char)bytes[k]) * 1099511628211ULL;
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                                                  \
+    do {                                                                                                          \
+        v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);                                                 \
+        v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                                                                    \
+        v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                                                                    \
+        v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);                                                 \
+    } while (0)
+
+static uint64_t load_le64(const unsigned char *p) {
+    uint64_t value = 0;
+    for (int k = 7; k >= 0; k--) {
+        value = (value << 8) | p[k];
     }
-    return hash;
+    return value;
+}
+
+/* SipHash-1-3 (Aumasson and Bernstein; the variant CPython uses for str) of ``size`` bytes. */
+static uint64_t siphash13(uint64_t k0, uint64_t k1, const char *bytes, Py_ssize_t size) {
+    const unsigned char *in = (const unsigned char *)bytes;
+    uint64_t v0 = 0x736f6d6570736575ULL ^ k0, v1 = 0x646f72616e646f6dULL ^ k1;
+    uint64_t v2 = 0x6c7967656e657261ULL ^ k0, v3 = 0x7465646279746573ULL ^ k1;
+    uint64_t last = ((uint64_t)size) << 56;
+    Py_ssize_t whole = size - (size % 8);
+    for (Py_ssize_t at = 0; at < whole; at += 8) {
+        uint64_t m = load_le64(in + at);
+        v3 ^= m;
+        SIPROUND;
+        v0 ^= m;
+    }
+    for (Py_ssize_t k = 0; k < size % 8; k++) {
+        last |= ((uint64_t)in[whole + k]) << (8 * k);
+    }
+    v3 ^= last;
+    SIPROUND;
+    v0 ^= last;
+    v2 ^= 0xff;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
 }
 
 static void memo_clear_slots(WordMemo *memo) {
@@ -81,15 +124,17 @@ static void memo_clear_slots(WordMemo *memo) {
     memo->used = 0;
 }
 
-/* The slot of ``bytes``: its entry, or the empty slot where it would go. */
-static Slot *memo_find(WordMemo *memo, const char *bytes, Py_ssize_t size, uint64_t hash) {
-    size_t mask = (size_t)memo->capacity - 1;
-    for (size_t at = (size_t)hash & mask;; at = (at + 1) & mask) {
+/* The slot of ``bytes`` within ``probes`` steps: its entry, or the empty slot where it would go; NULL if
+ * neither is that near. */
+static Slot *memo_find(WordMemo *memo, const char *bytes, Py_ssize_t size, uint64_t hash, Py_ssize_t probes) {
+    size_t mask = (size_t)memo->capacity - 1, at = (size_t)hash & mask;
+    for (Py_ssize_t step = 0; step < probes; step++, at = (at + 1) & mask) {
         Slot *slot = &memo->slots[at];
         if (slot->key == NULL || (slot->hash == hash && slot->size == size && memcmp(slot->key, bytes, (size_t)size) == 0)) {
             return slot;
         }
     }
+    return NULL;
 }
 
 static int memo_grow(WordMemo *memo) {
@@ -103,15 +148,16 @@ static int memo_grow(WordMemo *memo) {
     memo->slots = slots;
     memo->capacity = capacity;
     for (Py_ssize_t k = 0; k < old_capacity; k++) {
-        if (old[k].key != NULL) {
-            *memo_find(memo, old[k].key, old[k].size, old[k].hash) = old[k];
+        if (old[k].key != NULL) { /* at most half full: an empty slot is always found */
+            *memo_find(memo, old[k].key, old[k].size, old[k].hash, capacity) = old[k];
         }
     }
     PyMem_Free(old);
     return 0;
 }
 
-/* Adds ``ids`` for ``bytes`` (not there yet); starts over first if ``max_words`` are held. */
+/* Adds ``ids`` for ``bytes``; starts over first if ``max_words`` are held. A word already there (added by a
+ * finalizer's call during this one) or beyond MAX_PROBE is left as it is. */
 static int memo_add(WordMemo *memo, const char *bytes, Py_ssize_t size, uint64_t hash, PyObject *ids,
                     Py_ssize_t max_words) {
     if (memo->used >= max_words) {
@@ -120,13 +166,16 @@ static int memo_add(WordMemo *memo, const char *bytes, Py_ssize_t size, uint64_t
     if (2 * (memo->used + 1) > memo->capacity && memo_grow(memo) < 0) {
         return -1;
     }
+    Slot *slot = memo_find(memo, bytes, size, hash, MAX_PROBE);
+    if (slot == NULL || slot->key != NULL) {
+        return 0;
+    }
     char *key = PyMem_Malloc((size_t)(size > 0 ? size : 1));
     if (key == NULL) {
         PyErr_NoMemory();
         return -1;
     }
     memcpy(key, bytes, (size_t)size);
-    Slot *slot = memo_find(memo, bytes, size, hash);
     slot->key = key;
     slot->size = size;
     slot->hash = hash;
@@ -137,10 +186,17 @@ static int memo_add(WordMemo *memo, const char *bytes, Py_ssize_t size, uint64_t
 }
 
 static PyObject *memo_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
-    if (!PyArg_ParseTuple(args, ":WordMemo") || (kwargs != NULL && PyDict_Size(kwargs) > 0)) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "WordMemo() takes no arguments");
-        }
+    const char *key;
+    Py_ssize_t key_size;
+    if (kwargs != NULL && PyDict_Size(kwargs) > 0) {
+        PyErr_SetString(PyExc_TypeError, "WordMemo(key) takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "y#:WordMemo", &key, &key_size)) {
+        return NULL;
+    }
+    if (key_size != 16) {
+        PyErr_SetString(PyExc_ValueError, "WordMemo(key): the hash key is 16 random bytes (os.urandom(16))");
         return NULL;
     }
     allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
@@ -150,6 +206,8 @@ static PyObject *memo_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
     }
     memo->slots = NULL;
     memo->capacity = memo->used = 0;
+    memo->k0 = load_le64((const unsigned char *)key);
+    memo->k1 = load_le64((const unsigned char *)key + 8);
     if (memo_grow(memo) < 0) {
         Py_DECREF(memo);
         return NULL;
@@ -187,7 +245,8 @@ static PyType_Slot memo_slots[] = {
     {Py_tp_dealloc, memo_dealloc},
     {Py_tp_methods, memo_methods},
     {Py_mp_length, memo_length},
-    {Py_tp_doc, "The C loop's memo of each word's WordPiece ids (len() words; clear())."},
+    {Py_tp_doc, "WordMemo(key): the C loop's memo of each word's WordPiece ids, hashed under ``key`` (16 random\n"
+                "bytes); len() words, clear()."},
     {0, NULL},
 };
 
@@ -343,9 +402,9 @@ static int tokenize_text(Model *m, const char *text, Py_ssize_t length, Pieces *
                 m->word[k] = ascii_lower(text[start + k]);
             }
             WordMemo *memo = (WordMemo *)m->memo;
-            uint64_t hash = fnv1a(m->word, size);
-            Slot *slot = memo_find(memo, m->word, size, hash);
-            if (slot->key != NULL) {
+            uint64_t hash = siphash13(memo->k0, memo->k1, m->word, size);
+            Slot *slot = memo_find(memo, m->word, size, hash, MAX_PROBE);
+            if (slot != NULL && slot->key != NULL) {
                 Py_INCREF(slot->ids);
                 ids_of_word = slot->ids;
             } else {
@@ -661,6 +720,9 @@ static PyObject *pad(PyObject *self, PyObject *args) {
         }
         return NULL;
     }
+    if (bucket > 0 && count > PY_SSIZE_T_MAX / bucket / (Py_ssize_t)sizeof(long long)) {
+        return PyErr_NoMemory();
+    }
     Py_ssize_t cells = count * bucket;
     PyObject *ids = PyByteArray_FromStringAndSize(NULL, cells * (Py_ssize_t)sizeof(long long));
     PyObject *mask = PyByteArray_FromStringAndSize(NULL, cells * (Py_ssize_t)sizeof(long long));
@@ -672,19 +734,25 @@ static PyObject *pad(PyObject *self, PyObject *args) {
     memset(mask_cells, 0, (size_t)cells * sizeof(long long));
     for (Py_ssize_t r = 0; r < count; r++) {
         PyObject *row = PyList_GetItem(rows, r);
-        Py_ssize_t length = row == NULL ? -1 : PyObject_Length(row);
-        if (length < 0) {
+        if (row == NULL) {
             goto fail;
         }
+        Py_INCREF(row); /* an id's __index__ is Python code: it may drop the list's reference */
+        Py_ssize_t length = PyObject_Length(row);
         if (length > bucket) {
             PyErr_Format(PyExc_ValueError, "row %zd has %zd tokens, more than bucket %zd", r, length, bucket);
-            goto fail;
+            length = -1;
         }
         for (Py_ssize_t k = 0; k < length; k++) {
             if (row_id(row, k, &id_cells[r * bucket + k]) < 0) {
-                goto fail;
+                length = -1;
+                break;
             }
             mask_cells[r * bucket + k] = 1;
+        }
+        Py_DECREF(row);
+        if (length < 0) {
+            goto fail;
         }
     }
     return Py_BuildValue("(NN)", ids, mask);

@@ -3,8 +3,9 @@
 from collections.abc import Sequence
 
 class WordMemo:
-    """Each word's WordPiece ids, as the C loop memoizes them."""
+    """Each word's WordPiece ids, as the C loop memoizes them, hashed under ``key`` (16 random bytes)."""
 
+    def __init__(self, key: bytes) -> None: ...
     def __len__(self) -> int: ...
     def clear(self) -> None: ...
 

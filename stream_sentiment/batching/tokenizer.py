@@ -29,6 +29,7 @@ import bisect
 import itertools
 import json
 import logging
+import os
 import re
 import threading
 import types
@@ -68,6 +69,13 @@ _PROBES = (
 )
 
 
+# And what the C normalization must treat as the Python normalizer does: links, mentions, every ASCII space.
+_NORMALIZATION_PROBES = (
+    "see https://t.co/x and HTTP://A.b/c?d=1, www.example.com or WwW. www.x http:// x https//y",
+    "@united thanks!! a@b __@c @@d @_e (@f) &amp; &lt;3 @", "tab\there\nnew\x1cline\x1f  spaced  out ",
+)
+
+
 class AsciiWordPieces:
     """Tokenizes printable-ASCII texts word by word from a memo of each word's WordPiece ids.
 
@@ -82,11 +90,11 @@ class AsciiWordPieces:
 
     def __init__(self, tokenizer: Tokenizer, max_length: int, prefix: list[int], suffix: list[int],
                  refused_characters: str, unknown: list[int], max_word_chars: int,
-                 vocab: dict[str, int] | None = None, continuation: str = "##") -> None:
+                 vocab: dict[str, int], continuation: str) -> None:
         self._tokenizer = tokenizer
         self._model = tokenizer.model
         # WordPiece's own vocabulary and prefix of a word's later pieces, for the C loop's misses.
-        self._vocab = vocab if vocab is not None else tokenizer.get_vocab(with_added_tokens=False)
+        self._vocab = vocab
         self._continuation = continuation
         self._prefix = prefix
         self._prefix_ids = tuple(prefix)
@@ -102,7 +110,7 @@ class AsciiWordPieces:
         # The C loop where it was built: the same ids for a fraction of the CPU (tests compare both paths). It
         # keeps its own memo (word bytes -> ids, bounded by MAX_WORDS as this one is).
         self.native = _native_wordpieces is not None
-        self._native_memo = _native_wordpieces.WordMemo() if _native_wordpieces is not None else None
+        self._native_memo = _native_wordpieces.WordMemo(os.urandom(16)) if _native_wordpieces is not None else None
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Tokenizer, max_length: int) -> AsciiWordPieces | None:
@@ -156,13 +164,13 @@ class AsciiWordPieces:
     def encode(self, texts: Sequence[str]) -> list[tuple[int, ...]]:
         """Token ids of ``texts``, every one of which :meth:`accepts`. Never waits for another caller.
 
-        The serving loop calls this on the event loop (``Scheduler._tokenize_in_turn``), so it must
-        not block on the memo's lock. Today no other thread calls it on the worker's instance (the
-        executor runs only the Rust ``encode_normalized``; the hot-swap golden-set check calls
-        ``PostTokenizer.encode`` on the loop; shadow checks reuse stored ids), so the lock is always
-        free -- but a caller in a thread (golden set moved off the loop, a tool) would hold it across
-        a Rust ``encode_batch``. A caller that finds it taken therefore reads the memo as it stands and
-        encodes its own misses without memoizing them: the same ids, a little more Rust work.
+        The C loop (where built) needs no lock: it holds the GIL for the whole call and keeps its own memo.
+        The Python loop shares ``_pieces`` under ``_lock``: the serving loop calls it on the event loop
+        (``Scheduler._tokenize_in_turn``), so it must not block on the lock. No other thread calls it on the
+        worker's instance today (the executor runs only the Rust ``encode_normalized``; the hot-swap
+        golden-set check runs on the loop; shadow checks reuse stored ids), so the lock is always free -- but
+        a caller in a thread (a tool) could hold it while WordPiece runs. A caller that finds it taken reads
+        the memo as it stands and splits its own misses without memoizing them: the same ids, a little more work.
         """
         if self.native:
             return self._encode_native(list(texts))
@@ -265,9 +273,16 @@ class PostTokenizer:
         self._tokenizer.no_padding()
         self._encode_batch = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
         self._ascii = AsciiWordPieces.for_tokenizer(self._tokenizer, self.max_length)
+        if self._ascii is not None and self._ascii.native and self._native_normalization is not None:
+            # The C normalization checks itself too: its ids on the probes must be the Python path's.
+            probes = [*_PROBES, *_NORMALIZATION_PROBES]
+            if self._encode_fast_native(probes) != self.encode_fast_python(probes):
+                log.warning("the C normalization disagrees with %s on its probes; normalizing in Python",
+                            manifest.text_normalization)
+                self._native_normalization = None
         if self._ascii is not None and not self._ascii.native:
             log.info("the tokenizer's ASCII fast path runs in Python: its C loop was not built at install time "
-                     "(no C compiler?); the same ids, ~2.5x its CPU per post")
+                     "(no C compiler?); the same ids, ~3.5x its CPU per post")
 
     @property
     def has_fast_path(self) -> bool:
@@ -282,7 +297,7 @@ class PostTokenizer:
         return encoded
 
     def encode_fast(self, texts: Sequence[str]) -> tuple[list[tuple[int, ...]], list[int], list[str]]:
-        """Normalize ``texts`` and encode those the pure-Python fast path takes (it holds the GIL).
+        """Normalize ``texts`` and encode those the ASCII fast path takes (C or Python; either holds the GIL).
 
         Returns the ids (``()`` where not encoded yet), the positions of the texts left over and their
         normalized text, for :meth:`encode_normalized` (the Rust tokenizer, which releases the GIL).
@@ -295,7 +310,15 @@ class PostTokenizer:
         """:meth:`encode_fast` with the normalization in C too, for the texts it can take (ASCII; for
         ``twitter-v1`` no "&", whose HTML unescaping stays in Python); the rest go the general way."""
         assert self._ascii is not None and self._native_normalization is not None
-        encoded = self._ascii.normalize_encode(list(texts), self._native_normalization)
+        # Non-ASCII texts never reach the C loop: it would only refuse them, after caching a UTF-8 copy in each.
+        ascii_at = [index for index, text in enumerate(texts) if text.isascii()]
+        if len(ascii_at) == len(texts):
+            encoded = self._ascii.normalize_encode(list(texts), self._native_normalization)
+        else:
+            encoded = [None] * len(texts)
+            for index, ids in zip(ascii_at, self._ascii.normalize_encode([texts[i] for i in ascii_at],
+                                                                         self._native_normalization), strict=True):
+                encoded[index] = ids
         left = [index for index, ids in enumerate(encoded) if ids is None]
         if not left:
             return encoded, [], []  # type: ignore[return-value]  # no None left

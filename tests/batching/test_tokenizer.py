@@ -233,8 +233,11 @@ def test_the_scheduler_tokenizes_chunk_by_chunk_on_the_loop_the_rest_in_its_thre
         assert offsets == sorted(offsets)
 
 
-@pytest.mark.skipif(not NATIVE_BUILT, reason="the C fast path was not built here")
 def test_padding_in_c_equals_the_python_padding_and_refuses_the_same_rows():
+    if not NATIVE_BUILT:
+        if os.environ.get("CI"):
+            pytest.fail("the C fast path (stream_sentiment/batching/_wordpieces.c) was not built by the install")
+        pytest.skip("the C fast path was not built here (no C compiler at install time)")
     import numpy as np
 
     from stream_sentiment.batching.tokenizer import _pad_to_bucket_python, pad_to_bucket
@@ -251,3 +254,32 @@ def test_padding_in_c_equals_the_python_padding_and_refuses_the_same_rows():
         pad_to_bucket([(1,), (1, 2, 3)], 2)
     with pytest.raises(ValueError, match="row 1 has 3 tokens, more than bucket 2"):
         _pad_to_bucket_python([(1,), (1, 2, 3)], 2)
+
+
+def test_a_c_normalization_that_disagrees_on_its_probes_is_not_used(monkeypatch):
+    if not NATIVE_BUILT:
+        pytest.skip("the C fast path was not built here")
+    agrees = PostTokenizer(load_engine_version(VERSION, verify=False))
+    assert agrees._native_normalization == 1
+    real = AsciiWordPieces.normalize_encode
+
+    def off_by_one(self, texts, normalization):
+        return [None if ids is None else ids[:-1] for ids in real(self, texts, normalization)]
+
+    monkeypatch.setattr(AsciiWordPieces, "normalize_encode", off_by_one)
+    disagrees = PostTokenizer(load_engine_version(VERSION, verify=False))
+    assert disagrees._native_normalization is None  # Python normalizes; the C loop still encodes
+    texts = ["@united http://t.co/x thanks!!", "plain words"]
+    assert disagrees.encode(texts) == rust_ids(disagrees, texts)
+
+
+def test_the_c_memo_hashes_under_a_random_key():
+    if not NATIVE_BUILT:
+        pytest.skip("the C fast path was not built here")
+    from stream_sentiment.batching import _wordpieces
+
+    with pytest.raises(ValueError, match="16 random bytes"):
+        _wordpieces.WordMemo(b"short")
+    with pytest.raises(TypeError):
+        _wordpieces.WordMemo()
+    assert len(_wordpieces.WordMemo(os.urandom(16))) == 0
