@@ -1,9 +1,9 @@
 """Tokenization of posts for an engine version: normalize, WordPiece, truncate, pad to a bucket.
 
 Uses the Rust ``tokenizers`` library with ``encode_batch``, which releases the
-GIL and fans out over cores: the pipeline calls it from an executor. The
-pure-Python fast path below holds the GIL wherever it runs, so the scheduler
-runs it on the event loop in ~1 ms chunks instead (see ``batching.scheduler``).
+GIL and fans out over cores: the pipeline calls it from an executor. The fast
+path below (C or Python) holds the GIL wherever it runs, so the scheduler runs it
+on the event loop in ~1 ms chunks instead (see ``batching.scheduler``).
 
 For a BERT-style WordPiece tokenizer, posts of printable ASCII take a faster
 path (:class:`AsciiWordPieces`): split into words and look each word's pieces up
