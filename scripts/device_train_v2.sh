@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One device-tool call (one GPU, ~16 cores): minilm-sentiment v2 and the fast CPU student, staged.
 #
-#   A. four 6-layer teachers on the v2 mixture's hard labels (seeds 13-16, lr 5e-5 / 3e-5), in parallel;
-#      each saves its probabilities on the training rows.
+#   A. teachers on the v2 mixture's hard labels, in parallel; each saves its probabilities on the training
+#      rows. TEACHERS=minilm (default): four 6-layer MiniLMs (seeds 13-16, lr 5e-5 / 3e-5); TEACHERS=mpnet: two
+#      12-layer MPNets (seeds 13/14, lr 2e-5 / 3e-5; their base staged on this machine beforehand by
+#      scripts/device_stage_mpnet.sh 1..4, joined and checked here); TEACHERS=both: all six.
 #   B. their mean = the soft labels (scripts/ensemble_v2.py); then in parallel two 6-layer students
 #      (v2 candidates) and two FAST_LAYERS-deep students (full and FAST_FFN-wide FFN) on soft + hard labels.
-#   C. scripts/select_v2.py: per group the best run on the dev sets (teachers compete for v2 too),
+#   C. scripts/select_v2.py: per group the best run on the dev sets (MiniLM teachers compete for v2 too),
 #      FP16 storage check, checkpoints back as <16 MiB FP16 parts (frozen word embeddings left out: they are
 #      the carried base's), OUT/train_v2_report.json, OUT/logs.tar.gz: about 6 files, ~35 MB.
 #
