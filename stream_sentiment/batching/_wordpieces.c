@@ -266,8 +266,9 @@ static inline int is_word_char(char c) { return (c >= 'a' && c <= 'z') || (c >= 
  * new reference to a tuple of ids, or NULL with an error set. ``buffer`` holds continuation + word. */
 static PyObject *word_pieces(const char *word, Py_ssize_t size, PyObject *vocab, const char *continuation,
                              Py_ssize_t continuation_size, PyObject *unknown, char *buffer) {
-    PyObject **ids = PyMem_Malloc((size_t)size * sizeof(PyObject *)); /* borrowed from the vocabulary */
+    PyObject **ids = PyMem_Malloc((size_t)size * sizeof(PyObject *)); /* strong references to vocabulary ids */
     Py_ssize_t count = 0, start = 0;
+    PyObject *pieces = NULL;
     if (ids == NULL) {
         return PyErr_NoMemory();
     }
@@ -283,8 +284,7 @@ static PyObject *word_pieces(const char *word, Py_ssize_t size, PyObject *vocab,
             memcpy(buffer + at, word + start, (size_t)(end - start));
             PyObject *piece = PyUnicode_FromStringAndSize(buffer, at + end - start);
             if (piece == NULL) {
-                PyMem_Free(ids);
-                return NULL;
+                goto done;
             }
             id = PyDict_GetItemWithError(vocab, piece);
             Py_DECREF(piece);
@@ -292,24 +292,28 @@ static PyObject *word_pieces(const char *word, Py_ssize_t size, PyObject *vocab,
                 break;
             }
             if (PyErr_Occurred()) {
-                PyMem_Free(ids);
-                return NULL;
+                goto done;
             }
         }
         if (id == NULL) {
-            PyMem_Free(ids);
             Py_INCREF(unknown);
-            return unknown;
+            pieces = unknown;
+            goto done;
         }
+        Py_INCREF(id);
         ids[count++] = id;
         start = end;
     }
-    PyObject *pieces = PyTuple_New(count);
+    pieces = PyTuple_New(count);
     for (Py_ssize_t k = 0; pieces != NULL && k < count; k++) {
         Py_INCREF(ids[k]);
         if (PyTuple_SetItem(pieces, k, ids[k]) < 0) {
             Py_CLEAR(pieces);
         }
+    }
+done:
+    for (Py_ssize_t k = 0; k < count; k++) {
+        Py_DECREF(ids[k]);
     }
     PyMem_Free(ids);
     return pieces;
