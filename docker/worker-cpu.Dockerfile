@@ -9,13 +9,19 @@ ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# A compiler for the tokenizer's C fast path (stream_sentiment/batching/_wordpieces.c; the image has Python's
+# headers), in this stage only: the runtime image gets the built module, not gcc.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Only what `pip install .` reads: a change to tests or docs does not invalidate this layer.
 COPY pyproject.toml README.md ./
 COPY stream_sentiment ./stream_sentiment
-RUN pip install .
+# The install skips the C module where it cannot compile it; an image must have it (-P: not the source tree's).
+RUN pip install . && python -P -c "import stream_sentiment.batching._wordpieces"
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \

@@ -13,8 +13,9 @@ FROM ${TENSORRT_IMAGE}
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
 # Ubuntu's Python is externally managed (PEP 668). A venv that sees the system site-packages
 # keeps the TensorRT bindings the image ships, so '.[tensorrt]' does not download them again.
+# python3-dev and gcc: the tokenizer's C fast path (stream_sentiment/batching/_wordpieces.c) is compiled at install.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3-venv \
+    && apt-get install -y --no-install-recommends python3-venv python3-dev gcc \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv --system-site-packages /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
@@ -28,7 +29,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY stream_sentiment ./stream_sentiment
 # cuda-python is held to the image's CUDA major: 13.x bindings want a CUDA 13 driver.
-RUN pip install '.[tensorrt]' 'cuda-python>=12,<13' && rm -rf /src
+RUN pip install '.[tensorrt]' 'cuda-python>=12,<13' \
+    && python -P -c "import stream_sentiment.batching._wordpieces" && rm -rf /src
 
 RUN useradd --system --uid 10001 --user-group --home-dir /app --no-create-home app \
     && mkdir -p /var/cache/stream-sentiment/plans /run/stream-sentiment \
