@@ -554,53 +554,16 @@ static Py_ssize_t normalize_twitter_v1(const char *t, Py_ssize_t n, char *out, c
     return length;
 }
 
-PyDoc_STRVAR(encode_doc,
-"encode(texts, memo, max_words, vocab, continuation, prefix, suffix, keep, unknown, longest) -> list of id\n"
-"tuples\n\n"
-"Token ids of each text (printable ASCII, as AsciiWordPieces.accepts). A text is lowercased and split\n"
-"into runs of [a-z0-9] and single other non-space characters; a word longer than ``longest`` is\n"
-"``unknown``; any other word's ids come from ``memo`` (a WordMemo), or are found by WordPiece over ``vocab``\n"
-"(with the ``continuation`` prefix) and added to it (cleared first when it holds ``max_words``).\n"
-"``prefix`` + ids, cut to ``keep``, + ``suffix``.");
-
-static PyObject *encode(PyObject *self, PyObject *args) {
-    PyObject *texts;
-    Model m = {0};
-    (void)self;
-    if (!PyArg_ParseTuple(args, "O!OnO!s#O!O!nO!n", &PyList_Type, &texts, &m.memo, &m.max_words, &PyDict_Type,
-                          &m.vocab, &m.continuation, &m.continuation_size, &PyTuple_Type, &m.prefix, &PyTuple_Type,
-                          &m.suffix, &m.keep, &PyTuple_Type, &m.unknown, &m.longest)) {
-        return NULL;
-    }
-    Py_ssize_t count = PyList_Size(texts);
-    PyObject *encoded = NULL;
-    Pieces found = {NULL, 0, 0};
-    if (count < 0 || model_open(&m) < 0 || (encoded = PyList_New(count)) == NULL) {
-        goto done;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        Py_ssize_t length;
-        const char *text = PyUnicode_AsUTF8AndSize(PyList_GetItem(texts, i), &length);
-        PyObject *row;
-        if (text == NULL || tokenize_text(&m, text, length, &found) < 0 || (row = assemble(&m, &found)) == NULL) {
-            Py_CLEAR(encoded);
-            goto done;
-        }
-        PyList_SetItem(encoded, i, row);
-    }
-done:
-    pieces_free(&found);
-    model_close(&m);
-    return encoded;
-}
-
 PyDoc_STRVAR(normalize_encode_doc,
 "normalize_encode(texts, normalization, refused, memo, max_words, vocab, continuation, prefix, suffix, keep,\n"
-"unknown, "
-"longest) -> list of id tuples or None\n\n"
-"``encode`` of each raw text normalized by ``normalization`` (0: none, 1: twitter-v1), for the texts this\n"
-"can do all of: ASCII, no \"&\" (twitter-v1 unescapes HTML in Python), and, once normalized, printable with\n"
-"none of ``refused``. None for any other text: the caller normalizes and tokenizes it the general way.");
+"unknown, longest) -> list of id tuples or None\n\n"
+"Token ids of each raw text normalized by ``normalization`` (0: none, 1: twitter-v1), for the texts this can\n"
+"do all of: ASCII, no \"&\" (twitter-v1 unescapes HTML in Python), and, once normalized, printable with none\n"
+"of ``refused``; None for any other text (the caller normalizes and tokenizes it the general way). A text is\n"
+"lowercased and split into runs of [a-z0-9] and single other non-space characters; a word longer than\n"
+"``longest`` is ``unknown``; any other word's ids come from ``memo`` (a WordMemo), or are found by WordPiece\n"
+"over ``vocab`` (with the ``continuation`` prefix) and added to it (cleared first when it holds\n"
+"``max_words``). ``prefix`` + ids, cut to ``keep``, + ``suffix``.");
 
 static PyObject *normalize_encode(PyObject *self, PyObject *args) {
     PyObject *texts;
@@ -767,7 +730,6 @@ fail:
 }
 
 static PyMethodDef methods[] = {
-    {"encode", encode, METH_VARARGS, encode_doc},
     {"normalize_encode", normalize_encode, METH_VARARGS, normalize_encode_doc},
     {"pad", pad, METH_VARARGS, pad_doc},
     {NULL, NULL, 0, NULL},

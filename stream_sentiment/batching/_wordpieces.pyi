@@ -9,21 +9,6 @@ class WordMemo:
     def __len__(self) -> int: ...
     def clear(self) -> None: ...
 
-def encode(
-    texts: list[str],
-    memo: WordMemo,
-    max_words: int,
-    vocab: dict[str, int],
-    continuation: str,
-    prefix: tuple[int, ...],
-    suffix: tuple[int, ...],
-    keep: int,
-    unknown: tuple[int, ...],
-    longest: int,
-) -> list[tuple[int, ...]]:
-    """The texts' token ids; words not in ``memo`` are split by WordPiece over ``vocab`` and added to it (which
-    starts over first when it holds ``max_words``)."""
-
 def normalize_encode(
     texts: list[str],
     normalization: int,

@@ -197,17 +197,24 @@ class AsciiWordPieces:
         The C call holds the GIL throughout, so nobody sees its memo mid-change; it starts the memo over
         when it holds ``MAX_WORDS``, as the Python path does with its own.
         """
-        assert _native_wordpieces is not None
-        return _native_wordpieces.encode(texts, self._native_memo, self.MAX_WORDS, self._vocab, self._continuation,
-                                         self._prefix_ids, self._suffix, self._keep, self._unknown,
-                                         self._max_word_chars)
+        # The C normalizer's "none" is the same loop with nothing to normalize; with no characters refused it takes
+        # all printable ASCII, as the Python loop does (the caller checked accepts()).
+        encoded = self._native_normalize_encode(texts, 0, "")
+        refused = [index for index, ids in enumerate(encoded) if ids is None]
+        if refused:
+            raise ValueError(f"texts the fast path does not accept, at {refused[:5]}: check accepts() first")
+        return encoded  # type: ignore[return-value]  # no None left
 
     def normalize_encode(self, texts: list[str], normalization: int) -> list[tuple[int, ...] | None]:
         """Raw texts normalized (0: none, 1: twitter-v1) and encoded by the C loop: None for each text it
         cannot take whole (non-ASCII; "&" under twitter-v1; not :meth:`accepts` once normalized)."""
+        return self._native_normalize_encode(texts, normalization, self._refused)
+
+    def _native_normalize_encode(self, texts: list[str], normalization: int,
+                                 refused: str) -> list[tuple[int, ...] | None]:
         assert _native_wordpieces is not None
         return _native_wordpieces.normalize_encode(
-            texts, normalization, self._refused, self._native_memo, self.MAX_WORDS, self._vocab, self._continuation,
+            texts, normalization, refused, self._native_memo, self.MAX_WORDS, self._vocab, self._continuation,
             self._prefix_ids, self._suffix, self._keep, self._unknown, self._max_word_chars)
 
     def _word_pieces(self, words: Iterable[str]) -> dict[str, tuple[int, ...]]:
@@ -312,13 +319,10 @@ class PostTokenizer:
         assert self._ascii is not None and self._native_normalization is not None
         # Non-ASCII texts never reach the C loop: it would only refuse them, after caching a UTF-8 copy in each.
         ascii_at = [index for index, text in enumerate(texts) if text.isascii()]
-        if len(ascii_at) == len(texts):
-            encoded = self._ascii.normalize_encode(list(texts), self._native_normalization)
-        else:
-            encoded = [None] * len(texts)
-            for index, ids in zip(ascii_at, self._ascii.normalize_encode([texts[i] for i in ascii_at],
-                                                                         self._native_normalization), strict=True):
-                encoded[index] = ids
+        encoded: list[tuple[int, ...] | None] = [None] * len(texts)
+        for index, ids in zip(ascii_at, self._ascii.normalize_encode([texts[i] for i in ascii_at],
+                                                                     self._native_normalization), strict=True):
+            encoded[index] = ids
         left = [index for index, ids in enumerate(encoded) if ids is None]
         if not left:
             return encoded, [], []  # type: ignore[return-value]  # no None left
