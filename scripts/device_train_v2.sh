@@ -27,6 +27,11 @@ carry=${CARRY:-.carry/train16}
 # scripts/device_stage_mpnet.sh) or both; the students learn from the mean of whichever ran.
 TEACHERS=${TEACHERS:-minilm}
 MPNET_EPOCHS=${MPNET_EPOCHS:-2}
+MPNET_SEEDS=${MPNET_SEEDS:-13 14}   # seed 13 trains at lr 2e-5, 14 at 3e-5 (the first MPNet call: a tie)
+# Perturbed copies of each training row scored by the teachers and distilled into the students
+# (stream_sentiment.modeling.augment); 0 = the students see the training rows only.
+AUGMENT_COPIES=${AUGMENT_COPIES:-0}
+augment=(--augment-copies "$AUGMENT_COPIES")
 if [ "$TEACHERS" = minilm ]; then a_default=230; b_default=450; else a_default=330; b_default=520; fi
 STAGE_A_S=${STAGE_A_S:-$a_default}   # teachers stop stepping this many seconds after the start
 STAGE_B_S=${STAGE_B_S:-$b_default}   # students likewise
@@ -57,19 +62,21 @@ finish() {  # wait for every launched run; a failed run is reported, not fatal (
 pids=()
 deadline=$((start + STAGE_A_S))
 if [ "$TEACHERS" != mpnet ]; then
-  launch teacher-s13 --seed 13 --learning-rate 5e-5 --epochs 3 --write-train-probabilities --deadline $deadline
-  launch teacher-s14 --seed 14 --learning-rate 5e-5 --epochs 3 --write-train-probabilities --deadline $deadline
-  launch teacher-s15 --seed 15 --learning-rate 3e-5 --epochs 3 --write-train-probabilities --deadline $deadline
-  launch teacher-s16 --seed 16 --learning-rate 3e-5 --epochs 3 --write-train-probabilities --deadline $deadline
+  launch teacher-s13 --seed 13 --learning-rate 5e-5 --epochs 3 --write-train-probabilities --deadline $deadline "${augment[@]}"
+  launch teacher-s14 --seed 14 --learning-rate 5e-5 --epochs 3 --write-train-probabilities --deadline $deadline "${augment[@]}"
+  launch teacher-s15 --seed 15 --learning-rate 3e-5 --epochs 3 --write-train-probabilities --deadline $deadline "${augment[@]}"
+  launch teacher-s16 --seed 16 --learning-rate 3e-5 --epochs 3 --write-train-probabilities --deadline $deadline "${augment[@]}"
 fi
 if [ "$TEACHERS" != minilm ]; then
   # 12-layer MPNet teachers (stream_sentiment.modeling.mpnet_teacher) from the staged base, joined and checked.
-  python3 -c 'import pathlib; from stream_sentiment.modeling.mpnet_base import join_stages
-print("MPNet base joined:", join_stages(pathlib.Path("build/mpnet-staged"), pathlib.Path("build/mpnet-base")), "bytes")'
+  STAGED=${MPNET_STAGED:-/tmp/mpnet-staged} python3 -c 'import os, pathlib; from stream_sentiment.modeling.mpnet_base import join_stages
+print("MPNet base joined:", join_stages(pathlib.Path(os.environ["STAGED"]), pathlib.Path("build/mpnet-base")), "bytes")'
   mpnet=(--encoder mpnet --base-model build/mpnet-base --freeze-word-embeddings false --epochs "$MPNET_EPOCHS"
-         --write-train-probabilities --deadline $deadline)
-  launch mpnet-s13 "${mpnet[@]}" --seed 13 --learning-rate 2e-5
-  launch mpnet-s14 "${mpnet[@]}" --seed 14 --learning-rate 3e-5
+         --write-train-probabilities --deadline $deadline "${augment[@]}")
+  for seed in $MPNET_SEEDS; do
+    if [ "$seed" = 13 ]; then lr=2e-5; else lr=3e-5; fi
+    launch mpnet-s"$seed" "${mpnet[@]}" --seed "$seed" --learning-rate $lr
+  done
 fi
 finish
 echo "stage A done at +$(( $(date +%s) - start )) s" | tee -a "$runs/timeline.txt"
@@ -77,12 +84,12 @@ teachers=("$runs"/teacher-s*/ "$runs"/mpnet-s*/)
 python3 scripts/ensemble_v2.py --corpora-dir "$carry/corpora" --output "$runs/soft.npy" "${teachers[@]}" | tail -1
 
 deadline=$((start + STAGE_B_S))
-launch v2-s13-soft0.5 --seed 13 --learning-rate 5e-5 --epochs 3 --soft-labels "$runs/soft.npy" --soft-weight 0.5 --deadline $deadline
-launch v2-s14-soft0.8 --seed 14 --learning-rate 5e-5 --epochs 3 --soft-labels "$runs/soft.npy" --soft-weight 0.8 --deadline $deadline
+launch v2-s13-soft0.5 --seed 13 --learning-rate 5e-5 --epochs 3 --soft-labels "$runs/soft.npy" --soft-weight 0.5 --deadline $deadline "${augment[@]}"
+launch v2-s14-soft0.8 --seed 14 --learning-rate 5e-5 --epochs 3 --soft-labels "$runs/soft.npy" --soft-weight 0.8 --deadline $deadline "${augment[@]}"
 launch fast-l$FAST_LAYERS --layers "$FAST_LAYERS" --seed 13 --learning-rate 1e-4 --epochs 4 \
-  --soft-labels "$runs/soft.npy" --soft-weight 0.7 --deadline $deadline
+  --soft-labels "$runs/soft.npy" --soft-weight 0.7 --deadline $deadline "${augment[@]}"
 launch fast-l$FAST_LAYERS-ffn$FAST_FFN --layers "$FAST_LAYERS" --intermediate-size "$FAST_FFN" --seed 13 \
-  --learning-rate 1e-4 --epochs 4 --soft-labels "$runs/soft.npy" --soft-weight 0.7 --deadline $deadline
+  --learning-rate 1e-4 --epochs 4 --soft-labels "$runs/soft.npy" --soft-weight 0.7 --deadline $deadline "${augment[@]}"
 finish
 echo "stage B done at +$(( $(date +%s) - start )) s" | tee -a "$runs/timeline.txt"
 

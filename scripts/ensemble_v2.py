@@ -7,6 +7,8 @@ The ensemble is scored on the dev sets only (never on the test tweets). Torch-fr
 
 Usage: python scripts/ensemble_v2.py --corpora-dir DIR --output RUNS/soft.npy RUNS/teacher-*
 Writes ``soft.npy`` (float32, [rows, 3]) and ``soft.json`` (rows, keys digest, teachers, dev figures).
+Teachers run with ``--augment-copies`` also scored a transfer set (perturbed training rows): their mean
+goes to ``soft_augmented.npy``, its texts' digest into ``soft.json`` (the students check it).
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     soft = np.mean([np.load(run / "train_probabilities.npy").astype(np.float32) for run in teachers], axis=0)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     np.save(args.output, soft.astype(np.float32))
+    transfer_digests = {r.get("augmented_digest") for r in records.values()}
+    if len(transfer_digests) != 1:
+        raise SystemExit(f"teachers scored different transfer sets: {transfer_digests}")
+    (transfer_digest,) = transfer_digests
+    if transfer_digest:
+        transfer = np.mean([np.load(run / "augmented_probabilities.npy").astype(np.float32) for run in teachers],
+                           axis=0)
+        np.save(args.output.with_name(args.output.stem + "_augmented.npy"), transfer.astype(np.float32))
 
     config = next(iter(records.values()))["config"]
     mixture = load_mixture(args.corpora_dir, review_dev_fraction=config["review_dev_fraction"])
@@ -54,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "rows": rows,
         "keys_digest": digest,
+        "augmented_digest": transfer_digest,
+        "augmented_rows": next(iter(records.values())).get("augmented_rows", 0),
         "teachers": [run.name for run in teachers],
         "skipped_unfinished": skipped,
         "teacher_selection_scores": {name: r["selection_score"] for name, r in records.items()},

