@@ -42,8 +42,8 @@ start=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OMP_NUM_THREADS=2 RAYON_NUM_THREADS=4
 mkdir -p "$out"
 runs=${RUNS:-/tmp/runs_v2}; rm -rf "$runs"; mkdir -p "$runs"
-# At most 8 files come back: the logs and notes travel as one archive, whatever happens.
-trap 'tar -czf "$out/logs.tar.gz" -C "$runs" $(cd "$runs" && ls *.log *.txt soft.json 2>/dev/null) || true' EXIT
+# At most 8 files come back: the logs, notes and soft labels travel as one archive, whatever happens.
+trap 'tar -czf "$out/logs.tar.gz" -C "$runs" $(cd "$runs" && ls *.log *.txt soft*.json soft*.npy 2>/dev/null) || true' EXIT
 if [ "$device" = cuda ]; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$runs/gpu.txt"; fi
 python3 -c 'import torch; print("torch", torch.__version__)' | tee -a "$runs/gpu.txt"
 common=(--corpora-dir "$carry/corpora" --base-model "$carry/base" --device "$device" --no-progress)
@@ -84,12 +84,16 @@ teachers=("$runs"/teacher-s*/ "$runs"/mpnet-s*/)
 python3 scripts/ensemble_v2.py --corpora-dir "$carry/corpora" --output "$runs/soft.npy" "${teachers[@]}" | tail -1
 
 deadline=$((start + STAGE_B_S))
+# V2_RUNS=0: the students alone (a call that only improves the fast engine; v2 is then not re-selected).
+if [ "${V2_RUNS:-1}" != 0 ]; then
 launch v2-s13-soft0.5 --seed 13 --learning-rate 5e-5 --epochs 3 --soft-labels "$runs/soft.npy" --soft-weight 0.5 --deadline $deadline "${augment[@]}"
 launch v2-s14-soft0.8 --seed 14 --learning-rate 5e-5 --epochs 3 --soft-labels "$runs/soft.npy" --soft-weight 0.8 --deadline $deadline "${augment[@]}"
-launch fast-l$FAST_LAYERS --layers "$FAST_LAYERS" --seed 13 --learning-rate 1e-4 --epochs 4 \
+fi
+FAST_EPOCHS=${FAST_EPOCHS:-4}
+launch fast-l$FAST_LAYERS --layers "$FAST_LAYERS" --seed 13 --learning-rate 1e-4 --epochs "$FAST_EPOCHS" \
   --soft-labels "$runs/soft.npy" --soft-weight 0.7 --deadline $deadline "${augment[@]}"
 launch fast-l$FAST_LAYERS-ffn$FAST_FFN --layers "$FAST_LAYERS" --intermediate-size "$FAST_FFN" --seed 13 \
-  --learning-rate 1e-4 --epochs 4 --soft-labels "$runs/soft.npy" --soft-weight 0.7 --deadline $deadline "${augment[@]}"
+  --learning-rate 1e-4 --epochs "$FAST_EPOCHS" --soft-labels "$runs/soft.npy" --soft-weight 0.7 --deadline $deadline "${augment[@]}"
 finish
 echo "stage B done at +$(( $(date +%s) - start )) s" | tee -a "$runs/timeline.txt"
 
