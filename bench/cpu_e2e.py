@@ -113,7 +113,8 @@ class Bench:
         name = f"bench-{self.engine.version.manifest.model}-{self.workload}-{setup}-{next(RUN_IDS)}"
         self.kafka.create_topic(name, PARTITIONS)
         self.kafka.create_topic(f"{name}.dlq", 1)
-        engine = {**self.engine_settings, "model": self.engine.version.manifest.model}
+        manifest = self.engine.version.manifest
+        engine = {**self.engine_settings, "model": manifest.model, "version": manifest.version}
         settings = Settings.load(bootstrap_servers=self.kafka.bootstrap_servers, topic=name, consumer_group=name,
                                  redis_url=self.redis.url, redis_prefix=name, engine=engine, **SETUPS[setup])
         return settings, name
@@ -141,7 +142,8 @@ class Bench:
         self.posts = (json.dumps(p, ensure_ascii=False).encode() for p in WORKLOADS[self.workload][0]())
         with EmbeddedKafka() as self.kafka:
             result = await self._run(setup, count=count, rate=rate, grace=grace)
-        result.model, result.workload = self.engine.version.manifest.model, self.workload
+        manifest = self.engine.version.manifest
+        result.model, result.workload = f"{manifest.model}/{manifest.version}", self.workload
         return result
 
     async def _run(self, setup: str, *, count: int, rate: float | None, grace: float) -> RunResult:
@@ -299,7 +301,9 @@ async def _main(args: argparse.Namespace) -> list[RunResult]:
         # One engine per model, the same for every set-up: the batching, not the engine, is what differs.
         engines: dict[str, Engine] = {}
         for model in args.models:
-            _, engine = open_engine(Settings.load(engine={**engine_settings, "model": model,
+            name, _, version = model.partition("/")  # "model" (its default version) or "model/version"
+            _, engine = open_engine(Settings.load(engine={**engine_settings, "model": name,
+                                                          **({"version": version} if version else {}),
                                                           "repository": REPO / "engines"},
                                                   batching={"max_rows": max(64, args.max_rows)}))
             engines[model] = stack.enter_context(engine)
@@ -319,7 +323,8 @@ def main() -> None:
     parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",") if x], default=[50.0, 100.0, 150.0],
                         help='offered rates for the latency runs ("" = backlog only)')
     parser.add_argument("--models", "--model", type=lambda s: [m for m in s.split(",") if m],
-                        default=["minilm-sentiment"], help="engine models under engines/, comma-separated")
+                        default=["minilm-sentiment"],
+                        help="engines under engines/, comma-separated: MODEL (the default version) or MODEL/VERSION")
     parser.add_argument("--workloads", type=lambda s: [w for w in s.split(",") if w], default=["tweets"],
                         help=f"of {','.join(WORKLOADS)}, comma-separated; each runs on the models that list its "
                              "language")

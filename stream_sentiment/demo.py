@@ -283,11 +283,23 @@ def account(counts: dict[str, int], stats: dict[str, Any], *, rate: float, produ
     return lines
 
 
+def _engine_overrides(routes: dict[str, str], engine: str | None) -> dict[str, Any] | None:
+    """``engine.*`` overrides for the demo; None leaves every engine setting to the environment and defaults."""
+    overrides: dict[str, Any] = {"routes": routes} if routes else {}
+    if engine:
+        model, _, version = engine.partition("/")
+        overrides["model"] = model
+        if version:
+            overrides["version"] = version
+    return overrides or None
+
+
 def main(
     duration: float = 60.0, rate: float | None = None, surge_topic: str = "airline", surge_start: float = 15.0,
-    lang: str = "en",
+    lang: str = "en", engine: str | None = None,
 ) -> int:
-    """Run the demo; ``rate`` None is the language's default (``LANGUAGES``)."""
+    """Run the demo; ``rate`` None is the language's default (``LANGUAGES``); ``engine`` ``MODEL[/VERSION]``
+    replaces ``engine.model`` (and ``engine.version``) for the posts no route takes."""
     language = LANGUAGES[lang]
     rate = language.rate if rate is None else rate
     # Warnings from every part, and the worker's own account of its shutdown (what it drained, what it left).
@@ -301,7 +313,7 @@ def main(
         settings = Settings.load(
             bootstrap_servers=kafka.bootstrap_servers, topic=DEMO_TOPIC, redis_url=redis_server.url,
             redis_prefix="demo", consumer_group="demo", aggregation=DEMO_AGGREGATION, alerts=language.alerts,
-            engine={"routes": language.routes} if language.routes else None,  # None: not overridden
+            engine=_engine_overrides(language.routes, engine),
             kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=2000,
             admin={"port": admin_port},
         )

@@ -143,7 +143,7 @@ def _top(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from stream_sentiment.demo import main as demo
 
-    return demo(args.duration, args.rate, args.surge_topic, args.surge_start, args.lang)
+    return demo(args.duration, args.rate, args.surge_topic, args.surge_start, args.lang, args.engine)
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -213,6 +213,9 @@ def add_commands(commands: Commands) -> None:
                       help="en: the sample tweets; zh: Chinese sample posts, routed to multilingual-sentiment/v3; "
                            "mixed: both interleaved, Chinese routed there and English to minilm-sentiment/v1 "
                            "(the surge is Chinese for zh and mixed)")
+    demo.add_argument("--engine", default=None, metavar="MODEL[/VERSION]",
+                      help="the English engine, e.g. minilm-fast (the fast CPU student) or minilm-sentiment/v1; "
+                           "default: engine.model / engine.version (minilm-sentiment/v1)")
     demo.set_defaults(handler=_demo)
 
     stats = commands.add_parser("stats", help="totals from Redis")

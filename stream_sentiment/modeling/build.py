@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--down-projections", choices=("float", "int8-weights"), default="float",
                         help="FFN down-projections: FP32 (minilm-sentiment v1), or int8 weights with float "
                              "activations (a quarter of their size; see quantize.quantize_weights_only)")
+    parser.add_argument("--attention-matmuls", choices=("int8", "float"), default="int8",
+                        help="attention's activation-by-activation MatMuls (scores, context): int8 (minilm-sentiment "
+                             "v1) or FP32 (see quantize.attention_matmuls)")
     parser.add_argument("--report", type=Path, default=Path("docs/calibration-report.json"))
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     args = parser.parse_args(argv)
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[2/4] quantizing with {methods} on {len(calibration_texts)} calibration texts", flush=True)
     comparison = compare_methods(fp32, calibration_texts, selection_sets, fp32_dir.parent,
                                  show_progress=show_progress, down_projections=args.down_projections,
+                                 attention=args.attention_matmuls,
                                  methods=METHODS if args.method == "auto" else (args.method,))
     choose_on = ("validation", "review_dev") if "zh" in languages else ("validation",)
     method = choose_method(comparison, *choose_on) if args.method == "auto" else args.method
@@ -158,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         "quantized_ops": list(OPS_TO_QUANTIZE),
         "kept_in_float": "FFN down-projection MatMuls (input: GELU output); see quantize.ffn_down_projections"
                          + ("; their weights stored int8 per output channel (weight-only)"
-                            if args.down_projections == "int8-weights" else ""),
+                            if args.down_projections == "int8-weights" else "")
+                         + ("; attention's activation-by-activation MatMuls (see quantize.attention_matmuls)"
+                            if args.attention_matmuls == "float" else ""),
         "percentile": PERCENTILE if method == "percentile" else None,
         "calibration_set": calibration_set,
         "chosen_on": list(choose_on),

@@ -114,6 +114,22 @@ def ffn_down_projections(model_path: Path) -> list[str]:
     return found
 
 
+def attention_matmuls(model_path: Path) -> list[str]:
+    """MatMuls between two activations (no weight): attention's scores (Q x K^T) and its context (P x V).
+
+    Symmetric int8 rounds both of their inputs, and the softmax output P, all in [0, 1], uses only half
+    of the signed range; they are a small share of a short post's arithmetic (sequence-length squared
+    against the projections' hidden-size squared). ``quantize_model(..., attention="float")`` keeps
+    them FP32. Found by the absence of an initializer input, not by name.
+    """
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    weights = {init.name for init in model.graph.initializer}
+    return [node.name for node in model.graph.node
+            if node.op_type == "MatMul" and not any(name in weights for name in node.input)]
+
+
 def quantize_weights_only(model_path: Path, node_names: Sequence[str]) -> int:
     """Store the weights of the MatMuls ``node_names`` as int8 (per output channel, symmetric) behind a
     DequantizeLinear, their activations staying float; returns how many weights were converted.
@@ -161,12 +177,14 @@ def quantize_weights_only(model_path: Path, node_names: Sequence[str]) -> int:
 
 def quantize_model(
     fp32: EngineVersion, texts: Sequence[str], method: str, destination: Path, *, show_progress: bool = True,
-    down_projections: str = "float",
+    down_projections: str = "float", attention: str = "int8",
 ) -> Path:
     """Write a Q/DQ INT8 copy of ``fp32``'s ONNX to ``destination`` using ``method`` calibration.
 
     ``down_projections``: ``float`` keeps the FFN down-projections FP32 (:func:`ffn_down_projections`),
-    ``int8-weights`` stores their weights as int8 (:func:`quantize_weights_only`).
+    ``int8-weights`` stores their weights as int8 (:func:`quantize_weights_only`). ``attention``:
+    ``int8`` quantizes attention's activation-by-activation MatMuls too (``minilm-sentiment`` v1),
+    ``float`` keeps them FP32 (:func:`attention_matmuls`).
     With ``show_progress``, a bar on stderr counts the calibration batches ORT has run.
     """
     from onnxruntime.quantization import (
@@ -192,13 +210,19 @@ def quantize_model(
         # TensorRT's parser accepts.
         quant_pre_process(str(fp32.model_path), str(prepared), skip_symbolic_shape=False)
         kept_float = ffn_down_projections(prepared)
+        if attention == "float":
+            kept_attention = attention_matmuls(prepared)
+        elif attention == "int8":
+            kept_attention = []
+        else:
+            raise ValueError(f"attention: int8 or float, not {attention!r}")
         quantize_static(
             str(prepared),
             str(destination),
             _UniformReader(PostTokenizer(fp32), texts, progress=bar.update),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(OPS_TO_QUANTIZE),
-            nodes_to_exclude=kept_float,
+            nodes_to_exclude=kept_float + kept_attention,
             per_channel=True,
             reduce_range=False,
             activation_type=QuantType.QInt8,
@@ -224,14 +248,14 @@ def quantize_model(
 
 def candidate_version(
     fp32: EngineVersion, texts: Sequence[str], method: str, folder: Path, *, show_progress: bool = True,
-    down_projections: str = "float",
+    down_projections: str = "float", attention: str = "int8",
 ) -> EngineVersion:
     """Quantize ``fp32`` with ``method`` into a complete (uncommitted) INT8 version folder."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     quantize_model(fp32, texts, method, folder / "model.int8.onnx", show_progress=show_progress,
-                   down_projections=down_projections)
+                   down_projections=down_projections, attention=attention)
     for name in fp32.manifest.files:
         if not name.endswith(".onnx"):
             shutil.copy2(fp32.path / name, folder / name)
@@ -265,6 +289,7 @@ def compare_methods(
     *,
     show_progress: bool = True,
     down_projections: str = "float",
+    attention: str = "int8",
     methods: Sequence[str] = METHODS,
 ) -> dict[str, object]:
     """Quantize with each of ``methods`` and measure each against FP32 on the selection sets.
@@ -281,7 +306,7 @@ def compare_methods(
         started = time.perf_counter()
         folder = workdir / f"{fp32.manifest.version.removesuffix('-fp32')}-int8-{method}"
         candidate = candidate_version(fp32, calibration_texts, method, folder, show_progress=show_progress,
-                                      down_projections=down_projections)
+                                      down_projections=down_projections, attention=attention)
         seconds = time.perf_counter() - started
         results[method] = {
             "calibration_seconds": round(seconds, 1),
