@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+
+import pytest
 import subprocess
 import sys
 import warnings
@@ -15,9 +17,15 @@ from stream_sentiment.embedded import pid_alive, port_is_free
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_demo_shows_the_surge_alert_and_exits_cleanly():
+@pytest.mark.parametrize(("engine_flag", "engine"), [
+    ([], "minilm-sentiment/v1"),
+    # The fast CPU student, chosen on the command line: the alerts name it.
+    (["--engine", "minilm-fast"], "minilm-fast/v1"),
+])
+def test_demo_shows_the_surge_alert_and_exits_cleanly(engine_flag: list[str], engine: str) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "stream_sentiment.cli", "demo", "--duration", "40", "--surge-start", "5"],
+        [sys.executable, "-m", "stream_sentiment.cli", "demo", "--duration", "40", "--surge-start", "5",
+         *engine_flag],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     output, _ = process.communicate(timeout=180)
@@ -25,6 +33,7 @@ def test_demo_shows_the_surge_alert_and_exits_cleanly():
     alerts = [line for line in output.splitlines() if " ALERT " in line]
     assert any("topic=airline" in line for line in alerts), output[-3000:]
     assert not any("topic=" in line and "topic=airline" not in line for line in alerts), alerts
+    assert all(line.endswith(f"engine {engine}") for line in alerts), alerts
     summary = json.loads(output.strip().splitlines()[-1])
     assert summary["scored"] > 1000 and summary["alerts_shown"] == len(alerts)
     # Honest counts: every post sent was scored, dead-lettered or is left over, counted from the broker's
@@ -108,3 +117,12 @@ def test_the_closing_lines_say_plainly_when_the_machine_could_not_keep_up():
                       {"scored": 12, "dead_lettered": 0}, rate=50, producing_s=1, working_s=1)
     assert retried[1].startswith("demo: the topic holds 12 records = scored 12 + dead-lettered 0 + left over 0 "
                                  "(the producer counted 10 acknowledged sends")
+
+
+def test_the_engine_flag_overrides_model_and_version_and_keeps_the_routes():
+    from stream_sentiment.demo import _engine_overrides
+
+    assert _engine_overrides({}, None) is None  # nothing overridden: environment and defaults decide
+    assert _engine_overrides({}, "minilm-fast") == {"model": "minilm-fast"}
+    assert _engine_overrides({"zh": "multilingual-sentiment/v3"}, "minilm-sentiment/v2") == {
+        "routes": {"zh": "multilingual-sentiment/v3"}, "model": "minilm-sentiment", "version": "v2"}

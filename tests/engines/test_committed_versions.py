@@ -1,0 +1,46 @@
+"""Every committed engine version passes the gates a hot swap applies, on this machine's CPU engine.
+
+A version folder that fails to load (a checksum, a name), or whose golden set no longer scores what its manifest
+recorded, would be refused by ``engines activate``; this finds it before an operator does. The size cap of the
+English MiniLM family (issue 16: <= 80 MB of committed engines) is checked here too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stream_sentiment.batching.tokenizer import PostTokenizer
+from stream_sentiment.config import AdminSettings
+from stream_sentiment.engines.manifest import load_engine_version
+from stream_sentiment.engines.scoring import read_jsonl_labelled
+from stream_sentiment.modeling.evaluate import open_engine, score_texts
+
+ENGINES = Path(__file__).resolve().parents[2] / "engines"
+COMMITTED = sorted(path.parent for path in ENGINES.glob("*/*/manifest.json"))
+MINILM_FAMILY = ("minilm-sentiment", "minilm-fast")
+
+
+def test_the_repository_holds_the_documented_versions() -> None:
+    names = {f"{path.parent.name}/{path.name}" for path in COMMITTED}
+    assert {"minilm-sentiment/v1", "minilm-sentiment/v2", "minilm-fast/v1", "multilingual-sentiment/v3"} <= names
+
+
+@pytest.mark.parametrize("folder", COMMITTED, ids=lambda path: f"{path.parent.name}/{path.name}")
+def test_a_committed_version_loads_and_scores_its_golden_set_as_recorded(folder: Path) -> None:
+    version = load_engine_version(folder, model=folder.parent.name, version=folder.name)  # checksums, names
+    manifest = version.manifest
+    assert manifest.golden, "no golden set: a hot swap to it would be refused"
+    texts, gold = read_jsonl_labelled(version.file(manifest.golden["file"]), manifest.labels)
+    with open_engine(version, threads=1) as engine:
+        predicted = score_texts(engine, PostTokenizer(version), texts).argmax(1)
+    accuracy = float(np.mean([manifest.labels[int(i)] == g for i, g in zip(predicted, gold, strict=True)]))
+    assert accuracy >= float(manifest.golden["accuracy"]) - AdminSettings().golden_tolerance
+
+
+def test_the_english_minilm_family_stays_within_its_size_cap() -> None:
+    committed = [path for model in MINILM_FAMILY for path in (ENGINES / model).glob("*/*")
+                 if path.is_file() and "plans" not in path.parts]
+    assert sum(path.stat().st_size for path in committed) <= 80_000_000
