@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.recording import RecordingHistogram  # noqa: E402
+from stream_sentiment.batching.routing import version_for  # noqa: E402
 from stream_sentiment.batching.tokenizer import PostTokenizer  # noqa: E402
 from stream_sentiment.config import Settings  # noqa: E402
 from stream_sentiment.embedded import EmbeddedKafka, EmbeddedRedis  # noqa: E402
@@ -301,9 +302,10 @@ async def _main(args: argparse.Namespace) -> list[RunResult]:
         # One engine per model, the same for every set-up: the batching, not the engine, is what differs.
         engines: dict[str, Engine] = {}
         for model in args.models:
-            name, _, version = model.partition("/")  # "model" (its default version) or "model/version"
-            _, engine = open_engine(Settings.load(engine={**engine_settings, "model": name,
-                                                          **({"version": version} if version else {}),
+            # "model/version", or a bare "model" read as engine.routes reads one (routing.version_for).
+            name, _, version = model.partition("/")
+            version = version or version_for(Settings.load(engine={"repository": REPO / "engines"}).engine, name)
+            _, engine = open_engine(Settings.load(engine={**engine_settings, "model": name, "version": version,
                                                           "repository": REPO / "engines"},
                                                   batching={"max_rows": max(64, args.max_rows)}))
             engines[model] = stack.enter_context(engine)
@@ -324,7 +326,8 @@ def main() -> None:
                         help='offered rates for the latency runs ("" = backlog only)')
     parser.add_argument("--models", "--model", type=lambda s: [m for m in s.split(",") if m],
                         default=["minilm-sentiment"],
-                        help="engines under engines/, comma-separated: MODEL (the default version) or MODEL/VERSION")
+                        help="engines under engines/, comma-separated: MODEL/VERSION, or MODEL (engine.version of "
+                             "the configured model, else the newest, as in engine.routes)")
     parser.add_argument("--workloads", type=lambda s: [w for w in s.split(",") if w], default=["tweets"],
                         help=f"of {','.join(WORKLOADS)}, comma-separated; each runs on the models that list its "
                              "language")

@@ -7,6 +7,9 @@
 #      scripts/device_stage_mpnet.sh 1..4, joined and checked here); TEACHERS=both: all six.
 #   B. their mean = the soft labels (scripts/ensemble_v2.py); then in parallel two 6-layer students
 #      (v2 candidates) and two FAST_LAYERS-deep students (full and FAST_FFN-wide FFN) on soft + hard labels.
+#      AUGMENT_COPIES=K: the teachers also score K perturbed copies of every training row (a transfer set,
+#      stream_sentiment.modeling.augment) and the students learn those from the teachers alone.
+#      V2_RUNS=0 leaves out the two 6-layer students; FAST_EPOCHS sets the fast students' epochs (4).
 #   C. scripts/select_v2.py: per group the best run on the dev sets (MiniLM teachers compete for v2 too),
 #      FP16 storage check, checkpoints back as <16 MiB FP16 parts (frozen word embeddings left out: they are
 #      the carried base's), OUT/train_v2_report.json, OUT/logs.tar.gz: about 6 files, ~35 MB.
@@ -27,7 +30,7 @@ carry=${CARRY:-.carry/train16}
 # scripts/device_stage_mpnet.sh) or both; the students learn from the mean of whichever ran.
 TEACHERS=${TEACHERS:-minilm}
 MPNET_EPOCHS=${MPNET_EPOCHS:-2}
-MPNET_SEEDS=${MPNET_SEEDS:-13 14}   # seed 13 trains at lr 2e-5, 14 at 3e-5 (the first MPNet call: a tie)
+MPNET_SEEDS=${MPNET_SEEDS:-13 14}   # seed 13 trains at lr 2e-5, any other seed at 3e-5 (first MPNet call: a tie)
 # Perturbed copies of each training row scored by the teachers and distilled into the students
 # (stream_sentiment.modeling.augment); 0 = the students see the training rows only.
 AUGMENT_COPIES=${AUGMENT_COPIES:-0}
@@ -84,7 +87,7 @@ teachers=("$runs"/teacher-s*/ "$runs"/mpnet-s*/)
 python3 scripts/ensemble_v2.py --corpora-dir "$carry/corpora" --output "$runs/soft.npy" "${teachers[@]}" | tail -1
 
 deadline=$((start + STAGE_B_S))
-# V2_RUNS=0: the students alone (a call that only improves the fast engine; v2 is then not re-selected).
+# V2_RUNS=0: the fast students alone (with TEACHERS=mpnet no v2 is then selected; MiniLM teachers still form one).
 if [ "${V2_RUNS:-1}" != 0 ]; then
 launch v2-s13-soft0.5 --seed 13 --learning-rate 5e-5 --epochs 3 --soft-labels "$runs/soft.npy" --soft-weight 0.5 --deadline $deadline "${augment[@]}"
 launch v2-s14-soft0.8 --seed 14 --learning-rate 5e-5 --epochs 3 --soft-labels "$runs/soft.npy" --soft-weight 0.8 --deadline $deadline "${augment[@]}"

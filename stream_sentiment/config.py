@@ -72,7 +72,8 @@ class EngineSettings(_Group):
     model: str = Field(default="minilm-sentiment", pattern=NAME_PATTERN, description=(
         "Model folder in the repository: a plain name, never a path. Default: the shipped model."))
     version: str = Field(default="v1", pattern=NAME_PATTERN, description=(
-        "Engine version folder to serve: a plain name, never a path. Default: the committed INT8 engine."))
+        "Engine version folder to serve: a plain name, never a path. Default: v1 (minilm-sentiment's v2 is the more "
+        "accurate, see README's The model)."))
     backend: Literal["onnxruntime", "tensorrt", "torch-cuda", "engine-server"] = Field(
         default="onnxruntime", description=(
             "Inference backend; ONNX Runtime because every install has that CPU path (tensorrt and torch-cuda need "

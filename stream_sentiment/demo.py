@@ -32,7 +32,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from stream_sentiment.config import AggregationSettings, AlertSettings, Settings
+from stream_sentiment.batching.routing import version_for
+from stream_sentiment.config import AggregationSettings, AlertSettings, EngineSettings, Settings
 from stream_sentiment.embedded import LOOPBACK, EmbeddedKafka, EmbeddedRedis, free_port
 from stream_sentiment.source.replay import chinese_sample_posts, mixed_sample_posts, sample_posts
 
@@ -283,14 +284,17 @@ def account(counts: dict[str, int], stats: dict[str, Any], *, rate: float, produ
     return lines
 
 
-def _engine_overrides(routes: dict[str, str], engine: str | None) -> dict[str, Any] | None:
-    """``engine.*`` overrides for the demo; None leaves every engine setting to the environment and defaults."""
+def _engine_overrides(routes: dict[str, str], engine: str | None, configured: EngineSettings) -> dict[str, Any] | None:
+    """``engine.*`` overrides for the demo; None leaves every engine setting to the environment and defaults.
+
+    A bare model name means what it means in ``engine.routes`` (``routing.version_for``): the configured
+    version if it is the configured model, else the model's newest, never ``engine.version`` of another model.
+    """
     overrides: dict[str, Any] = {"routes": routes} if routes else {}
     if engine:
         model, _, version = engine.partition("/")
         overrides["model"] = model
-        if version:
-            overrides["version"] = version
+        overrides["version"] = version or version_for(configured, model)
     return overrides or None
 
 
@@ -313,7 +317,7 @@ def main(
         settings = Settings.load(
             bootstrap_servers=kafka.bootstrap_servers, topic=DEMO_TOPIC, redis_url=redis_server.url,
             redis_prefix="demo", consumer_group="demo", aggregation=DEMO_AGGREGATION, alerts=language.alerts,
-            engine=_engine_overrides(language.routes, engine),
+            engine=_engine_overrides(language.routes, engine, Settings.load().engine),
             kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=2000,
             admin={"port": admin_port},
         )

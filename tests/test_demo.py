@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-
-import pytest
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+
+import pytest
 
 from stream_sentiment.embedded import pid_alive, port_is_free
 
@@ -120,9 +120,14 @@ def test_the_closing_lines_say_plainly_when_the_machine_could_not_keep_up():
 
 
 def test_the_engine_flag_overrides_model_and_version_and_keeps_the_routes():
+    from stream_sentiment.config import EngineSettings
     from stream_sentiment.demo import _engine_overrides
 
-    assert _engine_overrides({}, None) is None  # nothing overridden: environment and defaults decide
-    assert _engine_overrides({}, "minilm-fast") == {"model": "minilm-fast"}
-    assert _engine_overrides({"zh": "multilingual-sentiment/v3"}, "minilm-sentiment/v2") == {
-        "routes": {"zh": "multilingual-sentiment/v3"}, "model": "minilm-sentiment", "version": "v2"}
+    configured = EngineSettings(repository=REPO / "engines", version="v2")  # as STREAM_SENTIMENT_ENGINE__VERSION=v2
+    assert _engine_overrides({}, None, configured) is None  # nothing overridden: environment and defaults decide
+    # A bare name of another model is its newest version, not the configured model's version name.
+    assert _engine_overrides({}, "minilm-fast", configured) == {"model": "minilm-fast", "version": "v1"}
+    # A bare name of the configured model keeps the configured version.
+    assert _engine_overrides({}, "minilm-sentiment", configured) == {"model": "minilm-sentiment", "version": "v2"}
+    assert _engine_overrides({"zh": "multilingual-sentiment/v3"}, "minilm-sentiment/v1", configured) == {
+        "routes": {"zh": "multilingual-sentiment/v3"}, "model": "minilm-sentiment", "version": "v1"}

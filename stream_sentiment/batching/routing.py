@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from stream_sentiment.batching.tokenizer import PostTokenizer
-from stream_sentiment.config import Settings
+from stream_sentiment.config import EngineSettings, Settings
 from stream_sentiment.engines.base import Engine
 from stream_sentiment.engines.manifest import EngineManifest, EngineRepository, EngineRepositoryError
 
@@ -83,6 +83,18 @@ def latest_version(versions: Sequence[str]) -> str:
     return max(versions, key=lambda name: [int(part) if part.isdigit() else part for part in _NUMBER.split(name)])
 
 
+def version_for(engine: EngineSettings, model: str) -> str:
+    """The version a bare model name means: the one ``engine`` serves if it is ``engine.model``, else the
+    repository's newest (``engine.routes``, ``demo --engine`` and the CPU bench read a bare name alike)."""
+    if model == engine.model:
+        return engine.version
+    versions = EngineRepository(engine.repository, model).versions()
+    if not versions:
+        raise EngineRepositoryError(f"no model {model!r} in {engine.repository} "
+                                    f"(models there: {_models(engine.repository)})")
+    return latest_version(versions)
+
+
 def plan_routes(settings: Settings) -> RoutePlan:
     """The routes ``settings`` ask for, versions resolved; unknown models or versions refused clearly."""
     engine = settings.engine
@@ -93,16 +105,10 @@ def plan_routes(settings: Settings) -> RoutePlan:
         model, _, version = spec.partition("/")
         repository = EngineRepository(engine.repository, model)
         if not version:
-            # A bare model: the version the service already serves of it, else the repository's newest.
-            if model == engine.model:
-                version = engine.version
-            else:
-                versions = repository.versions()
-                if not versions:
-                    raise EngineRepositoryError(
-                        f"engine.routes[{language!r}]: no model {model!r} in {engine.repository} "
-                        f"(models there: {_models(engine.repository)})")
-                version = latest_version(versions)
+            try:
+                version = version_for(engine, model)
+            except EngineRepositoryError as error:
+                raise EngineRepositoryError(f"engine.routes[{language!r}]: {error}") from None
         try:
             repository.path_of(version)
         except EngineRepositoryError as error:

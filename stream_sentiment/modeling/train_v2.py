@@ -156,6 +156,8 @@ def _read_augmented_soft_labels(soft_labels: Path, texts: list[str]) -> np.ndarr
     """Teacher probabilities on the transfer set ``texts``; refuses a file written for other texts."""
     path = _augmented_soft_path(soft_labels)
     record = json.loads(soft_labels.with_suffix(".json").read_text())
+    if not record.get("augmented_digest"):
+        raise ValueError(f"{soft_labels} has no transfer set: run the teachers with --augment-copies too")
     soft = np.load(path)
     if soft.shape != (len(texts), len(LABELS)) or record.get("augmented_digest") != texts_digest(texts):
         raise ValueError(f"{path} was written for another transfer set (shape {soft.shape} or digest differs)")
@@ -201,7 +203,11 @@ def train_v2(
             if config.soft_labels else None)
     if config.soft_weight and soft is None:
         raise ValueError("--soft-weight needs --soft-labels")
-    # The transfer set is built from the normalized training texts, so teacher and student see the same words.
+    if config.augment_copies and soft is None and not write_train_probabilities:
+        raise ValueError("--augment-copies: a teacher scores the copies (--write-train-probabilities), a student "
+                         "learns them (--soft-labels); this run does neither")
+    # The transfer set is built from the normalized training texts, so teacher and student see the same words
+    # (and the same rows: its replacement words come from all of them, so --max-train-rows must match too).
     transfer = augmented_texts([r.text for r in train_rows], config.augment_copies, seed=13)
     transfer_soft = (torch.from_numpy(_read_augmented_soft_labels(Path(config.soft_labels), transfer))
                      if transfer and soft is not None else None)
