@@ -18,10 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stream_sentiment.batching.tokenizer import PostTokenizer
 from stream_sentiment.engines.manifest import load_engine_version
 from stream_sentiment.labels import LABELS
-from stream_sentiment.modeling.evaluate import open_engine, score_texts
+from stream_sentiment.modeling.quantize import score
 from stream_sentiment.source.replay import sample_posts
 
 
@@ -32,12 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--posts", type=int, default=4000, help="how many replayed posts to score")
     args = parser.parse_args(argv)
     texts = [post["text"] for post in itertools.islice(sample_posts(seed=0), args.posts)]
-    labels = []
-    for folder in (args.first, args.second):
-        version = load_engine_version(folder)
-        with open_engine(version) as engine:
-            labels.append(score_texts(engine, PostTokenizer(version), texts).argmax(1))
-    first, second = labels
+    first, second = (score(load_engine_version(folder), texts, desc=str(folder)).argmax(1)
+                     for folder in (args.first, args.second))
     same = first == second
     print(json.dumps({
         "first": str(args.first), "second": str(args.second), "posts": len(texts),

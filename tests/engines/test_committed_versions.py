@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stream_sentiment.batching.tokenizer import PostTokenizer
 from stream_sentiment.config import AdminSettings
 from stream_sentiment.engines.manifest import load_engine_version
 from stream_sentiment.engines.scoring import read_jsonl_labelled
-from stream_sentiment.modeling.evaluate import open_engine, score_texts
+from stream_sentiment.modeling.quantize import score
 
 REPO = Path(__file__).resolve().parents[2]
 MINILM_FAMILY = ("minilm-sentiment", "minilm-fast")
@@ -43,8 +42,7 @@ def test_a_committed_version_loads_and_scores_its_golden_set_within_the_swap_tol
     manifest = version.manifest
     assert manifest.golden, "no golden set: a hot swap to it would be refused"
     texts, gold = read_jsonl_labelled(version.file(manifest.golden["file"]), manifest.labels)
-    with open_engine(version, threads=1) as engine:
-        predicted = score_texts(engine, PostTokenizer(version), texts).argmax(1)
+    predicted = score(version, texts, show_progress=False).argmax(1)
     accuracy = float(np.mean([manifest.labels[int(i)] == g for i, g in zip(predicted, gold, strict=True)]))
     # The tolerance, not equality: ONNX Runtime's integer kernels differ by instruction set (AVX2 vs VNNI),
     # and a few golden posts sit on a decision boundary (the multilingual versions move by 2-3 of 60 here).
