@@ -21,6 +21,9 @@ The model (per worker, all times fitted or read from those runs):
   0.147 ms per extra request + 1.45 us per row + 0.100 us per padded token, rows rounded up to the
   CUDA graph sizes (least squares over 31 runs' mean call times: RMS error 0.15 ms). 0.3 ms each way
   between worker and server; the Redis write 0.7 ms after the answer.
+* **The sink's prefix rule**: each worker owns two partitions and a post counts when every earlier post
+  of its partition has (the checkpointing sink applies a partition's longest finished prefix), so a
+  formation that finishes posts out of order pays for it here (``--no-prefix``: when its batch is written).
 
 Run: ``python bench/scheduler_sim.py`` (a few minutes on 2 cores); ``--json PATH`` writes the table.
 """
@@ -58,6 +61,8 @@ class Model:
     workers: int = 8
     slots: int = 4
     fetch_s: float = 0.012
+    partitions: int = 2            # per worker (16 partitions, 8 workers)
+    prefix: bool = True            # a post counts when its partition's earlier posts have (the sink's rule)
     fetch_max: int = 500
     max_in_flight: int = 10000
     post_s: float = 75e-6          # decode + tokenize, per post (tweets; long posts set below)
@@ -80,6 +85,8 @@ SETUPS: dict[str, Callable[[], BatchingPolicy]] = {
     "buckets (today)": lambda: BatchingPolicy(FINE, MAX_ROWS, MAX_TOKENS, 0.008, 0.002, True),
     "least-cost": lambda: BatchingPolicy(FINE, MAX_ROWS, MAX_TOKENS, 0.008, 0.0, formation=Formation.LEAST_COST,
                                          cost=BACKEND_COSTS["engine-server"]),
+    "least-cost, x8": lambda: BatchingPolicy(EVERY_8, MAX_ROWS, MAX_TOKENS, 0.008, 0.0, formation=Formation.LEAST_COST,
+                                             cost=BACKEND_COSTS["engine-server"]),
     "least-cost, timeout 2 ms": lambda: BatchingPolicy(FINE, MAX_ROWS, MAX_TOKENS, 0.008, 0.002,
                                                        formation=Formation.LEAST_COST,
                                                        cost=BACKEND_COSTS["engine-server"]),
@@ -93,11 +100,16 @@ SETUPS: dict[str, Callable[[], BatchingPolicy]] = {
 
 @dataclass
 class Worker:
-    batcher: Batcher[float]
+    batcher: Batcher[tuple[float, int, int]]   # a post: (fetched at, partition, its place in the partition)
     idle: int
     loop_free: float = 0.0
     in_flight: int = 0
     timer: float | None = None
+    # Per partition: posts fetched so far, the next one not yet counted, and the finished ones waiting
+    # for an earlier post (the checkpointing sink applies a partition's longest finished prefix only).
+    fetched: list[int] = field(default_factory=list)
+    counted: list[int] = field(default_factory=list)
+    finished: list[dict[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -131,7 +143,8 @@ class Sim:
     def run(self) -> dict[str, float]:
         rng = random.Random(self.seed)
         m = self.model
-        workers = [Worker(Batcher(self.policy), m.slots) for _ in range(m.workers)]
+        workers = [Worker(Batcher(self.policy), m.slots, fetched=[0] * m.partitions, counted=[0] * m.partitions,
+                          finished=[{} for _ in range(m.partitions)]) for _ in range(m.workers)]
         self.pending: deque[tuple[int, object]] = deque()
         self.stream_free = True
         for index in range(m.workers):
@@ -160,7 +173,11 @@ class Sim:
             count = np.random.default_rng(rng.getrandbits(32)).poisson(self.rate / m.workers * m.fetch_s)
         added = self.loop(worker, now, count * m.post_s)
         for _ in range(count):
-            worker.batcher.add(now, range(int(self.lengths[rng.randrange(len(self.lengths))])), added)
+            partition = rng.randrange(m.partitions)
+            place = worker.fetched[partition]
+            worker.fetched[partition] += 1
+            worker.batcher.add((now, partition, place), range(int(self.lengths[rng.randrange(len(self.lengths))])),
+                               added)
         worker.in_flight += count
         self.at(added, "dispatch", index)
         # On a backlog the next fetch follows this one's processing (1 ms to the broker and back).
@@ -215,9 +232,21 @@ class Sim:
         worker.idle += 1
         worker.in_flight -= batch.rows  # type: ignore[attr-defined]
         written = done + m.redis_s
+        counted: list[float] = []
+        for entry in batch.entries:  # type: ignore[attr-defined]
+            fetched, partition, place = entry.item
+            worker.finished[partition][place] = fetched
+        for partition in {entry.item[1] for entry in batch.entries}:  # type: ignore[attr-defined]
+            waiting = worker.finished[partition]
+            if not self.model.prefix:
+                counted.extend(written - waiting.pop(place) for place in list(waiting))
+                continue
+            while worker.counted[partition] in waiting:  # the finished prefix: counted in this write
+                counted.append(written - waiting.pop(worker.counted[partition]))
+                worker.counted[partition] += 1
         if self.warmup <= done < self.warmup + self.seconds:
-            self.done_posts += batch.rows  # type: ignore[attr-defined]
-            self.latencies.extend(written - e.item for e in batch.entries)  # type: ignore[attr-defined]
+            self.done_posts += len(counted)
+            self.latencies.extend(counted)
         self._dispatch(done, workers, rng, index)
 
 
@@ -244,6 +273,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--post-us", type=float, default=None, help="override decode+tokenize us per post")
+    parser.add_argument("--no-prefix", action="store_true",
+                        help="count a post when its batch is written, not when its partition's earlier posts are")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rates = {w: [float(r) for r in rs.split(",")] for w, rs in (part.split(":") for part in args.rates.split(";"))}
@@ -254,7 +285,7 @@ def main() -> None:
         for rate in rates[workload]:
             for name in args.setups.split(";"):
                 post_s = (75e-6 if workload == "tweets" else 152e-6) if args.post_us is None else args.post_us / 1e6
-                model = dataclasses.replace(Model(), post_s=post_s)
+                model = dataclasses.replace(Model(), post_s=post_s, prefix=not args.no_prefix)
                 sim = Sim(model, SETUPS[name](), lengths, rate or None, args.seconds, 0.3, args.seed)
                 row = {"workload": workload, "offered": rate or "backlog", "setup": name, **sim.run()}
                 results.append(row)

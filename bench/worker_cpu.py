@@ -58,7 +58,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.gpu_e2e.setups import dynamic_padding  # noqa: E402
+from bench.gpu_e2e.setups import DEFAULT_BUCKETS, dynamic_padding  # noqa: E402
 from bench.recording import RecordingHistogram  # noqa: E402
 from stream_sentiment.batching.tokenizer import PostTokenizer, fast_path_loop, pad_to_bucket  # noqa: E402
 from stream_sentiment.config import Settings  # noqa: E402
@@ -76,9 +76,9 @@ PARTITIONS = 2
 MAX_ROWS = 256
 # Kafka append times: a minute of stream, so posts spread over buckets as a live stream's do.
 T0 = 1_700_000_000.0
-# The paced mode's batching: bench/gpu_e2e's defaults for `ours` (its fine buckets, least-cost formation,
+# The paced mode's batching: bench/gpu_e2e's defaults for `ours` (its buckets, least-cost formation,
 # an 8 ms window, a 2 ms timeout, smaller buckets merged into a timeout batch, 32,768 padded tokens).
-PACED_BUCKETS = (16, 24, 32, 40, 48, 64, 96, 112, 128, 160, 256)
+PACED_BUCKETS = DEFAULT_BUCKETS
 MAX_BUCKET = PACED_BUCKETS[-1]
 PACED_BATCHING = {"max_rows": MAX_ROWS, "max_tokens": 32768, "window_ms": 8.0, "timeout_ms": 2.0,
                   "formation": "least-cost", "merge_smaller_on_timeout": True, "buckets": list(PACED_BUCKETS),

@@ -47,11 +47,16 @@ SETUP_NAMES = ("ours", "ours-buckets", "ours-own", "ours-coarse", "ours-python-g
 DEFAULT_SETUPS = ("ours", "ours-own", "pad-to-max", "dynamic-pad", "hf-b64", "hf-b1", "engine-only", "kafka-only")
 # The transformers baselines and their pipeline batch sizes.
 BASELINE_KINDS = {"hf-b64": 64, "hf-b1": 1}
-# Finer than the manifest's 32/64/128/256: tweets average ~26 tokens and the long posts ~98, so
-# these keep ~88% (tweets) and ~91% (long) of computed tokens real; the manifest's keep 65% / 75%.
-DEFAULT_BUCKETS = (16, 24, 32, 40, 48, 64, 96, 112, 128, 160, 256)
 # Dynamic padding's stand-in grid: a bucket every this many tokens.
 DYNAMIC_STEP = 8
+# Ours pads on the same grid as (e), a bucket every 8 tokens, so that least-cost formation is (e)'s batch
+# wherever one call is cheapest and splits it only where the cost model says a split pays. With the
+# earlier 11 buckets (16, 24, 32, 40, 48, 64, 96, 112, 128, 160, 256) a merged batch was padded up to the
+# next of those, coarser than (e) above 48 tokens: at 0.8x (e)'s drain rate ours kept 63% of computed
+# tokens real on long posts against (e)'s 70% (docs/gpu-e2e-h200-repeats3-run6.json), and its P99 lost.
+# bench/scheduler_sim.py, with the sink's per-partition prefix rule: ties (e) below saturation, drains as
+# before on a backlog (long posts: 69.6k vs 67.4k/s simulated).
+DEFAULT_BUCKETS = tuple(range(2 * DYNAMIC_STEP, 257, DYNAMIC_STEP))
 # The order set-ups run in, per workload: baselines first, as the matched-rate runs need their drain rates.
 RUN_ORDER = ("kafka-only", "hf-b1", "hf-b64", "pad-to-max", "dynamic-pad", "ours-buckets", "ours-coarse", "ours-own",
              "ours-python-gc", "ours-uvloop", "ours")
