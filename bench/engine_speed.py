@@ -6,7 +6,7 @@ the same threads, so a busy machine slows all of them alike. No Kafka, no Redis,
 the timed part: this is the ceiling the engine puts on a worker (``cpu_e2e.py`` measures the
 whole pipeline). Used to choose the fast student's depth (speed does not depend on the weights).
 
-    python bench/engine_speed.py engines/minilm-sentiment/v1 engines/minilm-fast/v1 [--rounds 5]
+    python bench/engine_speed.py engines/minilm-sentiment/v1 engines/minilm-fast/v2 [--rounds 5]
 """
 
 from __future__ import annotations

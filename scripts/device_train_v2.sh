@@ -9,7 +9,8 @@
 #      (v2 candidates) and two FAST_LAYERS-deep students (full and FAST_FFN-wide FFN) on soft + hard labels.
 #      AUGMENT_COPIES=K: the teachers also score K perturbed copies of every training row (a transfer set,
 #      stream_sentiment.modeling.augment) and the students learn those from the teachers alone.
-#      V2_RUNS=0 leaves out the two 6-layer students; FAST_EPOCHS sets the fast students' epochs (4).
+#      V2_RUNS=0 leaves out the two 6-layer students; FAST_EPOCHS sets the fast students' epochs (4);
+#      FAST_SHAPES=narrow trains the narrow-FFN one alone (minilm-fast as committed).
 #   C. scripts/select_v2.py: per group the best run on the dev sets (MiniLM teachers compete for v2 too),
 #      FP16 storage check, checkpoints back as <16 MiB FP16 parts (frozen word embeddings left out: they are
 #      the carried base's), OUT/train_v2_report.json, OUT/logs.tar.gz: about 6 files, ~35 MB.
@@ -93,8 +94,11 @@ launch v2-s13-soft0.5 --seed 13 --learning-rate 5e-5 --epochs 3 --soft-labels "$
 launch v2-s14-soft0.8 --seed 14 --learning-rate 5e-5 --epochs 3 --soft-labels "$runs/soft.npy" --soft-weight 0.8 --deadline $deadline "${augment[@]}"
 fi
 FAST_EPOCHS=${FAST_EPOCHS:-4}
+# FAST_SHAPES=narrow: only the narrow-FFN student (minilm-fast's shape), the GPU to itself.
+if [ "${FAST_SHAPES:-both}" != narrow ]; then
 launch fast-l$FAST_LAYERS --layers "$FAST_LAYERS" --seed 13 --learning-rate 1e-4 --epochs "$FAST_EPOCHS" \
   --soft-labels "$runs/soft.npy" --soft-weight 0.7 --deadline $deadline "${augment[@]}"
+fi
 launch fast-l$FAST_LAYERS-ffn$FAST_FFN --layers "$FAST_LAYERS" --intermediate-size "$FAST_FFN" --seed 13 \
   --learning-rate 1e-4 --epochs "$FAST_EPOCHS" --soft-labels "$runs/soft.npy" --soft-weight 0.7 --deadline $deadline "${augment[@]}"
 finish

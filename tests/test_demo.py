@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(("engine_flag", "engine"), [
     ([], "minilm-sentiment/v1"),
     # The fast CPU student, chosen on the command line: the alerts name it.
-    (["--engine", "minilm-fast"], "minilm-fast/v1"),
+    (["--engine", "minilm-fast"], "minilm-fast/v2"),
 ])
 def test_demo_shows_the_surge_alert_and_exits_cleanly(engine_flag: list[str], engine: str) -> None:
     process = subprocess.Popen(
@@ -126,7 +126,7 @@ def test_the_engine_flag_overrides_model_and_version_and_keeps_the_routes():
     configured = EngineSettings(repository=REPO / "engines", version="v2")  # as STREAM_SENTIMENT_ENGINE__VERSION=v2
     assert _engine_overrides({}, None, configured) is None  # nothing overridden: environment and defaults decide
     # A bare name of another model is its newest version, not the configured model's version name.
-    assert _engine_overrides({}, "minilm-fast", configured) == {"model": "minilm-fast", "version": "v1"}
+    assert _engine_overrides({}, "minilm-fast", configured) == {"model": "minilm-fast", "version": "v2"}
     # A bare name of the configured model keeps the configured version.
     assert _engine_overrides({}, "minilm-sentiment", configured) == {"model": "minilm-sentiment", "version": "v2"}
     assert _engine_overrides({"zh": "multilingual-sentiment/v3"}, "minilm-sentiment/v1", configured) == {

@@ -41,6 +41,7 @@ from stream_sentiment.modeling.quantize import (
     build_int8_version,
     choose_method,
     compare_methods,
+    float_modules_for_agreement,
     read_calibration_ids,
     score,
 )
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention-matmuls", choices=("int8", "float"), default="int8",
                         help="attention's activation-by-activation MatMuls (scores, context): int8 (minilm-sentiment "
                              "v1) or FP32 (see quantize.attention_matmuls)")
+    parser.add_argument("--float-until-agreement", type=float, metavar="FRACTION",
+                        help="leave the most int8-sensitive modules FP32, fewest first, until the INT8 labels agree "
+                             "with FP32 on this fraction of the validation tweets (a min-max sweep, "
+                             "quantize.float_modules_for_agreement: ~20 s per module of a 6-layer MiniLM on 2 cores)")
     parser.add_argument("--report", type=Path, default=Path("docs/calibration-report.json"))
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     args = parser.parse_args(argv)
@@ -139,12 +144,26 @@ def main(argv: list[str] | None = None) -> int:
                 test_sets[f"review_test_{gold}"] = ([r["text"] for r in rows], [r["label"] for r in rows])
         if args.zh_extra_test.exists():
             test_sets["zh_social_eval"] = read_labelled_file(args.zh_extra_test)
+    sensitivity: dict[str, object] = {}
+    keep_float: list[str] = []
+    kept_modules: list[str] = []
+    if args.float_until_agreement is not None:
+        print(f"[2/4] first finding the modules to keep FP32 for {args.float_until_agreement:.2%} validation agreement",
+              flush=True)
+        sensitivity = float_modules_for_agreement(
+            fp32, calibration_texts, selection_sets["validation"][0], fp32_dir.parent / "sensitivity",
+            args.float_until_agreement, down_projections=args.down_projections, attention=args.attention_matmuls,
+            show_progress=show_progress)
+        keep_float = list(sensitivity["keep_float"])  # type: ignore[call-overload]
+        kept_modules = list(sensitivity["modules"])  # type: ignore[call-overload]
+        print(f"      kept FP32: {sensitivity['modules']} -> agreement {sensitivity['agreement']}", flush=True)
     methods = ", ".join(METHODS) if args.method == "auto" else args.method
     print(f"[2/4] quantizing with {methods} on {len(calibration_texts)} calibration texts", flush=True)
     comparison = compare_methods(fp32, calibration_texts, selection_sets, fp32_dir.parent,
                                  show_progress=show_progress, down_projections=args.down_projections,
                                  attention=args.attention_matmuls,
-                                 methods=METHODS if args.method == "auto" else (args.method,))
+                                 methods=METHODS if args.method == "auto" else (args.method,),
+                                 keep_float=keep_float)
     choose_on = ("validation", "review_dev") if "zh" in languages else ("validation",)
     method = choose_method(comparison, *choose_on) if args.method == "auto" else args.method
     print(f"[3/4] chose {method} calibration", flush=True)
@@ -164,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
                          + ("; their weights stored int8 per output channel (weight-only)"
                             if args.down_projections == "int8-weights" else "")
                          + ("; attention's activation-by-activation MatMuls (see quantize.attention_matmuls)"
-                            if args.attention_matmuls == "float" else ""),
+                            if args.attention_matmuls == "float" else "")
+                         + (f"; the modules {', '.join(kept_modules)} (their int8 copy cost label "
+                            "agreement with FP32: see kept_float_for_agreement)" if keep_float else ""),
+        **({"kept_float_for_agreement": sensitivity} if sensitivity else {}),
         "percentile": PERCENTILE if method == "percentile" else None,
         "calibration_set": calibration_set,
         "chosen_on": list(choose_on),

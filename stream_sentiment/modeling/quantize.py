@@ -130,6 +130,26 @@ def attention_matmuls(model_path: Path) -> list[str]:
             if node.op_type == "MatMul" and not any(name in weights for name in node.input)]
 
 
+def quantizable_modules(model_path: Path) -> dict[str, list[str]]:
+    """The nodes :data:`OPS_TO_QUANTIZE` would quantize, grouped by module (a node name's parent path,
+    e.g. ``/layer.3/dense`` or ``/layer.3/self`` for attention's two activation MatMuls), in graph order.
+
+    Gathers count only when they read a float initializer (the embeddings), not the shape arithmetic.
+    """
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    float_initializers = {init.name for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
+    modules: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type not in OPS_TO_QUANTIZE:
+            continue
+        if node.op_type == "Gather" and node.input[0] not in float_initializers:
+            continue
+        modules.setdefault(node.name.rsplit("/", 1)[0] or node.name, []).append(node.name)
+    return modules
+
+
 def quantize_weights_only(model_path: Path, node_names: Sequence[str]) -> int:
     """Store the weights of the MatMuls ``node_names`` as int8 (per output channel, symmetric) behind a
     DequantizeLinear, their activations staying float; returns how many weights were converted.
@@ -177,14 +197,16 @@ def quantize_weights_only(model_path: Path, node_names: Sequence[str]) -> int:
 
 def quantize_model(
     fp32: EngineVersion, texts: Sequence[str], method: str, destination: Path, *, show_progress: bool = True,
-    down_projections: str = "float", attention: str = "int8",
+    down_projections: str = "float", attention: str = "int8", keep_float: Sequence[str] = (),
 ) -> Path:
     """Write a Q/DQ INT8 copy of ``fp32``'s ONNX to ``destination`` using ``method`` calibration.
 
     ``down_projections``: ``float`` keeps the FFN down-projections FP32 (:func:`ffn_down_projections`),
     ``int8-weights`` stores their weights as int8 (:func:`quantize_weights_only`). ``attention``:
     ``int8`` quantizes attention's activation-by-activation MatMuls too (``minilm-sentiment`` v1),
-    ``float`` keeps them FP32 (:func:`attention_matmuls`).
+    ``float`` keeps them FP32 (:func:`attention_matmuls`). ``keep_float``: further node names
+    left FP32 (the sensitive modules :func:`float_modules_for_agreement` finds); with ``int8-weights``
+    their weights are stored int8 too, as the down-projections' are.
     With ``show_progress``, a bar on stderr counts the calibration batches ORT has run.
     """
     from onnxruntime.quantization import (
@@ -222,7 +244,7 @@ def quantize_model(
             _UniformReader(PostTokenizer(fp32), texts, progress=bar.update),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(OPS_TO_QUANTIZE),
-            nodes_to_exclude=kept_float + kept_attention,
+            nodes_to_exclude=kept_float + kept_attention + list(keep_float),
             per_channel=True,
             reduce_range=False,
             activation_type=QuantType.QInt8,
@@ -240,7 +262,7 @@ def quantize_model(
             },
         )
     if down_projections == "int8-weights":
-        quantize_weights_only(destination, kept_float)
+        quantize_weights_only(destination, kept_float + list(keep_float))
     elif down_projections != "float":
         raise ValueError(f"down_projections: float or int8-weights, not {down_projections!r}")
     return destination
@@ -248,14 +270,14 @@ def quantize_model(
 
 def candidate_version(
     fp32: EngineVersion, texts: Sequence[str], method: str, folder: Path, *, show_progress: bool = True,
-    down_projections: str = "float", attention: str = "int8",
+    down_projections: str = "float", attention: str = "int8", keep_float: Sequence[str] = (),
 ) -> EngineVersion:
     """Quantize ``fp32`` with ``method`` into a complete (uncommitted) INT8 version folder."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     quantize_model(fp32, texts, method, folder / "model.int8.onnx", show_progress=show_progress,
-                   down_projections=down_projections, attention=attention)
+                   down_projections=down_projections, attention=attention, keep_float=keep_float)
     for name in fp32.manifest.files:
         if not name.endswith(".onnx"):
             shutil.copy2(fp32.path / name, folder / name)
@@ -291,6 +313,7 @@ def compare_methods(
     down_projections: str = "float",
     attention: str = "int8",
     methods: Sequence[str] = METHODS,
+    keep_float: Sequence[str] = (),
 ) -> dict[str, object]:
     """Quantize with each of ``methods`` and measure each against FP32 on the selection sets.
 
@@ -306,7 +329,7 @@ def compare_methods(
         started = time.perf_counter()
         folder = workdir / f"{fp32.manifest.version.removesuffix('-fp32')}-int8-{method}"
         candidate = candidate_version(fp32, calibration_texts, method, folder, show_progress=show_progress,
-                                      down_projections=down_projections, attention=attention)
+                                      down_projections=down_projections, attention=attention, keep_float=keep_float)
         seconds = time.perf_counter() - started
         results[method] = {
             "calibration_seconds": round(seconds, 1),
@@ -315,6 +338,90 @@ def compare_methods(
                for name, (texts, gold) in selection_sets.items()},
         }
     return results
+
+
+def prepared_modules(fp32: EngineVersion) -> dict[str, list[str]]:
+    """:func:`quantizable_modules` of ``fp32``'s model as :func:`quantize_model` sees it (after ORT's
+    pre-processing), minus the nodes every recipe keeps float (the FFN down-projections) and the token
+    embeddings: their float table would be most of the file (47 of MiniLM's 90 MB), against the
+    family's size budget, while int8 holds a lookup table well (per-row rounding, no accumulation)."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(fp32.model_path), str(prepared), skip_symbolic_shape=False)
+        graph = onnx.load(str(prepared), load_external_data=False).graph
+        sizes = {init.name: int(np.prod(init.dims)) for init in graph.initializer}
+        largest = max(sizes, key=sizes.__getitem__)
+        token_embeddings = {node.name for node in graph.node if node.op_type == "Gather" and node.input[0] == largest}
+        always_float = set(ffn_down_projections(prepared)) | token_embeddings
+        modules = {module: [n for n in nodes if n not in always_float]
+                   for module, nodes in quantizable_modules(prepared).items()}
+    return {module: nodes for module, nodes in modules.items() if nodes}
+
+
+def keep_until_agreement(
+    ranked: Sequence[str], baseline: float, target: float, measure: Callable[[list[str]], float],
+) -> tuple[list[str], float]:
+    """Keep the first of ``ranked`` (most sensitive first) one more at a time until ``measure(kept)`` reaches
+    ``target``; returns the modules kept and the last agreement measured (``baseline`` if none needed)."""
+    kept: list[str] = []
+    reached = baseline
+    for module in ranked:
+        if reached >= target:
+            break
+        kept.append(module)
+        reached = measure(list(kept))
+    return kept, reached
+
+
+def float_modules_for_agreement(
+    fp32: EngineVersion,
+    calibration_texts: Sequence[str],
+    selection_texts: Sequence[str],
+    workdir: Path,
+    target: float,
+    *,
+    method: str = "minmax",
+    down_projections: str = "float",
+    attention: str = "int8",
+    show_progress: bool = True,
+) -> dict[str, object]:
+    """The fewest modules to leave FP32 so the INT8 labels agree with FP32 on ``target`` of ``selection_texts``.
+
+    First a leave-one-out sweep, the CPU analogue of Polygraphy's precision bisection: each module
+    (:func:`prepared_modules`) left FP32 alone, everything else quantized as the recipe says, and its
+    label agreement with FP32 measured; then the modules in order of that agreement, most sensitive
+    first, kept FP32 one more at a time until the whole model reaches ``target`` (or all are float).
+    About two quantizations and scorings per module. Judged on selection texts only, never a test set.
+
+    Returns ``keep_float`` (node names for :func:`quantize_model`), the modules kept, the agreement
+    reached, and the sweep (each module's agreement alone; ``baseline_agreement``: none kept).
+    """
+    reference = score(fp32, selection_texts, desc="score fp32", show_progress=show_progress).argmax(1)
+
+    def agreement(keep: Sequence[str], name: str) -> float:
+        folder = workdir / name
+        candidate = candidate_version(fp32, calibration_texts, method, folder, show_progress=False,
+                                      down_projections=down_projections, attention=attention, keep_float=keep)
+        labels = score(candidate, selection_texts, desc=f"score {name}", show_progress=show_progress).argmax(1)
+        shutil.rmtree(folder)
+        return round(float((labels == reference).mean()), 4)
+
+    modules = prepared_modules(fp32)
+    baseline = agreement((), "all-int8")
+    sweep = sorted(({"module": module, "agreement": agreement(nodes, f"float-{index}")}
+                    for index, (module, nodes) in enumerate(modules.items())),
+                   key=lambda row: -float(row["agreement"]))  # type: ignore[arg-type]
+    kept, reached = keep_until_agreement(
+        [str(row["module"]) for row in sweep], baseline, target,
+        lambda kept: agreement([n for module in kept for n in modules[module]], f"kept-{len(kept)}"))
+    return {
+        "target_agreement": target, "method": method, "selection_rows": len(selection_texts),
+        "baseline_agreement": baseline, "agreement": reached, "modules": kept,
+        "keep_float": [n for module in kept for n in modules[module]], "sweep": sweep,
+    }
 
 
 def _summary(gold: list[str], probabilities: np.ndarray, reference: np.ndarray) -> dict[str, float]:
