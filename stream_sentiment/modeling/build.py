@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     args = parser.parse_args(argv)
     show_progress = not args.no_progress
+    if args.float_until_agreement is not None and not 0 < args.float_until_agreement <= 1:
+        raise SystemExit(f"--float-until-agreement: a fraction in (0, 1], not {args.float_until_agreement}")
     languages = tuple(lang.strip() for lang in args.languages.split(",") if lang.strip())
     if not set(languages) <= {"en", "zh"} or not languages:
         raise SystemExit(f"--languages: en and/or zh, not {args.languages!r}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from stream_sentiment.modeling.build import main as calibrate
 from stream_sentiment.modeling.quantize import keep_until_agreement, quantizable_modules
 
 
@@ -68,3 +70,8 @@ def test_nothing_is_kept_when_the_baseline_already_agrees_enough() -> None:
 def test_every_module_is_kept_when_the_target_is_out_of_reach() -> None:
     kept, reached = keep_until_agreement(["a", "b"], 0.98, 1.0, lambda kept: 0.98 + 0.001 * len(kept))
     assert kept == ["a", "b"] and reached == 0.982
+
+
+def test_calibrate_refuses_an_agreement_that_is_not_a_fraction(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="a fraction in"):
+        calibrate(["--checkpoint", str(tmp_path), "--version", "v9", "--float-until-agreement", "99"])
