@@ -10,7 +10,8 @@
 #      AUGMENT_COPIES=K: the teachers also score K perturbed copies of every training row (a transfer set,
 #      stream_sentiment.modeling.augment) and the students learn those from the teachers alone.
 #      V2_RUNS=0 leaves out the two 6-layer students; FAST_EPOCHS sets the fast students' epochs (4);
-#      FAST_SHAPES=narrow trains the narrow-FFN one alone (minilm-fast as committed).
+#      FAST_SHAPES=narrow trains the narrow-FFN one alone (minilm-fast as committed), none neither; SOFT_FROM=DIR skips stage A
+#      and takes an earlier call's soft labels from DIR (stage B then has the call to itself).
 #   C. scripts/select_v2.py: per group the best run on the dev sets (MiniLM teachers compete for v2 too),
 #      FP16 storage check, checkpoints back as <16 MiB FP16 parts (frozen word embeddings left out: they are
 #      the carried base's), OUT/train_v2_report.json, OUT/logs.tar.gz: about 6 files, ~35 MB.
@@ -65,27 +66,35 @@ finish() {  # wait for every launched run; a failed run is reported, not fatal (
 
 pids=()
 deadline=$((start + STAGE_A_S))
-if [ "$TEACHERS" != mpnet ]; then
-  launch teacher-s13 --seed 13 --learning-rate 5e-5 --epochs 3 --write-train-probabilities --deadline $deadline "${augment[@]}"
-  launch teacher-s14 --seed 14 --learning-rate 5e-5 --epochs 3 --write-train-probabilities --deadline $deadline "${augment[@]}"
-  launch teacher-s15 --seed 15 --learning-rate 3e-5 --epochs 3 --write-train-probabilities --deadline $deadline "${augment[@]}"
-  launch teacher-s16 --seed 16 --learning-rate 3e-5 --epochs 3 --write-train-probabilities --deadline $deadline "${augment[@]}"
-fi
-if [ "$TEACHERS" != minilm ]; then
-  # 12-layer MPNet teachers (stream_sentiment.modeling.mpnet_teacher) from the staged base, joined and checked.
-  STAGED=${MPNET_STAGED:-/tmp/mpnet-staged} python3 -c 'import os, pathlib; from stream_sentiment.modeling.mpnet_base import join_stages
+if [ -n "${SOFT_FROM:-}" ]; then
+  # Students only: the soft labels of an earlier call (its logs.tar.gz: soft.npy, soft.json and, with a transfer
+  # set, soft_augmented.npy, carried in SOFT_FROM); the students check their digest against this corpus.
+  cp "$SOFT_FROM"/soft.npy "$SOFT_FROM"/soft.json "$runs"/
+  if [ -f "$SOFT_FROM"/soft_augmented.npy ]; then cp "$SOFT_FROM"/soft_augmented.npy "$runs"/; fi
+  echo "no teachers: soft labels from $SOFT_FROM" | tee -a "$runs/timeline.txt"
+else
+  if [ "$TEACHERS" != mpnet ]; then
+    launch teacher-s13 --seed 13 --learning-rate 5e-5 --epochs 3 --write-train-probabilities --deadline $deadline "${augment[@]}"
+    launch teacher-s14 --seed 14 --learning-rate 5e-5 --epochs 3 --write-train-probabilities --deadline $deadline "${augment[@]}"
+    launch teacher-s15 --seed 15 --learning-rate 3e-5 --epochs 3 --write-train-probabilities --deadline $deadline "${augment[@]}"
+    launch teacher-s16 --seed 16 --learning-rate 3e-5 --epochs 3 --write-train-probabilities --deadline $deadline "${augment[@]}"
+  fi
+  if [ "$TEACHERS" != minilm ]; then
+    # 12-layer MPNet teachers (stream_sentiment.modeling.mpnet_teacher) from the staged base, joined and checked.
+    STAGED=${MPNET_STAGED:-/tmp/mpnet-staged} python3 -c 'import os, pathlib; from stream_sentiment.modeling.mpnet_base import join_stages
 print("MPNet base joined:", join_stages(pathlib.Path(os.environ["STAGED"]), pathlib.Path("build/mpnet-base")), "bytes")'
-  mpnet=(--encoder mpnet --base-model build/mpnet-base --freeze-word-embeddings false --epochs "$MPNET_EPOCHS"
-         --write-train-probabilities --deadline $deadline "${augment[@]}")
-  for seed in $MPNET_SEEDS; do
-    if [ "$seed" = 13 ]; then lr=2e-5; else lr=3e-5; fi
-    launch mpnet-s"$seed" "${mpnet[@]}" --seed "$seed" --learning-rate $lr
-  done
+    mpnet=(--encoder mpnet --base-model build/mpnet-base --freeze-word-embeddings false --epochs "$MPNET_EPOCHS"
+           --write-train-probabilities --deadline $deadline "${augment[@]}")
+    for seed in $MPNET_SEEDS; do
+      if [ "$seed" = 13 ]; then lr=2e-5; else lr=3e-5; fi
+      launch mpnet-s"$seed" "${mpnet[@]}" --seed "$seed" --learning-rate $lr
+    done
+  fi
+  finish
+  echo "stage A done at +$(( $(date +%s) - start )) s" | tee -a "$runs/timeline.txt"
+  teachers=("$runs"/teacher-s*/ "$runs"/mpnet-s*/)
+  python3 scripts/ensemble_v2.py --corpora-dir "$carry/corpora" --output "$runs/soft.npy" "${teachers[@]}" | tail -1
 fi
-finish
-echo "stage A done at +$(( $(date +%s) - start )) s" | tee -a "$runs/timeline.txt"
-teachers=("$runs"/teacher-s*/ "$runs"/mpnet-s*/)
-python3 scripts/ensemble_v2.py --corpora-dir "$carry/corpora" --output "$runs/soft.npy" "${teachers[@]}" | tail -1
 
 deadline=$((start + STAGE_B_S))
 # V2_RUNS=0: the fast students alone (with TEACHERS=mpnet no v2 is then selected; MiniLM teachers still form one).
@@ -94,13 +103,16 @@ launch v2-s13-soft0.5 --seed 13 --learning-rate 5e-5 --epochs 3 --soft-labels "$
 launch v2-s14-soft0.8 --seed 14 --learning-rate 5e-5 --epochs 3 --soft-labels "$runs/soft.npy" --soft-weight 0.8 --deadline $deadline "${augment[@]}"
 fi
 FAST_EPOCHS=${FAST_EPOCHS:-4}
-# FAST_SHAPES=narrow: only the narrow-FFN student (minilm-fast's shape), the GPU to itself.
-if [ "${FAST_SHAPES:-both}" != narrow ]; then
+# FAST_SHAPES=narrow: only the narrow-FFN student (minilm-fast's shape), the GPU to itself; none: no fast student.
+FAST_SHAPES=${FAST_SHAPES:-both}
+if [ "$FAST_SHAPES" = both ]; then
 launch fast-l$FAST_LAYERS --layers "$FAST_LAYERS" --seed 13 --learning-rate 1e-4 --epochs "$FAST_EPOCHS" \
   --soft-labels "$runs/soft.npy" --soft-weight 0.7 --deadline $deadline "${augment[@]}"
 fi
+if [ "$FAST_SHAPES" != none ]; then
 launch fast-l$FAST_LAYERS-ffn$FAST_FFN --layers "$FAST_LAYERS" --intermediate-size "$FAST_FFN" --seed 13 \
   --learning-rate 1e-4 --epochs "$FAST_EPOCHS" --soft-labels "$runs/soft.npy" --soft-weight 0.7 --deadline $deadline "${augment[@]}"
+fi
 finish
 echo "stage B done at +$(( $(date +%s) - start )) s" | tee -a "$runs/timeline.txt"
 
