@@ -97,10 +97,15 @@ print("MPNet base joined:", join_stages(pathlib.Path(os.environ["STAGED"]), path
 fi
 
 deadline=$((start + STAGE_B_S))
-# V2_RUNS=0: the fast students alone (with TEACHERS=mpnet no v2 is then selected; MiniLM teachers still form one).
-if [ "${V2_RUNS:-1}" != 0 ]; then
-launch v2-s13-soft0.5 --seed 13 --learning-rate 5e-5 --epochs 3 --soft-labels "$runs/soft.npy" --soft-weight 0.5 --deadline $deadline "${augment[@]}"
-launch v2-s14-soft0.8 --seed 14 --learning-rate 5e-5 --epochs 3 --soft-labels "$runs/soft.npy" --soft-weight 0.8 --deadline $deadline "${augment[@]}"
+# V2_RUNS=0: the fast students alone (with TEACHERS=mpnet no v2 is then selected; MiniLM teachers still form one);
+# V2_RUNS=soft0.8: only that one (v2's recipe), the GPU to itself. V2_EPOCHS: their epochs (3).
+V2_RUNS=${V2_RUNS:-1}
+V2_EPOCHS=${V2_EPOCHS:-3}
+if [ "$V2_RUNS" = 1 ]; then
+launch v2-s13-soft0.5 --seed 13 --learning-rate 5e-5 --epochs "$V2_EPOCHS" --soft-labels "$runs/soft.npy" --soft-weight 0.5 --deadline $deadline "${augment[@]}"
+fi
+if [ "$V2_RUNS" != 0 ]; then
+launch v2-s14-soft0.8 --seed 14 --learning-rate 5e-5 --epochs "$V2_EPOCHS" --soft-labels "$runs/soft.npy" --soft-weight 0.8 --deadline $deadline "${augment[@]}"
 fi
 FAST_EPOCHS=${FAST_EPOCHS:-4}
 # FAST_SHAPES=narrow: only the narrow-FFN student (minilm-fast's shape), the GPU to itself; none: no fast student.
