@@ -50,8 +50,9 @@ from stream_sentiment.batching.batcher import Batcher, BatchingPolicy, Formation
 from stream_sentiment.batching.cost import BACKEND_COSTS  # noqa: E402
 from stream_sentiment.engines.torch_backend import graph_batch_sizes, graph_rows_for  # noqa: E402
 
-FINE = (16, 24, 32, 40, 48, 64, 96, 112, 128, 160, 256)
-EVERY_8 = tuple(range(8, 257, 8))
+FINE = (16, 24, 32, 40, 48, 64, 96, 112, 128, 160, 256)  # the GPU bench's buckets for ours until 2026-12-04
+EVERY_8 = tuple(range(8, 257, 8))  # (e)'s grid
+OURS_GRID = tuple(range(16, 257, 8))  # the GPU bench's buckets for ours since (bench/gpu_e2e/setups.DEFAULT_BUCKETS)
 MAX_ROWS, MAX_TOKENS = 256, 32768
 GRAPHS = graph_batch_sizes(MAX_ROWS)
 
@@ -81,12 +82,13 @@ class Model:
 
 
 SETUPS: dict[str, Callable[[], BatchingPolicy]] = {
-    # The bench's GPU settings for ours today: window 8 ms, timeout 2 ms, smaller posts merged on timeout.
+    # One bucket per batch on the earlier fine buckets, window 8 ms, timeout 2 ms, smaller posts merged on timeout:
+    # the bench's settings for ours when docs/scheduler-sim.json was run (the name kept, as its command uses it).
     "buckets (today)": lambda: BatchingPolicy(FINE, MAX_ROWS, MAX_TOKENS, 0.008, 0.002, True),
     "least-cost": lambda: BatchingPolicy(FINE, MAX_ROWS, MAX_TOKENS, 0.008, 0.0, formation=Formation.LEAST_COST,
                                          cost=BACKEND_COSTS["engine-server"]),
-    "least-cost, x8": lambda: BatchingPolicy(EVERY_8, MAX_ROWS, MAX_TOKENS, 0.008, 0.0, formation=Formation.LEAST_COST,
-                                             cost=BACKEND_COSTS["engine-server"]),
+    "least-cost, x8": lambda: BatchingPolicy(OURS_GRID, MAX_ROWS, MAX_TOKENS, 0.008, 0.0,
+                                             formation=Formation.LEAST_COST, cost=BACKEND_COSTS["engine-server"]),
     "least-cost, timeout 2 ms": lambda: BatchingPolicy(FINE, MAX_ROWS, MAX_TOKENS, 0.008, 0.002,
                                                        formation=Formation.LEAST_COST,
                                                        cost=BACKEND_COSTS["engine-server"]),
@@ -294,7 +296,7 @@ def main() -> None:
                       f"req/call {row['requests_per_device_call']:4.2f}  GPU busy {row['gpu_busy']:.0%}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"simulation": True, "model": dataclasses.asdict(Model()),
-                                         "results": results}, indent=1))
+                                         "prefix": not args.no_prefix, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
 #      (v2 candidates) and two FAST_LAYERS-deep students (full and FAST_FFN-wide FFN) on soft + hard labels.
 #      AUGMENT_COPIES=K: the teachers also score K perturbed copies of every training row (a transfer set,
 #      stream_sentiment.modeling.augment) and the students learn those from the teachers alone.
-#      V2_RUNS=0 leaves out the two 6-layer students; FAST_EPOCHS sets the fast students' epochs (4);
+#      V2_RUNS=0 leaves out the two 6-layer students, V2_RUNS=soft0.8 trains v2's recipe alone, V2_EPOCHS sets their
+#      epochs (3); FAST_EPOCHS sets the fast students' epochs (4);
 #      FAST_SHAPES=narrow trains the narrow-FFN one alone (minilm-fast as committed), none neither; SOFT_FROM=DIR skips stage A
 #      and takes an earlier call's soft labels from DIR (stage B then has the call to itself).
 #   C. scripts/select_v2.py: per group the best run on the dev sets (MiniLM teachers compete for v2 too),
@@ -37,6 +38,12 @@ MPNET_SEEDS=${MPNET_SEEDS:-13 14}   # seed 13 trains at lr 2e-5, any other seed 
 # (stream_sentiment.modeling.augment); 0 = the students see the training rows only.
 AUGMENT_COPIES=${AUGMENT_COPIES:-0}
 augment=(--augment-copies "$AUGMENT_COPIES")
+# Which students (header): checked here, not after the teachers' minutes.
+V2_RUNS=${V2_RUNS:-1}
+V2_EPOCHS=${V2_EPOCHS:-3}
+FAST_SHAPES=${FAST_SHAPES:-both}
+case "$V2_RUNS" in 0|1|soft0.8) ;; *) echo "V2_RUNS: 0, 1 or soft0.8, not $V2_RUNS" >&2; exit 2;; esac
+case "$FAST_SHAPES" in both|narrow|none) ;; *) echo "FAST_SHAPES: both, narrow or none, not $FAST_SHAPES" >&2; exit 2;; esac
 if [ "$TEACHERS" = minilm ]; then a_default=230; b_default=450; else a_default=330; b_default=520; fi
 STAGE_A_S=${STAGE_A_S:-$a_default}   # teachers stop stepping this many seconds after the start
 STAGE_B_S=${STAGE_B_S:-$b_default}   # students likewise
@@ -99,8 +106,6 @@ fi
 deadline=$((start + STAGE_B_S))
 # V2_RUNS=0: the fast students alone (with TEACHERS=mpnet no v2 is then selected; MiniLM teachers still form one);
 # V2_RUNS=soft0.8: only that one (v2's recipe), the GPU to itself. V2_EPOCHS: their epochs (3).
-V2_RUNS=${V2_RUNS:-1}
-V2_EPOCHS=${V2_EPOCHS:-3}
 if [ "$V2_RUNS" = 1 ]; then
 launch v2-s13-soft0.5 --seed 13 --learning-rate 5e-5 --epochs "$V2_EPOCHS" --soft-labels "$runs/soft.npy" --soft-weight 0.5 --deadline $deadline "${augment[@]}"
 fi
@@ -109,7 +114,6 @@ launch v2-s14-soft0.8 --seed 14 --learning-rate 5e-5 --epochs "$V2_EPOCHS" --sof
 fi
 FAST_EPOCHS=${FAST_EPOCHS:-4}
 # FAST_SHAPES=narrow: only the narrow-FFN student (minilm-fast's shape), the GPU to itself; none: no fast student.
-FAST_SHAPES=${FAST_SHAPES:-both}
 if [ "$FAST_SHAPES" = both ]; then
 launch fast-l$FAST_LAYERS --layers "$FAST_LAYERS" --seed 13 --learning-rate 1e-4 --epochs "$FAST_EPOCHS" \
   --soft-labels "$runs/soft.npy" --soft-weight 0.7 --deadline $deadline "${augment[@]}"

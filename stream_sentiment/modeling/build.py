@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_float: list[str] = []
     kept_modules: list[str] = []
     if args.float_until_agreement is not None:
-        print(f"[2/4] first finding the modules to keep FP32 for {args.float_until_agreement:.2%} validation agreement",
+        print(f"[2/4] sensitivity: the modules to keep FP32 for {args.float_until_agreement:.2%} validation agreement",
               flush=True)
         sensitivity = float_modules_for_agreement(
             fp32, calibration_texts, selection_sets["validation"][0], fp32_dir.parent / "sensitivity",
@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                             if args.down_projections == "int8-weights" else "")
                          + ("; attention's activation-by-activation MatMuls (see quantize.attention_matmuls)"
                             if args.attention_matmuls == "float" else "")
-                         + (f"; the modules {', '.join(kept_modules)} (their int8 copy cost label "
-                            "agreement with FP32: see kept_float_for_agreement)" if keep_float else ""),
+                         + (f"; the modules {', '.join(kept_modules)}, whose int8 quantization cost label agreement "
+                            "with FP32 (kept_float_for_agreement; with int8-weights a MatMul's weights are int8 still)"
+                            if keep_float else ""),
         **({"kept_float_for_agreement": sensitivity} if sensitivity else {}),
         "percentile": PERCENTILE if method == "percentile" else None,
         "calibration_set": calibration_set,
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = write_manifest(destination, with_metrics)
     print(f"[4/4] wrote {destination} ({manifest.precision}, {len(manifest.files)} files)", flush=True)
     report = {"version": args.version, "chosen_method": method, "comparison": comparison,
+              **({"kept_float_for_agreement": sensitivity} if sensitivity else {}),
               "test": {name: {"fp32": fp32_test[name], "int8": int8_test[name]} for name in test_sets},
               "fp32_build": dict(fp32_manifest.build), "seconds": round(time.time() - started, 1)}
     args.report.parent.mkdir(parents=True, exist_ok=True)

@@ -204,9 +204,10 @@ def quantize_model(
     ``down_projections``: ``float`` keeps the FFN down-projections FP32 (:func:`ffn_down_projections`),
     ``int8-weights`` stores their weights as int8 (:func:`quantize_weights_only`). ``attention``:
     ``int8`` quantizes attention's activation-by-activation MatMuls too (``minilm-sentiment`` v1),
-    ``float`` keeps them FP32 (:func:`attention_matmuls`). ``keep_float``: further node names
-    left FP32 (the sensitive modules :func:`float_modules_for_agreement` finds); with ``int8-weights``
-    their weights are stored int8 too, as the down-projections' are.
+    ``float`` keeps them FP32 (:func:`attention_matmuls`). ``keep_float``: further nodes left
+    out of int8 quantization (the sensitive modules :func:`float_modules_for_agreement` finds): their
+    activations stay float; with ``int8-weights`` the weights of those that are MatMuls are stored int8, as
+    the down-projections' are, while a Gather or Gemm among them stays wholly FP32.
     With ``show_progress``, a bar on stderr counts the calibration batches ORT has run.
     """
     from onnxruntime.quantization import (
@@ -340,11 +341,12 @@ def compare_methods(
     return results
 
 
-def prepared_modules(fp32: EngineVersion) -> dict[str, list[str]]:
+def prepared_modules(fp32: EngineVersion, attention: str = "int8") -> dict[str, list[str]]:
     """:func:`quantizable_modules` of ``fp32``'s model as :func:`quantize_model` sees it (after ORT's
-    pre-processing), minus the nodes every recipe keeps float (the FFN down-projections) and the token
-    embeddings: their float table would be most of the file (47 of MiniLM's 90 MB), against the
-    family's size budget, while int8 holds a lookup table well (per-row rounding, no accumulation)."""
+    pre-processing), minus the nodes the recipe keeps float anyway (the FFN down-projections; with
+    ``attention="float"`` attention's activation MatMuls) and the token embeddings: the largest float table
+    a Gather reads, whose float copy would be most of the file (47 of MiniLM's 90 MB), against the family's
+    size budget, while int8 holds a lookup table well (per-row rounding, no accumulation)."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -352,10 +354,14 @@ def prepared_modules(fp32: EngineVersion) -> dict[str, list[str]]:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32.model_path), str(prepared), skip_symbolic_shape=False)
         graph = onnx.load(str(prepared), load_external_data=False).graph
-        sizes = {init.name: int(np.prod(init.dims)) for init in graph.initializer}
-        largest = max(sizes, key=sizes.__getitem__)
+        tables = {init.name: int(np.prod(init.dims)) for init in graph.initializer
+                  if init.data_type == onnx.TensorProto.FLOAT}
+        gathered = {node.input[0] for node in graph.node if node.op_type == "Gather" and node.input[0] in tables}
+        largest = max(gathered, key=tables.__getitem__, default=None)
         token_embeddings = {node.name for node in graph.node if node.op_type == "Gather" and node.input[0] == largest}
         always_float = set(ffn_down_projections(prepared)) | token_embeddings
+        if attention == "float":
+            always_float |= set(attention_matmuls(prepared))
         modules = {module: [n for n in nodes if n not in always_float]
                    for module, nodes in quantizable_modules(prepared).items()}
     return {module: nodes for module, nodes in modules.items() if nodes}
@@ -388,13 +394,15 @@ def float_modules_for_agreement(
     attention: str = "int8",
     show_progress: bool = True,
 ) -> dict[str, object]:
-    """The fewest modules to leave FP32 so the INT8 labels agree with FP32 on ``target`` of ``selection_texts``.
+    """Modules to leave FP32, chosen greedily, so the INT8 labels agree with FP32 on ``target`` of ``selection_texts``.
 
     First a leave-one-out sweep, the CPU analogue of Polygraphy's precision bisection: each module
     (:func:`prepared_modules`) left FP32 alone, everything else quantized as the recipe says, and its
     label agreement with FP32 measured; then the modules in order of that agreement, most sensitive
     first, kept FP32 one more at a time until the whole model reaches ``target`` (or all are float).
-    About two quantizations and scorings per module. Judged on selection texts only, never a test set.
+    About one quantization and scoring per module, plus one per module kept. Judged on selection texts
+    only, never a test set. The sweep calibrates with ``method`` (min-max): the agreement it records is
+    that method's, whichever the build then ships.
 
     Returns ``keep_float`` (node names for :func:`quantize_model`), the modules kept, the agreement
     reached, and the sweep (each module's agreement alone; ``baseline_agreement``: none kept).
@@ -409,14 +417,17 @@ def float_modules_for_agreement(
         shutil.rmtree(folder)
         return round(float((labels == reference).mean()), 4)
 
-    modules = prepared_modules(fp32)
+    modules = prepared_modules(fp32, attention)
     baseline = agreement((), "all-int8")
-    sweep = sorted(({"module": module, "agreement": agreement(nodes, f"float-{index}")}
-                    for index, (module, nodes) in enumerate(modules.items())),
-                   key=lambda row: -float(row["agreement"]))  # type: ignore[arg-type]
-    kept, reached = keep_until_agreement(
-        [str(row["module"]) for row in sweep], baseline, target,
-        lambda kept: agreement([n for module in kept for n in modules[module]], f"kept-{len(kept)}"))
+    alone = {module: agreement(nodes, f"float-{index}") for index, (module, nodes) in enumerate(modules.items())}
+    sweep = [{"module": module, "agreement": alone[module]} for module in sorted(alone, key=lambda m: -alone[m])]
+
+    def measure(kept: list[str]) -> float:  # one module kept is what the sweep measured already
+        if len(kept) == 1:
+            return alone[kept[0]]
+        return agreement([n for module in kept for n in modules[module]], f"kept-{len(kept)}")
+
+    kept, reached = keep_until_agreement([str(row["module"]) for row in sweep], baseline, target, measure)
     return {
         "target_agreement": target, "method": method, "selection_rows": len(selection_texts),
         "baseline_agreement": baseline, "agreement": reached, "modules": kept,

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from stream_sentiment.engines.manifest import EngineManifest, load_engine_version, write_manifest
 from stream_sentiment.modeling.build import main as calibrate
-from stream_sentiment.modeling.quantize import keep_until_agreement, quantizable_modules
+from stream_sentiment.modeling.corpora import LABELS
+from stream_sentiment.modeling.quantize import (
+    float_modules_for_agreement,
+    keep_until_agreement,
+    prepared_modules,
+    quantizable_modules,
+    quantize_model,
+)
+from tests.conftest import COMMITTED_ENGINE, REPO
+from tests.modeling.test_calibration_progress import TOKENIZER_FILES, tiny_fp32_model
 
 
 def test_modules_group_nodes_by_parent_path_and_skip_shape_gathers(tmp_path: Path) -> None:
@@ -75,3 +87,37 @@ def test_every_module_is_kept_when_the_target_is_out_of_reach() -> None:
 def test_calibrate_refuses_an_agreement_that_is_not_a_fraction(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="a fraction in"):
         calibrate(["--checkpoint", str(tmp_path), "--version", "v9", "--float-until-agreement", "99"])
+
+
+def test_the_sweep_keeps_a_sensitive_module_float_and_leaves_the_token_embeddings_int8(tmp_path: Path) -> None:
+    """End to end on a tiny FP32 engine (tests/modeling/test_calibration_progress.py's): its token embedding, a
+    dense MatMul and a narrowing classifier (kept float anyway, by shape, as FFN down-projections are)."""
+    import onnx
+
+    folder = tmp_path / "t1-fp32"
+    folder.mkdir()
+    for name in TOKENIZER_FILES:
+        shutil.copy2(COMMITTED_ENGINE / name, folder / name)
+    tiny_fp32_model(folder / "model.fp32.onnx")
+    write_manifest(folder, EngineManifest(
+        model="tiny", version="t1-fp32", labels=LABELS, precision="fp32", model_file="model.fp32.onnx",
+        tokenizer_file="tokenizer.json", text_normalization="twitter-v1", max_length=256,
+    ))
+    fp32 = load_engine_version(folder)
+    texts = [json.loads(line)["text"] for line in (REPO / "calibration" / "golden.jsonl").read_text().splitlines()]
+
+    assert prepared_modules(fp32) == {"dense": ["dense"]}  # no token embedding, no classifier
+    result = float_modules_for_agreement(fp32, texts * 2, texts, tmp_path / "work", 1.0, show_progress=False)
+    assert [row["module"] for row in result["sweep"]] == ["dense"]  # type: ignore[attr-defined]
+    assert 0 < float(result["baseline_agreement"]) <= float(result["agreement"]) <= 1  # type: ignore[arg-type]
+    if float(result["baseline_agreement"]) < 1.0:  # type: ignore[arg-type]
+        assert result["modules"] == ["dense"] and result["keep_float"] == ["dense"]
+
+    # What quantize_model does with a kept node: no DequantizeLinear feeds it, the others stay quantized.
+    quantized = quantize_model(fp32, texts * 2, "minmax", tmp_path / "kept.onnx", show_progress=False,
+                               keep_float=["dense"])
+    graph = onnx.load(str(quantized)).graph
+    dequantized = {output for node in graph.node if node.op_type == "DequantizeLinear" for output in node.output}
+    by_name = {node.name: node for node in graph.node}
+    assert not dequantized & set(by_name["dense"].input)
+    assert dequantized & set(by_name["token_embedding"].input)
