@@ -59,9 +59,8 @@ def tiny_fp32_model(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def tiny_fp32(tmp_path: Path) -> EngineVersion:
-    folder = tmp_path / "engines" / "t1-fp32"
+def tiny_fp32_version(folder: Path) -> EngineVersion:
+    """A complete FP32 version folder at ``folder``: the committed engine's tokenizer and :func:`tiny_fp32_model`."""
     folder.mkdir(parents=True)
     for name in TOKENIZER_FILES:
         shutil.copy2(COMMITTED_ENGINE / name, folder / name)
@@ -71,6 +70,11 @@ def tiny_fp32(tmp_path: Path) -> EngineVersion:
         tokenizer_file="tokenizer.json", text_normalization="twitter-v1", max_length=256,
     ))
     return load_engine_version(folder)
+
+
+@pytest.fixture
+def tiny_fp32(tmp_path: Path) -> EngineVersion:
+    return tiny_fp32_version(tmp_path / "engines" / "t1-fp32")
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from stream_sentiment.engines.manifest import EngineManifest, load_engine_version, write_manifest
 from stream_sentiment.modeling.build import main as calibrate
-from stream_sentiment.modeling.corpora import LABELS
 from stream_sentiment.modeling.quantize import (
     float_modules_for_agreement,
     keep_until_agreement,
@@ -19,8 +16,8 @@ from stream_sentiment.modeling.quantize import (
     quantizable_modules,
     quantize_model,
 )
-from tests.conftest import COMMITTED_ENGINE, REPO
-from tests.modeling.test_calibration_progress import TOKENIZER_FILES, tiny_fp32_model
+from tests.conftest import REPO
+from tests.modeling.test_calibration_progress import tiny_fp32_version
 
 
 def test_modules_group_nodes_by_parent_path_and_skip_shape_gathers(tmp_path: Path) -> None:
@@ -94,16 +91,7 @@ def test_the_sweep_keeps_a_sensitive_module_float_and_leaves_the_token_embedding
     dense MatMul and a narrowing classifier (kept float anyway, by shape, as FFN down-projections are)."""
     import onnx
 
-    folder = tmp_path / "t1-fp32"
-    folder.mkdir()
-    for name in TOKENIZER_FILES:
-        shutil.copy2(COMMITTED_ENGINE / name, folder / name)
-    tiny_fp32_model(folder / "model.fp32.onnx")
-    write_manifest(folder, EngineManifest(
-        model="tiny", version="t1-fp32", labels=LABELS, precision="fp32", model_file="model.fp32.onnx",
-        tokenizer_file="tokenizer.json", text_normalization="twitter-v1", max_length=256,
-    ))
-    fp32 = load_engine_version(folder)
+    fp32 = tiny_fp32_version(tmp_path / "t1-fp32")
     texts = [json.loads(line)["text"] for line in (REPO / "calibration" / "golden.jsonl").read_text().splitlines()]
 
     assert prepared_modules(fp32) == {"dense": ["dense"]}  # no token embedding, no classifier
