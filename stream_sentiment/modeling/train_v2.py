@@ -18,6 +18,11 @@ VADER test tweets are scored once at the end, for the record. ``--write-train-pr
 also saves the kept model's probabilities on every training row (``train_probabilities.npy``,
 in mixture order, with the keys' digest in ``training.json``): a teacher's soft labels.
 
+``--init-checkpoint DIR --quantization-aware true`` fine-tunes a trained checkpoint through ONNX Runtime's int8
+rounding (:mod:`stream_sentiment.modeling.qat`; activation ranges re-measured on the calibration tweets at every
+epoch's start and before it is scored), so that ``calibrate`` loses less of it; ``--epoch-rows`` makes short,
+separately scored epochs for such a run.
+
 ``--deadline`` (unix seconds) is a guard for a time-limited GPU call, not a hyper-parameter: past
 it, training stops at the next step, that partial epoch is scored like a whole one, and
 ``training.json`` says ``stopped_by_deadline``. Nothing stops by it when the time is enough.
@@ -27,6 +32,9 @@ Usage::
     python -m stream_sentiment.modeling.train_v2 --output build/train/teacher13 --write-train-probabilities
     python -m stream_sentiment.modeling.train_v2 --output build/train/fast --layers 2 \
         --soft-labels build/train/soft.npy --soft-weight 0.7
+    python -m stream_sentiment.modeling.train_v2 --output build/train/v2-qat --init-checkpoint build/train/v2 \
+        --quantization-aware true --epochs 4 --epoch-rows 6400 --learning-rate 2e-5 \
+        --soft-labels build/soft/soft.npy --soft-weight 0.8 --augment-copies 5
 """
 
 from __future__ import annotations
@@ -37,7 +45,9 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +61,7 @@ from stream_sentiment.modeling.augment import augmented_texts, texts_digest
 from stream_sentiment.modeling.checkpoint_files import write_checkpoint
 from stream_sentiment.modeling.config_args import add_config_arguments, config_from_arguments
 from stream_sentiment.modeling.corpora import LABELS, read_vader_tweets
+from stream_sentiment.modeling.export import load_classifier
 from stream_sentiment.modeling.metrics import classification_report
 from stream_sentiment.modeling.minilm import EncoderConfig, SentimentClassifier
 from stream_sentiment.modeling.mixture import (
@@ -60,6 +71,7 @@ from stream_sentiment.modeling.mixture import (
     load_mixture,
     selection_score_v2,
 )
+from stream_sentiment.modeling.quantize import calibration_texts
 from stream_sentiment.modeling.student import prune_ffn, student_state
 from stream_sentiment.modeling.train import (
     add_run_arguments,
@@ -101,6 +113,21 @@ class V2Config:
     # Perturbed copies of each training row (stream_sentiment.modeling.augment): a teacher scores them, a
     # student trains on them with the teacher's probabilities (SOFT_augmented.npy beside --soft-labels).
     augment_copies: int = 0
+    # Start from a trained checkpoint folder (e.g. v2's) instead of the base encoder: a fine-tuning run.
+    init_checkpoint: str = ""
+    # Train through ORT's int8 rounding (stream_sentiment.modeling.qat): quantization-aware fine-tuning, whose
+    # checkpoint then loses less to `calibrate`. Dev scores (and so the kept epoch) are those of the simulated INT8.
+    quantization_aware: bool = False
+    # Weight of the init checkpoint's own float probabilities as a target (0-1; needs --init-checkpoint):
+    # ``(1 - d) * the loss above + d * CE(init's probabilities)``. With quantization-aware training, d = 1 teaches
+    # the rounded network to answer as the float one did (self-distillation), rather than to learn anew.
+    self_distillation: float = 0.0
+    # Temperature of those probabilities: below 1 sharpens them towards the init's own decisions, so training
+    # widens its margins (a decision near a tie is what int8 rounding flips) rather than copying its near-ties.
+    self_distillation_temperature: float = 1.0
+    # Rows drawn per epoch from the shuffled training + transfer rows (0 = all of them): short epochs, each scored,
+    # for a fine-tuning run that needs a fraction of an epoch.
+    epoch_rows: int = 0
     # Smoke tests only: the first N training rows / dev and test rows (0 = all).
     max_train_rows: int = 0
     max_eval_rows: int = 0
@@ -227,12 +254,42 @@ def train_v2(
         encoder_config = replace(base_config, num_hidden_layers=config.layers,
                                  intermediate_size=config.intermediate_size or base_config.intermediate_size)
         minilm = SentimentClassifier(encoder_config, num_labels=len(LABELS), fused_attention=True)
-        left_at_init = _init_from_base(minilm, base_model_dir)
+        if config.init_checkpoint:
+            trained = load_classifier(Path(config.init_checkpoint))
+            if trained.config != encoder_config:
+                raise ValueError(f"--init-checkpoint {config.init_checkpoint}: encoder {trained.config}, this run's "
+                                 f"{encoder_config}")
+            minilm.load_state_dict(trained.state_dict())
+            left_at_init = []
+        else:
+            left_at_init = _init_from_base(minilm, base_model_dir)
         if config.freeze_word_embeddings:
             minilm.embeddings.word_embeddings.weight.requires_grad_(False)
         model, encoder_config_dict = minilm, encoder_config.to_dict()
     else:
         raise ValueError(f"unknown encoder {config.encoder!r}: minilm or mpnet")
+    reference: torch.nn.Module | None = None
+    if config.self_distillation:
+        if not config.init_checkpoint or not 0 < config.self_distillation <= 1:
+            raise ValueError("--self-distillation: a weight in (0, 1], with --init-checkpoint")
+        if config.self_distillation_temperature <= 0:
+            raise ValueError("--self-distillation-temperature: above 0")
+        reference = load_classifier(Path(config.init_checkpoint)).to(device).eval().requires_grad_(False)
+    # What the checkpoint is written from: the classifier, not its quantization-aware wrapper.
+    weights_of = model
+    recalibrate: Callable[[], object] = lambda: None  # noqa: E731
+    if config.quantization_aware:
+        if config.encoder != "minilm":
+            raise ValueError("--quantization-aware: the MiniLM encoders only (what calibrate quantizes)")
+        from stream_sentiment.modeling.qat import QuantAwareClassifier, calibration_batches
+
+        model = QuantAwareClassifier(minilm)
+        calibration = [
+            (ids.to(device), mask.to(device))
+            for ids, mask in calibration_batches([e.ids for e in tokenizer.encode_batch(
+                [normalize(text) for text in calibration_texts(corpora_dir)])])
+        ]
+        recalibrate = partial(model.calibrate, calibration)
     model.to(device)
 
     # Tokenized once: the step loop only pads.
@@ -256,9 +313,13 @@ def train_v2(
         soft_mix = torch.cat([soft_mix, torch.ones(len(transfer))])
 
     cuda = device.type == "cuda"
+    # bf16 on a GPU, except through the int8 simulation: its rounding to the int8 grid needs float32's precision.
+    bf16 = cuda and not config.quantization_aware
     optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.learning_rate,
                                   fused=cuda)
     steps_per_epoch = math.ceil(len(token_ids) / config.batch_size)
+    if config.epoch_rows:
+        steps_per_epoch = min(steps_per_epoch, math.ceil(config.epoch_rows / config.batch_size))
     total_steps = steps_per_epoch * config.epochs
     warmup = max(1, int(total_steps * config.warmup_fraction))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -270,9 +331,11 @@ def train_v2(
     history: list[dict[str, Any]] = []
     best_score, best_state, stopped = -1.0, None, False
     for epoch in range(1, config.epochs + 1):
+        recalibrate()  # the activation ranges of the weights as they are now
         model.train()
         order = list(range(len(token_ids)))
         rng.shuffle(order)
+        order = order[: steps_per_epoch * config.batch_size]
         running = torch.zeros((), device=device)
         steps = 0
         epoch_started = time.time()
@@ -288,13 +351,19 @@ def train_v2(
             mask = torch.from_numpy(batch.attention_mask).to(device, non_blocking=True)
             index = torch.tensor(rows)
             gold, weight = labels[index].to(device), weights[index].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(ids, mask)
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             losses = torch.nn.functional.nll_loss(log_probs, gold, reduction="none")
             if soft is not None:
                 soft_losses = -(soft[index].to(device) * log_probs).sum(dim=-1)
                 losses = hard_mix[index].to(device) * losses + soft_mix[index].to(device) * soft_losses
+            if reference is not None:
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    target = torch.softmax(reference(ids, mask).float() / config.self_distillation_temperature,
+                                           dim=-1)
+                losses = ((1 - config.self_distillation) * losses
+                          - config.self_distillation * (target * log_probs).sum(dim=-1))
             loss = (losses * weight).sum() / weight.sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -306,6 +375,7 @@ def train_v2(
             if steps % 100 == 0:
                 bar.set_postfix(loss=f"{running.item() / steps:.4f}")
         train_seconds = time.time() - epoch_started
+        recalibrate()  # scored as calibrate would quantize these weights
         reports, _ = _score_sets(model, tokenizer, dev, device, show_progress)
         score = selection_score_v2(reports)
         history.append({"epoch": epoch, "steps": steps, "train_loss": round(running.item() / max(1, steps), 4),
@@ -314,12 +384,13 @@ def train_v2(
         print(json.dumps(history[-1]), flush=True)
         if score > best_score:
             best_score = score
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in weights_of.state_dict().items()}
         if stopped:
             break
 
     assert best_state is not None
-    model.load_state_dict(best_state)
+    weights_of.load_state_dict(best_state)
+    recalibrate()
     best_epoch = max(history, key=lambda h: h["selection_score"])["epoch"]
     dev_reports, dev_probabilities = _score_sets(model, tokenizer, dev, device, show_progress)
     test_reports, test_probabilities = _score_sets(model, tokenizer, test, device, show_progress)
