@@ -105,6 +105,11 @@ class PipelineMetrics:
             "pipeline_seconds", "This worker's fetch of a record to the Redis write that counted it, per post "
             "(the pipeline's own latency: end_to_end_seconds less the time in Kafka).",
             buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
+        self.apply_wait = BatchHistogram(
+            "apply_wait_seconds", "A scored post's engine answer to the Redis write that counted it, per post: "
+            "the wait for its partition's earlier offsets still in flight (results apply in offset order) plus the "
+            "write. The tail of pipeline_seconds that batching and engine times do not show.",
+            buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
         self.redis_apply = Histogram("redis_apply_seconds", "One fenced Redis write (every partition's ready range).",
                                      buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
         self.fence = Counter("fence_outcomes",

@@ -177,6 +177,9 @@ def _assert_metrics_match(metrics: PipelineMetrics, scored: int, dead: int, reas
     # Fetch -> Redis is part of append -> Redis: the pipeline's own share, per post as well.
     assert value("stream_sentiment_pipeline_seconds_count") == scored
     assert 0 < value("stream_sentiment_pipeline_seconds_sum") <= value("stream_sentiment_end_to_end_seconds_sum")
+    # Answer -> Redis is the last part of fetch -> Redis.
+    assert value("stream_sentiment_apply_wait_seconds_count") == scored
+    assert 0 < value("stream_sentiment_apply_wait_seconds_sum") <= value("stream_sentiment_pipeline_seconds_sum")
     assert value("stream_sentiment_fence_outcomes_total", {"outcome": "applied"}) >= 1
     rows = sum(value("stream_sentiment_batch_rows_sum", {"bucket": b}) for b in ("32", "64", "128", "256"))
     assert rows == scored  # every admitted post went through exactly one batch

@@ -69,17 +69,21 @@ class PostTimes:
     Records the worker's own two histograms, ``end_to_end_seconds`` (Kafka append -> Redis write) and
     ``pipeline_seconds`` (this worker's fetch -> Redis write), keeping every observation for exact
     percentiles. The sink observes both for the same posts in the same order, so their difference is each
-    post's time in Kafka (append -> fetch).
+    post's time in Kafka (append -> fetch). And ``apply_wait_seconds`` (the engine's answer -> Redis write):
+    how long a scored post waited for its partition's earlier offsets, and the write.
     """
 
     def __init__(self, metrics: PipelineMetrics) -> None:
         self.end_to_end = RecordingHistogram(metrics.end_to_end)
         self.pipeline = RecordingHistogram(metrics.pipeline_latency)
+        self.apply_wait = RecordingHistogram(metrics.apply_wait)
         metrics.end_to_end = self.end_to_end  # type: ignore[assignment]
         metrics.pipeline_latency = self.pipeline  # type: ignore[assignment]
+        metrics.apply_wait = self.apply_wait  # type: ignore[assignment]
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """``latencies`` (end to end), ``internal`` (fetch -> counted), ``kafka`` (append -> fetch)."""
+        """``latencies`` (end to end), ``internal`` (fetch -> counted), ``kafka`` (append -> fetch), ``apply_wait``
+        (engine answer -> counted)."""
         end_to_end, internal = self.end_to_end.array(), self.pipeline.array()
         if len(internal) != len(end_to_end):  # a post without a fetch time: pair nothing rather than wrongly
             kafka = np.zeros(0)
@@ -87,7 +91,7 @@ class PostTimes:
             internal = np.minimum(internal, end_to_end)
             kafka = end_to_end - internal
         return {"latencies": end_to_end.astype(np.float32), "internal": internal.astype(np.float32),
-                "kafka": kafka.astype(np.float32)}
+                "kafka": kafka.astype(np.float32), "apply_wait": self.apply_wait.array().astype(np.float32)}
 
 
 class HeldWorker(Worker):
@@ -293,8 +297,9 @@ class EngineWorkerProcess:
             "cpu_seconds": channel.cpu_since_go(),
             "rebalances": channel.rebalances,
             "gc_pauses": np.asarray(collections.pauses, dtype=np.float32),
-            # Where a post's time goes: append -> fetch per post; bucket wait, engine call, Redis write per batch.
-            "parts": {"kafka": times["kafka"],
+            # Where a post's time goes: append -> fetch and answer -> counted per post; bucket wait, engine call,
+            # Redis write per batch.
+            "parts": {"kafka": times["kafka"], "apply_wait": times["apply_wait"],
                       **{name: np.asarray(h.samples, dtype=np.float32) for name, h in parts.items()}},
             # After the stop: what this worker still held per partition (a run that ended short says where).
             "partitions": {p: progress.summary() for p, progress in worker.progress.items()},

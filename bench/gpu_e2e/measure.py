@@ -136,7 +136,7 @@ def summarize(workload: str, setup: Setup, mode: str, rate: float | None, produc
     gc_summary = {"collections": len(collected), "max_pause_ms": round(float(collected.max()), 1),
                   "pause_ms_per_worker": round(float(collected.sum()) / len(pauses), 1)} if len(collected) else {}
     parts: dict[str, list[float]] = {}
-    for part in ("kafka", "bucket_wait", "engine", "redis"):
+    for part in ("kafka", "bucket_wait", "engine", "redis", "apply_wait"):
         found = _percentiles_ms([r["parts"][part] for r in results if part in r.get("parts", {})], (50, 99), 2)
         if found:
             parts[part] = found

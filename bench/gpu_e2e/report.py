@@ -100,13 +100,14 @@ def render_workload(name: str, mean_tokens: float, out: dict[str, Any], setups: 
     if parted:
         lines += ["", "Where latency goes, P50 / P99 ms: end to end = Kafka append -> fetch + fetch -> counted (per "
                   "post); within it, the oldest post's wait in its bucket, the engine call and the Redis write (per "
-                  "batch); engine server: requests per device call, mean call and stream-wait ms:", "",
+                  "batch), and each post's answer -> counted (its partition's earlier offsets still in flight, plus "
+                  "the write; per post); engine server: requests per device call, mean call and stream-wait ms:", "",
                   "| set-up | run | end to end | Kafka append→fetch | fetch→counted | bucket wait | engine call "
-                  "| Redis write | engine server |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| Redis write | answer→counted | engine server |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in parted:
             cells = [f"{v[0]} / {v[1]}" if (v := r.latency_parts_ms.get(k)) else "—"
-                     for k in ("kafka", "bucket_wait", "engine", "redis")]
+                     for k in ("kafka", "bucket_wait", "engine", "redis", "apply_wait")]
             cells.insert(1, f"{_cell(r.internal_p50_ms)} / {_cell(r.internal_p99_ms)}")
             served = (f"{r.engine_server['requests_per_batch']} req/call, {r.engine_server['mean_call_ms']} ms, "
                       f"wait {r.engine_server['mean_stream_wait_ms']} ms" if r.engine_server else "—")

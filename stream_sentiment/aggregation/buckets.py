@@ -55,6 +55,9 @@ class ScoredPost:
     appended_at: float | None = None
     # When this worker fetched the record (wall clock): the start of the pipeline-internal latency.
     fetched_at: float | None = None
+    # When the engine's answer for its batch reached the worker (wall clock): the start of its wait for the
+    # partition's earlier offsets (results apply in offset order) and the Redis write. Metrics only.
+    scored_at: float | None = None
 
     # The most probable label, set once: it is read for the totals, every dimension's bucket and
     # the metrics of each post. The worker passes it in, from one argmax over the whole batch; left

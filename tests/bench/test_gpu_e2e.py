@@ -35,12 +35,13 @@ def _args(**overrides: object) -> argparse.Namespace:
     return argparse.Namespace(**(values | overrides))
 
 
-def test_post_times_split_each_post_into_fetch_and_pipeline_parts() -> None:
+def test_post_times_split_each_post_into_fetch_pipeline_and_apply_wait_parts() -> None:
     """The bench records the worker's own two latency histograms as the checkpointing sink fills them."""
     metrics = PipelineMetrics()
     times = PostTimes(metrics)
     post = Post(id="p", text="hello")
-    scored = [ScoredPost(post, t, (0.1, 0.2, 0.7), appended_at=t, fetched_at=101.0) for t in (100.0, 100.5)]
+    scored = [ScoredPost(post, t, (0.1, 0.2, 0.7), appended_at=t, fetched_at=101.0, scored_at=101.2)
+              for t in (100.0, 100.5)]
     never_connected = redis.asyncio.Redis(port=1)  # the counting step makes no Redis call
     sink = CheckpointingSink(RedisSink(never_connected, "p", "t", 60), BucketRules(60, 0), RedisKeys("p"), metrics,
                              commit=_no_commit, wall_clock=lambda: 101.25)
@@ -49,6 +50,7 @@ def test_post_times_split_each_post_into_fetch_and_pipeline_parts() -> None:
     assert np.allclose(parts["latencies"], [1.25, 0.75])
     assert np.allclose(parts["internal"], [0.25, 0.25])
     assert np.allclose(parts["kafka"], [1.0, 0.5])
+    assert np.allclose(parts["apply_wait"], [0.05, 0.05])  # answer -> counted
     assert metrics.value("stream_sentiment_pipeline_seconds_count") == 2  # the real histogram still counts
 
 
