@@ -13,7 +13,11 @@ set -euo pipefail
 out=${1:?output folder}
 carry=${CARRY:-.carry/qat}
 DEADLINE_S=${DEADLINE_S:-420}   # training stops stepping this many seconds after the start
-QAT_VARIANTS=${QAT_VARIANTS:-"sd1-lr1e-5:--self-distillation 1.0 --learning-rate 1e-5;teacher-lr1e-5:--learning-rate 1e-5;sd0.5-lr2e-5:--self-distillation 0.5 --learning-rate 2e-5"}
+# The default: the second call's four self-distillation variants (docs/model.md); its first call ran
+# "sd1-lr1e-5:--self-distillation 1.0 --learning-rate 1e-5;teacher-lr1e-5:--learning-rate 1e-5;
+#  teacher-lr3e-5:--learning-rate 3e-5;sd0.5-lr2e-5:--self-distillation 0.5 --learning-rate 2e-5".
+sd="--self-distillation 1.0 --self-distillation-temperature"
+QAT_VARIANTS=${QAT_VARIANTS:-"sd1-t0.25-lr2e-5:$sd 0.25 --learning-rate 2e-5;sd1-t0.5-lr2e-5:$sd 0.5 --learning-rate 2e-5;sd1-t0.25-lr1e-5:$sd 0.25 --learning-rate 1e-5;sd1-t0.1-lr2e-5:$sd 0.1 --learning-rate 2e-5"}
 COMMON=${COMMON:-"--epochs 6 --epoch-rows 25600 --seed 14 --augment-copies 5 --soft-weight 0.8"}
 device=${DEVICE:-cuda}
 start=$(date +%s)

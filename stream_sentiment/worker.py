@@ -355,7 +355,7 @@ class Worker:
         """
         rows = probabilities.tolist()
         labels = [LABELS[column] for column in probabilities.argmax(axis=1).tolist()]
-        answered = self.wall_clock()  # the start of each post's apply wait (metrics only)
+        scored_at = self.wall_clock()  # the start of each post's apply wait (metrics only)
         # Grouped by the progress that fetched each record (see Admitted.owner), not only by partition.
         by_owner: dict[int, tuple[Admitted, list[int], list[ScoredPost]]] = {}
         for entry, row, label in zip(entries, rows, labels, strict=True):
@@ -365,7 +365,7 @@ class Worker:
                 group = by_owner[id(admitted.owner)] = (admitted, [], [])
             group[1].append(admitted.offset)
             group[2].append(ScoredPost(admitted.post, admitted.event_time, tuple(row),  # type: ignore[arg-type]
-                                       admitted.appended_at, admitted.fetched_at, answered, label, model))
+                                       admitted.appended_at, admitted.fetched_at, scored_at, label, model))
         for first, offsets, results in by_owner.values():
             progress = self._owner_progress(first)
             if progress is not None:  # else revoked or replaced meanwhile: its records are read again

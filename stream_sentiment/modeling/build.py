@@ -43,7 +43,7 @@ from stream_sentiment.modeling.quantize import (
     float_modules_for_agreement,
     score,
 )
-from stream_sentiment.modeling.quantize import calibration_texts as read_calibration_texts
+from stream_sentiment.modeling.quantize import calibration_texts as read_calibration_texts  # a local is named so
 from stream_sentiment.modeling.zh_reviews import RELABEL_FILE, Review, calibration_reviews, gold_rows, review_splits
 
 OUT_OF_DOMAIN_SAMPLE = 3000

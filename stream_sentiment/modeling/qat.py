@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from stream_sentiment.batching.tokenizer import pad_to_bucket
 from stream_sentiment.modeling.minilm import SentimentClassifier
-from stream_sentiment.modeling.quantize import CALIBRATION_LENGTH, CALIBRATION_ROWS
+from stream_sentiment.modeling.quantize import uniform_calibration_batches
 
 # Symmetric int8 as ORT's quantizer configures it here (ActivationSymmetric / WeightSymmetric, no reduced
 # range): levels -127..127, scale = largest magnitude / 127.
@@ -161,13 +160,8 @@ class QuantAwareClassifier(nn.Module):
         return self._activation("logits", F.linear(pooled, self._weight(model.classifier), model.classifier.bias))
 
 
-def calibration_batches(token_ids: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``token_ids`` as ``calibrate`` feeds ORT: whole batches of ``CALIBRATION_ROWS`` posts, cut or padded to
-    ``CALIBRATION_LENGTH`` tokens (the last partial batch left out)."""
-    cut = [list(ids[:CALIBRATION_LENGTH]) for ids in token_ids]
-    whole = len(cut) // CALIBRATION_ROWS * CALIBRATION_ROWS
-    batches = []
-    for start in range(0, whole, CALIBRATION_ROWS):
-        batch = pad_to_bucket(cut[start:start + CALIBRATION_ROWS], CALIBRATION_LENGTH)
-        batches.append((torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)))
-    return batches
+def calibration_tensors(token_ids: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``token_ids`` batched as ``calibrate`` feeds ORT (``quantize.uniform_calibration_batches``), as
+    ``(input_ids, attention_mask)`` tensors for :meth:`QuantAwareClassifier.calibrate`."""
+    return [(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask))
+            for batch in uniform_calibration_batches(token_ids)]

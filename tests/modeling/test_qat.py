@@ -19,7 +19,7 @@ from stream_sentiment.modeling.export import export_engine_version  # noqa: E402
 from stream_sentiment.modeling.minilm import EncoderConfig, SentimentClassifier  # noqa: E402
 from stream_sentiment.modeling.qat import (  # noqa: E402
     QuantAwareClassifier,
-    calibration_batches,
+    calibration_tensors,
     fake_quant_per_channel,
 )
 from stream_sentiment.modeling.quantize import candidate_version, score  # noqa: E402
@@ -85,7 +85,7 @@ def test_calibrated_wrapper_answers_like_onnxruntime_int8_of_the_same_weights(tm
 
     tokenizer = PostTokenizer(fp32)
     wrapper = QuantAwareClassifier(model).eval()
-    ranges = wrapper.calibrate(calibration_batches(tokenizer.encode(calibration)))
+    ranges = wrapper.calibrate(calibration_tensors(tokenizer.encode(calibration)))
     assert {"layer.0.input", "layer.1.probabilities", "layer.1.attended", "pooled", "logits"} <= set(ranges)
     token_ids = tokenizer.encode(texts)
     simulated = np.vstack([_logits(wrapper, [ids]) for ids in token_ids])
