@@ -141,6 +141,18 @@ class _Encoder(nn.Module):
         self.layer = nn.ModuleList(_Layer(config) for _ in range(config.num_hidden_layers))
 
 
+def additive_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The attention scores' additive mask, ``[batch, 1, 1, seq]``, from a float ``[batch, seq]`` mask."""
+    # Large negative rather than -inf: fp16 softmax over -inf rows gives NaN.
+    return ((1.0 - mask) * -10000.0)[:, None, None, :]
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token states ``[batch, seq, hidden]`` averaged over a float ``[batch, seq]`` mask."""
+    summed = (hidden * mask[:, :, None]).sum(dim=1)
+    return summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
 class SentimentClassifier(nn.Module):
     """MiniLM encoder -> masked mean pooling -> dropout -> linear over the labels.
 
@@ -169,13 +181,11 @@ class SentimentClassifier(nn.Module):
     def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The encoder's token states, mean-pooled over the mask (the sentence embedding)."""
         mask = attention_mask.to(self.classifier.weight.dtype)
-        # Large negative rather than -inf: fp16 softmax over -inf rows gives NaN.
-        additive = ((1.0 - mask) * -10000.0)[:, None, None, :]
+        additive = additive_mask(mask)
         hidden = self.embeddings(input_ids)
         for layer in self.encoder.layer:
             hidden = layer(hidden, additive, self.fused_attention)
-        summed = (hidden * mask[:, :, None]).sum(dim=1)
-        return summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return masked_mean(hidden, mask)
 
 
 def load_base_weights(model: SentimentClassifier, safetensors_path: Path) -> list[str]:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from stream_sentiment.engines.minilm_torch import additive_mask, masked_mean
 from stream_sentiment.modeling.minilm import SentimentClassifier
 from stream_sentiment.modeling.quantize import uniform_calibration_batches
 
@@ -145,7 +146,7 @@ class QuantAwareClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         model = self.inner
         mask = attention_mask.to(model.classifier.weight.dtype)
-        additive = ((1.0 - mask) * -10000.0)[:, None, None, :]
+        additive = additive_mask(mask)
         embeddings = model.embeddings
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         # A Gather's output shares its table's scale in ORT's QDQ graph: rounding the table is enough.
@@ -155,8 +156,7 @@ class QuantAwareClassifier(nn.Module):
         hidden = embeddings.dropout(embeddings.LayerNorm(summed))
         for index, layer in enumerate(model.encoder.layer):
             hidden = self._layer(f"layer.{index}.", layer, hidden, additive)
-        pooled = (hidden * mask[:, :, None]).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-        pooled = self._activation("pooled", model.dropout(pooled))
+        pooled = self._activation("pooled", model.dropout(masked_mean(hidden, mask)))
         return self._activation("logits", F.linear(pooled, self._weight(model.classifier), model.classifier.bias))
 
 

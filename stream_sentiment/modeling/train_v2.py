@@ -239,12 +239,17 @@ def train_v2(
     transfer_soft = (torch.from_numpy(_read_augmented_soft_labels(Path(config.soft_labels), transfer))
                      if transfer and soft is not None else None)
 
-    if config.init_checkpoint and config.encoder != "minilm":
-        raise ValueError("--init-checkpoint: a MiniLM checkpoint (--encoder minilm)")
+    if (config.init_checkpoint or config.quantization_aware) and config.encoder != "minilm":
+        raise ValueError("--init-checkpoint, --quantization-aware: the MiniLM encoders only (what calibrate quantizes)")
+    if config.self_distillation and (not config.init_checkpoint or not 0 < config.self_distillation <= 1):
+        raise ValueError("--self-distillation: a weight in (0, 1], with --init-checkpoint")
     if config.self_distillation_temperature != 1.0 and not config.self_distillation:
         raise ValueError("--self-distillation-temperature needs --self-distillation")
+    if config.self_distillation_temperature <= 0:
+        raise ValueError("--self-distillation-temperature: above 0")
     tokenizer = load_tokenizer(base_model_dir, config.max_length)
     model: torch.nn.Module
+    trained: SentimentClassifier | None = None  # the --init-checkpoint as loaded
     if config.encoder == "mpnet":
         from stream_sentiment.modeling.mpnet_teacher import MPNetClassifier
 
@@ -272,19 +277,13 @@ def train_v2(
         model, encoder_config_dict = minilm, encoder_config.to_dict()
     else:
         raise ValueError(f"unknown encoder {config.encoder!r}: minilm or mpnet")
-    reference: torch.nn.Module | None = None
-    if config.self_distillation:
-        if not config.init_checkpoint or not 0 < config.self_distillation <= 1:
-            raise ValueError("--self-distillation: a weight in (0, 1], with --init-checkpoint")
-        if config.self_distillation_temperature <= 0:
-            raise ValueError("--self-distillation-temperature: above 0")
-        reference = load_classifier(Path(config.init_checkpoint)).to(device).eval().requires_grad_(False)
+    # Self-distillation's target: the init checkpoint as loaded, kept apart (the trained copy was made by value).
+    reference = (trained.to(device).eval().requires_grad_(False)
+                 if config.self_distillation and trained is not None else None)
     # What the checkpoint is written from: the classifier, not its quantization-aware wrapper.
     weights_of = model
     recalibrate: Callable[[], object] = lambda: None  # noqa: E731
     if config.quantization_aware:
-        if config.encoder != "minilm":
-            raise ValueError("--quantization-aware: the MiniLM encoders only (what calibrate quantizes)")
         from stream_sentiment.modeling.qat import QuantAwareClassifier, calibration_tensors
 
         model = QuantAwareClassifier(minilm)
