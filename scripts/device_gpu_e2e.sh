@@ -60,6 +60,13 @@ if [[ "${MPS:-0}" == 1 ]]; then
   fi
 fi
 
+# PROFILE=1: sample each worker's event-loop thread while it measures (bench/stack_sampler: in-process, as lent
+# hosts refuse py-spy's ptrace), one file per run under $out/profile/; summarise with
+#   python3 bench/profile_summary.py OUT/profile/<run>*.txt --under Worker._scored
+if [[ "${PROFILE:-0}" == 1 ]]; then
+  export BENCH_PROFILE_DIR="$out/profile"
+  echo "profiling the workers into $BENCH_PROFILE_DIR" | tee -a "$out/gpu.txt"
+fi
 # The device tool stops a command at 600 s: stop the bench first, so it cleans up and keeps its JSON.
 # BENCH_TIMEOUT shortens it when one call runs the bench twice.
 timeout --signal=TERM --kill-after=20 "${BENCH_TIMEOUT:-560}" \

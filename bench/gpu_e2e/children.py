@@ -51,6 +51,7 @@ from bench.gpu_e2e.common import (
     encoder_shape,
 )
 from bench.recording import RecordingHistogram, RecordingLabelledHistogram
+from bench.stack_sampler import StackSampler
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
 from stream_sentiment.config import Settings
 from stream_sentiment.engines.base import Engine, TokenBatch
@@ -266,10 +267,18 @@ class EngineWorkerProcess:
         run = asyncio.create_task(worker.run(channel.stop, consumer_options=_consumer_options(command)))
         reporter = asyncio.create_task(channel.report(lambda: sorted(worker.progress), lambda: worker.scored))
         collections = GcPauses(counting=worker.go.is_set)
+        # BENCH_PROFILE_DIR: sample this worker's event-loop thread while it measures (bench/stack_sampler; lent
+        # hosts refuse py-spy's ptrace), one file per run, for bench/profile_summary.py.
+        profile_dir = os.environ.get("BENCH_PROFILE_DIR")
+        sampler: contextlib.AbstractContextManager[Any] = (
+            StackSampler(active=worker.go.is_set) if profile_dir else contextlib.nullcontext())
         try:
-            with collections:
+            with collections, sampler:
                 await run
         finally:
+            if profile_dir and isinstance(sampler, StackSampler):
+                sampler.write(Path(profile_dir) / f"{command['group']}.txt",
+                              prefix=f'process {os.getpid()}:"role=worker {self.index} {command["group"]}"')
             reporter.cancel()
             await asyncio.gather(reporter, return_exceptions=True)
             channel.close()
