@@ -58,12 +58,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.fixed_engine import FixedEngine, LoopFixedEngine  # noqa: E402
 from bench.gpu_e2e.setups import DEFAULT_BUCKETS, dynamic_padding  # noqa: E402
 from bench.recording import RecordingHistogram  # noqa: E402
 from stream_sentiment.batching.tokenizer import PostTokenizer, fast_path_loop, pad_to_bucket  # noqa: E402
 from stream_sentiment.config import Settings  # noqa: E402
 from stream_sentiment.embedded import EmbeddedRedis  # noqa: E402
-from stream_sentiment.engines.base import Engine, TokenBatch  # noqa: E402
+from stream_sentiment.engines.base import Engine  # noqa: E402
 from stream_sentiment.engines.manifest import EngineRepository  # noqa: E402
 from stream_sentiment.interpreter import tune_interpreter  # noqa: E402
 from stream_sentiment.metrics import PipelineMetrics  # noqa: E402
@@ -87,51 +88,6 @@ PACED_BATCHING = {"max_rows": MAX_ROWS, "max_tokens": 32768, "window_ms": 8.0, "
 # Records per producer batch in the paced mode: bench/gpu_e2e's two producers at 50,000/s send each 2 ms tick's
 # posts (50) to one partition of 16, so a worker with two partitions gets a batch of ~50 every ~8 ms.
 PRODUCER_BATCH = 50
-
-
-class FixedEngine(Engine):
-    """No model: each row's logits are a fixed function of its token ids (only the worker's CPU is measured).
-
-    Varied as a model's are (labels mixed, scores distinct), so what depends on them -- label counts,
-    which posts are kept as samples -- costs what it costs live. ``latency_s``: each call also waits
-    that long (a sleep in the slot's thread: a GPU's time, which costs the worker no CPU).
-    """
-
-    backend = "fixed"
-    PHASES = np.array([1.0, 1.7, 2.3])
-
-    def __init__(self, *args: Any, latency_s: float = 0.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.latency_s = latency_s
-
-    def _activate_impl(self) -> None:
-        pass
-
-    def _infer_impl(self, batch: TokenBatch, stream: int) -> np.ndarray:
-        if self.latency_s:
-            time.sleep(self.latency_s)
-        return self.fixed_logits(batch)
-
-    def fixed_logits(self, batch: TokenBatch) -> np.ndarray:
-        return 2.0 * np.sin(batch.input_ids.sum(axis=1, dtype=np.float64)[:, None] * self.PHASES)
-
-    def _rebuild_impl(self, stream: int) -> None:
-        pass
-
-    def _deactivate_impl(self) -> None:
-        pass
-
-
-class LoopFixedEngine(FixedEngine):
-    """:class:`FixedEngine` called on the event loop (``scores_on_event_loop``, as the engine server's client is):
-    the GPU's time is an ``asyncio.sleep``, so what differs from the thread-called one is the hand-off per call."""
-
-    scores_on_event_loop = True
-
-    async def _infer_on_loop_impl(self, batch: TokenBatch, stream: int) -> np.ndarray:
-        if self.latency_s:
-            await asyncio.sleep(self.latency_s)
-        return self.fixed_logits(batch)
 
 
 def workload_values(workload: str, count: int) -> list[bytes]:

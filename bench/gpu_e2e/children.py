@@ -211,6 +211,10 @@ class EngineWorkerProcess:
 
             return EngineServerEngine(self.version, options["streams"], socket_path=Path(options["server_socket"]),
                                       max_rows=options["max_rows"])
+        if options["backend"] == "fixed":
+            from bench.fixed_engine import LoopFixedEngine
+
+            return LoopFixedEngine(self.version, options["streams"], latency_s=options["fixed_engine_ms"] / 1000)
         if options["backend"] == "torch-cuda":
             from stream_sentiment.engines.torch_backend import TorchCudaEngine
 
@@ -249,8 +253,7 @@ class EngineWorkerProcess:
         settings = Settings.load(
             bootstrap_servers=command["bootstrap"], topic=command["topic"], consumer_group=command["group"],
             redis_url=command["redis_url"], redis_prefix=command["prefix"],
-            engine={"backend": self.engine.backend, "streams": self.engine.streams,
-                    "model": self.version.manifest.model, "server_socket": self.options.get("server_socket")},
+            engine=self._engine_settings(),
             batching=command["batching"],
             kafka_fetch_max_wait_ms=command["fetch_max_wait_ms"],
         )
@@ -313,6 +316,16 @@ class EngineWorkerProcess:
             # After the stop: what this worker still held per partition (a run that ended short says where).
             "partitions": {p: progress.summary() for p, progress in worker.progress.items()},
         }
+
+    def _engine_settings(self) -> dict[str, Any]:
+        """The worker's ``engine`` settings for the engine it is handed (the Worker does not open its own)."""
+        engine = {"backend": self.engine.backend, "streams": self.engine.streams, "model": self.version.manifest.model,
+                  "server_socket": self.options.get("server_socket")}
+        if self.engine.backend == "fixed":
+            # Called on the event loop as the engine server's client is: that backend's settings and call-cost
+            # model; the socket is never opened.
+            engine |= {"backend": "engine-server", "server_socket": "/dev/null/fixed-engine"}
+        return engine
 
     def _predict(self, texts: list[str]) -> list[int]:
         token_ids = self.tokenizer.encode(texts)

@@ -56,6 +56,11 @@ def check_prerequisites(args: argparse.Namespace) -> list[str]:
         raise BenchError(f"missing packages: {', '.join(missing)}. On the GPU host: python3 -m pip install --no-deps "
                          "--no-index .carry/wheels/*.whl (wheels from scripts/device_wheels.sh)")
     notes = []
+    if args.backend == "fixed":
+        needs_model = [s for s in args.setups if s not in ("ours-own", "kafka-only")]
+        if needs_model:
+            raise BenchError(f"--backend fixed runs ours-own and kafka-only only (no engine server, no model): "
+                             f"drop {', '.join(needs_model)}")
     hf = [s for s in args.setups if s in BASELINE_KINDS]
     absent = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
     if hf and absent:
@@ -118,7 +123,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
              "set-ups' order alternating; the repeats table gives each one's median P99 and its range")
     add("--matched", type=float, default=0.8, help="also run ours and baselines (b), (c) at this x the baseline's "
         "drain rate, to compare P99 at equal load (0: off)")
-    add("--backend", default="torch-cuda", choices=["torch-cuda", "onnxruntime"])
+    add("--backend", default="torch-cuda", choices=["torch-cuda", "onnxruntime", "fixed"],
+        help="the engines' backend; fixed: no model, logits from the token ids and each call an asyncio sleep of "
+             "--fixed-engine-ms (bench/fixed_engine), each worker its own engine (ours-own and the floor only): the "
+             "pipeline's CPU on a real broker and Redis, e.g. profiled with BENCH_PROFILE_DIR, where there is no GPU")
+    add("--fixed-engine-ms", type=float, default=2.0, help="--backend fixed: each engine call's time")
     add("--streams", type=int, default=2, help="engine slots per worker (connections to the engine server)")
     add("--server-streams", type=int, default=4, help="CUDA streams of the engine server's engine")
     add("--torch-forward", default="padded", choices=["padded", "packed"],

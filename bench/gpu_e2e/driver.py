@@ -109,7 +109,8 @@ class Bench:
         args = self.args
         options = {"backend": args.backend, "streams": args.streams, "max_rows": args.max_rows,
                    "ort_threads": args.ort_threads, "switch_interval_ms": args.switch_interval_ms,
-                   "torch_forward": args.torch_forward, "max_tokens": args.max_tokens}
+                   "torch_forward": args.torch_forward, "max_tokens": args.max_tokens,
+                   "fixed_engine_ms": args.fixed_engine_ms}
         workers: list[tuple[ModelChildren, dict[str, Any] | None, dict[str, Any] | None]] = []
         for model, group in self.models.items():
             planned = self.planned(model)

@@ -46,6 +46,26 @@ def test_ranges_apply_once_in_order_and_replays_are_skipped(redis_factory):
     assert {partition: state.mark for partition, state in states.items()} == {0: 25, 1: 5}
 
 
+def test_a_script_redis_lost_is_loaded_again(redis_factory):
+    """A Redis restart or SCRIPT FLUSH forgets the apply script: the next apply loads it again, once."""
+
+    async def scenario():
+        client = redis_factory(async_client=True)
+        sink = RedisSink(client, prefix="t", topic="posts", ttl_seconds=600)
+        first = await sink.apply(0, 0, 10, _increments(3, 1.5))
+        await client.script_flush()
+        second = await sink.apply(0, 10, 20, _increments(2, 0.5))
+        loaded = await client.script_exists(sink._script.sha)
+        totals = await client.hgetall("t:totals")
+        await client.aclose()
+        return first, second, loaded, totals
+
+    first, second, loaded, totals = asyncio.run(scenario())
+    assert (first.outcome, second.outcome) == (ApplyOutcome.APPLIED, ApplyOutcome.APPLIED)
+    assert loaded == [True]
+    assert totals["scored"] == "5"
+
+
 def test_overlapping_or_gapped_ranges_write_nothing(redis_factory):
     async def scenario():
         client = redis_factory(async_client=True)

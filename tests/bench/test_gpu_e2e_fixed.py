@@ -1,0 +1,38 @@
+"""bench/gpu_e2e run for real on this machine with ``--backend fixed``: a worker per set-up with a model-free engine,
+the real broker and Redis, the workers profiled from inside (``BENCH_PROFILE_DIR``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.gpu_e2e.cli import BenchError, check_prerequisites, parse_args
+from bench.profile_summary import roles
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_fixed_backend_refuses_set_ups_that_need_a_model() -> None:
+    args = parse_args(["--backend", "fixed", "--setups", "ours,kafka-only"])
+    with pytest.raises(BenchError, match="drop ours"):
+        check_prerequisites(args)
+
+
+def test_fixed_backend_counts_a_backlog_exactly_and_profiles_the_worker(tmp_path: Path) -> None:
+    report = tmp_path / "run.json"
+    profiles = tmp_path / "profile"
+    command = [sys.executable, "bench/gpu_e2e", "--backend", "fixed", "--workers", "1", "--partitions", "2",
+               "--producers", "1", "--setups", "ours-own", "--workloads", "tweets", "--rates", "", "--posts", "2000",
+               "--drain-seconds", "20", "--streams", "2", "--matched", "0", "--json", str(report)]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "BENCH_PROFILE_DIR": str(profiles)},
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run,) = json.loads(report.read_text())["workloads"]["tweets"]["runs"]
+    assert (run["setup"], run["produced"], run["counted"], run["exact"]) == ("ours-own", 2000, 2000, True)
+    files = sorted(profiles.glob("*.txt"))
+    assert files and set(roles(files).values()) == {"worker"}
