@@ -23,7 +23,9 @@ exporter did keep under their state-dict names, the biases:
   constant added just before the embeddings LayerNorm: it becomes row 0 of
   ``embeddings.token_type_embeddings.weight`` (row 1 is zeros; the module only
   ever reads row 0, all inputs are single-segment);
-* LayerNorm weights/biases and every bias are initializers named as in the state dict.
+* LayerNorm weights/biases and every bias are initializers named as in the state dict;
+* a MatMul input smoothed before quantization (``Mul(x, <x>_smooth_inv)``, ``modeling.smoothing``) has
+  the ``s`` that divides it multiplied into its weight's rows: folded back, ``W = diag(1 / s) W'``.
 
 The encoder shape comes from the tables' and weights' shapes, the
 LayerNormalization ``epsilon`` and, for the head count (which no weight shape
@@ -47,6 +49,8 @@ import numpy as np
 from stream_sentiment.engine_build.qdq_rewrite import dequantized
 from stream_sentiment.engines.manifest import EngineVersion
 
+# A smoothed MatMul input (``modeling.smoothing``) is ``Mul(x, <x>_smooth_inv)``; its weight rows carry ``s``.
+SMOOTH_SUFFIX = "_smooth_inv"
 # Not in the graph: only row 0 of the token-type table survives constant folding.
 TYPE_VOCAB_SIZE = 2
 _FLOAT_TYPES = (1, 10, 11, 16)  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
@@ -155,12 +159,27 @@ def _bias_prefix(graph: _Graph, node: Any) -> str | None:
     return None
 
 
+def _smoothing(graph: _Graph, name: str) -> np.ndarray | None:
+    """``1 / s`` if activation ``name`` (looking back through a Q/DQ pair) is a smoothed input, else None."""
+    node = graph.producer.get(name)
+    if node is not None and node.op_type == "DequantizeLinear":
+        quantize = graph.producer.get(node.input[0])
+        node = graph.producer.get(quantize.input[0]) if quantize is not None else None
+    if node is None or node.op_type != "Mul":
+        return None
+    inverse = next((operand for operand in node.input if operand.endswith(SMOOTH_SUFFIX)), None)
+    return graph.constant(inverse) if inverse is not None else None
+
+
 def _linear_weights(graph: _Graph, state: dict[str, np.ndarray]) -> None:
     for node in graph.graph.node:
         if node.op_type == "MatMul":
             weight = graph.constant(node.input[1])
             prefix = _bias_prefix(graph, node) if weight is not None else None
             if weight is not None and prefix is not None:
+                inverse = _smoothing(graph, node.input[0])
+                if inverse is not None:  # (x / s) (diag(s) W): the module's weight is W
+                    weight = weight * inverse[:, None]
                 state[f"{prefix}.weight"] = weight.T
         elif node.op_type == "Gemm" and len(node.input) > 2:
             weight, bias = graph.constant(node.input[1]), graph.constant(node.input[2])

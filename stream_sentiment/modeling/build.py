@@ -83,12 +83,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave the most int8-sensitive modules FP32, fewest first, until the INT8 labels agree "
                              "with FP32 on this fraction of the validation tweets (a min-max sweep, "
                              "quantize.float_modules_for_agreement: ~20 s per module of a 6-layer MiniLM on 2 cores)")
+    parser.add_argument("--smooth-alpha", type=float, metavar="ALPHA",
+                        help="smooth the FFN up-projections' inputs before quantizing (SmoothQuant, migration "
+                             "strength ALPHA in (0, 1), 0.5 its default; see modeling.smoothing): their outlier "
+                             "channel moves into the weights. Off by default (the committed v1 is built without)")
     parser.add_argument("--report", type=Path, default=Path("docs/calibration-report.json"))
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     args = parser.parse_args(argv)
     show_progress = not args.no_progress
     if args.float_until_agreement is not None and not 0 < args.float_until_agreement <= 1:
         raise SystemExit(f"--float-until-agreement: a fraction in (0, 1], not {args.float_until_agreement}")
+    if args.smooth_alpha is not None and not 0 < args.smooth_alpha < 1:
+        raise SystemExit(f"--smooth-alpha: in (0, 1), not {args.smooth_alpha}")
     languages = tuple(lang.strip() for lang in args.languages.split(",") if lang.strip())
     if not set(languages) <= {"en", "zh"} or not languages:
         raise SystemExit(f"--languages: en and/or zh, not {args.languages!r}")
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         sensitivity = float_modules_for_agreement(
             fp32, calibration_texts, selection_sets["validation"][0], fp32_dir.parent / "sensitivity",
             args.float_until_agreement, down_projections=args.down_projections, attention=args.attention_matmuls,
-            show_progress=show_progress)
+            show_progress=show_progress, smooth_alpha=args.smooth_alpha)
         keep_float = list(sensitivity["keep_float"])  # type: ignore[call-overload]
         kept_modules = list(sensitivity["modules"])  # type: ignore[call-overload]
         print(f"      kept FP32: {sensitivity['modules']} -> agreement {sensitivity['agreement']}", flush=True)
@@ -164,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                                  show_progress=show_progress, down_projections=args.down_projections,
                                  attention=args.attention_matmuls,
                                  methods=METHODS if args.method == "auto" else (args.method,),
-                                 keep_float=keep_float)
+                                 keep_float=keep_float, smooth_alpha=args.smooth_alpha)
     choose_on = ("validation", "review_dev") if "zh" in languages else ("validation",)
     method = choose_method(comparison, *choose_on) if args.method == "auto" else args.method
     print(f"[3/4] chose {method} calibration", flush=True)
@@ -189,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
                             "with FP32 (kept_float_for_agreement; with int8-weights a MatMul's weights are int8 still)"
                             if keep_float else ""),
         **({"kept_float_for_agreement": sensitivity} if sensitivity else {}),
+        **({"smoothing": {"method": "smoothquant", "alpha": args.smooth_alpha,
+                          "inputs": "of the widening MatMuls (FFN up-projections): Mul by <input>_smooth_inv in the "
+                                    "graph, s in their weights' rows (modeling.smoothing)"}}
+           if args.smooth_alpha is not None else {}),
         "percentile": PERCENTILE if method == "percentile" else None,
         "calibration_set": calibration_set,
         "chosen_on": list(choose_on),
