@@ -7,11 +7,13 @@ counts the interrupted stack, outermost first, in py-spy's collapsed ("raw") for
 ``bench/profile_summary.py`` reads both. Samples follow CPU time, not wall time: a process waiting
 for I/O is not sampled, and time spent in C (the tokenizer, a socket send) is charged to the
 Python frame that called it. CPU of other threads (the tokenizer's executor) is charged to wherever
-the main thread is at the time, often the event loop's ``select``, counted as ``(idle: ...)``.
+the main thread is at the time, often the event loop's ``select``, counted as ``(idle: ...)`` (asyncio's
+selector loop; under uvloop that wait is in C and shows as the frame that started the loop).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from collections import Counter
 from collections.abc import Callable
@@ -22,10 +24,11 @@ IDLE = "(idle: main thread in select, other threads' CPU)"
 
 
 def _stack(frame: FrameType | None) -> str:
+    # Runs in the sampled process, its CPU counted with the worker's: plain string work, no Path per frame.
     names = []
     while frame is not None:
         code = frame.f_code
-        names.append(f"{code.co_qualname} ({Path(code.co_filename).name}:{frame.f_lineno})")
+        names.append(f"{code.co_qualname} ({os.path.basename(code.co_filename)}:{frame.f_lineno})")
         frame = frame.f_back
     return ";".join(reversed(names))
 
@@ -49,7 +52,10 @@ class StackSampler:
 
     def __exit__(self, *exc: object) -> None:
         signal.setitimer(signal.ITIMER_PROF, 0, 0)
-        signal.signal(signal.SIGPROF, self._previous)  # type: ignore[arg-type]
+        # None: the previous handler was not set from Python. Ignored, not SIG_DFL: SIGPROF's default action
+        # ends the process, should a signal already on its way arrive after this.
+        previous = self._previous if self._previous is not None else signal.SIG_IGN
+        signal.signal(signal.SIGPROF, previous)  # type: ignore[arg-type]
 
     def _sample(self, signum: int, frame: FrameType | None) -> None:
         if frame is None or (self._active is not None and not self._active()):

@@ -280,7 +280,7 @@ class EngineWorkerProcess:
                 await run
         finally:
             if profile_dir and isinstance(sampler, StackSampler):
-                sampler.write(Path(profile_dir) / f"{command['group']}.txt",
+                sampler.write(Path(profile_dir) / f"{command['group']}-worker{self.index}.txt",
                               prefix=f'process {os.getpid()}:"role=worker {self.index} {command["group"]}"')
             reporter.cancel()
             await asyncio.gather(reporter, return_exceptions=True)
@@ -312,7 +312,7 @@ class EngineWorkerProcess:
             # Where a post's time goes: append -> fetch and answer -> counted per post; bucket wait, engine call,
             # Redis write per batch.
             "parts": {"kafka": times["kafka"], "apply_wait": times["apply_wait"],
-                      **{name: np.asarray(h.samples, dtype=np.float32) for name, h in parts.items()}},
+                      **{name: h.array().astype(np.float32) for name, h in parts.items()}},
             # After the stop: what this worker still held per partition (a run that ended short says where).
             "partitions": {p: progress.summary() for p, progress in worker.progress.items()},
         }

@@ -164,7 +164,9 @@ def _smoothing(graph: _Graph, name: str) -> np.ndarray | None:
     node = graph.producer.get(name)
     if node is not None and node.op_type == "DequantizeLinear":
         quantize = graph.producer.get(node.input[0])
-        node = graph.producer.get(quantize.input[0]) if quantize is not None else None
+        if quantize is None or quantize.op_type != "QuantizeLinear":
+            return None
+        node = graph.producer.get(quantize.input[0])
     if node is None or node.op_type != "Mul":
         return None
     inverse = next((operand for operand in node.input if operand.endswith(SMOOTH_SUFFIX)), None)

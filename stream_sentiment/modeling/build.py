@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                              "quantize.float_modules_for_agreement: ~20 s per module of a 6-layer MiniLM on 2 cores)")
     parser.add_argument("--smooth-alpha", type=float, metavar="ALPHA",
                         help="smooth the FFN up-projections' inputs before quantizing (SmoothQuant, migration "
-                             "strength ALPHA in (0, 1), 0.5 its default; see modeling.smoothing): their outlier "
-                             "channel moves into the weights. Off by default (the committed v1 is built without)")
+                             "strength ALPHA in (0, 1), 0.5 recommended; see modeling.smoothing): their outlier "
+                             "channel moves into the weights. Off unless given (the committed versions are built "
+                             "without)")
     parser.add_argument("--report", type=Path, default=Path("docs/calibration-report.json"))
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     args = parser.parse_args(argv)

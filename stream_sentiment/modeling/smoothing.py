@@ -55,10 +55,9 @@ def channel_maxima(model: Any, names: Sequence[str], batches: Sequence[TokenBatc
     for name in names:
         probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    inputs = [i.name for i in model.graph.input]
     maxima: dict[str, np.ndarray] = {}
     for batch in batches:
-        outputs = session.run(list(names), dict(zip(inputs, (batch.input_ids, batch.attention_mask), strict=True)))
+        outputs = session.run(list(names), {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
         for name, values in zip(names, outputs, strict=True):
             largest = np.abs(values).reshape(-1, values.shape[-1]).max(axis=0)
             maxima[name] = largest if name not in maxima else np.maximum(maxima[name], largest)

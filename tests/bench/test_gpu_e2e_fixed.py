@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.gpu_e2e.cli import BenchError, check_prerequisites, parse_args
-from bench.profile_summary import roles
+from bench.profile_summary import roles, stacks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,4 +35,6 @@ def test_fixed_backend_counts_a_backlog_exactly_and_profiles_the_worker(tmp_path
     (run,) = json.loads(report.read_text())["workloads"]["tweets"]["runs"]
     assert (run["setup"], run["produced"], run["counted"], run["exact"]) == ("ours-own", 2000, 2000, True)
     files = sorted(profiles.glob("*.txt"))
-    assert files and set(roles(files).values()) == {"worker"}
+    assert [f.name for f in files] == ["tweets-ours-own-0-worker0.txt"]  # one file per worker and run
+    assert set(roles(files).values()) == {"worker"}
+    assert any("Worker.run (worker.py)" in frames for _, frames, _ in stacks(files))  # the worker's own loop

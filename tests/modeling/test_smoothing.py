@@ -36,6 +36,7 @@ def outlier_model(path: Path) -> Path:
         "embedding": rng.normal(size=(VOCABULARY, HIDDEN)).astype(np.float32),
         "gain": gain,
         "up": (rng.normal(size=(HIDDEN, WIDE)) / np.sqrt(HIDDEN)).astype(np.float32),
+        "up.bias": np.zeros(WIDE, dtype=np.float32),  # named as a state dict's: how onnx_weights finds "up"
         # Small: logits of a few units, so probabilities do not saturate and rounding shows in them.
         "classifier": (rng.normal(size=(WIDE, len(LABELS))) * 2e-3).astype(np.float32),
         "sequence_axis": np.array([1], dtype=np.int64),
@@ -44,7 +45,8 @@ def outlier_model(path: Path) -> Path:
     nodes = [
         helper.make_node("Gather", ["embedding", "input_ids"], ["embedded"], name="token_embedding"),
         helper.make_node("Mul", ["embedded", "gain"], ["normed"], name="gain"),
-        helper.make_node("MatMul", ["normed", "up"], ["widened"], name="up"),
+        helper.make_node("MatMul", ["normed", "up"], ["projected"], name="up"),
+        helper.make_node("Add", ["projected", "up.bias"], ["widened"]),
         helper.make_node("Relu", ["widened"], ["activated"]),
         helper.make_node("Cast", ["attention_mask"], ["mask_float"], to=TensorProto.FLOAT),
         helper.make_node("Unsqueeze", ["mask_float", "feature_axis"], ["mask_column"]),
@@ -114,6 +116,24 @@ def test_smoothed_int8_is_closer_to_fp32(fp32, tmp_path: Path) -> None:
                                       smooth_alpha=alpha)
         errors[alpha] = float(np.abs(score(candidate, POSTS, show_progress=False) - reference).mean())
     assert errors[0.5] < 0.7 * errors[None]  # 0.42x on the dev VM
+
+
+def test_a_smoothed_int8_builds_weights_fold_back_to_the_fp32_weights(fp32, tmp_path: Path) -> None:
+    """On the graph calibration really writes (ORT's pre-processing, Q/DQ pairs): the torch backends' weight for
+    the smoothed MatMul is the FP32 one, to within its int8 rounding."""
+    import onnx
+    from onnx import numpy_helper
+
+    original = next(numpy_helper.to_array(t) for t in onnx.load(str(fp32.model_path)).graph.initializer
+                    if t.name == "up")
+    candidate = candidate_version(fp32, POSTS, "minmax", tmp_path / "int8", show_progress=False, smooth_alpha=0.5)
+    state: dict[str, np.ndarray] = {}
+    _linear_weights(_Graph(onnx.load(str(candidate.model_path))), state)
+    folded = state["up.weight"].T  # back to ONNX's [in, out]
+    step = np.abs(original).max(axis=0) / 127  # per output channel: int8 rounding of the unsmoothed weight
+    assert np.abs(folded - original).max() < 3 * step.max()
+    assert any(node.op_type == "Mul" and node.input[1].endswith(SMOOTH_SUFFIX)
+               for node in onnx.load(str(candidate.model_path)).graph.node)  # it was smoothed, and folded back
 
 
 def test_the_torch_backends_weights_fold_the_smoothing_back() -> None:

@@ -47,7 +47,7 @@ def test_ranges_apply_once_in_order_and_replays_are_skipped(redis_factory):
 
 
 def test_a_script_redis_lost_is_loaded_again(redis_factory):
-    """A Redis restart or SCRIPT FLUSH forgets the apply script: the next apply loads it again, once."""
+    """A Redis restart or SCRIPT FLUSH forgets the apply script: the next apply loads it again and applies."""
 
     async def scenario():
         client = redis_factory(async_client=True)
