@@ -70,6 +70,52 @@ def roles(paths: Sequence[Path]) -> dict[str, str]:
     return found
 
 
+# A worker's stages, each recognised by the functions that run it (name prefixes). A sample counts in the stage
+# of its *deepest* such frame: the Redis write that ends a scored batch is "apply", not "engine".
+WORKER_STAGES = (
+    ("kafka fetch (aiokafka)", ("Fetcher.", "AIOKafkaConnection.", "AIOKafkaClient.", "PartitionRecords.",
+                                "AIOKafkaConsumer.", "GroupCoordinator.")),
+    ("decode", ("KafkaSource._admit", "decode_post")),
+    ("tokenize", ("Scheduler._tokenize", "PostTokenizer.", "AsciiWordPieces.")),
+    ("batch", ("Scheduler.dispatch", "Scheduler._record_batch", "Batcher.", "Scheduler.submit")),
+    ("engine call", ("SlotPool.", "Engine.infer", "pad_to_bucket", "Scheduler.sample_shadow", "softmax")),
+    ("scored bookkeeping", ("Worker._scored",)),
+    ("apply + Redis", ("Worker._apply_ready", "CheckpointingSink.", "RedisSink.", "increments_for")),
+)
+OTHER_STAGE = "event loop, timers, other"
+
+
+def stage_of(names: Sequence[str]) -> str:
+    """The stage of one stack (function names, outermost first): that of its deepest recognised frame."""
+    for name in reversed(names):
+        for stage, prefixes in WORKER_STAGES:
+            if name.startswith(prefixes):
+                return stage
+    return OTHER_STAGE
+
+
+def stage_split(paths: Sequence[Path], cpu_us_per_post: float | None = None) -> str:
+    """The workers' samples by stage (:data:`WORKER_STAGES`), as shares and, given the run's worker CPU per post,
+    as microseconds per post: the bench's per-stage CPU, where its own stage timers cover decode, tokenize and
+    batch only."""
+    role_of = roles(paths)
+    shares: Counter[str] = Counter()
+    for process, frames, count in stacks(paths):
+        if role_of[process] == "worker":
+            names = [name_of(frame) for frame in frames]
+            shares[IDLE_STAGE if names and names[-1].startswith("(idle") else stage_of(names)] += count
+    total = sum(shares.values()) or 1
+    lines = [f"workers' CPU by stage ({total} samples{', us per post' if cpu_us_per_post else ''}):"]
+    for stage in [s for s, _ in WORKER_STAGES] + [OTHER_STAGE, IDLE_STAGE]:
+        share = shares[stage] / total
+        per_post = f"  {share * cpu_us_per_post:6.1f}" if cpu_us_per_post else ""
+        lines.append(f"  {stage:28} {share:6.1%}{per_post}")
+    return "\n".join(lines)
+
+
+IDLE_STAGE = "other threads (main idle)"
+
+
 def summarise(paths: Sequence[Path], role: str, under: str, depth: int, top: int) -> str:
     role_of = roles(paths)
     per_role: Counter[str] = Counter()
@@ -109,8 +155,14 @@ def main() -> None:
     parser.add_argument("--under", default="", help="only stacks through this frame name, e.g. Worker._scored")
     parser.add_argument("--depth", type=int, default=3, help="frames below the anchor to count")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--stages", action="store_true",
+                        help="the workers' samples by pipeline stage instead (with --cpu-us-per-post: in us per post)")
+    parser.add_argument("--cpu-us-per-post", type=float, help="the run's worker CPU per post (the bench's JSON)")
     args = parser.parse_args()
-    print(summarise(args.profile, args.role, args.under, args.depth, args.top))
+    if args.stages:
+        print(stage_split(args.profile, args.cpu_us_per_post))
+    else:
+        print(summarise(args.profile, args.role, args.under, args.depth, args.top))
 
 
 if __name__ == "__main__":

@@ -61,8 +61,8 @@ if [[ "${MPS:-0}" == 1 ]]; then
 fi
 
 # PROFILE=1: sample each worker's event-loop thread while it measures (bench/stack_sampler: in-process, as lent
-# hosts refuse py-spy's ptrace), one file per run under $out/profile/; summarise with
-#   python3 bench/profile_summary.py OUT/profile/<run>*.txt --under Worker._scored
+# hosts refuse py-spy's ptrace), one file per worker and run under $out/profile/, each run's split by stage in
+# $out/profile/stages.txt; look deeper with  python3 bench/profile_summary.py OUT/profile/<run>-*.txt --under X
 if [[ "${PROFILE:-0}" == 1 ]]; then
   export BENCH_PROFILE_DIR="$out/profile"
   echo "profiling the workers into $BENCH_PROFILE_DIR" | tee -a "$out/gpu.txt"
@@ -71,3 +71,9 @@ fi
 # BENCH_TIMEOUT shortens it when one call runs the bench twice.
 timeout --signal=TERM --kill-after=20 "${BENCH_TIMEOUT:-560}" \
   python3 bench/gpu_e2e --json "$out/gpu_e2e.json" "$@" 2>&1 | tee "$out/gpu_e2e.log"
+if [[ "${PROFILE:-0}" == 1 && -d "$out/profile" ]]; then
+  # Each run's workers by stage (shares; times the run's worker CPU per post in the JSON: us per post).
+  for run in $(ls "$out/profile" | sed 's/-worker[0-9]*\.txt$//' | sort -u); do
+    echo "== $run"; python3 bench/profile_summary.py "$out/profile/$run"-worker*.txt --stages
+  done > "$out/profile/stages.txt" 2>&1 || true
+fi

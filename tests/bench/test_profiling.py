@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bench.profile_summary import roles, stacks, summarise
+from bench.profile_summary import OTHER_STAGE, roles, stacks, stage_of, stage_split, summarise
 from bench.stack_sampler import StackSampler
 
 
@@ -44,3 +44,19 @@ def test_inactive_sampler_counts_nothing() -> None:
     with StackSampler(interval_s=0.002, active=lambda: False) as sampler:
         _burn_cpu(0.1)
     assert not sampler.stacks
+
+
+def test_a_sample_counts_in_the_stage_of_its_deepest_recognised_frame(tmp_path: Path) -> None:
+    apply = ["Handle._run", "Scheduler._infer", "Worker._scored", "Worker._apply_ready", "RedisSink.apply_many",
+             "Redis.execute_command"]
+    assert stage_of(apply) == "apply + Redis"  # not "engine call" (its task) nor "scored bookkeeping"
+    assert stage_of(["Handle._run", "Scheduler._infer", "SlotPool.score", "softmax"]) == "engine call"
+    assert stage_of(["Handle._run", "Worker.run", "Worker._poll_once", "KafkaSource.fetch",
+                     "AIOKafkaConsumer.getmany", "Fetcher.fetched_records"]) == "kafka fetch (aiokafka)"
+    assert stage_of(["Handle._run", "BaseEventLoop.call_soon"]) == OTHER_STAGE
+    profile = tmp_path / "run-worker0.txt"
+    profile.write_text('process 1:"role=worker 0 run";' + ";".join(f"{n} (m.py:1)" for n in apply) + " 3\n"
+                       'process 1:"role=worker 0 run";Handle._run (events.py:1);PostTokenizer.encode (t.py:2) 1\n')
+    split = stage_split([profile], cpu_us_per_post=40.0)
+    rows = {line[:30].strip(): line[30:].split() for line in split.splitlines()[1:]}
+    assert rows["apply + Redis"] == ["75.0%", "30.0"] and rows["tokenize"] == ["25.0%", "10.0"]
