@@ -32,14 +32,12 @@ from stream_sentiment.engines.base import TokenBatch
 
 def widening_matmuls(model: Any) -> dict[str, list[Any]]:
     """Activation input -> the MatMuls reading it whose constant weight widens (``[in, out]``, ``out > in``)."""
-    from onnx import numpy_helper
-
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
     found: dict[str, list[Any]] = {}
     for node in model.graph.node:
         if node.op_type != "MatMul" or node.input[1] not in initializers or node.input[0] in initializers:
             continue
-        shape = numpy_helper.to_array(initializers[node.input[1]]).shape
+        shape = tuple(initializers[node.input[1]].dims)
         if len(shape) == 2 and shape[1] > shape[0]:
             found.setdefault(node.input[0], []).append(node)
     return found
