@@ -73,7 +73,7 @@ timeout --signal=TERM --kill-after=20 "${BENCH_TIMEOUT:-560}" \
   python3 bench/gpu_e2e --json "$out/gpu_e2e.json" "$@" 2>&1 | tee "$out/gpu_e2e.log"
 if [[ "${PROFILE:-0}" == 1 && -d "$out/profile" ]]; then
   # Each run's workers by stage (shares; times the run's worker CPU per post in the JSON: us per post).
-  for run in $(ls "$out/profile" | sed 's/-worker[0-9]*\.txt$//' | sort -u); do
+  for run in $(cd "$out/profile" && ls -- *-worker*.txt | sed 's/-worker[0-9]*\.txt$//' | sort -u); do
     echo "== $run"; python3 bench/profile_summary.py "$out/profile/$run"-worker*.txt --stages
   done > "$out/profile/stages.txt" 2>&1 || true
 fi

@@ -271,7 +271,7 @@ class EngineWorkerProcess:
         reporter = asyncio.create_task(channel.report(lambda: sorted(worker.progress), lambda: worker.scored))
         collections = GcPauses(counting=worker.go.is_set)
         # BENCH_PROFILE_DIR: sample this worker's event-loop thread while it measures (bench/stack_sampler; lent
-        # hosts refuse py-spy's ptrace), one file per run, for bench/profile_summary.py.
+        # hosts refuse py-spy's ptrace), one file per worker and run, for bench/profile_summary.py.
         profile_dir = os.environ.get("BENCH_PROFILE_DIR")
         sampler: contextlib.AbstractContextManager[Any] = (
             StackSampler(active=worker.go.is_set) if profile_dir else contextlib.nullcontext())
