@@ -152,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
                 test_sets[f"review_test_{gold}"] = ([r["text"] for r in rows], [r["label"] for r in rows])
         if args.zh_extra_test.exists():
             test_sets["zh_social_eval"] = read_labelled_file(args.zh_extra_test)
+    # The version every INT8 candidate is quantized from (the FP32 export itself, or it smoothed once).
+    source = fp32
+    if args.smooth_alpha is not None:
+        from stream_sentiment.modeling.smoothing import smoothed_version
+
+        print(f"      smoothing the FFN up-projections' inputs (alpha {args.smooth_alpha})", flush=True)
+        source = smoothed_version(fp32, calibration_texts, args.smooth_alpha, fp32_dir.parent / "smoothed-fp32")
     sensitivity: dict[str, object] = {}
     keep_float: list[str] = []
     kept_modules: list[str] = []
@@ -159,19 +166,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[2/4] sensitivity: the modules to keep FP32 for {args.float_until_agreement:.2%} validation agreement",
               flush=True)
         sensitivity = float_modules_for_agreement(
-            fp32, calibration_texts, selection_sets["validation"][0], fp32_dir.parent / "sensitivity",
+            source, calibration_texts, selection_sets["validation"][0], fp32_dir.parent / "sensitivity",
             args.float_until_agreement, down_projections=args.down_projections, attention=args.attention_matmuls,
-            show_progress=show_progress, smooth_alpha=args.smooth_alpha)
+            show_progress=show_progress)
         keep_float = list(sensitivity["keep_float"])  # type: ignore[call-overload]
         kept_modules = list(sensitivity["modules"])  # type: ignore[call-overload]
         print(f"      kept FP32: {sensitivity['modules']} -> agreement {sensitivity['agreement']}", flush=True)
     methods = ", ".join(METHODS) if args.method == "auto" else args.method
     print(f"[2/4] quantizing with {methods} on {len(calibration_texts)} calibration texts", flush=True)
-    comparison = compare_methods(fp32, calibration_texts, selection_sets, fp32_dir.parent,
+    comparison = compare_methods(source, calibration_texts, selection_sets, fp32_dir.parent,
                                  show_progress=show_progress, down_projections=args.down_projections,
                                  attention=args.attention_matmuls,
                                  methods=METHODS if args.method == "auto" else (args.method,),
-                                 keep_float=keep_float, smooth_alpha=args.smooth_alpha)
+                                 keep_float=keep_float)
     choose_on = ("validation", "review_dev") if "zh" in languages else ("validation",)
     method = choose_method(comparison, *choose_on) if args.method == "auto" else args.method
     print(f"[3/4] chose {method} calibration", flush=True)

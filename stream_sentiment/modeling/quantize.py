@@ -215,7 +215,6 @@ def quantize_weights_only(model_path: Path, node_names: Sequence[str]) -> int:
 def quantize_model(
     fp32: EngineVersion, texts: Sequence[str], method: str, destination: Path, *, show_progress: bool = True,
     down_projections: str = "float", attention: str = "int8", keep_float: Sequence[str] = (),
-    smooth_alpha: float | None = None,
 ) -> Path:
     """Write a Q/DQ INT8 copy of ``fp32``'s ONNX to ``destination`` using ``method`` calibration.
 
@@ -225,9 +224,7 @@ def quantize_model(
     ``float`` keeps them FP32 (:func:`attention_matmuls`). ``keep_float``: further nodes left
     out of int8 quantization (the sensitive modules :func:`float_modules_for_agreement` finds): their
     activations stay float; with ``int8-weights`` the weights of those that are MatMuls are stored int8, as
-    the down-projections' are, while a Gather or Gemm among them stays wholly FP32. ``smooth_alpha``: first
-    smooth the inputs of the widening MatMuls (the FFN up-projections) with that migration strength
-    (:mod:`stream_sentiment.modeling.smoothing`), their channel maxima measured on the same calibration batches.
+    the down-projections' are, while a Gather or Gemm among them stays wholly FP32.
     With ``show_progress``, a bar on stderr counts the calibration batches ORT has run.
     """
     from onnxruntime.quantization import (
@@ -251,14 +248,7 @@ def quantize_model(
         # Shape inference + ORT's *basic* graph optimizations (constant folding,
         # no contrib-op fusions), so the Q/DQ graph stays standard ONNX that
         # TensorRT's parser accepts.
-        source = fp32.model_path
-        if smooth_alpha is not None:  # before ORT's pre-processing, so its shape inference covers the new Muls
-            from stream_sentiment.modeling.smoothing import smooth_widening_inputs
-
-            source = Path(scratch) / "smoothed.onnx"
-            batches = uniform_calibration_batches(PostTokenizer(fp32).encode(texts))
-            smooth_widening_inputs(fp32.model_path, source, batches, smooth_alpha)
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
+        quant_pre_process(str(fp32.model_path), str(prepared), skip_symbolic_shape=False)
         kept_float = ffn_down_projections(prepared)
         if attention == "float":
             kept_attention = attention_matmuls(prepared)
@@ -299,15 +289,13 @@ def quantize_model(
 def candidate_version(
     fp32: EngineVersion, texts: Sequence[str], method: str, folder: Path, *, show_progress: bool = True,
     down_projections: str = "float", attention: str = "int8", keep_float: Sequence[str] = (),
-    smooth_alpha: float | None = None,
 ) -> EngineVersion:
     """Quantize ``fp32`` with ``method`` into a complete (uncommitted) INT8 version folder."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     quantize_model(fp32, texts, method, folder / "model.int8.onnx", show_progress=show_progress,
-                   down_projections=down_projections, attention=attention, keep_float=keep_float,
-                   smooth_alpha=smooth_alpha)
+                   down_projections=down_projections, attention=attention, keep_float=keep_float)
     for name in fp32.manifest.files:
         if not name.endswith(".onnx"):
             shutil.copy2(fp32.path / name, folder / name)
@@ -344,7 +332,6 @@ def compare_methods(
     attention: str = "int8",
     methods: Sequence[str] = METHODS,
     keep_float: Sequence[str] = (),
-    smooth_alpha: float | None = None,
 ) -> dict[str, object]:
     """Quantize with each of ``methods`` and measure each against FP32 on the selection sets.
 
@@ -360,8 +347,7 @@ def compare_methods(
         started = time.perf_counter()
         folder = workdir / f"{fp32.manifest.version.removesuffix('-fp32')}-int8-{method}"
         candidate = candidate_version(fp32, calibration_texts, method, folder, show_progress=show_progress,
-                                      down_projections=down_projections, attention=attention, keep_float=keep_float,
-                                      smooth_alpha=smooth_alpha)
+                                      down_projections=down_projections, attention=attention, keep_float=keep_float)
         seconds = time.perf_counter() - started
         results[method] = {
             "calibration_seconds": round(seconds, 1),
@@ -424,7 +410,6 @@ def float_modules_for_agreement(
     down_projections: str = "float",
     attention: str = "int8",
     show_progress: bool = True,
-    smooth_alpha: float | None = None,
 ) -> dict[str, object]:
     """Modules to leave FP32, chosen greedily, so the INT8 labels agree with FP32 on ``target`` of ``selection_texts``.
 
@@ -444,8 +429,7 @@ def float_modules_for_agreement(
     def agreement(keep: Sequence[str], name: str) -> float:
         folder = workdir / name
         candidate = candidate_version(fp32, calibration_texts, method, folder, show_progress=False,
-                                      down_projections=down_projections, attention=attention, keep_float=keep,
-                                      smooth_alpha=smooth_alpha)
+                                      down_projections=down_projections, attention=attention, keep_float=keep)
         labels = score(candidate, selection_texts, desc=f"score {name}", show_progress=show_progress).argmax(1)
         shutil.rmtree(folder)
         return round(float((labels == reference).mean()), 4)

@@ -16,18 +16,25 @@ branch into the MatMul, before its QuantizeLinear, named ``<input>_smooth_inv`` 
 Which MatMuls: those that *widen* (constant weight ``[in, out]`` with ``out > in``), i.e. the FFN
 up-projections of a BERT-family encoder; attention's projections keep their width and the
 down-projections narrow. Channel maxima come from the calibration batches ORT's calibrator sees.
+:func:`smoothed_version` does it once per build: every INT8 candidate (each calibration method, each step of the
+sensitivity sweep) is then quantized from that one smoothed FP32 version.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from stream_sentiment.batching.tokenizer import PostTokenizer
 from stream_sentiment.engine_build.onnx_weights import SMOOTH_SUFFIX
 from stream_sentiment.engines.base import TokenBatch
+from stream_sentiment.engines.manifest import EngineManifest, EngineVersion, load_engine_version, write_manifest
+from stream_sentiment.modeling.quantize import uniform_calibration_batches
 
 
 def widening_matmuls(model: Any) -> dict[str, list[Any]]:
@@ -105,3 +112,14 @@ def smooth_widening_inputs(model_path: Path, destination: Path, batches: Sequenc
     return {"method": "smoothquant", "alpha": alpha, "inputs": sorted(groups),
             "max_over_median_channel": ratios}
 
+
+def smoothed_version(fp32: EngineVersion, texts: Sequence[str], alpha: float, folder: Path) -> EngineVersion:
+    """A copy of the FP32 version ``fp32`` in ``folder`` whose model is smoothed (:func:`smooth_widening_inputs`,
+    channel maxima on ``texts`` cut into calibration batches): the same FP32 function, ready to quantize."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(fp32.path, folder)
+    batches = uniform_calibration_batches(PostTokenizer(fp32).encode(texts))
+    smooth_widening_inputs(fp32.model_path, folder / fp32.manifest.model_file, batches, alpha)
+    write_manifest(folder, EngineManifest.from_dict(json.loads(fp32.manifest.to_json())))
+    return load_engine_version(folder)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,8 +36,7 @@ HIDDEN = 8
 
 
 def tiny_fp32_model(path: Path) -> Path:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
     weights = {
@@ -54,9 +55,18 @@ def tiny_fp32_model(path: Path) -> Path:
         helper.make_node("MatMul", ["pooled", "dense"], ["hidden"], name="dense"),
         helper.make_node("MatMul", ["hidden", "classifier"], ["logits"], name="classifier"),
     ]
+    return save_classifier_graph(path, "tiny-sentiment", nodes, weights)
+
+
+def save_classifier_graph(path: Path, graph_name: str, nodes: list[Any], weights: dict[str, np.ndarray]) -> Path:
+    """Save ``nodes`` as a classifier with the engines' interface: int64 ``input_ids`` and ``attention_mask``
+    in, float ``logits`` out; ``weights`` are its initializers."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
     graph = helper.make_graph(
         nodes,
-        "tiny-sentiment",
+        graph_name,
         [helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "sequence"])
          for name in ("input_ids", "attention_mask")],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(LABELS)])],
@@ -66,14 +76,16 @@ def tiny_fp32_model(path: Path) -> Path:
     return path
 
 
-def tiny_fp32_version(folder: Path) -> EngineVersion:
-    """A complete FP32 version folder at ``folder``: the committed engine's tokenizer and :func:`tiny_fp32_model`."""
+def tiny_fp32_version(folder: Path, write_model: Callable[[Path], Path] = tiny_fp32_model,
+                      model: str = "tiny") -> EngineVersion:
+    """A complete FP32 version folder at ``folder``: the committed engine's tokenizer and ``write_model``'s
+    network (:func:`tiny_fp32_model`)."""
     folder.mkdir(parents=True)
     for name in TOKENIZER_FILES:
         shutil.copy2(COMMITTED_ENGINE / name, folder / name)
-    tiny_fp32_model(folder / "model.fp32.onnx")
+    write_model(folder / "model.fp32.onnx")
     write_manifest(folder, EngineManifest(
-        model="tiny", version="t1-fp32", labels=LABELS, precision="fp32", model_file="model.fp32.onnx",
+        model=model, version="t1-fp32", labels=LABELS, precision="fp32", model_file="model.fp32.onnx",
         tokenizer_file="tokenizer.json", text_normalization="twitter-v1", max_length=256,
     ))
     return load_engine_version(folder)

@@ -3,19 +3,17 @@ fold back into float weights for the torch backends (``engine_build.onnx_weights
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from stream_sentiment.engine_build.onnx_weights import SMOOTH_SUFFIX, _Graph, _linear_weights
-from stream_sentiment.engines.manifest import EngineManifest, EngineVersion, load_engine_version, write_manifest
+from stream_sentiment.engines.manifest import EngineVersion
 from stream_sentiment.modeling.corpora import LABELS
 from stream_sentiment.modeling.quantize import candidate_version, score, uniform_calibration_batches
-from stream_sentiment.modeling.smoothing import smooth_widening_inputs, widening_matmuls
-from tests.conftest import COMMITTED_ENGINE
-from tests.modeling.test_calibration_progress import TOKENIZER_FILES, VOCABULARY
+from stream_sentiment.modeling.smoothing import smooth_widening_inputs, smoothed_version, widening_matmuls
+from tests.modeling.test_calibration_progress import VOCABULARY, save_classifier_graph, tiny_fp32_version
 
 HIDDEN, WIDE = 8, 32
 POSTS = ["I absolutely love this, best day ever!", "worst service ever, furious", "meeting at 3pm on Tuesday",
@@ -26,8 +24,7 @@ def outlier_model(path: Path) -> Path:
     """Token embedding -> a per-channel gain (a LayerNorm's weight, as it were: channel 3 is 40x the others, as
     MiniLM's LayerNorm outputs have one outlier channel) -> a widening MatMul -> ReLU -> masked sum over tokens
     -> classifier. The gain is a float op: the outlier appears after the quantized embedding lookup."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
     gain = np.ones(HIDDEN, dtype=np.float32)
@@ -54,28 +51,12 @@ def outlier_model(path: Path) -> Path:
         helper.make_node("ReduceSum", ["masked", "sequence_axis"], ["pooled"], keepdims=0),
         helper.make_node("MatMul", ["pooled", "classifier"], ["logits"], name="classifier"),
     ]
-    graph = helper.make_graph(
-        nodes, "outlier-sentiment",
-        [helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "sequence"])
-         for name in ("input_ids", "attention_mask")],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(LABELS)])],
-        [numpy_helper.from_array(value, name) for name, value in weights.items()],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
+    return save_classifier_graph(path, "outlier-sentiment", nodes, weights)
 
 
 @pytest.fixture
 def fp32(tmp_path: Path) -> EngineVersion:
-    folder = tmp_path / "outlier-fp32"
-    folder.mkdir()
-    for name in TOKENIZER_FILES:
-        shutil.copy2(COMMITTED_ENGINE / name, folder / name)
-    outlier_model(folder / "model.fp32.onnx")
-    write_manifest(folder, EngineManifest(
-        model="outlier", version="o1-fp32", labels=LABELS, precision="fp32", model_file="model.fp32.onnx",
-        tokenizer_file="tokenizer.json", text_normalization="twitter-v1", max_length=256))
-    return load_engine_version(folder)
+    return tiny_fp32_version(tmp_path / "outlier-fp32", outlier_model, model="outlier")
 
 
 def _run(path: Path, batch) -> np.ndarray:
@@ -112,8 +93,8 @@ def test_smoothed_int8_is_closer_to_fp32(fp32, tmp_path: Path) -> None:
     reference = score(fp32, POSTS, show_progress=False)
     errors = {}
     for alpha in (None, 0.5):
-        candidate = candidate_version(fp32, POSTS, "minmax", tmp_path / f"int8-{alpha}", show_progress=False,
-                                      smooth_alpha=alpha)
+        source = fp32 if alpha is None else smoothed_version(fp32, POSTS, alpha, tmp_path / "smoothed-fp32")
+        candidate = candidate_version(source, POSTS, "minmax", tmp_path / f"int8-{alpha}", show_progress=False)
         errors[alpha] = float(np.abs(score(candidate, POSTS, show_progress=False) - reference).mean())
     assert errors[0.5] < 0.7 * errors[None]  # 0.42x on the dev VM
 
@@ -126,7 +107,8 @@ def test_a_smoothed_int8_builds_weights_fold_back_to_the_fp32_weights(fp32, tmp_
 
     original = next(numpy_helper.to_array(t) for t in onnx.load(str(fp32.model_path)).graph.initializer
                     if t.name == "up")
-    candidate = candidate_version(fp32, POSTS, "minmax", tmp_path / "int8", show_progress=False, smooth_alpha=0.5)
+    smoothed = smoothed_version(fp32, POSTS, 0.5, tmp_path / "smoothed-fp32")
+    candidate = candidate_version(smoothed, POSTS, "minmax", tmp_path / "int8", show_progress=False)
     state: dict[str, np.ndarray] = {}
     _linear_weights(_Graph(onnx.load(str(candidate.model_path))), state)
     folded = state["up.weight"].T  # back to ONNX's [in, out]
