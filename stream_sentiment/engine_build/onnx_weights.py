@@ -24,6 +24,8 @@ exporter did keep under their state-dict names, the biases:
   ``embeddings.token_type_embeddings.weight`` (row 1 is zeros; the module only
   ever reads row 0, all inputs are single-segment);
 * LayerNorm weights/biases and every bias are initializers named as in the state dict;
+* a dynamically quantized MatMul (``DynamicQuantizeLinear`` -> ``MatMulInteger`` -> rescale, ``calibrate
+  --method dynamic``) is read as the float ``MatMul`` it stands for (``qdq_rewrite.float_dynamic_matmuls``);
 * a MatMul input smoothed before quantization (``Mul(x, <x>_smooth_inv)``, ``modeling.smoothing``) has
   the ``s`` that divides it multiplied into its weight's rows: folded back, ``W = diag(1 / s) W'``.
 
@@ -46,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from stream_sentiment.engine_build.qdq_rewrite import dequantized
+from stream_sentiment.engine_build.qdq_rewrite import dequantized, float_dynamic_matmuls
 from stream_sentiment.engines.manifest import EngineVersion
 
 # A smoothed MatMul input (``modeling.smoothing``) is ``Mul(x, <x>_smooth_inv)``; its weight rows carry ``s``.
@@ -245,7 +247,7 @@ def _config(graph: _Graph, state: dict[str, np.ndarray]) -> dict[str, int | floa
 
 
 def extract_weights(model_path: Path, *, build: Mapping[str, Any] | None = None) -> ExtractedWeights:
-    """The classifier's float state dict and encoder config from an exported ONNX (Q/DQ INT8 or FP32).
+    """The classifier's float state dict and encoder config from an exported ONNX (Q/DQ or dynamic INT8, or FP32).
 
     Raises:
         ValueError: the graph does not yield exactly the module's parameters with
@@ -253,7 +255,12 @@ def extract_weights(model_path: Path, *, build: Mapping[str, Any] | None = None)
     """
     import onnx
 
-    graph = _Graph(onnx.load(str(model_path)))
+    model = onnx.load(str(model_path))
+    try:
+        float_dynamic_matmuls(model.graph)
+    except (KeyError, StopIteration, ValueError) as error:
+        raise ValueError(f"{model_path.name} is not a SentimentClassifier export: {error!r}") from error
+    graph = _Graph(model)
     state: dict[str, np.ndarray] = {}
     for name, init in graph.initializers.items():
         # Parameters the exporter kept under their own names (biases, LayerNorms; everything in an FP32 export

@@ -15,7 +15,13 @@ Run as a module (``python -m stream_sentiment.engine_build.qdq_rewrite IN OUT``)
 it writes the rewritten model: the child process that
 ``engines.rewrite_cache.cached_unsigned_model`` starts when a worker activates
 the INT8 version. ``strip_quantization`` (an FP32 graph of the same shape) is
-the benchmarks' FP32 baseline; ``dequantized`` is shared with ``onnx_weights``.
+the benchmarks' FP32 baseline; ``dequantized`` and ``float_dynamic_matmuls`` are shared with
+``onnx_weights``.
+
+A *dynamically* quantized model (``calibrate --method dynamic``: ONNX Runtime's
+``DynamicQuantizeLinear`` -> ``MatMulInteger``, activation ranges measured per batch at run time)
+has no activation Q/DQ nodes to rewrite: ORT runs its integer MatMuls as they are; only its
+int8-stored embedding tables and weight-only MatMuls are folded here, as for the static form.
 """
 
 from __future__ import annotations
@@ -43,6 +49,73 @@ def dequantized(node: Any, initializers: dict[str, Any]) -> np.ndarray:
         shape[next((a.i for a in node.attribute if a.name == "axis"), 1)] = -1
         scale, zero = scale.reshape(shape), np.reshape(zero, shape) if np.ndim(zero) else zero
     return (quantized - zero) * scale
+
+
+DYNAMIC_QUANTIZATION_OPS = ("DynamicQuantizeLinear", "MatMulInteger")
+
+
+def is_dynamically_quantized(model_path: Path) -> bool:
+    """Whether the model quantizes activations at run time (ONNX Runtime's dynamic form), not with Q/DQ pairs."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return any(node.op_type in DYNAMIC_QUANTIZATION_OPS for node in model.graph.node)
+
+
+def float_dynamic_matmuls(graph: Any) -> int:
+    """Rewrite, in place, each dynamically quantized MatMul of ``graph`` back to a float ``MatMul``.
+
+    ONNX Runtime's dynamic quantizer writes ``x @ W`` as ``DynamicQuantizeLinear(x) -> (xq, xs, xz)``,
+    ``MatMulInteger(xq, Wq, xz, Wz) -> Cast(float) -> Mul(., Mul(xs, Ws))``. The float form is
+    ``MatMul(x, (Wq - Wz) * Ws)`` (``Ws`` per output column, or one scale): the same weights, no
+    activation rounding. A ``DynamicQuantizeLinear`` left without consumers is removed. Returns how many
+    MatMuls were rewritten; a graph without ``MatMulInteger`` is left as it is.
+    """
+    from onnx import helper, numpy_helper
+
+    initializers = {init.name: init for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def only_consumer(name: str, op_type: str) -> Any:
+        users = consumers.get(name, [])
+        if len(users) != 1 or users[0].op_type != op_type:
+            raise ValueError(f"{name}: expected one {op_type} consumer, found {[u.op_type for u in users]}")
+        return users[0]
+
+    rewritten = 0
+    for node in [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] in initializers]:
+        quantize = producers.get(node.input[0])
+        if quantize is None or quantize.op_type != "DynamicQuantizeLinear":
+            raise ValueError(f"{node.name}: its activation does not come from a DynamicQuantizeLinear")
+        cast = only_consumer(node.output[0], "Cast")
+        rescale = only_consumer(cast.output[0], "Mul")
+        scales = producers[next(name for name in rescale.input if name != cast.output[0])]
+        weight_scale = next(name for name in scales.input if name != quantize.output[1])
+        quantized = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+        zero = (numpy_helper.to_array(initializers[node.input[3]]).astype(np.float32)
+                if len(node.input) > 3 and node.input[3] else np.float32(0))
+        weight = (quantized - zero) * numpy_helper.to_array(initializers[weight_scale]).astype(np.float32)
+        graph.initializer.append(numpy_helper.from_array(weight, f"{node.input[1]}_dequantized"))
+        position = list(graph.node).index(node)
+        for old in (node, cast, rescale, scales):
+            graph.node.remove(old)
+        graph.node.insert(position, helper.make_node(
+            "MatMul", [quantize.input[0], f"{node.input[1]}_dequantized"], [rescale.output[0]],
+            name=node.name.removesuffix("_quant")))
+        rewritten += 1
+    if rewritten:
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        for node in [n for n in graph.node if n.op_type == "DynamicQuantizeLinear"]:
+            if not used & set(node.output):
+                graph.node.remove(node)
+        used = {name for node in graph.node for name in node.input}
+        for init in [i for i in graph.initializer if i.name not in used]:
+            graph.initializer.remove(init)
+    return rewritten
 
 
 def _fold_unfused_weights(graph: Any, initializers: dict[str, Any]) -> None:
@@ -112,7 +185,8 @@ def signed_to_unsigned_activations(model_path: Path) -> bytes:
 
 
 def strip_quantization(model_path: Path) -> bytes:
-    """An FP32 graph of the same shape: weights dequantized, activation Q/DQ pairs removed.
+    """An FP32 graph of the same shape: weights dequantized, activation Q/DQ pairs removed (and dynamically
+    quantized MatMuls made float again, :func:`float_dynamic_matmuls`).
 
     Used as the FP32 speed baseline when the FP32 export (not committed) is not
     at hand: it performs exactly the FP32 model's float operations.
@@ -122,6 +196,7 @@ def strip_quantization(model_path: Path) -> bytes:
 
     model = onnx.load(str(model_path))
     graph = model.graph
+    float_dynamic_matmuls(graph)
     initializers = {init.name: init for init in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
     replacements: list[tuple[Any, Any]] = []

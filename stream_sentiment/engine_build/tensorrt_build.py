@@ -48,7 +48,8 @@ from tqdm import tqdm
 
 from stream_sentiment.batching.batcher import BatchingPolicy
 from stream_sentiment.engine_build.fp16_qdq import write_fp16_qdq
-from stream_sentiment.engines.manifest import EngineVersion
+from stream_sentiment.engine_build.qdq_rewrite import is_dynamically_quantized
+from stream_sentiment.engines.manifest import EngineRepositoryError, EngineVersion
 from stream_sentiment.engines.plans import (
     GpuIdentity,
     PlanInfo,
@@ -172,11 +173,18 @@ def build_plan(
 
     Raises:
         ValueError: ``streams`` is below 1.
+        EngineRepositoryError: the version is dynamically quantized (no Q/DQ scales for TensorRT).
         BackendUnavailableError: tensorrt or cuda-python missing, or no GPU.
         RuntimeError: the ONNX did not parse or TensorRT could not build it.
     """
     if streams < 1:
         raise ValueError(f"a plan needs at least one profile set (streams={streams})")
+    if is_dynamically_quantized(version.model_path):
+        # No fixed activation scales to give TensorRT's INT8 kernels: refused before any builder work.
+        raise EngineRepositoryError(
+            f"{version.label} is quantized dynamically (ONNX Runtime's MatMulInteger, activation ranges per batch); "
+            "TensorRT builds INT8 only from Q/DQ graphs: build the plan from a statically calibrated version "
+            "(stream-sentiment calibrate --method minmax), or serve this one with onnxruntime or torch-cuda")
     trt = trt or import_tensorrt()
     gpu = gpu or current_gpu()
     manifest = version.manifest

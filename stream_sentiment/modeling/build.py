@@ -1,8 +1,9 @@
-"""``stream-sentiment calibrate``: trained checkpoint -> FP32 ONNX -> INT8 Q/DQ engine version.
+"""``stream-sentiment calibrate``: trained checkpoint -> FP32 ONNX -> INT8 engine version.
 
 1. Export the checkpoint to an FP32 ONNX version (``build/engines/...``, not committed).
 2. Quantize it with min-max, entropy and percentile calibration on the tweets
-   listed in ``calibration/calibration_ids.txt``.
+   listed in ``calibration/calibration_ids.txt`` (Q/DQ graphs), and dynamically
+   (activation ranges per batch at run time; ONNX Runtime only).
 3. Compare each against FP32 on the validation split and a sample of the
    out-of-domain dev sentences; keep the method whose labels agree most with
    FP32 on the validation split (the VADER test tweets take no part).
@@ -70,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zh-extra-test", type=Path, default=Path("calibration/zh_social_eval.jsonl"),
                         help="hand-written Weibo-style posts, a second Chinese test set of another domain")
     parser.add_argument("--method", choices=("auto", *METHODS), default="auto",
-                        help="auto: build all three and choose (quantize.choose_method); a method: build that one "
-                             "only (a 12-layer model calibrates and scores for ~10 min per method on 2 cores)")
+                        help="auto: build all four and choose (quantize.choose_method); a method: build that one "
+                             "only (a 12-layer model calibrates and scores for ~10 min per method on 2 cores). "
+                             "dynamic: activation ranges per batch at run time, ONNX Runtime only (build-engine "
+                             "refuses it: TensorRT takes Q/DQ graphs)")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--down-projections", choices=("float", "int8-weights"), default="float",
                         help="FFN down-projections: FP32 (minilm-sentiment v1), or int8 weights with float "
@@ -188,17 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     fp32_test = {name: classification_report(gold, score(fp32, texts, desc=f"score fp32 {name}",
                                                           show_progress=show_progress))
                  for name, (texts, gold) in test_sets.items()}
+    dynamic = method == "dynamic"
     calibration = {
         "method": method,
-        "format": "QDQ",
-        "activations": "int8 symmetric per-tensor",
-        "weights": "int8 symmetric per-output-channel",
-        "quantized_ops": list(OPS_TO_QUANTIZE),
+        **({"format": "dynamic (DynamicQuantizeLinear -> MatMulInteger; ONNX Runtime only: TensorRT takes Q/DQ)",
+            "activations": "uint8 asymmetric per-tensor, range measured per batch at run time",
+            "weights": "int8 symmetric per-output-channel; embedding tables int8 per row (quantize.quantize_tables)",
+            "quantized_ops": ["MatMul", "Gemm"]} if dynamic else
+           {"format": "QDQ",
+            "activations": "int8 symmetric per-tensor",
+            "weights": "int8 symmetric per-output-channel",
+            "quantized_ops": list(OPS_TO_QUANTIZE)}),
         "kept_in_float": "FFN down-projection MatMuls (input: GELU output); see quantize.ffn_down_projections"
                          + ("; their weights stored int8 per output channel (weight-only)"
                             if args.down_projections == "int8-weights" else "")
                          + ("; attention's activation-by-activation MatMuls (see quantize.attention_matmuls)"
-                            if args.attention_matmuls == "float" else "")
+                            if args.attention_matmuls == "float" or dynamic else "")
                          + (f"; the modules {', '.join(kept_modules)}, whose int8 quantization cost label agreement "
                             "with FP32 (kept_float_for_agreement; with int8-weights a MatMul's weights are int8 still)"
                             if keep_float else ""),
@@ -208,13 +216,14 @@ def main(argv: list[str] | None = None) -> int:
                                     "graph, s in their weights' rows (modeling.smoothing)"}}
            if args.smooth_alpha is not None else {}),
         "percentile": PERCENTILE if method == "percentile" else None,
-        "calibration_set": calibration_set,
+        "calibration_set": calibration_set if not dynamic else f"none for the chosen method (the static candidates "
+                                                                 f"used {calibration_set})",
         "chosen_on": list(choose_on),
         "comparison": comparison,
     }
     manifest = build_int8_version(
         candidate, destination, version=args.version, calibration=calibration, metrics={},
-        build_info={"quantized_with": "onnxruntime.quantization.quantize_static"},
+        build_info={"quantized_with": f"onnxruntime.quantization.quantize_{'dynamic' if dynamic else 'static'}"},
     )
     int8 = load_engine_version(destination)
     int8_test = {name: classification_report(gold, score(int8, texts, desc=f"score int8 {name}",

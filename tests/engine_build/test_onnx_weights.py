@@ -189,6 +189,29 @@ def test_a_graph_that_is_not_the_classifier_is_refused(tmp_path):
         extract_weights(path)
 
 
+def test_a_dynamically_quantized_version_maps_too():
+    """minilm-sentiment v2: MatMulInteger with per-batch activation scales (calibrate chose ``dynamic``), int8
+    tables per row, int8-weight down-projections; the torch backend reads it as the float MatMuls it stands for."""
+    import onnxruntime as ort
+
+    from stream_sentiment.engine_build.qdq_rewrite import is_dynamically_quantized
+    from stream_sentiment.engines.manifest import load_engine_version
+    from tests.conftest import REPO
+
+    version = load_engine_version(REPO / "engines" / "minilm-sentiment" / "v2")
+    assert is_dynamically_quantized(version.model_path)
+    weights = weights_for_version(version)
+    assert (weights.config["num_hidden_layers"], weights.config["hidden_size"]) == (6, 384)
+    session = ort.InferenceSession(strip_quantization(version.model_path), providers=["CPUExecutionProvider"])
+    batch = pad_to_bucket(PostTokenizer(version).encode(POSTS), 32)
+    (expected,) = session.run(["logits"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
+    np.testing.assert_allclose(numpy_forward(weights, batch.input_ids, batch.attention_mask), expected, atol=1e-4)
+    # And the stripped graph is the served one up to activation rounding: the same labels on these posts.
+    served = ort.InferenceSession(str(version.model_path), providers=["CPUExecutionProvider"])
+    (quantized,) = served.run(["logits"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
+    assert (quantized.argmax(1) == expected.argmax(1)).all()
+
+
 def test_the_multilingual_engine_maps_too_its_weight_only_down_projections_included():
     """The 12-layer e5 version: int8-weight down-projections behind a DequantizeLinear, a SentencePiece vocabulary."""
     import onnxruntime as ort
