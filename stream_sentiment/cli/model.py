@@ -30,7 +30,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _build_engine(args: argparse.Namespace) -> int:
     from stream_sentiment.batching.batcher import BatchingPolicy
     from stream_sentiment.config import Settings
-    from stream_sentiment.engine_build.tensorrt_build import build_plan, import_tensorrt
+    from stream_sentiment.engine_build.tensorrt_build import build_plan, import_tensorrt, refuse_dynamic_quantization
     from stream_sentiment.engines.manifest import load_engine_version
 
     if args.streams < 1:
@@ -44,6 +44,7 @@ def _build_engine(args: argparse.Namespace) -> int:
     batching = Settings.load(args.config, batching={k: v for k, v in flags.items() if v is not None}).batching
     policy = BatchingPolicy(buckets=tuple(version.manifest.buckets), max_rows=batching.max_rows,
                             max_tokens=batching.max_tokens)
+    refuse_dynamic_quantization(version)  # the real reason first, with or without TensorRT here
     trt = import_tensorrt()  # fails fast, before any work, when TensorRT is missing
     print(f"building a TensorRT plan for {version.label}: buckets {list(version.manifest.buckets)}, "
           f"{args.streams} profile set(s), rows up to batching.max_rows {policy.max_rows} and "

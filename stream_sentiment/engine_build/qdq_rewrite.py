@@ -87,6 +87,7 @@ def float_dynamic_matmuls(graph: Any) -> int:
         return users[0]
 
     rewritten = 0
+    scale_products: set[str] = set()  # the scale Muls' outputs: removed at the end once nothing reads them
     for node in [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] in initializers]:
         quantize = producers.get(node.input[0])
         if quantize is None or quantize.op_type != "DynamicQuantizeLinear":
@@ -95,19 +96,26 @@ def float_dynamic_matmuls(graph: Any) -> int:
         rescale = only_consumer(cast.output[0], "Mul")
         scales = producers[next(name for name in rescale.input if name != cast.output[0])]
         weight_scale = next(name for name in scales.input if name != quantize.output[1])
-        quantized = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
-        zero = (numpy_helper.to_array(initializers[node.input[3]]).astype(np.float32)
-                if len(node.input) > 3 and node.input[3] else np.float32(0))
-        weight = (quantized - zero) * numpy_helper.to_array(initializers[weight_scale]).astype(np.float32)
-        graph.initializer.append(numpy_helper.from_array(weight, f"{node.input[1]}_dequantized"))
-        position = list(graph.node).index(node)
-        for old in (node, cast, rescale, scales):
+        weight_name = f"{node.input[1]}_dequantized"
+        if weight_name not in initializers:  # a weight two MatMuls share is dequantized once
+            quantized = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+            zero = (numpy_helper.to_array(initializers[node.input[3]]).astype(np.float32)
+                    if len(node.input) > 3 and node.input[3] else np.float32(0))
+            weight = (quantized - zero) * numpy_helper.to_array(initializers[weight_scale]).astype(np.float32)
+            initializers[weight_name] = numpy_helper.from_array(weight, weight_name)
+            graph.initializer.append(initializers[weight_name])
+        # In the rescale's place: after everything it read, before everything that reads its output.
+        graph.node.insert(list(graph.node).index(rescale), helper.make_node(
+            "MatMul", [quantize.input[0], weight_name], [rescale.output[0]], name=node.name.removesuffix("_quant")))
+        for old in (node, cast, rescale):
             graph.node.remove(old)
-        graph.node.insert(position, helper.make_node(
-            "MatMul", [quantize.input[0], f"{node.input[1]}_dequantized"], [rescale.output[0]],
-            name=node.name.removesuffix("_quant")))
+        scale_products.add(scales.output[0])
         rewritten += 1
     if rewritten:
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        for node in [n for n in graph.node if n.op_type == "Mul" and n.output[0] in scale_products]:
+            if node.output[0] not in used:
+                graph.node.remove(node)
         used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
         for node in [n for n in graph.node if n.op_type == "DynamicQuantizeLinear"]:
             if not used & set(node.output):

@@ -146,6 +146,19 @@ def tensorrt_version(trt: Any) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def refuse_dynamic_quantization(version: EngineVersion) -> None:
+    """Raise :class:`EngineRepositoryError` if ``version`` is quantized dynamically (``calibrate --method dynamic``).
+
+    Its activations have no fixed scales to give TensorRT's INT8 kernels, so no plan can be built from it:
+    said before any builder work, and before TensorRT is even looked for.
+    """
+    if is_dynamically_quantized(version.model_path):
+        raise EngineRepositoryError(
+            f"{version.label} is quantized dynamically (ONNX Runtime's MatMulInteger, activation ranges per batch); "
+            "TensorRT builds INT8 only from Q/DQ graphs: build the plan from a statically calibrated version "
+            "(stream-sentiment calibrate --method minmax), or serve this one with onnxruntime or torch-cuda")
+
+
 def build_plan(
     version: EngineVersion,
     *,
@@ -179,12 +192,7 @@ def build_plan(
     """
     if streams < 1:
         raise ValueError(f"a plan needs at least one profile set (streams={streams})")
-    if is_dynamically_quantized(version.model_path):
-        # No fixed activation scales to give TensorRT's INT8 kernels: refused before any builder work.
-        raise EngineRepositoryError(
-            f"{version.label} is quantized dynamically (ONNX Runtime's MatMulInteger, activation ranges per batch); "
-            "TensorRT builds INT8 only from Q/DQ graphs: build the plan from a statically calibrated version "
-            "(stream-sentiment calibrate --method minmax), or serve this one with onnxruntime or torch-cuda")
+    refuse_dynamic_quantization(version)
     trt = trt or import_tensorrt()
     gpu = gpu or current_gpu()
     manifest = version.manifest

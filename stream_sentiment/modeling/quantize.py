@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -173,9 +174,10 @@ def quantizable_modules(model_path: Path) -> dict[str, list[str]]:
     return modules
 
 
-def quantize_tables(model_path: Path) -> int:
+def quantize_tables(model_path: Path, keep_float: Sequence[str] = ()) -> int:
     """Store the float lookup tables that ``Gather`` nodes read (the word and position embeddings) as int8,
-    symmetric, one scale per row, behind a DequantizeLinear; returns how many tables were converted.
+    symmetric, one scale per row, behind a DequantizeLinear; returns how many tables were converted. Tables
+    read by a Gather named in ``keep_float`` stay FP32.
 
     The dynamic form (:func:`quantize_model` with ``dynamic``) quantizes MatMuls only, which would leave the
     30522 x 384 word table, a third of the file, in FP32. A lookup reads whole rows, so a scale per row
@@ -188,10 +190,15 @@ def quantize_tables(model_path: Path) -> int:
     model = onnx.load(str(model_path))
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
-    converted = []
-    for node in graph.node:
+    gathers = [node for node in graph.node if node.op_type == "Gather" and node.input[0] in initializers]
+    float_tables = {node.input[0] for node in gathers if node.name in set(keep_float)}
+    converted: dict[str, Any] = {}  # table -> its DequantizeLinear (a table two Gathers read is converted once)
+    for node in gathers:
         name = node.input[0]
-        if node.op_type != "Gather" or name not in initializers:
+        if name in float_tables:
+            continue
+        if name in converted:
+            node.input[0] = f"{name}_dequantized"
             continue
         if initializers[name].data_type != onnx.TensorProto.FLOAT or len(initializers[name].dims) != 2:
             continue
@@ -204,11 +211,11 @@ def quantize_tables(model_path: Path) -> int:
             numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
             numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{name}_zero_point"),
         ])
-        converted.append(helper.make_node(
+        converted[name] = helper.make_node(
             "DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"],
-            [f"{name}_dequantized"], name=f"{name}_DequantizeLinear", axis=0))
+            [f"{name}_dequantized"], name=f"{name}_DequantizeLinear", axis=0)
         node.input[0] = f"{name}_dequantized"
-    for position, dequantize in enumerate(converted):  # constants only: first in topological order
+    for position, dequantize in enumerate(converted.values()):  # constants only: first in topological order
         graph.node.insert(position, dequantize)
     used = {name for node in graph.node for name in node.input}
     for init in [i for i in graph.initializer if i.name not in used]:
@@ -356,7 +363,8 @@ def _quantize_dynamic(fp32: EngineVersion, destination: Path, *, down_projection
             str(prepared),
             str(destination),
             op_types_to_quantize=["MatMul", "Gemm"],
-            nodes_to_exclude=kept_float,
+            # ORT's dynamic quantizer turns a Gemm into "<name>_MatMul" + Add before it reads the exclusions.
+            nodes_to_exclude=kept_float + [f"{name}_MatMul" for name in keep_float],
             per_channel=True,
             reduce_range=False,
             weight_type=QuantType.QInt8,
@@ -364,7 +372,7 @@ def _quantize_dynamic(fp32: EngineVersion, destination: Path, *, down_projection
         )
     if down_projections == "int8-weights":
         quantize_weights_only(destination, kept_float)
-    quantize_tables(destination)
+    quantize_tables(destination, keep_float)
     return destination
 
 

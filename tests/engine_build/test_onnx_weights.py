@@ -9,6 +9,7 @@ fail on shape) or a swapped query/key shows up as different logits.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -206,10 +207,15 @@ def test_a_dynamically_quantized_version_maps_too():
     batch = pad_to_bucket(PostTokenizer(version).encode(POSTS), 32)
     (expected,) = session.run(["logits"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
     np.testing.assert_allclose(numpy_forward(weights, batch.input_ids, batch.attention_mask), expected, atol=1e-4)
-    # And the stripped graph is the served one up to activation rounding: the same labels on these posts.
+    # Both sides above go through float_dynamic_matmuls; against what is served (integer MatMuls, activations
+    # rounded per batch) the extracted weights stay within the activation rounding, on more posts.
     served = ort.InferenceSession(str(version.model_path), providers=["CPUExecutionProvider"])
+    texts = [json.loads(line)["text"] for line in (REPO / "calibration" / "golden.jsonl").read_text().splitlines()]
+    batch = pad_to_bucket(PostTokenizer(version).encode(texts), 64)
     (quantized,) = served.run(["logits"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
-    assert (quantized.argmax(1) == expected.argmax(1)).all()
+    extracted = numpy_forward(weights, batch.input_ids, batch.attention_mask)
+    assert np.abs(extracted - quantized).max() < 0.1 * np.abs(quantized).max()
+    assert (extracted.argmax(1) == quantized.argmax(1)).mean() >= 0.95
 
 
 def test_the_multilingual_engine_maps_too_its_weight_only_down_projections_included():

@@ -56,6 +56,11 @@ def test_the_dynamic_form_quantizes_weights_per_channel_and_tables_per_row(versi
     assert sorted(ops.values()).count("DynamicQuantizeLinear") == 1
     assert "QuantizeLinear" not in ops.values()  # no fixed activation scales anywhere
     initializers = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    (dense,) = [node for node in model.graph.node if node.op_type == "MatMulInteger"]
+    weight = initializers[dense.input[1]]
+    weight_scale = initializers[f"{dense.input[1].removesuffix('_quantized')}_scale"]
+    assert weight.dtype == np.int8 and weight_scale.shape == (weight.shape[1],)  # a scale per output column
+    assert (np.abs(weight).max(axis=0) == 127).all() and not initializers[dense.input[3]].any()  # symmetric
     assert initializers["embedding_int8"].dtype == np.int8
     assert initializers["embedding_scale"].shape == (initializers["embedding_int8"].shape[0],)  # a scale per row
     assert "embedding" not in initializers  # the FP32 table is gone from the file
@@ -68,13 +73,36 @@ def test_dynamic_scores_close_to_fp32_and_strips_back_to_it(versions) -> None:
     reference = score(fp32, POSTS, show_progress=False)
     quantized = score(dynamic, POSTS, show_progress=False)
     assert np.abs(quantized - reference).max() < 0.05
-    # Made float again (weights dequantized, no activation rounding): the FP32 function up to the weights' grid.
+    # Made float again (weights dequantized, no activation rounding): the FP32 function up to the weights' grid,
+    # as a valid, topologically sorted graph.
+    import onnx
+
+    onnx.checker.check_model(onnx.load_from_string(strip_quantization(dynamic.model_path)))
     stripped = _logits(strip_quantization(dynamic.model_path), dynamic)
     expected = _logits(str(fp32.model_path), fp32)
     np.testing.assert_allclose(stripped, expected, rtol=0.02, atol=0.02 * np.abs(expected).max())
     # What a worker loads (the load-time rewrite): the table folded once, the integer MatMuls kept.
     served = _logits(signed_to_unsigned_activations(dynamic.model_path), dynamic)
     np.testing.assert_allclose(served, _logits(str(dynamic.model_path), dynamic), atol=1e-6)
+
+
+def test_modules_the_sensitivity_rule_keeps_float_stay_float(tmp_path: Path) -> None:
+    import onnx
+
+    fp32 = tiny_fp32_version(tmp_path / "engines" / "t1-fp32")
+    kept = candidate_version(fp32, [], "dynamic", tmp_path / "engines" / "t1-int8-kept", show_progress=False,
+                             keep_float=["token_embedding", "dense"])
+    model = onnx.load(str(kept.model_path))
+    assert {node.op_type for node in model.graph.node}.isdisjoint({"MatMulInteger", "DequantizeLinear"})
+    assert "embedding" in {init.name for init in model.graph.initializer}  # the FP32 table, as asked
+
+
+def test_build_engine_gives_the_real_reason_with_or_without_tensorrt(versions, capsys) -> None:
+    from stream_sentiment.cli import main
+
+    _, dynamic = versions
+    assert main(["build-engine", "--engine", str(dynamic.path)]) != 0
+    assert "quantized dynamically" in capsys.readouterr().err
 
 
 def test_the_tensorrt_builder_refuses_a_dynamic_version_before_building(versions) -> None:
