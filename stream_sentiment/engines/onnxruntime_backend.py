@@ -2,11 +2,13 @@
 
 One ``InferenceSession`` per stream, each with its own intra-op thread pool of
 ``threads_per_stream`` threads, so concurrent batches do not fight over one
-pool. The INT8 model is a Q/DQ graph in TensorRT's form (signed, symmetric
+pool. A static INT8 model is a Q/DQ graph in TensorRT's form (signed, symmetric
 activations); it is rewritten at load time, exactly, into the unsigned form
 whose Q/DQ pairs ORT's x86 optimizer fuses into integer kernels (see
 ``engine_build.qdq_rewrite``; ``engines.rewrite_cache`` runs it in a child process
-and caches its output per model checksum).
+and caches its output per model checksum). A dynamic one (``calibrate --method dynamic``)
+goes through the same rewrite, which only folds its int8-stored tables: its integer
+MatMuls run as they are.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ copy can be trusted. It never imports the rewrite: it runs it as a child
 process (``python -m stream_sentiment.engine_build.qdq_rewrite IN OUT``), the
 one place the serving path calls build tooling, because the repository
 commits only the TensorRT-ready signed model and an activation needs the
-unsigned one.
+unsigned one (a dynamically quantized model has no activation Q/DQ: the rewrite
+only folds its int8-stored tables and weight-only MatMuls).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 1. Export the checkpoint to an FP32 ONNX version (``build/engines/...``, not committed).
 2. Quantize it with min-max, entropy and percentile calibration on the tweets
    listed in ``calibration/calibration_ids.txt`` (Q/DQ graphs), and dynamically
-   (activation ranges per batch at run time; ONNX Runtime only).
+   (activation ranges per batch at run time; ONNX Runtime and torch-cuda serve it, TensorRT cannot).
 3. Compare each against FP32 on the validation split and a sample of the
    out-of-domain dev sentences; keep the method whose labels agree most with
    FP32 on the validation split (the VADER test tweets take no part).
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", choices=("auto", *METHODS), default="auto",
                         help="auto: build all four and choose (quantize.choose_method); a method: build that one "
                              "only (a 12-layer model calibrates and scores for ~10 min per method on 2 cores). "
-                             "dynamic: activation ranges per batch at run time, ONNX Runtime only (build-engine "
-                             "refuses it: TensorRT takes Q/DQ graphs)")
+                             "dynamic: activation ranges per batch at run time, for ONNX Runtime and torch-cuda "
+                             "(build-engine refuses it: TensorRT takes Q/DQ graphs)")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--down-projections", choices=("float", "int8-weights"), default="float",
                         help="FFN down-projections: FP32 (minilm-sentiment v1), or int8 weights with float "
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     dynamic = method == "dynamic"
     calibration = {
         "method": method,
-        **({"format": "dynamic (DynamicQuantizeLinear -> MatMulInteger; ONNX Runtime only: TensorRT takes Q/DQ)",
+        **({"format": "dynamic (DynamicQuantizeLinear -> MatMulInteger; ONNX Runtime's form, not TensorRT's Q/DQ)",
             "activations": "uint8 asymmetric per-tensor, range measured per batch at run time",
             "weights": "int8 symmetric per-output-channel; embedding tables int8 per row (quantize.quantize_tables)",
             "quantized_ops": ["MatMul", "Gemm"]} if dynamic else

@@ -4,9 +4,10 @@
 (:func:`stream_sentiment.modeling.quantize.quantize_model`): per-output-channel symmetric int8 weights,
 per-tensor symmetric int8 activations with min-max ranges from the calibration tweets. A model trained in
 float alone loses a few tenths of a point to that rounding, spread over the network
-(``minilm-sentiment`` v2: 0.903 -> 0.894 VADER polar). :class:`QuantAwareClassifier` runs the same
+(``minilm-sentiment`` v2's static build: 0.903 -> 0.894 VADER polar; the committed v2 is quantized dynamically
+since, ``quantize.quantize_model``, which this does not simulate). :class:`QuantAwareClassifier` runs the same
 network with the rounding in place -- at every tensor where ORT's quantizer puts a QuantizeLinear
-(read from the committed v2 INT8 graph: each quantized MatMul's inputs *and* output, attention's
+(read from v2's static INT8 graph, as committed then: each quantized MatMul's inputs *and* output, attention's
 activation-by-activation MatMuls, the LayerNorm output that feeds both the FFN and the residual, the
 classifier's input and logits, the embedding tables) -- so fine-tuning through it (straight-through
 gradients) learns weights whose INT8 export answers like their float one.

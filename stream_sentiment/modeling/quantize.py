@@ -1,6 +1,6 @@
-"""INT8 explicit quantization (Q/DQ ONNX) of the FP32 engine, with a calibration-method comparison.
+"""INT8 quantization of the FP32 engine (Q/DQ ONNX, or ONNX Runtime's dynamic form), with a comparison.
 
-The output is the form both INT8 consumers take: QuantizeLinear /
+The static output is the form both INT8 consumers take: QuantizeLinear /
 DequantizeLinear pairs around every MatMul, Gemm and the token-embedding
 Gather, signed int8, symmetric (zero point 0) for activations and weights,
 per-output-channel scales for weights. TensorRT builds INT8 kernels from
@@ -273,7 +273,7 @@ def quantize_model(
     fp32: EngineVersion, texts: Sequence[str], method: str, destination: Path, *, show_progress: bool = True,
     down_projections: str = "float", attention: str = "int8", keep_float: Sequence[str] = (),
 ) -> Path:
-    """Write a Q/DQ INT8 copy of ``fp32``'s ONNX to ``destination`` using ``method`` calibration.
+    """Write an INT8 copy of ``fp32``'s ONNX to ``destination``: Q/DQ with ``method`` calibration, or dynamic.
 
     ``down_projections``: ``float`` keeps the FFN down-projections FP32 (:func:`ffn_down_projections`),
     ``int8-weights`` stores their weights as int8 (:func:`quantize_weights_only`). ``attention``:
