@@ -155,8 +155,9 @@ def refuse_dynamic_quantization(version: EngineVersion) -> None:
     if is_dynamically_quantized(version.model_path):
         raise EngineRepositoryError(
             f"{version.label} is quantized dynamically (ONNX Runtime's MatMulInteger, activation ranges per batch); "
-            "TensorRT builds INT8 only from Q/DQ graphs: build the plan from a statically calibrated version "
-            "(stream-sentiment calibrate --method minmax), or serve this one with onnxruntime or torch-cuda")
+            "TensorRT builds INT8 only from Q/DQ graphs: serve this one with onnxruntime or torch-cuda, build the plan "
+            "for a static version (minilm-sentiment/v1 and minilm-fast/v2 are), or, with the version's checkpoint, "
+            "calibrate it statically (stream-sentiment calibrate --method minmax)")
 
 
 def build_plan(
