@@ -30,6 +30,8 @@ REWRITE_MODULE = "stream_sentiment.engine_build.qdq_rewrite"
 # The child's exit status when it cannot write its output: the folder is unusable, try the next.
 EXIT_CANNOT_WRITE = 73  # EX_CANTCREAT
 _CHUNK = 1 << 20
+# The cached files' name: "onnxruntime-uint8-r<format>-<first 16 hex digits of the model's sha256>.onnx".
+CACHE_PREFIX = "onnxruntime-uint8-r"
 
 
 def _file_sha256(path: Path) -> str:
@@ -126,6 +128,21 @@ def _rewrite_into(model_path: Path, target: Path) -> bool:
                 path.unlink()
 
 
+def _remove_stale_copies(plans: Path, keep: str) -> None:
+    """Delete the cached rewrites in a version's ``plans`` folder other than ``keep``, with their sidecars.
+
+    That folder belongs to one version, whose model the manifest pins: another cached rewrite there was made
+    from an earlier model file of the version (rebuilt in place) or by an older rewrite format, and would
+    never be loaded again; each is 50-70 MB. A process that has one open keeps reading it (unlinking does not
+    take a loaded file away). The shared private temp folder is never pruned: it holds every version's copy.
+    """
+    for path in plans.glob(f"{CACHE_PREFIX}*.onnx"):
+        if path.name != keep:
+            for stale in (path, _sidecar(path)):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+
+
 def cached_unsigned_model(model_path: Path, model_sha256: str, cache_dir: Path) -> Path:
     """The rewritten model as a file, made once per model checksum and reused by every later load.
 
@@ -134,9 +151,10 @@ def cached_unsigned_model(model_path: Path, model_sha256: str, cache_dir: Path) 
     So it runs in a child process, and its result is cached under ``cache_dir`` (the version's
     ``plans/`` folder) keyed by the source checksum, or, when that cannot be written, in this
     user's private temp folder (:func:`private_temp_folder`). Each cached file has a
-    ``<name>.sha256`` sidecar; a file that does not match it (or has none) is rebuilt.
+    ``<name>.sha256`` sidecar; a file that does not match it (or has none) is rebuilt. Writing a new one
+    into ``plans/`` removes the copies made there for the version's earlier model files.
     """
-    name = f"onnxruntime-uint8-r{REWRITE_FORMAT}-{model_sha256[:16]}.onnx"
+    name = f"{CACHE_PREFIX}{REWRITE_FORMAT}-{model_sha256[:16]}.onnx"
     for folder, private in ((cache_dir, False), (private_temp_folder(), True)):
         if private and not _private_folder_ready(folder):
             continue  # never trust (or write) a temp folder someone else could write to
@@ -146,6 +164,8 @@ def cached_unsigned_model(model_path: Path, model_sha256: str, cache_dir: Path) 
         if not private and not _writable_folder(folder):
             continue
         if _rewrite_into(model_path, target):
+            if not private:
+                _remove_stale_copies(folder, keep=name)
             return target
     raise PermissionError(
         f"no writable cache folder for the rewritten {model_path.name}: {cache_dir} is not writable and "

@@ -49,6 +49,30 @@ def test_cached_rewrite_has_a_checksum_sidecar_and_is_reused(engine_version, tmp
     assert not list(private_tmp.iterdir())
 
 
+def test_a_new_rewrite_removes_the_copies_of_earlier_model_files(engine_version, tmp_path, private_tmp):
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    # Left by an earlier model file of this version and by an older rewrite format; a TensorRT plan stays.
+    stale = [plans / "onnxruntime-uint8-r1-0123456789abcdef.onnx", plans / "onnxruntime-uint8-r0-fedcba9876543210.onnx"]
+    for path in stale:
+        path.write_bytes(b"old")
+        Path(f"{path}.sha256").write_text(f"{'0' * 64}  {path.name}\n")
+    (plans / "gpu-sm90-trt10.plan").write_bytes(b"plan")
+    current = cached_unsigned_model(engine_version.model_path, _model_sha(engine_version), plans)
+    assert sorted(p.name for p in plans.iterdir()) == sorted([current.name, f"{current.name}.sha256",
+                                                               "gpu-sm90-trt10.plan"])
+    # The private temp folder holds every version's copy: a write there removes nothing.
+    private = private_temp_folder()
+    private.mkdir(mode=0o700)
+    other = private / "onnxruntime-uint8-r1-0123456789abcdef.onnx"
+    other.write_bytes(b"another version's")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    unusable = afile / "plans"  # mkdir fails with ENOTDIR for any user, root included: the fallback is used
+    fallback = cached_unsigned_model(engine_version.model_path, _model_sha(engine_version), unusable)
+    assert fallback.parent == private and other.exists()
+
+
 @pytest.mark.parametrize("damage", ["tampered", "no_sidecar"])
 def test_a_tampered_or_unverifiable_cached_model_is_rebuilt(
     engine_version, tmp_path, fresh_rewrite_sha, private_tmp, damage
