@@ -185,7 +185,6 @@ def quantize_tables(model_path: Path, keep_float: Sequence[str] = ()) -> int:
     (``qdq_rewrite``), so this changes the file's size, not the run time arithmetic beyond the rounding.
     """
     import onnx
-    from onnx import helper, numpy_helper
 
     model = onnx.load(str(model_path))
     graph = model.graph
@@ -202,25 +201,9 @@ def quantize_tables(model_path: Path, keep_float: Sequence[str] = ()) -> int:
             continue
         if initializers[name].data_type != onnx.TensorProto.FLOAT or len(initializers[name].dims) != 2:
             continue
-        table = numpy_helper.to_array(initializers[name]).astype(np.float32)  # [rows, hidden]
-        scale = np.abs(table).max(axis=1) / 127.0
-        scale[scale == 0] = 1.0
-        quantized = np.clip(np.round(table / scale[:, None]), -127, 127).astype(np.int8)
-        graph.initializer.extend([
-            numpy_helper.from_array(quantized, f"{name}_int8"),
-            numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
-            numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{name}_zero_point"),
-        ])
-        converted[name] = helper.make_node(
-            "DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"],
-            [f"{name}_dequantized"], name=f"{name}_DequantizeLinear", axis=0)
-        node.input[0] = f"{name}_dequantized"
-    for position, dequantize in enumerate(converted.values()):  # constants only: first in topological order
-        graph.node.insert(position, dequantize)
-    used = {name for node in graph.node for name in node.input}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
-    onnx.save(model, str(model_path))
+        converted[name] = _int8_behind_dequantize(graph, initializers[name], axis=0)  # [rows, hidden]: per row
+        node.input[0] = converted[name].output[0]
+    _save_with_dequantizers(model, list(converted.values()), model_path)
     return len(converted)
 
 
@@ -234,7 +217,6 @@ def quantize_weights_only(model_path: Path, node_names: Sequence[str]) -> int:
     weight-only INT8, so the arithmetic is the FP32 model's up to the weights' rounding.
     """
     import onnx
-    from onnx import helper, numpy_helper
 
     model = onnx.load(str(model_path))
     graph = model.graph
@@ -247,26 +229,45 @@ def quantize_weights_only(model_path: Path, node_names: Sequence[str]) -> int:
         for position, name in enumerate(node.input):
             if name not in initializers:
                 continue
-            weight = numpy_helper.to_array(initializers[name]).astype(np.float32)  # [in, out]
-            scale = np.abs(weight).max(axis=0) / 127.0
-            scale[scale == 0] = 1.0
-            quantized = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
-            graph.initializer.extend([
-                numpy_helper.from_array(quantized, f"{name}_int8"),
-                numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
-                numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{name}_zero_point"),
-            ])
-            converted.append(helper.make_node(
-                "DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"],
-                [f"{name}_dequantized"], name=f"{name}_DequantizeLinear", axis=1))
-            node.input[position] = f"{name}_dequantized"
-    for position, dequantize in enumerate(converted):  # constants only: first in topological order
+            # [in, out]: a scale per output channel
+            converted.append(_int8_behind_dequantize(graph, initializers[name], axis=1))
+            node.input[position] = converted[-1].output[0]
+    _save_with_dequantizers(model, converted, model_path)
+    return len(converted)
+
+
+def _int8_behind_dequantize(graph: Any, initializer: Any, axis: int) -> Any:
+    """Add a symmetric int8 copy of the 2-D float ``initializer`` to ``graph``, one scale per index along ``axis``
+    (the largest magnitude over the other axis maps to 127), and return the DequantizeLinear that restores it as
+    ``<name>_dequantized``. The float initializer is left for :func:`_save_with_dequantizers` to drop once unread."""
+    from onnx import helper, numpy_helper
+
+    name = initializer.name
+    value = numpy_helper.to_array(initializer).astype(np.float32)
+    scale = np.abs(value).max(axis=1 - axis) / 127.0
+    scale[scale == 0] = 1.0
+    quantized = np.clip(np.round(value / np.expand_dims(scale, 1 - axis)), -127, 127).astype(np.int8)
+    graph.initializer.extend([
+        numpy_helper.from_array(quantized, f"{name}_int8"),
+        numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
+        numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{name}_zero_point"),
+    ])
+    return helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"],
+                            [f"{name}_dequantized"], name=f"{name}_DequantizeLinear", axis=axis)
+
+
+def _save_with_dequantizers(model: Any, dequantizers: Sequence[Any], model_path: Path) -> None:
+    """Put ``dequantizers`` (of constants only) first in ``model``'s graph, drop the initializers nothing reads
+    any more, and save it to ``model_path``."""
+    import onnx
+
+    graph = model.graph
+    for position, dequantize in enumerate(dequantizers):  # constants only: first in topological order
         graph.node.insert(position, dequantize)
     used = {name for node in graph.node for name in node.input}
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
     onnx.save(model, str(model_path))
-    return len(converted)
 
 
 def quantize_model(
