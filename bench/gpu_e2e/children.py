@@ -558,6 +558,7 @@ def hf_classifier(version: EngineVersion) -> Any:
     from transformers.modeling_outputs import SequenceClassifierOutput
 
     from stream_sentiment.engine_build.onnx_weights import weights_for_version
+    from stream_sentiment.engines.minilm_torch import masked_mean
 
     weights = weights_for_version(version)
     labels = version.manifest.labels
@@ -575,8 +576,7 @@ def hf_classifier(version: EngineVersion) -> Any:
                     **_: Any) -> Any:
             hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
                                token_type_ids=token_type_ids).last_hidden_state
-            mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+            pooled = masked_mean(hidden, attention_mask.to(hidden.dtype))  # the served model's pooling
             return SequenceClassifierOutput(logits=self.classifier(pooled))
 
     model = MeanPooledBertForSequenceClassification(config)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from stream_sentiment.engines.minilm_torch import masked_mean
+
 
 class MPNetClassifier(torch.nn.Module):
     """MPNet encoder, masked mean pooling (as the sentence-transformer was pre-trained), dropout, a linear head.
@@ -60,6 +62,5 @@ class MPNetClassifier(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         ids = input_ids.masked_fill(attention_mask == 0, self.pad_id)
         hidden = self.encoder(input_ids=ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        pooled = masked_mean(hidden, attention_mask.to(hidden.dtype))
         return self.head(self.dropout(pooled))  # type: ignore[no-any-return]
