@@ -355,12 +355,22 @@ class Settings(BaseSettings):
         "gap is a post lost for good; 0 for compacted or transactional topics, whose gaps are real."))
     kafka_fetch_max_wait_ms: int = Field(default=20, ge=1, description=(
         "Longest the broker may hold a fetch waiting for data. Kafka answers as soon as data arrives, but some "
-        "brokers (Tansu) wait it out, and it adds to latency; 20 ms costs only idle polls."))
+        "brokers wait: Tansu holds a fetch about half of it even with data there, and it adds to latency; 20 ms "
+        "costs only idle polls."))
+    kafka_fetch_min_bytes: int = Field(default=1, ge=1, description=(
+        "Least data the broker gathers before it answers a fetch (or kafka_fetch_max_wait_ms runs out): Kafka's "
+        "fetch.min.bytes. 1 answers as soon as anything is there, so under steady load the consumer fetches a few "
+        "ms of records at a time, and per-fetch and per-batch costs weigh on every post (measured: ~250 ms of CPU "
+        "a second per worker from 3,000 to 12,500 posts/s). A few kB makes fewer, larger fetches at up to "
+        "kafka_fetch_max_wait_ms more latency; a backlog fills it at once. docs/benchmarks.md has the measured "
+        "trade; 1 = Kafka's default."))
     kafka_fetch_min_interval_ms: float = Field(default=0, ge=0, le=1000, description=(
         "Least time between two fetches of the worker's fetch loop: records that arrive meanwhile wait in the "
         "consumer and come in one larger fetch, so per-fetch and per-batch costs (decode, tokenizer and "
         "scheduler calls, engine calls, Redis writes) are spread over more posts, at up to this much more "
-        "latency for a post (half on average). 0 = fetch as soon as the loop comes round (the default)."))
+        "latency for a post (half on average). 0 = fetch as soon as the loop comes round (the default). "
+        "kafka_fetch_min_bytes trades less latency for the same CPU: there the broker holds the fetch, here the "
+        "records wait in the consumer's buffer, already fetched."))
 
     @property
     def dead_letter_topic(self) -> str:

@@ -271,7 +271,7 @@ def test_settings_table_lists_every_field(monkeypatch: pytest.MonkeyPatch) -> No
     table = settings_table()
     lines = table.splitlines()
     names = _env_names(Settings)
-    assert len(names) == len(set(names)) == 88
+    assert len(names) == len(set(names)) == 89
     assert len(lines) == len(names) + 2  # header, separator, one row per field
     rows = {line.split(" | ")[0].strip("| `"): line for line in lines[2:]}
     assert list(rows) == names

@@ -188,7 +188,9 @@ def _metric_sum(metric: Any, suffix: str, **labels: str) -> float:
 
 
 def _consumer_options(command: dict[str, Any]) -> dict[str, Any]:
-    return {"session_timeout_ms": command["session_timeout_ms"], "heartbeat_interval_ms": command["heartbeat_ms"]}
+    """Every set-up's consumers alike: ours, the baselines' and the floor's."""
+    return {"session_timeout_ms": command["session_timeout_ms"], "heartbeat_interval_ms": command["heartbeat_ms"],
+            "fetch_min_bytes": command.get("fetch_min_bytes", 1)}
 
 
 class EngineWorkerProcess:

@@ -148,7 +148,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--timeout-ms", type=float, default=2.0, help="batching.timeout_ms (wait while an engine slot is idle)")
     add("--no-merge", action="store_true",
         help="batching.merge_smaller_on_timeout off (on by default here: the GPU setting)")
-    add("--fetch-max-wait-ms", type=int, default=5, help="consumer fetch_max_wait_ms (Tansu waits it out)")
+    add("--fetch-max-wait-ms", type=int, default=5,
+        help="consumer fetch_max_wait_ms (Tansu holds a fetch about half of it even with data there)")
+    add("--fetch-min-bytes", type=int, default=1,
+        help="every set-up's consumers' fetch_min_bytes (kafka_fetch_min_bytes): fewer, larger fetches under load")
     add("--linger-ms", type=int, default=2, help="producer linger_ms (adds to the measured latency)")
     add("--session-timeout-ms", type=int, default=3000, help="consumer session timeout (Tansu rebalances on it)")
     add("--switch-interval-ms", type=float, default=None,

@@ -281,7 +281,8 @@ class Bench:
             produced = await self.produce(kafka.bootstrap_servers, name, workload, count, None)
         command = {"cmd": "run", "bootstrap": kafka.bootstrap_servers, "topic": name, "group": name,
                    "redis_url": self.redis_url, "prefix": name, "batching": setup.batching,
-                   "fetch_max_wait_ms": args.fetch_max_wait_ms, "session_timeout_ms": args.session_timeout_ms,
+                   "fetch_max_wait_ms": args.fetch_max_wait_ms,
+                   "fetch_min_bytes": args.fetch_min_bytes, "session_timeout_ms": args.session_timeout_ms,
                    "heartbeat_ms": max(100, args.session_timeout_ms // 4), "python_gc": setup.python_gc,
                    "uvloop": setup.uvloop}
         server = self.models[workload.model].engine_server if setup.kind == "engine" and setup.served else None

@@ -150,6 +150,7 @@ class KafkaSource:
             "session_timeout_ms": settings.kafka_session_timeout_ms,
             "heartbeat_interval_ms": settings.kafka_heartbeat_interval_ms,
             "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
+            "fetch_min_bytes": settings.kafka_fetch_min_bytes,
             **(consumer_options or {}),
         }
         self.consumer = kafka_consumer(
