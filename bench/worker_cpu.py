@@ -73,6 +73,7 @@ from stream_sentiment.worker import Worker  # noqa: E402
 
 MODEL = "minilm-sentiment"
 STAGES = ("kafka", "decode", "tokenize", "batch", "engine", "scored", "sink")
+MODES = ("staged", "loop", "paced")
 PARTITIONS = 2
 MAX_ROWS = 256
 # Kafka append times: a minute of stream, so posts spread over buckets as a live stream's do.
@@ -474,10 +475,14 @@ def main() -> None:
                         help="paced: batching.timeout_ms (how long a post waits while an engine slot is idle)")
     parser.add_argument("--fetch-interval-ms", type=float, default=0.0,
                         help="paced: kafka_fetch_min_interval_ms (least time between fetches; 0 = none)")
-    parser.add_argument("--modes", type=lambda s: s.split(","), default=["staged", "loop", "paced"])
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES), help=f"of {','.join(MODES)}")
     parser.add_argument("--workloads", type=lambda s: s.split(","), default=["tweets", "long"])
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    # A misspelt mode would otherwise run as `paced`, the branch that takes whatever is not staged or loop.
+    unknown = sorted(set(args.modes) - set(MODES))
+    if unknown:
+        parser.error(f"unknown --modes {unknown}: choose from {', '.join(MODES)}")
     os.environ.setdefault("PYTHONHASHSEED", "0")
     tune_interpreter()  # the serving processes' GIL switch interval and collector settings
     results = asyncio.run(run(args))
