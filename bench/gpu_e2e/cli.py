@@ -30,7 +30,7 @@ from typing import Any
 
 from bench.gpu_e2e.common import MODEL, BenchError, bench_version
 from bench.gpu_e2e.driver import Bench
-from bench.gpu_e2e.report import hardware, render_setups, versions, write_json
+from bench.gpu_e2e.report import hardware, render_setups, render_transport, versions, write_json
 from bench.gpu_e2e.setups import (
     BASELINE_KINDS,
     DEFAULT_BUCKETS,
@@ -210,6 +210,7 @@ async def amain(args: argparse.Namespace, notes: list[str], report: dict[str, An
     if engine_only:
         report["setups"]["engine-only"] = {"label": "(d) engine only", "processes": 1, "description": engine_only}
     print(render_setups(setups, engine_only), flush=True)
+    print(render_transport(args.fetch_min_bytes, args.fetch_max_wait_ms, args.linger_ms), flush=True)
     for note in notes:
         bench.say(note)
     try:

@@ -46,6 +46,12 @@ def render_setups(setups: dict[str, Setup], engine_only: str | None) -> str:
     return "\n".join(lines)
 
 
+def render_transport(fetch_min_bytes: int, fetch_max_wait_ms: int, linger_ms: int) -> str:
+    """What every set-up shares on the Kafka side: its consumers' fetch settings and the producers' linger."""
+    return (f"Every set-up's consumers: fetch_min_bytes {fetch_min_bytes}, fetch_max_wait_ms {fetch_max_wait_ms}; "
+            f"producers: linger_ms {linger_ms}.")
+
+
 def render_workload(name: str, mean_tokens: float, out: dict[str, Any], setups: dict[str, Setup]) -> str:
     """The workload's tables; its acceptance verdicts are ``out["acceptance"]`` where set (else computed)."""
     runs: list[RunResult] = out["runs"]
