@@ -360,8 +360,8 @@ class Settings(BaseSettings):
     kafka_fetch_min_bytes: int = Field(default=1, ge=1, description=(
         "Least data the broker gathers before it answers a fetch (or kafka_fetch_max_wait_ms runs out): Kafka's "
         "fetch.min.bytes. 1 answers as soon as anything is there, so under steady load the consumer fetches a few "
-        "ms of records at a time, and per-fetch and per-batch costs weigh on every post (measured: ~250 ms of CPU "
-        "a second per worker from 3,000 to 12,500 posts/s). A few kB makes fewer, larger fetches at up to "
+        "ms of records at a time, and per-fetch and per-batch costs weigh on every post (measured: ~350 ms of CPU "
+        "a second per worker from 3,125 to 12,500 tweets/s). A few kB makes fewer, larger fetches at up to "
         "kafka_fetch_max_wait_ms more latency; a backlog fills it at once. docs/benchmarks.md has the measured "
         "trade; 1 = Kafka's default."))
     kafka_fetch_min_interval_ms: float = Field(default=0, ge=0, le=1000, description=(

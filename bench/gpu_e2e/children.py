@@ -188,9 +188,13 @@ def _metric_sum(metric: Any, suffix: str, **labels: str) -> float:
 
 
 def _consumer_options(command: dict[str, Any]) -> dict[str, Any]:
-    """Every set-up's consumers alike: ours, the baselines' and the floor's."""
-    return {"session_timeout_ms": command["session_timeout_ms"], "heartbeat_interval_ms": command["heartbeat_ms"],
-            "fetch_min_bytes": command.get("fetch_min_bytes", 1)}
+    """Group timing, every set-up's consumers alike (ours get their fetch sizes through their settings)."""
+    return {"session_timeout_ms": command["session_timeout_ms"], "heartbeat_interval_ms": command["heartbeat_ms"]}
+
+
+def _fetch_options(command: dict[str, Any]) -> dict[str, Any]:
+    """The baselines' and the floor's fetch sizes: what ours get as kafka_fetch_max_wait_ms / kafka_fetch_min_bytes."""
+    return {"fetch_max_wait_ms": command["fetch_max_wait_ms"], "fetch_min_bytes": command["fetch_min_bytes"]}
 
 
 class EngineWorkerProcess:
@@ -257,7 +261,7 @@ class EngineWorkerProcess:
             redis_url=command["redis_url"], redis_prefix=command["prefix"],
             engine=self._engine_settings(),
             batching=command["batching"],
-            kafka_fetch_max_wait_ms=command["fetch_max_wait_ms"],
+            kafka_fetch_max_wait_ms=command["fetch_max_wait_ms"], kafka_fetch_min_bytes=command["fetch_min_bytes"],
         )
         metrics = PipelineMetrics()
         posts = PostTimes(metrics)
@@ -659,7 +663,7 @@ class HfConsumerProcess:
 
         consumer = AIOKafkaConsumer(
             command["topic"], bootstrap_servers=command["bootstrap"], group_id=command["group"],
-            enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=command["fetch_max_wait_ms"],
+            enable_auto_commit=False, auto_offset_reset="earliest", **_fetch_options(command),
             **_consumer_options(command),
         )
         redis = Redis.from_url(command["redis_url"])

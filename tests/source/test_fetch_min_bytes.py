@@ -65,9 +65,11 @@ def _fetch_sizes(kafka, topic_factory, redis_server, engine, engine_version, **f
             producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, linger_ms=0)
             await producer.start()
             try:
+                # On a fixed schedule, so a slow broker answer does not stretch the trickle (and add fetches).
+                started = asyncio.get_running_loop().time()
                 for i in range(POSTS):
+                    await asyncio.sleep(max(0.0, started + i * GAP_S - asyncio.get_running_loop().time()))
                     await producer.send_and_wait(topic, json.dumps({"id": f"p{i}", "text": f"post {i}"}).encode())
-                    await asyncio.sleep(GAP_S)
             finally:
                 await producer.stop()
             async with asyncio.timeout(30):
