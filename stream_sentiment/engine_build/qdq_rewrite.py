@@ -51,6 +51,22 @@ def dequantized(node: Any, initializers: dict[str, Any]) -> np.ndarray:
     return (quantized - zero) * scale
 
 
+def remove_unread_nodes(graph: Any, op_type: str, among: set[str] | None = None) -> None:
+    """Remove the ``op_type`` nodes none of whose outputs a node or a graph output reads (only those with an
+    output in ``among``, if given): what a rewrite left without consumers."""
+    read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    for node in [n for n in graph.node if n.op_type == op_type]:
+        if not read & set(node.output) and (among is None or among & set(node.output)):
+            graph.node.remove(node)
+
+
+def remove_unread_initializers(graph: Any) -> None:
+    """Remove the initializers no node reads any more."""
+    read = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in read]:
+        graph.initializer.remove(init)
+
+
 DYNAMIC_QUANTIZATION_OPS = ("DynamicQuantizeLinear", "MatMulInteger")
 
 
@@ -111,18 +127,10 @@ def float_dynamic_matmuls(graph: Any) -> int:
             graph.node.remove(old)
         scale_products.add(scales.output[0])
         rewritten += 1
-    if rewritten:
-        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-        for node in [n for n in graph.node if n.op_type == "Mul" and n.output[0] in scale_products]:
-            if node.output[0] not in used:
-                graph.node.remove(node)
-        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-        for node in [n for n in graph.node if n.op_type == "DynamicQuantizeLinear"]:
-            if not used & set(node.output):
-                graph.node.remove(node)
-        used = {name for node in graph.node for name in node.input}
-        for init in [i for i in graph.initializer if i.name not in used]:
-            graph.initializer.remove(init)
+    if rewritten:  # in this order: a scale Mul reads its DynamicQuantizeLinear's scale output
+        remove_unread_nodes(graph, "Mul", among=scale_products)
+        remove_unread_nodes(graph, "DynamicQuantizeLinear")
+        remove_unread_initializers(graph)
     return rewritten
 
 
@@ -185,10 +193,7 @@ def signed_to_unsigned_activations(model_path: Path) -> bytes:
             graph.initializer.append(twin)
             unsigned[name] = twin.name
         node.input[2] = unsigned[name]
-    used = {name for node in graph.node for name in node.input}
-    orphans = [init for init in graph.initializer if init.name not in used]
-    for init in orphans:
-        graph.initializer.remove(init)
+    remove_unread_initializers(graph)
     return model.SerializeToString()
 
 
@@ -224,12 +229,8 @@ def strip_quantization(model_path: Path) -> bytes:
         graph.node.remove(dequantize)
         if identity is not None:
             graph.node.insert(position, identity)
-    consumed = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    for node in [n for n in graph.node if n.op_type == "QuantizeLinear" and n.output[0] not in consumed]:
-        graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
+    remove_unread_nodes(graph, "QuantizeLinear")
+    remove_unread_initializers(graph)
     return model.SerializeToString()
 
 

