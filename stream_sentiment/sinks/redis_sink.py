@@ -262,7 +262,8 @@ class RedisSink:
         return results
 
     async def _evalsha(self, script: Any, keys: list[str], args: list[str | int]) -> Any:
-        """``script(keys=keys, args=args)`` without redis-py's per-call work around EVALSHA.
+        """``script(keys=keys, args=args)`` without redis-py's per-call work around EVALSHA; every script of the
+        sink goes through it.
 
         The worker applies once per scored batch, and the script object's call imported two pipeline classes
         and checked the client against a Protocol on every call (a few percent of a worker's CPU per post).
@@ -278,19 +279,19 @@ class RedisSink:
     async def claim(self, owner: str, partitions: list[int]) -> None:
         """Make ``owner`` the only writer of ``partitions`` (a new assignment fences the previous owner)."""
         if partitions:
-            await self._claim(keys=[self.owners_key], args=[owner, *map(str, partitions)])
+            await self._evalsha(self._claim, [self.owners_key], [owner, *map(str, partitions)])
 
     async def record_regression(self, partition: int, mark: int) -> bool:
         """Count a regression of ``partition``'s log below ``mark`` (``stats --json``: ``offset_regressions``);
         False if it was counted already (another worker, or this one after a rebalance, found it first)."""
-        return bool(await self._regression(keys=[self.regressions_key, f"{self.regressions_key}:marks"],
-                                           args=[str(partition), str(mark)]))
+        return bool(await self._evalsha(self._regression, [self.regressions_key, f"{self.regressions_key}:marks"],
+                                        [str(partition), str(mark)]))
 
     async def rebase(self, partition: int, expected_mark: int, new_mark: int) -> bool:
         """Move ``partition``'s mark from ``expected_mark`` to ``new_mark`` (the start of a new log); False if
         the mark moved meanwhile."""
-        return bool(await self._rebase(keys=[self.offsets_key, self.regressions_key],
-                                       args=[str(partition), str(expected_mark), str(new_mark)]))
+        return bool(await self._evalsha(self._rebase, [self.offsets_key, self.regressions_key],
+                                        [str(partition), str(expected_mark), str(new_mark)]))
 
     async def mark_idle(self, partitions: list[int]) -> None:
         """Partitions with nothing new to read: they stop holding back the group's watermark until their
