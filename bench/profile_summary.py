@@ -83,6 +83,8 @@ WORKER_STAGES = (
     ("apply + Redis", ("Worker._apply_ready", "CheckpointingSink.", "RedisSink.", "increments_for")),
 )
 OTHER_STAGE = "event loop, timers, other"
+# Samples whose innermost frame is the event loop's select: the main thread idle, other threads' CPU charged there.
+IDLE_STAGE = "other threads (main idle)"
 
 
 def stage_of(names: Sequence[str]) -> str:
@@ -111,9 +113,6 @@ def stage_split(paths: Sequence[Path], cpu_us_per_post: float | None = None) -> 
         per_post = f"  {share * cpu_us_per_post:6.1f}" if cpu_us_per_post else ""
         lines.append(f"  {stage:28} {share:6.1%}{per_post}")
     return "\n".join(lines)
-
-
-IDLE_STAGE = "other threads (main idle)"
 
 
 def summarise(paths: Sequence[Path], role: str, under: str, depth: int, top: int) -> str:
